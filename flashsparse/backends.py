@@ -1,0 +1,167 @@
+"""Backend registry and per-call kernel selection.
+
+Kernels are looked up by ``(format, backend)``. The reference backend lives in
+``flashsparse.ops``; the Triton and CUDA backends live in modules that are imported lazily
+(importing them may import triton or build an extension) and call :func:`register_kernel`
+at import time.
+
+``FLASHSPARSE_BACKEND`` is read on every call so tests and users can switch at run time:
+
+* ``auto`` (default): the CUDA kernel where built and the format supports it, else Triton for
+  CUDA tensors, else the reference path. A failing CUDA build under ``auto`` warns once and
+  falls back.
+* ``reference`` | ``triton`` | ``cuda``: that backend or a :class:`BackendUnavailableError`;
+  a forced backend never silently falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+ENV_VAR = "FLASHSPARSE_BACKEND"
+
+# Modules that register the kernels of a backend when imported.
+_PROVIDERS = {"triton": "flashsparse.triton", "cuda": "flashsparse._cuda"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run this call (not installed, not built, or unsupported input)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel for one format on one backend.
+
+    ``fn(x2d, *weight_tensors, m, k, bias) -> y2d`` gets a contiguous ``[N, K]`` x (N >= 1) in
+    the weight's dtype and returns a new ``[N, M]`` tensor in that dtype.
+    ``supports(device, dtype) -> reason | None`` says why this kernel cannot take such an
+    input; ``available() -> reason | None`` why it cannot run in this process at all (may be
+    slow the first time, e.g. a JIT build; the provider caches it).
+    """
+
+    fn: Callable[..., torch.Tensor]
+    supports: Callable[[torch.device, torch.dtype], str | None]
+    available: Callable[[], str | None]
+
+
+_KERNELS: dict[tuple[str, str], Kernel] = {}
+_provider_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def register_kernel(
+    format: str,
+    backend: str,
+    fn: Callable[..., torch.Tensor],
+    *,
+    supports: Callable[[torch.device, torch.dtype], str | None],
+    available: Callable[[], str | None] = lambda: None,
+) -> None:
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    _KERNELS[(format, backend)] = Kernel(fn, supports, available)
+
+
+def _load_provider(backend: str) -> str | None:
+    """Import the module that registers ``backend``'s kernels; return why it failed, if it did."""
+    if backend not in _PROVIDERS:
+        return None
+    if backend not in _provider_errors:
+        try:
+            importlib.import_module(_PROVIDERS[backend])
+            _provider_errors[backend] = ""
+        except Exception as exc:  # ImportError, or a provider refusing this environment
+            _provider_errors[backend] = f"{type(exc).__name__}: {exc}"
+    return _provider_errors[backend] or None
+
+
+def requested_backend() -> str:
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def _resolve(
+    format: str, backend: str, device: torch.device, dtype: torch.dtype, *, build: bool = True
+) -> tuple[Kernel | None, str | None, bool]:
+    """``(kernel, None, _)`` if ``backend`` can run, else ``(None, reason, broken)`` where
+    ``broken`` means the input is supported but the backend itself failed to come up."""
+    reason = _load_provider(backend)
+    if reason:
+        return None, f"the {backend} backend failed to load ({reason})", True
+    kernel = _KERNELS.get((format, backend))
+    if kernel is None:
+        return None, f"the {backend} backend has no kernel for the {format!r} format", False
+    reason = kernel.supports(device, dtype)
+    if reason:
+        return None, reason, False
+    if build:
+        reason = kernel.available()
+        if reason:
+            return None, reason, True
+    return kernel, None, False
+
+
+def select(format: str, x: torch.Tensor) -> Kernel:
+    """The kernel that runs ``format`` for input ``x`` under the current ``FLASHSPARSE_BACKEND``."""
+    name = requested_backend()
+    if name == "reference":
+        return _KERNELS[(format, "reference")]
+    if name != "auto":
+        kernel, reason, _ = _resolve(format, name, x.device, x.dtype)
+        if kernel is None:
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={name} cannot run format {format!r} on a {x.device.type} "
+                f"{x.dtype} input: {reason}"
+            )
+        return kernel
+    if x.device.type == "cuda":
+        for backend in ("cuda", "triton"):
+            kernel, reason, broken = _resolve(format, backend, x.device, x.dtype)
+            if kernel is not None:
+                return kernel
+            if broken and backend == "cuda" and backend not in _warned:
+                _warned.add(backend)
+                warnings.warn(
+                    f"flashsparse: {reason}; falling back to the next backend "
+                    f"(set {ENV_VAR}=cuda to make this an error)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _KERNELS[(format, "reference")]
+
+
+def has_fast_kernel(format: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the current backend setting would run ``format`` on ``device``/``dtype`` with a
+    kernel that reads the compressed weight (used by ``format="auto"``). Builds nothing."""
+    name = requested_backend()
+    if name == "reference" or device.type != "cuda":
+        return True  # every format runs alike there
+    candidates = ("cuda", "triton") if name == "auto" else (name,)
+    return any(_resolve(format, b, device, dtype, build=False)[0] for b in candidates)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run in this process, e.g. ``["reference", "triton", "cuda"]``."""
+    return [name for name, reason in backend_report().items() if reason is None]
+
+
+def backend_report() -> dict[str, str | None]:
+    """``{backend: None if usable else the reason it is not}``, without building anything."""
+    report: dict[str, str | None] = {"reference": None}
+    for backend in ("triton", "cuda"):
+        reason = _load_provider(backend)
+        if reason:
+            report[backend] = reason
+            continue
+        probe = getattr(importlib.import_module(_PROVIDERS[backend]), "unavailable_reason", None)
+        report[backend] = probe() if probe else f"no {backend} kernels are registered"
+    return report

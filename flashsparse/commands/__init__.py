@@ -1,0 +1,1 @@
+"""Subcommands of the ``flashsparse`` CLI (see ``flashsparse.cli``)."""

@@ -1,0 +1,162 @@
+"""Tiled-CSL, Flash-LLM's format (arXiv 2309.10285, ``csrc/SpMM_API.cu``).
+
+Layout (for an ``[M, K]`` weight, ``M`` = out_features):
+
+* The weight is zero-padded to whole tiles of ``TILE_M x TILE_K = 128 x 64``; tiles are
+  numbered row-major over the tile grid: ``t = (row // 128) * ceil(K / 64) + col // 64``.
+* ``words``: one word per stored entry. For fp16/bf16 it is an int32 whose low 16 bits are
+  the value's bits and whose high 16 bits are the in-tile location
+  ``r * 64 + (c ^ ((r % 8) << 3))`` (``r`` in 0..127, ``c`` in 0..63) -- the XOR is the
+  16-byte-chunk swizzle of the shared-memory tile, so a kernel scatters straight to it.
+  fp32 weights (reference/Triton only) use int64 words: low 32 bits value, bits 32..47
+  location.
+* Each tile's entries are padded to a multiple of 4 with zero-valued entries placed at
+  positions that are zero in the weight, so every tile is whole 16-byte vectors (for 16-bit
+  values) and the padding never overwrites a nonzero, in whatever order a kernel scatters.
+* ``tile_offsets``: int32, ``#tiles + 2`` entries in units of 4 words: entry ``t`` is where tile
+  ``t`` starts, entry ``t + 1`` where it ends; the last entry repeats the total so a kernel
+  may prefetch one tile ahead.
+
+Entries inside a tile are in row-major order of their (unswizzled) position; the encoder's
+``reorder`` hook is where a bank-conflict-free order would go.
+
+Worked example: a 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile with two nonzeros
+plus two padding zeros at the first zero positions (0,0) and (0,2):
+``words = [(0 << 16) | 0, (1 << 16) | 0x3E00, (2 << 16) | 0, ((64 + (2 ^ 8)) << 16) | 0xC000]``
+and ``tile_offsets = [0, 1, 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import (
+    SparseWeight,
+    check_weight,
+    int_view_dtype,
+    pad_to_tiles,
+    tile_grid,
+    unpad_tiles,
+)
+
+TILE_M = 128
+TILE_K = 64
+VECTOR = 4  # entries per 16-byte vector; tile lengths are padded to a multiple of this
+
+
+def _word_layout(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """(word dtype, value bits) for a weight dtype."""
+    return (torch.int64, 32) if dtype == torch.float32 else (torch.int32, 16)
+
+
+def swizzle(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """In-tile location of (row, col): the 16-byte chunk ``col // 8`` is XORed with ``row % 8``."""
+    return (row << 6) | (col ^ ((row & 7) << 3))
+
+
+def _padding_positions(nonzero: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile, position) of the first ``pad[t]`` zero positions of each tile ``t``.
+
+    They exist because the tile size is a multiple of VECTOR, and they hold zeros, so padding
+    entries there never overwrite a nonzero whatever order a kernel scatters in. Most tiles
+    find theirs in a short prefix; only the rest are scanned whole.
+    """
+    window = 64
+    head = ~nonzero[:, :window]
+    rank = torch.cumsum(head, 1, dtype=torch.int32)
+    found = rank[:, -1] >= pad
+    hit = head & (rank <= pad.unsqueeze(1)) & found.unsqueeze(1)
+    tiles, pos = hit.nonzero(as_tuple=True)
+    rest = (~found).nonzero().squeeze(1)
+    if rest.numel():
+        zero = ~nonzero[rest]
+        rank = torch.cumsum(zero, 1, dtype=torch.int32)
+        sub, rest_pos = (zero & (rank <= pad[rest].unsqueeze(1))).nonzero(as_tuple=True)
+        tiles, pos = torch.cat([tiles, rest[sub]]), torch.cat([pos, rest_pos])
+    return tiles, pos
+
+
+class TiledCSL(SparseWeight):
+    format = "tiled_csl"
+    components = ("words", "tile_offsets")
+
+    @classmethod
+    def encode(cls, w: torch.Tensor) -> TiledCSL:
+        w = check_weight(w)
+        m, k = w.shape
+        tiles = pad_to_tiles(w, TILE_M, TILE_K)  # [T, 8192]
+        num_tiles = tiles.shape[0]
+        nonzero = tiles != 0  # NaN is a nonzero; -0.0 is a zero
+        counts = nonzero.sum(1, dtype=torch.int32)
+        keep = nonzero.clone()
+        keep[_padding_positions(nonzero, (-counts) % VECTOR)] = True
+        flat = cls.reorder(keep.view(-1).nonzero().squeeze(1))  # grouped by tile
+        values = tiles.view(-1)[flat]
+        values = torch.where(values == 0, 0, values)  # padding entries hold +0.0
+        word_dtype, value_bits = _word_layout(w.dtype)
+        bits = values.view(int_view_dtype(w.dtype)).to(word_dtype) & ((1 << value_bits) - 1)
+        pos = (flat & (TILE_M * TILE_K - 1)).to(word_dtype)  # shifts and masks: int division is slow
+        words = (swizzle(pos >> 6, pos & (TILE_K - 1)) << value_bits) | bits
+        tile_offsets = torch.zeros(num_tiles + 2, dtype=torch.int32, device=w.device)
+        tile_offsets[1 : num_tiles + 1] = torch.cumsum((counts + VECTOR - 1) // VECTOR, 0)
+        tile_offsets[-1] = tile_offsets[-2]
+        return cls(
+            {"words": words, "tile_offsets": tile_offsets}, (m, k), w.dtype, int(counts.sum())
+        )
+
+    @staticmethod
+    def reorder(flat: torch.Tensor) -> torch.Tensor:
+        """Order of the stored entries, given as flat indices into the ``[tiles, 8192]`` padded
+        weight sorted ascending; any permutation within each tile is valid (e.g. one that makes
+        a warp's scatter bank-conflict free)."""
+        return flat
+
+    @staticmethod
+    def decode(
+        words: torch.Tensor, tile_offsets: torch.Tensor, *, m: int, k: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        mt, kt = tile_grid(m, k, TILE_M, TILE_K)
+        num_tiles = mt * kt
+        word_dtype, value_bits = _word_layout(dtype)
+        lengths = (tile_offsets[1 : num_tiles + 1] - tile_offsets[:num_tiles]).long() * VECTOR
+        tile_idx = torch.repeat_interleave(
+            torch.arange(num_tiles, device=words.device), lengths, output_size=words.numel()
+        )
+        bits = words & ((1 << value_bits) - 1)
+        bits = bits - ((bits >> (value_bits - 1)) << value_bits)  # to signed, so .to() is exact
+        values = bits.to(int_view_dtype(dtype)).view(dtype)
+        loc = (words >> value_bits) & 0xFFFF
+        row = loc >> 6
+        pos = (loc & ~(TILE_K - 1)) | ((loc & (TILE_K - 1)) ^ ((row & 7) << 3))  # unswizzle
+        tiles = torch.zeros(num_tiles * TILE_M * TILE_K, dtype=dtype, device=words.device)
+        tiles[tile_idx * (TILE_M * TILE_K) + pos] = values
+        tiles = tiles.view(num_tiles, TILE_M * TILE_K)
+        return unpad_tiles(tiles, m, k, TILE_M, TILE_K)
+
+    def _count_nnz(self) -> int:
+        _, value_bits = _word_layout(self.dtype)
+        return int(((self._tensors["words"] & ((1 << value_bits) - 1)) != 0).sum())
+
+    def validate(self) -> None:
+        words, offsets = self._tensors["words"], self._tensors["tile_offsets"]
+        m, k = self.shape
+        mt, kt = tile_grid(m, k, TILE_M, TILE_K)
+        num_tiles = mt * kt
+        word_dtype, _ = _word_layout(self.dtype)
+        if words.dtype != word_dtype or words.dim() != 1:
+            raise ValueError(f"tiled_csl words must be 1-D {word_dtype} for {self.dtype} values")
+        if offsets.dtype != torch.int32 or offsets.shape != (num_tiles + 2,):
+            raise ValueError(
+                f"tiled_csl tile_offsets must be int32 of shape ({num_tiles + 2},) for a "
+                f"{m}x{k} weight, got {offsets.dtype} {tuple(offsets.shape)}"
+            )
+        offsets = offsets.cpu()
+        lengths = offsets[1 : num_tiles + 1] - offsets[:num_tiles]
+        if (
+            int(offsets[0]) != 0
+            or bool((lengths < 0).any())
+            or bool((lengths > TILE_M * TILE_K // VECTOR).any())
+            or int(offsets[-1]) != int(offsets[-2])
+            or int(offsets[-1]) * VECTOR != words.numel()
+        ):
+            raise ValueError("tiled_csl tile_offsets are inconsistent with the words")

@@ -1,0 +1,129 @@
+"""``torch.ops.flashsparse.*``: one ``<format>_linear`` op per format.
+
+The schemas are defined here in Python so the ops exist without any compiled extension. Each
+op takes x ``[..., K]`` in the weight's dtype, the format's component tensors, the weight's
+sizes ``m``, ``k`` and an optional bias ``[M]``, and returns ``x @ W.T + bias`` as ``[..., M]``.
+The 16-bit words of ``tiled_csl`` do not say whether they hold fp16 or bf16: the op reads them
+in x's dtype (``flashsparse.linear`` checks that the two agree).
+
+The op body picks a kernel per call (``flashsparse.backends.select``); the reference kernels
+below decode to dense and call ``F.linear`` on any device. Autograd gives x and bias
+gradients (the sparse weight is a constant), so adapters can train on top of a sparse model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .formats import Bitmap, TiledCSL
+
+
+def _run(format: str, x: torch.Tensor, tensors: tuple, m: int, k: int, bias) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have {k} features in its last dim, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] == 0:
+        return x.new_empty((*lead, m))
+    kernel = backends.select(format, x2d)
+    y = kernel.fn(x2d.contiguous(), *tensors, m, k, bias)
+    return y.view(*lead, m)
+
+
+def _fake(x: torch.Tensor, m: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], m))
+
+
+def _backward_x(ctx, grad: torch.Tensor, decode) -> tuple:
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = decode(*ctx.saved_tensors, m=ctx.m, k=ctx.k, dtype=grad.dtype)
+        grad_x = grad @ w
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        grad_bias = grad.reshape(-1, ctx.m).sum(0)
+    return grad_x, grad_bias
+
+
+# --- tiled_csl ---------------------------------------------------------------------------------
+@torch.library.custom_op("flashsparse::tiled_csl_linear", mutates_args=())
+def tiled_csl_linear(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _run("tiled_csl", x, (words, tile_offsets), m, k, bias)
+
+
+@tiled_csl_linear.register_fake
+def _(x, words, tile_offsets, m, k, bias=None):
+    return _fake(x, m)
+
+
+def _tiled_csl_setup(ctx, inputs, output):
+    x, words, tile_offsets, m, k, bias = inputs
+    ctx.save_for_backward(words, tile_offsets)
+    ctx.m, ctx.k, ctx.has_bias = m, k, bias is not None
+
+
+def _tiled_csl_backward(ctx, grad):
+    grad_x, grad_bias = _backward_x(ctx, grad, TiledCSL.decode)
+    return grad_x, None, None, None, None, grad_bias
+
+
+tiled_csl_linear.register_autograd(_tiled_csl_backward, setup_context=_tiled_csl_setup)
+
+
+# --- bitmap ------------------------------------------------------------------------------------
+@torch.library.custom_op("flashsparse::bitmap_linear", mutates_args=())
+def bitmap_linear(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _run("bitmap", x, (masks, values, tile_offsets), m, k, bias)
+
+
+@bitmap_linear.register_fake
+def _(x, masks, values, tile_offsets, m, k, bias=None):
+    return _fake(x, m)
+
+
+def _bitmap_setup(ctx, inputs, output):
+    x, masks, values, tile_offsets, m, k, bias = inputs
+    ctx.save_for_backward(masks, values, tile_offsets)
+    ctx.m, ctx.k, ctx.has_bias = m, k, bias is not None
+
+
+def _bitmap_backward(ctx, grad):
+    grad_x, grad_bias = _backward_x(ctx, grad, Bitmap.decode)
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+bitmap_linear.register_autograd(_bitmap_backward, setup_context=_bitmap_setup)
+
+
+OPS = {"tiled_csl": tiled_csl_linear, "bitmap": bitmap_linear}
+
+
+# --- reference kernels: decode, then F.linear (any device) -------------------------------------
+def _reference(decode):
+    def kernel(x2d: torch.Tensor, *args) -> torch.Tensor:
+        *tensors, m, k, bias = args
+        return F.linear(x2d, decode(*tensors, m=m, k=k, dtype=x2d.dtype), bias)
+
+    return kernel
+
+
+for _name, _cls in (("tiled_csl", TiledCSL), ("bitmap", Bitmap)):
+    backends.register_kernel(
+        _name, "reference", _reference(_cls.decode), supports=lambda device, dtype: None
+    )

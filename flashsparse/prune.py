@@ -1,0 +1,42 @@
+"""Unstructured pruning of dense weights (to make sparse weights to encode)."""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("magnitude", "random")
+
+
+def prune(
+    w: torch.Tensor,
+    sparsity: float,
+    method: str = "magnitude",
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A copy of ``w`` (same shape and dtype) with ``round(sparsity * w.numel())`` entries zeroed.
+
+    ``magnitude`` zeroes the smallest ``|w|`` (ties broken by position, NaN kept as largest);
+    ``random`` zeroes a uniformly random subset (pass ``generator`` for reproducibility).
+    Entries that are already zero stay zero, so the result may hold more zeros than asked.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1], got {type(sparsity).__name__}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    n_zero = round(float(sparsity) * w.numel())
+    flat = w.detach().reshape(-1)
+    if method == "magnitude":
+        score = flat.abs().float().nan_to_num(nan=float("inf"))
+        order = torch.argsort(score, stable=True)
+    else:
+        order = torch.randperm(flat.numel(), generator=generator, device="cpu").to(w.device)
+    out = flat.clone()
+    out[order[:n_zero]] = 0
+    return out.view(w.shape)
