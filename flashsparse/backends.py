@@ -52,6 +52,9 @@ class Kernel:
 
 
 _KERNELS: dict[tuple[str, str], Kernel] = {}
+# select() results by (format, FLASHSPARSE_BACKEND value, device type, dtype): the decision
+# is made once, so the per-call cost is one environment read and one dict lookup.
+_selected: dict[tuple, Kernel] = {}
 _provider_errors: dict[str, str] = {}
 _warned: set[str] = set()
 
@@ -67,6 +70,7 @@ def register_kernel(
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _KERNELS[(format, backend)] = Kernel(fn, supports, available)
+    _selected.clear()
 
 
 def _load_provider(backend: str) -> str | None:
@@ -112,20 +116,29 @@ def _resolve(
 
 def select(format: str, x: torch.Tensor) -> Kernel:
     """The kernel that runs ``format`` for input ``x`` under the current ``FLASHSPARSE_BACKEND``."""
-    name = requested_backend()
+    name = os.environ.get(ENV_VAR, "auto")
+    key = (format, name, x.device.type, x.dtype)
+    kernel = _selected.get(key)
+    if kernel is None:
+        kernel = _select(format, requested_backend(), x.device, x.dtype)
+        _selected[key] = kernel
+    return kernel
+
+
+def _select(format: str, name: str, device: torch.device, dtype: torch.dtype) -> Kernel:
     if name == "reference":
         return _KERNELS[(format, "reference")]
     if name != "auto":
-        kernel, reason, _ = _resolve(format, name, x.device, x.dtype)
+        kernel, reason, _ = _resolve(format, name, device, dtype)
         if kernel is None:
             raise BackendUnavailableError(
-                f"{ENV_VAR}={name} cannot run format {format!r} on a {x.device.type} "
-                f"{x.dtype} input: {reason}"
+                f"{ENV_VAR}={name} cannot run format {format!r} on a {device.type} "
+                f"{dtype} input: {reason}"
             )
         return kernel
-    if x.device.type == "cuda":
+    if device.type == "cuda":
         for backend in ("cuda", "triton"):
-            kernel, reason, broken = _resolve(format, backend, x.device, x.dtype)
+            kernel, reason, broken = _resolve(format, backend, device, dtype)
             if kernel is not None:
                 return kernel
             if broken and backend == "cuda" and backend not in _warned:
@@ -134,7 +147,7 @@ def select(format: str, x: torch.Tensor) -> Kernel:
                     f"flashsparse: {reason}; falling back to the next backend "
                     f"(set {ENV_VAR}=cuda to make this an error)",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
     return _KERNELS[(format, "reference")]
 

@@ -6,7 +6,7 @@ import torch
 
 from .formats import SparseWeight
 from .formats.base import SUPPORTED_DTYPES
-from .ops import OPS
+from .ops import sparse_linear
 
 
 def check_linear_inputs(
@@ -51,4 +51,4 @@ def linear(x: torch.Tensor, sw: SparseWeight, bias: torch.Tensor | None = None) 
         )
     m, k = sw.shape
     check_linear_inputs(x, k, m, sw.dtype, sw.device, bias)
-    return OPS[sw.format](x, *sw.tensors, m, k, bias)
+    return sparse_linear(sw.format, x, sw.tensors, m, k, bias)

@@ -32,11 +32,18 @@ def prune(
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     n_zero = round(float(sparsity) * w.numel())
     flat = w.detach().reshape(-1)
-    if method == "magnitude":
-        score = flat.abs().float().nan_to_num(nan=float("inf"))
-        order = torch.argsort(score, stable=True)
-    else:
-        order = torch.randperm(flat.numel(), generator=generator, device="cpu").to(w.device)
     out = flat.clone()
-    out[order[:n_zero]] = 0
+    if n_zero == 0:
+        return out.view(w.shape)
+    if method == "random":
+        order = torch.randperm(flat.numel(), generator=generator, device="cpu").to(w.device)
+        out[order[:n_zero]] = 0
+        return out.view(w.shape)
+    # The n_zero-th smallest score splits the weights; ties at it go in positional order.
+    score = flat.abs().float().nan_to_num(nan=float("inf"))
+    threshold = score.kthvalue(n_zero).values
+    below = score < threshold
+    ties = (score == threshold).nonzero().squeeze(1)
+    out[below] = 0
+    out[ties[: n_zero - int(below.sum())]] = 0
     return out.view(w.shape)

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """‖y − ref‖ / ‖ref‖ in float64 (NaN if y has NaN where ref has none)."""
-    y, ref = y.double(), ref.double()
+    y, ref = y.detach().double(), ref.detach().double()
     denom = ref.norm()
     if denom == 0:
         return float((y - ref).norm())

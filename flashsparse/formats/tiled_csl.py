@@ -117,7 +117,7 @@ class TiledCSL(SparseWeight):
     ) -> torch.Tensor:
         mt, kt = tile_grid(m, k, TILE_M, TILE_K)
         num_tiles = mt * kt
-        word_dtype, value_bits = _word_layout(dtype)
+        _, value_bits = _word_layout(dtype)
         lengths = (tile_offsets[1 : num_tiles + 1] - tile_offsets[:num_tiles]).long() * VECTOR
         tile_idx = torch.repeat_interleave(
             torch.arange(num_tiles, device=words.device), lengths, output_size=words.numel()
