@@ -11,7 +11,7 @@ from torch import nn
 from .formats import FORMATS, SparseWeight, check_format, encode
 from .formats.base import SUPPORTED_DTYPES
 from .functional import check_linear_inputs
-from .ops import OPS
+from .ops import sparse_linear
 
 
 class SparseLinear(nn.Module):
@@ -46,7 +46,6 @@ class SparseLinear(nn.Module):
         self._nnz = weight._nnz
         for name, tensor in weight.state().items():
             self.register_buffer(name, tensor)
-        self._op = OPS[weight.format]
         self._components = type(weight).components
 
     # -- construction -----------------------------------------------------------------------------
@@ -84,7 +83,7 @@ class SparseLinear(nn.Module):
         check_linear_inputs(
             x, self.in_features, self.out_features, self._dtype, tensors[0].device, self.bias
         )
-        return self._op(x, *tensors, self.out_features, self.in_features, self.bias)
+        return sparse_linear(self.format, x, tensors, self.out_features, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         sw = self.sparse_weight
