@@ -1,6 +1,94 @@
 """Pure-Python install by default; FLASHSPARSE_CUDA=1 (with --no-build-isolation) also builds
-the CUDA extension from csrc/. Without it, the first CUDA call JIT-builds it (flashsparse/_cuda.py)."""
+the CUDA extension ``flashsparse._C`` from csrc/. Without it, the first CUDA call JIT-builds the
+same sources (flashsparse/_cuda.py).
+
+    FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .
+    FLASHSPARSE_CUDA=1 FLASHSPARSE_CUDA_ARCH_LIST="8.0;8.6;9.0a" pip install --no-build-isolation -e .
+
+Arch list: FLASHSPARSE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else "8.0;9.0a" (sm_80 or newer
+only; "+PTX" adds PTX for newer GPUs). torch is imported only when FLASHSPARSE_CUDA=1.
+"""
+
+import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCH_LIST = "8.0;9.0a"
+
+
+def _fail(message: str) -> None:
+    sys.exit(f"flashsparse setup.py (FLASHSPARSE_CUDA=1): {message}")
+
+
+def _gencode_flags(arch_list: str) -> list:
+    # Same rules as flashsparse._cuda.gencode_flags (setup.py cannot import the package: it
+    # imports torch at the top level, and a build must not need the package installed).
+    flags = []
+    for arch in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        ptx = arch.upper().endswith("+PTX")
+        base = arch[:-4] if ptx else arch
+        major, dot, minor = base.partition(".")
+        if not dot or not major.isdigit() or not minor[:1].isdigit():
+            _fail(f"CUDA arch must look like '8.0', '9.0a' or '8.6+PTX', got {arch!r}")
+        if (int(major), int(minor[0])) < (8, 0):
+            _fail(f"the Tiled-CSL kernel needs compute capability >= 8.0, got arch {arch!r}")
+        code = major + minor
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    if not flags:
+        _fail("the CUDA arch list is empty")
+    return flags
+
+
+def _cuda_extension() -> dict:
+    if os.environ.get("FLASHSPARSE_CUDA", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _fail(
+            "torch is not importable in the build environment; install a CUDA build of torch "
+            "first and pass --no-build-isolation (pip builds in an isolated env without torch)"
+        )
+    if torch.version.cuda is None:
+        _fail(f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch")
+    home = cpp_extension.CUDA_HOME
+    if not home or not os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+        _fail(
+            f"no CUDA toolkit found (torch's CUDA_HOME is {home!r}); set CUDA_HOME to the "
+            "toolkit root (the directory holding bin/nvcc and include/cuda_runtime_api.h)"
+        )
+    arch_list = (
+        os.environ.get("FLASHSPARSE_CUDA_ARCH_LIST")
+        or os.environ.get("TORCH_CUDA_ARCH_LIST")
+        or DEFAULT_ARCH_LIST
+    )
+    kernels = sorted(
+        p for p in (ROOT / "csrc" / "kernels").glob("*.cu") if not p.name.endswith("_emulator.cu")
+    )
+    sources = [str((ROOT / "csrc" / "bindings.cpp").relative_to(ROOT))]
+    sources += [str(p.relative_to(ROOT)) for p in kernels]
+    extension = cpp_extension.CUDAExtension(
+        name="flashsparse._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo", *_gencode_flags(arch_list)],
+        },
+    )
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    }
+
+
+setup(**_cuda_extension())

@@ -8,19 +8,24 @@ from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
-from .nn import SparseLinear, sparsify_
+from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
 from .prune import prune
+from .serialization import load_sparse, save_sparse
 
 __all__ = [
     "BackendUnavailableError",
     "Bitmap",
     "SparseLinear",
     "SparseWeight",
+    "SparsifySummary",
     "TiledCSL",
     "__version__",
     "available_backends",
     "encode",
     "linear",
+    "load_sparse",
     "prune",
+    "save_sparse",
     "sparsify_",
+    "sparsify_summary",
 ]

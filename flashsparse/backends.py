@@ -46,6 +46,7 @@ class Kernel:
     slow the first time, e.g. a JIT build; the provider caches it).
     """
 
+    backend: str
     fn: Callable[..., torch.Tensor]
     supports: Callable[[torch.device, torch.dtype], str | None]
     available: Callable[[], str | None]
@@ -69,7 +70,7 @@ def register_kernel(
 ) -> None:
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
-    _KERNELS[(format, backend)] = Kernel(fn, supports, available)
+    _KERNELS[(format, backend)] = Kernel(backend, fn, supports, available)
     _selected.clear()
 
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("info",)
+COMMANDS = ("info", "sparsify", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

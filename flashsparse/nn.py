@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -141,16 +143,93 @@ def _weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ``transformers`` ``PreTrainedModel`` (checked by class
+    name and module, so transformers is never imported here)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+        for cls in type(model).__mro__
+    )
+
+
+def default_skipped_linears(model: nn.Module) -> set[str]:
+    """Names of the ``nn.Linear`` layers that ``sparsify_(model)`` leaves dense without a filter.
+
+    For a ``transformers`` model: the LM head (``model.get_output_embeddings()``) and any linear
+    whose weight is an ``nn.Embedding``'s weight (a tied head: compressing it would add a
+    compressed copy of a matrix the embedding keeps dense anyway, and untie the two). For any
+    other model: nothing -- every ``nn.Linear`` is converted, as the contract says.
+    """
+    if not is_transformers_model(model):
+        return set()
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {
+        fqn
+        for fqn, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and (module is head or id(module.weight) in embedding_weights)
+    }
+
+
+class _Progress:
+    """A progress bar on stderr: tqdm when installed, else a line every ~10 %."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self._bar = total, 0, enabled and total > 0, None
+        if self.enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc="flashsparse: sparsify", unit="layer", file=sys.stderr)
+            except ImportError:
+                self._bar = None
+
+    def update(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            print(f"flashsparse: sparsify {self.done}/{self.total} layers", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# Auto progress: only for models whose projections are this large (a 1B-parameter model in
+# 16-bit is about 2 GiB); small models convert in well under a second.
+_PROGRESS_AUTO_BYTES = 1 << 30
+
+
 def sparsify_(
     model: nn.Module,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     *,
     format: str = "auto",
     min_sparsity: float = 0.0,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` for which ``filter_fn(module, fqn)`` is
     true (all if None) and whose weight sparsity is at least ``min_sparsity`` by a
-    :class:`SparseLinear` holding the same (pruned) weight. Returns ``model``."""
+    :class:`SparseLinear` holding the same (pruned) weight. Returns ``model``.
+
+    With ``filter_fn=None`` on a Hugging Face ``transformers`` model the embeddings and the LM
+    head stay dense: the head (``get_output_embeddings()``) and any linear tied to an
+    ``nn.Embedding`` are skipped (see :func:`default_skipped_linears`); pass a ``filter_fn`` to
+    decide yourself (``lambda module, fqn: True`` converts the head too). Plain ``nn.Module``
+    models get every ``nn.Linear`` converted.
+
+    ``progress``: show a progress bar on stderr (``None``: when stderr is a terminal and the
+    layers to convert hold at least 1 GiB). Each dense layer is released as soon as its
+    replacement exists, so peak memory is the model plus one layer's encoding temporaries.
+    :func:`sparsify_summary` reports what the model holds afterwards.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_format(format)
@@ -160,20 +239,159 @@ def sparsify_(
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be a callable (module, fqn) -> bool or None")
-    targets = []
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+    skipped = default_skipped_linears(model) if filter_fn is None else set()
+    # Names only: holding the modules would keep every dense weight alive until the end.
+    targets: list[str] = []
+    target_bytes = 0
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or fqn in skipped:
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
         if _weight_sparsity(module.weight) < min_sparsity:
             continue
-        targets.append((fqn, module))
-    for fqn, module in targets:
-        replacement = SparseLinear.from_linear(module, format)
         if fqn == "":
             raise ValueError("model is itself an nn.Linear: use SparseLinear.from_linear(model)")
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, replacement)
+        targets.append(fqn)
+        target_bytes += module.weight.numel() * module.weight.element_size()
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
+    bar = _Progress(len(targets), progress)
+    try:
+        for fqn in targets:
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, SparseLinear.from_linear(getattr(parent, child), format))
+            bar.update()
+    finally:
+        bar.close()
     return model
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One :class:`SparseLinear` of a model: its compressed and its dense size."""
+
+    name: str
+    format: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    sparsity: float
+    nbytes: int
+    dense_nbytes: int
+
+
+@dataclass(frozen=True)
+class SparsifySummary:
+    """What a model holds: its :class:`SparseLinear` layers and everything else.
+
+    ``other_nbytes`` counts every other parameter and buffer once (embeddings, norms, the LM
+    head, linears left dense, biases; a tied weight once), so ``model_nbytes`` is the model's
+    size as it is and ``model_dense_nbytes`` what it would be with every layer dense again.
+    """
+
+    layers: tuple[LayerSummary, ...]
+    dense_linear_layers: int
+    other_nbytes: int
+
+    @property
+    def sparse_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def formats(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.format] = counts.get(layer.format, 0) + 1
+        return counts
+
+    @property
+    def linear_nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def linear_dense_nbytes(self) -> int:
+        return sum(layer.dense_nbytes for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over elements across the sparse layers (0.0 if there are none)."""
+        elements = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+        zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in self.layers)
+        return zeros / elements if elements else 0.0
+
+    @property
+    def model_nbytes(self) -> int:
+        return self.other_nbytes + self.linear_nbytes
+
+    @property
+    def model_dense_nbytes(self) -> int:
+        return self.other_nbytes + self.linear_dense_nbytes
+
+    def as_dict(self) -> dict:
+        return {
+            "sparse_layers": self.sparse_layers,
+            "dense_linear_layers": self.dense_linear_layers,
+            "formats": self.formats,
+            "sparsity": self.sparsity,
+            "linear_nbytes": self.linear_nbytes,
+            "linear_dense_nbytes": self.linear_dense_nbytes,
+            "other_nbytes": self.other_nbytes,
+            "model_nbytes": self.model_nbytes,
+            "model_dense_nbytes": self.model_dense_nbytes,
+        }
+
+    def __str__(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / 2**20:,.2f} MiB"
+
+        def ratio(a: int, b: int) -> str:
+            return f"{a / b:.2f}x" if b else "n/a"
+
+        formats = ", ".join(f"{name}: {n}" for name, n in sorted(self.formats.items())) or "none"
+        return "\n".join(
+            [
+                f"sparse layers:   {self.sparse_layers} ({formats}); {self.dense_linear_layers} "
+                "linear layer(s) left dense",
+                f"sparse weights:  {mib(self.linear_dense_nbytes)} dense -> "
+                f"{mib(self.linear_nbytes)} compressed "
+                f"({ratio(self.linear_nbytes, self.linear_dense_nbytes)}) at "
+                f"{self.sparsity:.1%} sparsity",
+                f"whole model:     {mib(self.model_dense_nbytes)} dense -> "
+                f"{mib(self.model_nbytes)} ({ratio(self.model_nbytes, self.model_dense_nbytes)})",
+            ]
+        )
+
+
+def sparsify_summary(model: nn.Module) -> SparsifySummary:
+    """Layers converted and dense vs compressed bytes of ``model`` as it is now (for example
+    right after :func:`sparsify_`, whose contract is to return the model itself)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = []
+    component_ids: set[int] = set()
+    dense_linears = 0
+    for fqn, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            sw = module.sparse_weight
+            component_ids.update(id(t) for t in sw.tensors)
+            m, k = sw.shape
+            layers.append(
+                LayerSummary(
+                    fqn, sw.format, (m, k), sw.dtype, sw.sparsity, sw.nbytes,
+                    m * k * torch.empty((), dtype=sw.dtype).element_size(),
+                )
+            )
+        elif isinstance(module, nn.Linear):
+            dense_linears += 1
+    seen: set[int] = set()
+    other = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in component_ids or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        other += tensor.numel() * tensor.element_size()
+    return SparsifySummary(tuple(layers), dense_linears, other)

@@ -1,0 +1,63 @@
+// Host API of the Tiled-CSL SpMM kernels: raw pointers, sizes and a stream; no torch.
+//
+// Host-safe (plain C++ plus cuda_runtime_api.h), so csrc/bindings.cpp can include it without
+// nvcc. Computes y[N, M] = x[N, K] @ W[M, K]^T (+ bias) for a Tiled-CSL weight W
+// (flashsparse/formats/tiled_csl.py) with 16-bit values, on sm_80 or newer.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "tiled_csl_layout.cuh"
+
+namespace flashsparse {
+
+enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct TiledCslProblem {
+    const void* x = nullptr;             // [n, k] row-major, 16-bit elements
+    const void* words = nullptr;         // uint32 words; 16-byte aligned
+    const int32_t* tile_offsets = nullptr;  // [tiles + 2], in 4-word vectors
+    const void* bias = nullptr;          // [m] in x's type, or nullptr
+    void* y = nullptr;                   // [n, m] row-major, x's type
+    float* workspace = nullptr;          // [effective split, n, m] fp32 when split > 1
+    int m = 0;
+    int k = 0;
+    int n = 0;
+    int split_k = 1;  // requested; the kernel runs tiled_csl_effective_split(k, split_k) splits
+    int tile_n = 0;   // block tile width (8, 16, 32, 64, 128), or 0 to choose by n
+};
+
+// Block tile width the kernel uses for n tokens when tile_n is 0.
+inline int tiled_csl_default_tile_n(int n) { return tcsl::default_tile_n(n); }
+// Block tile height for a tile width (256 for widths up to 32, else 128).
+inline int tiled_csl_tile_m(int tile_n) { return tcsl::tile_m_for(tile_n); }
+// Number of k splits actually run for a request (1 .. ceil(k / 64), no empty split).
+inline int tiled_csl_effective_split(int k, int split_k) {
+    const int k_tiles = tcsl::k_tiles_of(k);
+    int split = split_k < 1 ? 1 : split_k;
+    if (split > tcsl::kMaxSplitK) split = tcsl::kMaxSplitK;
+    return tcsl::effective_split(k_tiles, split);
+}
+// Dynamic shared memory of one block for a tile width (0 for an unknown width).
+int tiled_csl_smem_bytes(int tile_n);
+
+// Launches the SpMM (and, for split > 1, the reduction) on `stream`. Returns
+// cudaErrorInvalidValue for a malformed problem (the caller checks inputs with messages).
+cudaError_t tiled_csl_spmm(ElemType type, const TiledCslProblem& problem, cudaStream_t stream);
+
+// Resident blocks per SM of the kernel for a tile width on the current device.
+cudaError_t tiled_csl_max_active_blocks(ElemType type, int tile_n, int* blocks_per_sm);
+
+namespace detail {
+// Per element type, defined in tiled_csl_f16.cu / tiled_csl_bf16.cu.
+cudaError_t tiled_csl_spmm_f16(const TiledCslProblem& problem, cudaStream_t stream);
+cudaError_t tiled_csl_spmm_bf16(const TiledCslProblem& problem, cudaStream_t stream);
+cudaError_t tiled_csl_prepare_f16();  // kernel attributes (dynamic smem) on the current device
+cudaError_t tiled_csl_prepare_bf16();
+cudaError_t tiled_csl_occupancy_f16(int tile_n, int* blocks_per_sm);
+cudaError_t tiled_csl_occupancy_bf16(int tile_n, int* blocks_per_sm);
+}  // namespace detail
+
+}  // namespace flashsparse

@@ -1,0 +1,19 @@
+// Tiled-CSL SpMM kernels for fp16 (mma .f16): one translation unit per element type so they build in
+// parallel (flash-attention style).
+#include "tiled_csl_kernel.cuh"
+
+namespace flashsparse {
+namespace detail {
+
+cudaError_t tiled_csl_spmm_f16(const TiledCslProblem& problem, cudaStream_t stream) {
+    return tcsl::TypedOps<false>::run(problem, stream);
+}
+
+cudaError_t tiled_csl_prepare_f16() { return tcsl::TypedOps<false>::prepare(); }
+
+cudaError_t tiled_csl_occupancy_f16(int tile_n, int* blocks_per_sm) {
+    return tcsl::TypedOps<false>::occupancy(tile_n, blocks_per_sm);
+}
+
+}  // namespace detail
+}  // namespace flashsparse

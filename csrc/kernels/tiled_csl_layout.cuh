@@ -1,0 +1,149 @@
+// Index math of the Tiled-CSL SpMM kernel, shared by the CUDA kernel and the host emulator.
+//
+// Plain C++ (no CUDA headers): every function is __host__ __device__ under nvcc and inline
+// under a host compiler, so tiled_csl_emulator.cu can replay the kernel's addressing on the
+// CPU with exactly these definitions (tests/test_cuda_kernel.py runs it).
+//
+// Shared-memory tiles are 64 halves (128 bytes) wide. Element (row, col) lives at
+//   row * 64 + (((col / 8) ^ (row % 8)) * 8) + col % 8
+// i.e. the 16-byte chunk col/8 is XORed with row%8. The Tiled-CSL word locations are already
+// in this form (flashsparse/formats/tiled_csl.py), and ldmatrix reads 8 consecutive rows of one
+// logical chunk from 8 different bank groups.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FS_HD __host__ __device__ __forceinline__
+#else
+#define FS_HD inline
+#endif
+
+namespace flashsparse {
+namespace tcsl {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = 4;
+constexpr int kStorageTileM = 128;  // rows of a Tiled-CSL storage tile
+constexpr int kTileK = 64;          // k extent of a storage tile and of one pipeline step
+constexpr int kStorageTileElems = kStorageTileM * kTileK;      // 8192
+constexpr int kMaxTileVectors = kStorageTileElems / 4;          // a 100 %-dense tile
+constexpr uint32_t kSecondTileFlag = 1u << 29;  // location + 8192: the lower storage tile of
+                                                // a 256-row block (location bits are 16..28)
+constexpr int kMaxGridY = 65535;
+constexpr int kMaxSplitK = 65535;
+
+FS_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Block tile configuration: TM x TN outputs per block, warps arranged BR x BC, each warp
+// computing 64 rows (four m16 tiles) x TN/BC columns (n8 tiles); V 16-byte word vectors per
+// thread are staged in registers per chunk (a chunk is 128 * V vectors of the block's tiles).
+template <int TM, int TN, int BR, int BC, int V>
+struct TileConfig {
+    static constexpr int kTileM = TM;
+    static constexpr int kTileN = TN;
+    static constexpr int kWarpRows = BR;
+    static constexpr int kWarpCols = BC;
+    static constexpr int kWarpM = TM / BR;
+    static constexpr int kWarpN = TN / BC;
+    static constexpr int kWarpMTiles = kWarpM / 16;
+    static constexpr int kWarpNTiles = kWarpN / 8;
+    static constexpr int kVectorsPerThread = V;
+    static constexpr int kChunkVectors = kThreads * V;
+    static constexpr int kStorageTiles = TM / kStorageTileM;
+    static constexpr int kAElems = TM * kTileK;
+    static constexpr int kBElems = TN * kTileK;
+    static constexpr int kStageElems = kAElems + kBElems;
+    static constexpr int kLocationMask = kAElems - 1;
+    static constexpr int kCStride = TM + 4;  // floats; +4 makes fragment stores conflict free
+    static constexpr int kPipelineBytes = 2 * kStageElems * 2;
+    static constexpr int kCStageBytes = TN * kCStride * 4;
+    static constexpr int kSmemBytes = kPipelineBytes > kCStageBytes ? kPipelineBytes : kCStageBytes;
+    static constexpr int kXChunks = TN * (kTileK / 8);  // 16-byte chunks of one x tile
+
+    static_assert(BR * BC == kWarps, "4 warps per block");
+    static_assert(kWarpM == 64, "each warp computes four m16 tiles");
+    static_assert(kWarpN % 8 == 0 && (kWarpNTiles == 1 || kWarpNTiles % 2 == 0),
+                  "warp columns are one n8 tile or pairs of them (ldmatrix.x4)");
+    static_assert(TM == 128 || TM == 256, "a block covers one or two storage tiles");
+    static_assert((TM & (TM - 1)) == 0, "TM is a power of two");
+};
+
+// Block tiles chosen by N (as in Flash-LLM, plus 256x8 for N <= 8, which halves the x traffic
+// and tensor-core work of single-token decode). Index = config id used across the host API.
+using Config256x8 = TileConfig<256, 8, 4, 1, 16>;
+using Config256x16 = TileConfig<256, 16, 4, 1, 16>;
+using Config256x32 = TileConfig<256, 32, 4, 1, 16>;
+using Config128x64 = TileConfig<128, 64, 2, 2, 8>;
+using Config128x128 = TileConfig<128, 128, 2, 2, 8>;
+
+FS_HD constexpr int default_tile_n(int n) {
+    return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : n <= 64 ? 64 : 128;
+}
+FS_HD constexpr int tile_m_for(int tile_n) { return tile_n <= 32 ? 256 : 128; }
+FS_HD constexpr bool valid_tile_n(int tile_n) {
+    return tile_n == 8 || tile_n == 16 || tile_n == 32 || tile_n == 64 || tile_n == 128;
+}
+
+// Split-K: split s handles k tiles [s * per, min((s + 1) * per, k_tiles)). The effective split
+// drops trailing empty splits, so every split owns at least one k tile.
+FS_HD constexpr int k_tiles_of(int k) { return ceil_div(k, kTileK); }
+FS_HD constexpr int tiles_per_split(int k_tiles, int split) {
+    return ceil_div(k_tiles, split < 1 ? 1 : (split > k_tiles ? k_tiles : split));
+}
+FS_HD constexpr int effective_split(int k_tiles, int split) {
+    return ceil_div(k_tiles, tiles_per_split(k_tiles, split));
+}
+
+// --- shared-memory addressing (element offsets into a 64-wide swizzled tile) -----------------
+FS_HD constexpr int swizzle(int row, int col) {
+    return row * kTileK + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
+
+// Where a stored word goes in the block's A tile (with the second-tile flag already applied).
+FS_HD constexpr uint32_t word_location(uint32_t word, uint32_t location_mask) {
+    return (word >> 16) & location_mask;
+}
+FS_HD constexpr uint16_t word_value(uint32_t word) { return static_cast<uint16_t>(word & 0xFFFFu); }
+
+// Vector index a thread handles at slot i of the chunk starting at vector `base`.
+FS_HD constexpr int chunk_vector(int base, int i, int tid) { return base + i * kThreads + tid; }
+
+// ldmatrix.x4 of the A tile (m16 x k16 at rows row0.., k step kk): the element whose address
+// this lane supplies. Lanes 0-15 give rows 0-15 of k 0-7, lanes 16-31 rows 0-15 of k 8-15, so
+// the four 8x8 matrices are the mma A fragment registers a0 (rows 0-7, k 0-7), a1 (rows 8-15,
+// k 0-7), a2 (rows 0-7, k 8-15), a3 (rows 8-15, k 8-15).
+FS_HD constexpr int a_ldsm_offset(int row0, int kk, int lane) {
+    return swizzle(row0 + (lane & 15), kk * 16 + ((lane >> 4) << 3));
+}
+
+// ldmatrix.x4 of the x tile (stored [n][k], i.e. the mma's column-major B) for two n8 tiles at
+// columns col0..col0+15: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+// (n 8-15, k 8-15) = b0, b1 of the first n8 tile, then of the second.
+FS_HD constexpr int b_ldsm_x4_offset(int col0, int kk, int lane) {
+    return swizzle(col0 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + (((lane >> 3) & 1) << 3));
+}
+
+// ldmatrix.x2 for a single n8 tile: lanes 0-7 (k 0-7) and 8-15 (k 8-15); lanes 16-31 repeat
+// lanes 0-15 (their addresses are not used, but stay in bounds).
+FS_HD constexpr int b_ldsm_x2_offset(int col0, int kk, int lane) {
+    return swizzle(col0 + (lane & 7), kk * 16 + (((lane >> 3) & 1) << 3));
+}
+
+// x tile copy: 16-byte chunk q of a TN x 64 tile is row q/8 (a token), k chunk q%8.
+FS_HD constexpr int x_chunk_row(int q) { return q >> 3; }
+FS_HD constexpr int x_chunk_col(int q) { return (q & 7) << 3; }
+FS_HD constexpr int x_chunk_dst(int q) { return swizzle(x_chunk_row(q), x_chunk_col(q)); }
+
+// mma.m16n8k16 accumulator register r (0..3) of `lane`: row (m) and column (n) in the 16x8 tile.
+FS_HD constexpr int c_frag_row(int lane, int r) { return (lane >> 2) + ((r >> 1) << 3); }
+FS_HD constexpr int c_frag_col(int lane, int r) { return ((lane & 3) << 1) + (r & 1); }
+
+// Warp placement in the block tile.
+template <class Cfg>
+FS_HD constexpr int warp_row0(int warp) { return (warp / Cfg::kWarpCols) * Cfg::kWarpM; }
+template <class Cfg>
+FS_HD constexpr int warp_col0(int warp) { return (warp % Cfg::kWarpCols) * Cfg::kWarpN; }
+
+}  // namespace tcsl
+}  // namespace flashsparse

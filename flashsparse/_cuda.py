@@ -1,0 +1,492 @@
+"""The CUDA backend: Flash-LLM's Tiled-CSL SpMM (``csrc/``) as the ``("tiled_csl", "cuda")`` kernel.
+
+Imported lazily by :mod:`flashsparse.backends`; importing it builds nothing. The compiled ops
+come from, in order:
+
+1. a prebuilt ``flashsparse._C`` (``FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .``),
+   unless ``FLASHSPARSE_CUDA_JIT=1``;
+2. a JIT build of ``csrc/`` with :func:`torch.utils.cpp_extension.load` (ninja, nvcc) for the
+   running GPU's architecture only, cached under
+   ``$FLASHSPARSE_CACHE_DIR/<torch version>/<cuda version>/<archs>/<source hash>``
+   (default ``~/.cache/flashsparse``).
+
+:func:`_available` (what :mod:`flashsparse.backends` calls before first use) loads or builds once
+per process and then checks the kernel against the reference decode on small problems covering
+every block-tile configuration, a 100 %-dense tile, an empty tile, odd M/K/N, unaligned x rows
+and split-K. A build error or a failed check is cached and reported as the reason the backend
+is unavailable, so ``FLASHSPARSE_BACKEND=auto`` falls back with one warning and
+``FLASHSPARSE_BACKEND=cuda`` raises it.
+
+Environment knobs: ``FLASHSPARSE_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0a"``; default: the current
+GPU), ``FLASHSPARSE_VERBOSE_BUILD=1`` (show the compiler), ``FLASHSPARSE_CACHE_DIR``,
+``FLASHSPARSE_CUDA_JIT=1`` (ignore a prebuilt extension, e.g. after editing ``csrc/``).
+
+The launch plan is decided here, in Python (unit-tested on CPU): the block tile by N
+(:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor by wave
+efficiency (:func:`choose_split_k`) from the SM count and the kernel's measured occupancy.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from . import backends
+
+__all__ = [
+    "KERNEL_DTYPES",
+    "TILE_CONFIGS",
+    "choose_split_k",
+    "effective_split",
+    "gencode_flags",
+    "kernel_sources",
+    "tile_config",
+    "unavailable_reason",
+    "wave_efficiency",
+]
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, mma.sync m16n8k16 with bf16
+TILE_K = 64
+STORAGE_TILE_M = 128
+# (max N, tile_n, tile_m): the block tile for N tokens; mirrors tcsl::default_tile_n /
+# tile_m_for in csrc/kernels/tiled_csl_layout.cuh (the op takes tile_n explicitly).
+TILE_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (8, 8, 256),
+    (16, 16, 256),
+    (32, 32, 256),
+    (64, 64, 128),
+    (sys.maxsize, 128, 128),
+)
+WAVE_TARGET = 0.8
+# Split-K partial sums cost 8 bytes per output element and split (fp32 write + read); keep that
+# below this fraction of the weight's bytes so splitting never costs more traffic than it saves.
+MAX_WORKSPACE_TRAFFIC = 0.25
+MAX_SPLIT_K = 65535
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_DEFAULT_ARCH_LIST = "8.0;9.0a"
+
+_lock = threading.Lock()
+_loaded = False
+_load_error: str | None = None  # build failure or failed self-check, cached for the process
+
+
+# --- launch plan (pure functions) --------------------------------------------------------------
+def tile_config(n: int) -> tuple[int, int]:
+    """``(tile_m, tile_n)`` of the block tile the kernel uses for ``n`` tokens."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    for max_n, tile_n, tile_m in TILE_CONFIGS:
+        if n <= max_n:
+            return tile_m, tile_n
+    raise AssertionError("unreachable: the last tile config takes any n")
+
+
+def effective_split(k_tiles: int, split: int) -> int:
+    """Splits actually run for a request: every split owns ``ceil(k_tiles / split)`` k tiles
+    except the last, and no split is empty (mirrors ``tcsl::effective_split``)."""
+    if k_tiles < 1:
+        raise ValueError(f"k_tiles must be >= 1, got {k_tiles}")
+    split = min(max(1, split), k_tiles, MAX_SPLIT_K)
+    per = -(-k_tiles // split)
+    return -(-k_tiles // per)
+
+
+def wave_efficiency(blocks: int, slots: int) -> float:
+    """Fraction of the resident-block slots busy over the waves ``blocks`` need."""
+    if blocks < 1 or slots < 1:
+        raise ValueError(f"blocks and slots must be >= 1, got {blocks}, {slots}")
+    waves = -(-blocks // slots)
+    return blocks / (waves * slots)
+
+
+def choose_split_k(
+    blocks: int,
+    k_tiles: int,
+    slots: int,
+    *,
+    workspace_bytes_per_split: int = 0,
+    weight_bytes: int = 0,
+    target: float = WAVE_TARGET,
+) -> int:
+    """Split-K factor for a launch of ``blocks`` output tiles over ``k_tiles`` k steps on a GPU
+    with ``slots`` resident-block slots (SMs x blocks per SM).
+
+    The smallest effective split whose wave efficiency reaches ``target``; if none does, the
+    most efficient one (the smallest among equals). Bounded by the number of k tiles and, when
+    ``weight_bytes`` is given, by the fp32 workspace traffic it adds
+    (``split * workspace_bytes_per_split <= MAX_WORKSPACE_TRAFFIC * weight_bytes``).
+    """
+    if blocks < 1 or k_tiles < 1 or slots < 1:
+        raise ValueError(
+            f"blocks, k_tiles and slots must be >= 1, got {blocks}, {k_tiles}, {slots}"
+        )
+    best, best_eff = 1, wave_efficiency(blocks, slots)
+    if best_eff >= target:
+        return 1
+    max_split = min(k_tiles, MAX_SPLIT_K)
+    if weight_bytes > 0 and workspace_bytes_per_split > 0:
+        max_split = min(
+            max_split, int(MAX_WORKSPACE_TRAFFIC * weight_bytes // workspace_bytes_per_split)
+        )
+    previous = 1
+    for requested in range(2, max_split + 1):
+        split = effective_split(k_tiles, requested)
+        if split == previous:
+            continue
+        previous = split
+        eff = wave_efficiency(blocks * split, slots)
+        if eff >= target:
+            return split
+        if eff > best_eff:
+            best, best_eff = split, eff
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _slots(device_index: int, tile_n: int, bf16: bool) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    with torch.cuda.device(device_index):
+        per_sm = int(torch.ops.flashsparse._tiled_csl_cuda_occupancy(tile_n, bf16))
+    return props.multi_processor_count * max(1, per_sm)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(device_index: int, bf16: bool, n: int, m: int, k: int, num_words: int) -> tuple[int, int]:
+    """``(split_k, tile_n)`` for one call shape."""
+    tile_m, tile_n = tile_config(n)
+    blocks = -(-n // tile_n) * -(-m // tile_m)
+    split = choose_split_k(
+        blocks,
+        -(-k // TILE_K),
+        _slots(device_index, tile_n, bf16),
+        workspace_bytes_per_split=8 * n * m,
+        weight_bytes=4 * num_words,
+    )
+    return split, tile_n
+
+
+# --- build ---------------------------------------------------------------------------------------
+def kernel_sources(csrc: Path = CSRC) -> list[Path]:
+    """The extension's sources: the torch glue and every kernel translation unit (the host
+    emulator, ``*_emulator.cu``, is a test tool with its own ``main``)."""
+    kernels = sorted(
+        p for p in (csrc / "kernels").glob("*.cu") if not p.name.endswith("_emulator.cu")
+    )
+    return [csrc / "bindings.cpp", *kernels]
+
+
+def _parse_arch(arch: str) -> tuple[str, bool]:
+    """``"9.0a+PTX"`` -> (``"90a"``, True)."""
+    arch = arch.strip()
+    ptx = arch.upper().endswith("+PTX")
+    if ptx:
+        arch = arch[:-4]
+    major, dot, minor = arch.partition(".")
+    if not dot or not major.isdigit() or not minor[:1].isdigit():
+        raise ValueError(f"CUDA arch must look like '8.0', '9.0a' or '8.6+PTX', got {arch!r}")
+    if (int(major), int(minor[0])) < MIN_CAPABILITY:
+        raise ValueError(f"the Tiled-CSL kernel needs compute capability >= 8.0, got arch {arch!r}")
+    return major + minor, ptx
+
+
+def gencode_flags(arch_list: str) -> list[str]:
+    """nvcc ``-gencode`` flags for an arch list such as ``"8.0;9.0a"`` (``;``, ``,`` or spaces)."""
+    archs = [a for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    if not archs:
+        raise ValueError("the CUDA arch list is empty")
+    flags = []
+    for arch in archs:
+        code, ptx = _parse_arch(arch)
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    return flags
+
+
+def _jit_arch_list() -> str:
+    env = os.environ.get("FLASHSPARSE_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    major, minor = torch.cuda.get_device_capability()
+    # sm_90a lets a future wgmma path exist; the mma.sync kernel runs the same either way.
+    return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit root: the first candidate with both nvcc and the runtime headers (an
+    ``nvcc`` on PATH may be a wrapper script outside the toolkit, e.g. /usr/local/bin/nvcc)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if (
+            root
+            and os.path.isfile(os.path.join(root, "bin", "nvcc"))
+            and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h"))
+        ):
+            return root
+    return None
+
+
+def _find_nvcc() -> str | None:
+    home = _cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
+
+
+def _find_ninja() -> str | None:
+    found = shutil.which("ninja")
+    if found:
+        return found
+    # pip's ninja lives next to the interpreter of an un-activated virtual environment.
+    beside = os.path.join(os.path.dirname(sys.executable), "ninja")
+    return beside if os.path.isfile(beside) else None
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("FLASHSPARSE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "flashsparse"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _prebuilt_available() -> bool:
+    if _env_flag("FLASHSPARSE_CUDA_JIT"):
+        return False
+    try:
+        return importlib.util.find_spec("flashsparse._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _tail(text: str, limit: int = 4000) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    sources = kernel_sources()
+    arch_list = _jit_arch_list()
+    flags = gencode_flags(arch_list)
+    digest = hashlib.sha256()
+    for path in [*sources, *sorted((CSRC / "kernels").glob("*.cuh"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(" ".join(flags).encode())
+    tag = digest.hexdigest()[:16]
+    arch_tag = "_".join(f.rsplit("=", 1)[-1] for f in flags)
+    build_dir = _cache_root() / torch.__version__ / f"cu{torch.version.cuda}" / arch_tag / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
+    ninja = _find_ninja()
+    if ninja and not shutil.which("ninja"):
+        os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + os.environ.get("PATH", "")
+    home = _cuda_home()
+    torch_home = cpp_extension.CUDA_HOME
+    if home and not (
+        torch_home and os.path.isfile(os.path.join(torch_home, "include", "cuda_runtime_api.h"))
+    ):
+        # torch guessed the toolkit from `which nvcc`; point it at the real one.
+        cpp_extension.CUDA_HOME = home
+    cpp_extension.load(
+        name=f"flashsparse_cuda_{tag}",
+        sources=[str(p) for p in sources],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo", *flags],
+        build_directory=str(build_dir),
+        verbose=_env_flag("FLASHSPARSE_VERBOSE_BUILD"),
+        is_python_module=False,
+    )
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("flashsparse::_tiled_csl_spmm_cuda")
+    def _(x, words, tile_offsets, m, k, bias=None, split_k=1, tile_n=0):
+        return x.new_empty((x.shape[0], m))
+
+
+def _load() -> None:
+    """Make ``torch.ops.flashsparse._tiled_csl_spmm_cuda`` exist (prebuilt, else JIT)."""
+    prebuilt_error = None
+    if _prebuilt_available():
+        try:
+            importlib.import_module("flashsparse._C")
+        except ImportError as exc:  # e.g. built against another torch: rebuild it here instead
+            prebuilt_error = f"the prebuilt flashsparse._C does not load ({exc})"
+        else:
+            _register_fake()
+            return
+    try:
+        _jit_build()
+    except Exception as exc:
+        if prebuilt_error:
+            raise RuntimeError(f"{prebuilt_error}; JIT build: {exc}") from exc
+        raise
+    _register_fake()
+
+
+# --- self-check -----------------------------------------------------------------------------
+def _self_check_cases() -> list[tuple[int, int, int, int, int]]:
+    """(m, k, n, tile_n, split_k): every block config, both x paths (k % 8), split-K."""
+    return [
+        (130, 200, 3, 8, 1),  # 100 %-dense tile, empty tile, partial 256-row block
+        (130, 200, 3, 8, 4),  # forced split-K
+        (300, 77, 13, 16, 1),  # k % 8 != 0: scalar x path; three storage-tile rows
+        (257, 136, 33, 32, 3),
+        (129, 192, 40, 64, 2),
+        (70, 64, 130, 128, 1),
+    ]
+
+
+def _self_check_weight(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(m, k, generator=g) * (torch.rand(m, k, generator=g) > 0.7)
+    w[: min(m, 128), : min(k, 64)] = torch.randn(min(m, 128), min(k, 64), generator=g)  # dense tile
+    if k > 64:
+        w[: min(m, 128), 64 : min(k, 128)] = 0  # empty tile
+    w[:, k // 2] = torch.randn(m, generator=g)  # a dense column
+    return w
+
+
+def _run_self_check() -> str | None:
+    from .formats import TiledCSL
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(0)
+    for m, k, n, tile_n, split in _self_check_cases():
+        w32 = _self_check_weight(m, k, g)
+        x32 = torch.randn(n, k, generator=g)
+        b32 = torch.randn(m, generator=g)
+        for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+            w = w32.to(device=device, dtype=dtype)
+            x = x32.to(device=device, dtype=dtype)
+            bias = b32.to(device=device, dtype=dtype)
+            words, offsets = TiledCSL.encode(w).tensors
+            ref = x.double() @ w.double().T + bias.double()
+            y = torch.ops.flashsparse._tiled_csl_spmm_cuda(
+                x, words, offsets, m, k, bias, split, tile_n
+            )
+            err = float((y.double() - ref).norm() / ref.norm())
+            if not err < tol:  # also catches NaN
+                return (
+                    f"the CUDA Tiled-CSL kernel failed its self-check on {torch.cuda.get_device_name(device)} "
+                    f"({dtype}, m={m}, k={k}, n={n}, tile_n={tile_n}, split_k={split}: relative "
+                    f"error {err:.3g} > {tol})"
+                )
+    torch.cuda.synchronize(device)
+    return None
+
+
+# --- provider interface ------------------------------------------------------------------------
+def unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run in this process (None: it can). Builds nothing."""
+    if _load_error is not None:
+        return _load_error
+    if torch.version.cuda is None:
+        return (
+            "torch is a CPU-only build (torch.version.cuda is None); install a CUDA build of torch"
+        )
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return (
+            f"the CUDA Tiled-CSL kernel needs compute capability 8.0 or newer (sm_80); "
+            f"{torch.cuda.get_device_name()} is sm_{capability[0]}{capability[1]}"
+        )
+    if _loaded or _prebuilt_available():
+        return None
+    missing = [str(p) for p in kernel_sources() if not p.is_file()]
+    if missing or not (CSRC / "kernels").is_dir():
+        return (
+            f"the CUDA kernel sources are missing ({missing[0] if missing else CSRC / 'kernels'}) and "
+            "no prebuilt flashsparse._C exists; install from a source checkout "
+            "(pip install -e .) or prebuild with FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e ."
+        )
+    if _find_nvcc() is None:
+        return (
+            "nvcc was not found (set CUDA_HOME or put nvcc on PATH) and no prebuilt flashsparse._C "
+            "exists (FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e . builds one)"
+        )
+    if _find_ninja() is None:
+        return "ninja was not found (pip install ninja); it is needed to JIT-build the CUDA kernels"
+    return None
+
+
+def _available() -> str | None:
+    """Load or JIT-build the extension and self-check it, once per process."""
+    global _loaded, _load_error
+    reason = unavailable_reason()
+    if reason or _loaded:
+        return reason
+    with _lock:
+        if _loaded or _load_error is not None:
+            return _load_error
+        try:
+            _load()
+        except Exception as exc:  # a build error must not take the process down under auto
+            _load_error = (
+                "building or loading the flashsparse CUDA extension failed "
+                f"({type(exc).__name__}): {_tail(str(exc))}"
+            )
+            return _load_error
+        try:
+            _load_error = _run_self_check()
+        except Exception as exc:
+            _load_error = f"the CUDA Tiled-CSL kernel failed to run its self-check ({type(exc).__name__}: {exc})"
+        # flashsparse.backends warns once (auto) or raises (cuda) with this reason.
+        _loaded = _load_error is None
+    return _load_error
+
+
+def _supports(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return f"the CUDA Tiled-CSL kernel runs on CUDA tensors, not {device.type}"
+    if dtype not in KERNEL_DTYPES:
+        return (
+            f"the CUDA Tiled-CSL kernel takes float16 or bfloat16 weights, not {dtype} "
+            "(fp32 Tiled-CSL words are 64-bit; the reference backend runs them)"
+        )
+    if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        return f"the CUDA Tiled-CSL kernel needs compute capability 8.0 or newer; {device} is older"
+    return None
+
+
+def tiled_csl_linear(
+    x2d: torch.Tensor,
+    words: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x2d @ W.T + bias`` for a contiguous ``[N, K]`` x in the weight's dtype (fp16/bf16)."""
+    split_k, tile_n = _plan(
+        x2d.device.index, x2d.dtype == torch.bfloat16, x2d.shape[0], m, k, words.numel()
+    )
+    return torch.ops.flashsparse._tiled_csl_spmm_cuda(
+        x2d, words, tile_offsets, m, k, bias, split_k, tile_n
+    )
+
+
+backends.register_kernel(
+    "tiled_csl", "cuda", tiled_csl_linear, supports=_supports, available=_available
+)

@@ -1,0 +1,168 @@
+"""``flashsparse sparsify MODEL_DIR OUT_DIR``: a local Hugging Face causal-LM directory in, a
+compressed flashsparse model directory out.
+
+The input is a directory as ``save_pretrained`` writes it (``config.json`` plus safetensors or
+PyTorch weights), either dense (pruned or not: ``--sparsity`` prunes it) or a compressed-tensors
+``sparse-bitmask`` checkpoint (converted straight to flashsparse formats, never densified as a
+whole). The output holds ``config.json``, ``flashsparse.safetensors`` and the input's other
+files (tokenizer, generation config). Load it with::
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(OUT_DIR))
+    flashsparse.load_sparse(model, OUT_DIR, device="cuda")
+
+Nothing is downloaded: the directory must be complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HELP = "sparsify a local Hugging Face model directory and save it in compressed form"
+
+_DTYPES = ("auto", "float16", "bfloat16", "float32")
+# Weight files of the input: not copied (the output has its own).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..formats import FORMAT_NAMES
+    from ..prune import METHODS
+
+    parser.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights)")
+    parser.add_argument("out_dir", help="output directory (created if needed)")
+    parser.add_argument(
+        "--sparsity", type=float, default=None,
+        help="prune every projection to this fraction of zeros first, e.g. 0.5 (default: keep "
+        "the checkpoint's zeros, for an already pruned model)",
+    )
+    parser.add_argument("--method", choices=METHODS, default="magnitude", help="pruning method (with --sparsity)")
+    parser.add_argument("--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format")
+    parser.add_argument(
+        "--min-sparsity", type=float, default=0.0,
+        help="leave projections with a smaller fraction of zeros dense (default 0.0: convert all)",
+    )
+    parser.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="where to prune and encode, e.g. cuda (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _fail(message: str) -> int:
+    print(f"flashsparse sparsify: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _dtype_keyword(transformers_version: str) -> str:
+    """``from_pretrained`` takes ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
+    match = re.match(r"(\d+)\.(\d+)", transformers_version)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return "dtype" if version >= (4, 56) else "torch_dtype"
+
+
+def _load_model(model_dir: Path, args: argparse.Namespace):
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..compressed_tensors import compression_config, load_compressed_tensors
+    from ..serialization import empty_weights
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    ct = compression_config(model_dir)
+    if ct is not None and (ct.get("sparsity_config") or {}).get("format") == "sparse-bitmask":
+        if args.sparsity is not None:
+            raise ValueError(
+                "the checkpoint is already sparse (compressed-tensors sparse-bitmask); "
+                "drop --sparsity"
+            )
+        # The output is no longer compressed-tensors: its config must not say so.
+        for key in ("quantization_config", "compression_config"):
+            if hasattr(config, key):
+                delattr(config, key)
+        with empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        load_compressed_tensors(model, model_dir, format=args.format, device=args.device)
+        return model, "compressed-tensors sparse-bitmask"
+    if ct is not None:
+        from ..compressed_tensors import _check_compression_config
+
+        _check_compression_config(ct, str(model_dir))
+    kwargs = {_dtype_keyword(transformers.__version__): "auto", "local_files_only": True}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return model.to(torch.device(args.device)), "dense"
+
+
+def _copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_file() or path.name == "config.json" or path.name.startswith("."):
+            continue
+        if path.suffix in _WEIGHT_SUFFIXES or path.name.endswith(".index.json"):
+            continue
+        shutil.copy2(path, out_dir / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
+    if not (model_dir / "config.json").is_file():
+        return _fail(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
+        return _fail("OUT_DIR must differ from MODEL_DIR")
+    if args.sparsity is not None and not 0.0 <= args.sparsity <= 1.0:
+        return _fail(f"--sparsity must be in [0, 1], got {args.sparsity}")
+    if not 0.0 <= args.min_sparsity <= 1.0:
+        return _fail(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError:
+        return _fail("this command needs transformers: pip install 'flashsparse[hf]'")
+
+    from ..nn import default_skipped_linears, sparsify_, sparsify_summary
+    from ..prune import prune
+    from ..serialization import save_sparse
+
+    start = time.perf_counter()
+    try:
+        model, kind = _load_model(model_dir, args)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    model.eval()
+    if args.dtype != "auto":
+        model.to(getattr(torch, args.dtype))
+    if args.sparsity is not None:
+        skipped = default_skipped_linears(model)
+        with torch.no_grad():
+            for fqn, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and fqn not in skipped:
+                    module.weight.copy_(prune(module.weight, args.sparsity, args.method))
+    sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)
+    summary = sparsify_summary(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = save_sparse(model, out_dir)
+    model.config.save_pretrained(out_dir)
+    copied = _copy_side_files(model_dir, out_dir)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({
+            "input": str(model_dir), "input_kind": kind, "output": str(written),
+            "file_nbytes": written.stat().st_size, "copied": copied, "seconds": elapsed,
+            **summary.as_dict(),
+        }, indent=2))
+        return 0
+    print(f"{model_dir} ({type(model).__name__}, {kind}) -> {written}")
+    print(summary)
+    if summary.sparse_layers and summary.linear_nbytes >= summary.linear_dense_nbytes:
+        print(f"warning: at {summary.sparsity:.1%} sparsity the compressed weights are no smaller "
+              "than dense ones; is the checkpoint pruned? (--sparsity 0.5 prunes it)", file=sys.stderr)
+    print(f"file:            {written.stat().st_size / 2**20:,.2f} MiB; also wrote config.json"
+          + (f" and copied {', '.join(copied)}" if copied else "") + f" ({elapsed:.1f} s)")
+    return 0

@@ -1,0 +1,455 @@
+"""Triton Load-as-Sparse, Compute-as-Dense kernel for the ``bitmap`` format: ``y = x @ W.T + b``.
+
+Each program owns ``BLOCK_M`` weight rows (whole 64-row tiles), ``BLOCK_N`` rows of x and a
+contiguous range of 64-wide k tiles (its split-K slice). Per k tile it
+
+1. loads the tile's 512 mask bytes as ``[BLOCK_M, 8]`` (row ``r``, sub-tile column ``sc``),
+2. turns every mask byte into a 32-bit word of eight nibbles, nibble ``j`` = (bit ``j`` << 3)
+   | (set bits below ``j``), with a few shifts and one multiply (see :func:`_nibble_ranks`),
+   which also yields the byte's popcount,
+3. adds the exclusive prefix sums of those popcounts (along the row, then over the rows of the
+   tile) to the tile's value offset: the packed-value address of each byte's first nonzero,
+4. broadcasts those per-byte words and addresses to ``[BLOCK_M, 64]``: one shift + mask per
+   weight element gives "is nonzero" and its rank inside the byte, and gathers ``values[...]``
+   under that predicate,
+5. multiplies the rebuilt dense ``[BLOCK_M, 64]`` tile with the ``[64, BLOCK_N]`` x tile on
+   the tensor cores (``tl.dot``), accumulating in fp32.
+
+Split-K programs write fp32 partials to a ``[split, N, M]`` workspace; a second kernel sums
+them in a fixed order (deterministic), adds the bias and casts. Without split-K the bias is
+added in the epilogue of the main kernel.
+
+Block sizes and split-K come from :func:`choose_config`, a pure function of
+``(m, k, n, num_sms)`` whose compiled variants depend on N only through its bucket
+(``BLOCK_N``), so a new batch size never triggers a new compile or any autotuning.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 64  # bitmap tile edge (flashsparse.formats.bitmap.TILE)
+MAX_SPLIT_K = 32
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+@triton.jit
+def _nibble_ranks(b):
+    """uint32 mask bytes -> (nibble word, popcount).
+
+    Nibble ``j`` of the word is ``(bit_j << 3) | popcount(b & ((1 << j) - 1))`` (the rank is at
+    most 7, so it fits in three bits); bit 3 of a nibble says "nonzero", the low three bits
+    are its rank inside the byte.
+    """
+    # Spread bit j to bit 4j (a Morton-style spread in three steps).
+    s = (b | (b << 12)) & 0x000F000F
+    s = (s | (s << 6)) & 0x03030303
+    s = (s | (s << 3)) & 0x11111111
+    # Multiplying by 0x11111111 makes nibble j the inclusive prefix count of bits 0..j; it never
+    # exceeds 8, so no nibble carries into the next and the wrap-around drops only nibbles >= 8.
+    inclusive = s * 0x11111111
+    count = (inclusive >> 28).to(tl.int32)
+    return (inclusive << 4) | (s << 3), count
+
+
+@triton.jit(do_not_specialize=["n"])
+def _bitmap_linear_kernel(
+    x_ptr,
+    mask_bytes_ptr,
+    values_ptr,
+    tile_offsets_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    n,
+    m,
+    k,
+    stride_xn,
+    k_tiles,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
+):
+    TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+
+    # Per (row, sub-tile column) quantities: [BLOCK_M, 8].
+    rows = tl.arange(0, BLOCK_M)
+    tile_row = pid_m * TM + rows // 64
+    row_ok = tile_row < tl.cdiv(m, 64)
+    r_in = rows % 64
+    sc = tl.arange(0, 8)
+    # Byte r % 8 of the mask of sub-tile (r // 8, sc), relative to the tile's first mask byte.
+    mask_byte = ((r_in // 8) * 64 + r_in % 8)[:, None] + sc[None, :] * 8
+    nibble_shift = ((tl.arange(0, 64) % 8) * 4).to(tl.uint32)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n
+    offs_k = tl.arange(0, 64)
+    x_rows = x_ptr + offs_n.to(tl.int64)[None, :] * stride_xn  # [1, BLOCK_N]
+
+    kt_begin = pid_s * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    # The mask bytes and value offset of tile kt + 1 are loaded while tile kt is decoded, so
+    # each k step waits for one round trip to memory (values and x) instead of two.
+    t = tile_row.to(tl.int64) * k_tiles + kt_begin  # [BLOCK_M] tile index of each row
+    # (The host never launches an empty split, so tile kt_begin exists. 512 = mask bytes/tile.)
+    next_bytes = tl.load(
+        mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+    )
+    next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in range(kt_begin, kt_end):
+        bytes_ = next_bytes.to(tl.uint32)
+        tile_start = next_start.to(tl.int64) * 8 if OFFSETS_64 else next_start * 8
+        # The last step reloads its own tile rather than predicating on kt (in bounds, and
+        # the interpreter mistypes a scalar-bool & tensor-bool mask).
+        t = tile_row.to(tl.int64) * k_tiles + tl.minimum(kt + 1, kt_end - 1)
+        next_bytes = tl.load(
+            mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+        )
+        next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
+
+        nibbles, count = _nibble_ranks(bytes_)
+        before_in_row = tl.cumsum(count, axis=1) - count
+        row_total = tl.sum(count, axis=1)
+        if TM == 1:
+            before_row = tl.cumsum(row_total, axis=0) - row_total
+        else:
+            per_tile = tl.reshape(row_total, [TM, 64])
+            before_row = tl.reshape(tl.cumsum(per_tile, axis=1) - per_tile, [BLOCK_M])
+        # A nonzero's nibble is 8 + its rank in the byte, hence the -8.
+        first = (tile_start + (before_row - 8))[:, None] + before_in_row  # [BM, 8]
+
+        word = tl.reshape(tl.broadcast_to(nibbles[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
+        first = tl.reshape(tl.broadcast_to(first[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
+        nib = ((word >> nibble_shift[None, :]) & 15).to(tl.int32)
+        w = tl.load(values_ptr + (first + nib), mask=nib >= 8, other=0.0)
+
+        kk = kt * 64 + offs_k
+        xt = tl.load(x_rows + kk[:, None], mask=n_ok[None, :] & (kk < k)[:, None], other=0.0)
+        if UPCAST:
+            # The interpreter's bf16 tl.dot is wrong (DESIGN §2); fp32 operands are exact.
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+
+    offs_m = pid_m * BLOCK_M + rows
+    m_ok = offs_m < m
+    out_offs = offs_n.to(tl.int64)[None, :] * m + offs_m[:, None]  # y is [N, M]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        partial = ws_ptr + pid_s.to(tl.int64) * n * m + out_offs
+        tl.store(partial, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["numel"])
+def _splitk_reduce_kernel(
+    ws_ptr, bias_ptr, out_ptr, numel, m, split, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    partial = ws_ptr + offs
+    acc = tl.load(partial, mask=ok, other=0.0)
+    for _ in range(1, split):  # fixed order: bitwise reproducible
+        partial += numel
+        acc += tl.load(partial, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % m, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Kernels are interpreted when TRITON_INTERPRET=1 was set when this module was imported.
+INTERPRET = type(_bitmap_linear_kernel).__name__ == "InterpretedFunction"
+REDUCE_BLOCK = 1024
+# Value offsets fit int32 below this (32-bit offsets save registers in the decode).
+_INT32_OFFSET_LIMIT = 2**31 - TILE * TILE
+
+
+# --- launch heuristic --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters. ``block_m`` is a multiple of 64 (whole tiles), ``block_n`` a power of
+    two >= 16 (``tl.dot``), ``split_k`` the number of k slices (1 = no workspace)."""
+
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        if self.block_m < 64 or self.block_m % 64 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be 64 times a power of two, got {self.block_m}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def n_bucket(n: int) -> int:
+    """``BLOCK_N`` for ``n`` rows of x: the next power of two in [16, 128]."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return min(128, max(16, 1 << (n - 1).bit_length()))
+
+
+def wave_efficiency(ctas: int, slots: int) -> float:
+    """Fraction of the ``slots`` (concurrent CTAs the GPU holds) busy, averaged over all waves."""
+    waves = -(-ctas // slots)
+    return ctas / (waves * slots)
+
+
+def split_efficiency(base: int, split: int, k_tiles: int, slots: int) -> float:
+    """Useful fraction of the machine when ``base`` CTAs each split k into ``split`` slices.
+
+    The wave efficiency of the ``base * s`` CTAs (``s`` = the slices left once each holds
+    ``ceil(k_tiles / split)`` tiles), times the k balance: the longest slice sets the time.
+    """
+    per = -(-k_tiles // split)
+    slices = -(-k_tiles // per)
+    return wave_efficiency(base * slices, slots) * k_tiles / (slices * per)
+
+
+def _pos_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def choose_config(
+    m: int, k: int, n: int, num_sms: int, *, dtype: torch.dtype = torch.float16
+) -> KernelConfig:
+    """Block sizes and split-K for an ``[n, k] @ [m, k].T`` product on ``num_sms`` SMs.
+
+    * ``block_n`` = :func:`n_bucket` (N only matters through its bucket and through the number
+      of N blocks beyond 128 rows);
+    * ``block_m`` = 64 while memory bound (N <= 32: many small CTAs keep more loads in
+      flight), 128 beyond (each decoded tile feeds twice the tensor-core work);
+    * ``split_k`` = the smallest split whose :func:`split_efficiency` over
+      ``num_sms * ctas_per_sm`` slots is >= 0.8 (else the most efficient one), at most the
+      number of k tiles and :data:`MAX_SPLIT_K`, rounded so that no slice is empty.
+
+    fp32 (the ieee dot) caps ``block_n`` at 64: at 128 it spills registers.
+    """
+    for value, name in ((m, "m"), (k, "k"), (n, "n"), (num_sms, "num_sms")):
+        _pos_int(value, name)
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    return _choose_config(m, k, n, num_sms, dtype == torch.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_config(m: int, k: int, n: int, num_sms: int, fp32: bool) -> KernelConfig:
+    block_n = min(n_bucket(n), 64) if fp32 else n_bucket(n)
+    # (block_m, num_warps, resident CTAs per SM) per bucket. Register counts from ptxas for
+    # sm_90 (triton 3.9, fp16): 16 -> 128 regs (4 CTAs/SM), 32 -> 96 (2 CTAs of 8 warps),
+    # 64 and 128 -> 208 and 255 (1 CTA).
+    block_m, num_warps, ctas_per_sm = {16: (64, 4, 4), 32: (64, 8, 2), 64: (128, 8, 1)}.get(
+        block_n, (128, 8, 1)
+    )
+    num_stages = 2
+    slots = num_sms * ctas_per_sm
+    base = -(-m // block_m) * -(-n // block_n)
+    k_tiles = -(-k // TILE)
+    best, best_eff = 1, split_efficiency(base, 1, k_tiles, slots)
+    for split in range(2, min(k_tiles, MAX_SPLIT_K) + 1):
+        if best_eff >= 0.8:
+            break
+        eff = split_efficiency(base, split, k_tiles, slots)
+        if eff > best_eff + 1e-9:
+            best, best_eff = split, eff
+    per_split = -(-k_tiles // best)
+    return KernelConfig(block_m, block_n, -(-k_tiles // per_split), num_warps, num_stages)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: programs run one after another
+
+
+# --- launch wrapper ----------------------------------------------------------------------------
+def _check(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> None:
+    for name, t in (("x", x), ("masks", masks), ("values", values), ("tile_offsets", tile_offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _pos_int(m, "m")
+    _pos_int(k, "k")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be 2-D [N, {k}], got shape {tuple(x.shape)}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if values.dtype != x.dtype or values.dim() != 1:
+        raise TypeError(f"values must be 1-D {x.dtype} (x's dtype), got {values.dtype} {tuple(values.shape)}")
+    num_tiles = -(-m // TILE) * -(-k // TILE)
+    if masks.dtype != torch.int64 or masks.shape != (num_tiles * 64,):
+        raise ValueError(
+            f"masks must be int64 of shape ({num_tiles * 64},) for a {m}x{k} weight, "
+            f"got {masks.dtype} {tuple(masks.shape)}"
+        )
+    if tile_offsets.dtype != torch.int32 or tile_offsets.shape != (num_tiles + 1,):
+        raise ValueError(
+            f"tile_offsets must be int32 of shape ({num_tiles + 1},), "
+            f"got {tile_offsets.dtype} {tuple(tile_offsets.shape)}"
+        )
+    named = [("masks", masks), ("values", values), ("tile_offsets", tile_offsets)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (m,) or bias.dtype != x.dtype:
+            raise ValueError(f"bias must be {x.dtype} of shape ({m},), got {bias.dtype} {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != (x.shape[0], m) or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous {x.dtype} tensor of shape ({x.shape[0]}, {m}), "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
+        named.append(("out", out))
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def bitmap_linear(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for ``x`` ``[N, K]`` and a bitmap-encoded ``[m, k]`` weight ``W``.
+
+    Returns ``out`` (a new ``[N, m]`` tensor in x's dtype unless one is passed). ``config``
+    overrides :func:`choose_config` (tests force split-K with it).
+    """
+    _check(x, masks, values, tile_offsets, m, k, bias, out)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+    return launch(x, masks, values, tile_offsets, m, k, bias, out=out, config=config)
+
+
+def launch(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    values: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """:func:`bitmap_linear` without the argument checks, for the op's hot path (the op layer
+    has already checked what the kernel relies on)."""
+    n = x.shape[0]
+    if out is None:
+        out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if config is None:
+        config = _choose_config(m, k, n, _num_sms(x.device), x.dtype == torch.float32)
+    k_tiles = -(-k // TILE)
+    per_split = -(-k_tiles // min(config.split_k, k_tiles))
+    split = -(-k_tiles // per_split)
+    ws = torch.empty((split, n, m), dtype=torch.float32, device=x.device) if split > 1 else out
+    grid = (-(-m // config.block_m), -(-n // config.block_n), split)
+    dummy = out  # stands in for absent pointers; never read
+    with _device_guard(x.device):
+        _bitmap_linear_kernel[grid](
+            x,
+            masks.view(torch.uint8),
+            values,
+            tile_offsets,
+            bias if bias is not None else dummy,
+            out,
+            ws,
+            n,
+            m,
+            k,
+            x.stride(0),
+            k_tiles,
+            per_split,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            HAS_BIAS=bias is not None,
+            SPLIT=split > 1,
+            UPCAST=INTERPRET,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            OFFSETS_64=values.numel() >= _INT32_OFFSET_LIMIT,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        if split > 1:
+            numel = n * m
+            _splitk_reduce_kernel[(triton.cdiv(numel, REDUCE_BLOCK),)](
+                ws,
+                bias if bias is not None else dummy,
+                out,
+                numel,
+                m,
+                split,
+                HAS_BIAS=bias is not None,
+                BLOCK=REDUCE_BLOCK,
+                num_warps=4,
+            )
+    return out
+
+
+class _NullGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _device_guard(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _NullGuard()

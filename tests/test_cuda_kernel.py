@@ -1,0 +1,609 @@
+"""The CUDA Tiled-CSL kernel (csrc/): compile checks, a host emulation of its addressing, the
+launch plan, the backend's behaviour without a GPU, and float64-reference checks on a GPU.
+
+Without a GPU:
+* every csrc/kernels/*.cu is compiled with plain nvcc for sm_80 and sm_90a through
+  .ci/compile_kernels.sh (no warnings, zero spill bytes);
+* csrc/kernels/tiled_csl_emulator.cu replays the kernel block by block with the kernel's own
+  index functions (tiled_csl_layout.cuh) and PTX models of ldmatrix/mma, on weights from the
+  real encoder, checking bounds, alignment and shared-memory races on the way;
+* the launch plan (block tile by N, split-K by wave efficiency) and the provider's reasons.
+The ``gpu`` tests run the compiled kernel (FLASHSPARSE_BACKEND=cuda and the internal op).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RTOL, reference_linear, rel_err
+from helpers import random_weight
+
+import flashsparse as fs
+from flashsparse import _cuda, backends
+from flashsparse.formats import TiledCSL
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "csrc" / "kernels"
+NVCC = shutil.which("nvcc")
+CXX = shutil.which("g++") or shutil.which("c++")
+HALF = (torch.float16, torch.bfloat16)
+TILE_NS = (8, 16, 32, 64, 128)
+
+
+# --- (a) plain-nvcc compile of every kernel for sm_80 and sm_90a --------------------------------
+@pytest.fixture(scope="module")
+def compile_report(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH: the CUDA kernel compile check needs the CUDA toolkit")
+    out = tmp_path_factory.mktemp("kernels")
+    proc = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "compile_kernels.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return proc, out
+
+
+def test_kernels_compile_for_sm80_and_sm90a_without_warnings_or_spills(compile_report):
+    proc, out = compile_report
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split("\t") for line in (out / "report.tsv").read_text().splitlines() if line]
+    for arch in ("sm_80", "sm_90a"):
+        kernels = {row[1]: row for row in rows if row[0] == arch}
+        spmm = sorted(name for name in kernels if name.startswith("tiled_csl_spmm_kernel<"))
+        for _, tile_n, tile_m in _cuda.TILE_CONFIGS:
+            for bf16 in ("false", "true"):
+                assert (
+                    sum(
+                        f"TileConfig<{tile_m}, {tile_n}," in s and s.endswith(f"{bf16}>")
+                        for s in spmm
+                    )
+                    == 1
+                )
+        assert len(spmm) == 2 * len(_cuda.TILE_CONFIGS)
+        assert {
+            "tiled_csl_splitk_reduce_kernel<false>",
+            "tiled_csl_splitk_reduce_kernel<true>",
+        } <= set(kernels)
+        for name, (_, _, regs, stores, loads, _) in kernels.items():
+            assert (stores, loads) == ("0", "0"), f"{name} spills on {arch}"
+            assert 0 < int(regs) <= 255, name
+
+
+# --- (b) the host emulator: the kernel's addressing on real encoder output -----------------------
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++) to build the host emulator")
+    exe = tmp_path_factory.mktemp("emulator") / "tiled_csl_emulator"
+    proc = subprocess.run(
+        [
+            CXX,
+            "-std=c++17",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-x",
+            "c++",
+            str(KERNELS / "tiled_csl_emulator.cu"),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def _write_problem(
+    path: Path, words, offsets, x, bias, m, k, *, tile_n=0, split_k=1, misaligned_x=False
+):
+    n = x.shape[0]
+    header = struct.pack(
+        "<11i",
+        0x4C534354,
+        m,
+        k,
+        n,
+        tile_n,
+        split_k,
+        int(misaligned_x),
+        int(x.dtype == torch.bfloat16),
+        int(bias is not None),
+        offsets.numel(),
+        words.numel(),
+    )
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(offsets.to(torch.int32).numpy().tobytes())
+        f.write(words.to(torch.int32).numpy().tobytes())
+        f.write(x.contiguous().view(torch.int16).numpy().tobytes())
+        if bias is not None:
+            f.write(bias.view(torch.int16).numpy().tobytes())
+
+
+def _emulate(exe: Path, tmp_path: Path, w, x, bias=None, **launch) -> torch.Tensor:
+    words, offsets = TiledCSL.encode(w).tensors
+    path = tmp_path / "problem.bin"
+    _write_problem(path, words, offsets, x, bias, *w.shape, **launch)
+    proc = subprocess.run([str(exe), str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    y = torch.frombuffer(
+        bytearray((tmp_path / "problem.bin.out").read_bytes()), dtype=torch.float32
+    )
+    return y.view(x.shape[0], w.shape[0])
+
+
+def _check_exact(y: torch.Tensor, x, w, bias=None) -> None:
+    """fp32 accumulation of 16-bit products: every element within 1e-5 of its magnitude scale."""
+    ref = reference_linear(x, w, bias)
+    scale = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        scale = scale + bias.double().abs()
+    assert torch.isfinite(y).all()
+    bad = (y.double() - ref).abs() > 1e-5 * scale + 1e-30
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} outputs wrong, first at {bad.nonzero()[0].tolist()}"
+    )
+
+
+def _problem(m, k, n, sparsity, kind, dtype, seed):
+    w = random_weight(m, k, sparsity, dtype, kind, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(m, generator=g).to(dtype)
+    return w, x, bias
+
+
+# (m, k, n, sparsity, mask kind, tile_n (0: by N), split_k, misaligned x rows, bias)
+_EMULATED = [
+    (130, 200, 1, 0.5, "dense_tiles", 0, 1, False, True),  # N=1, 100 %-dense tile, half-empty block
+    (130, 200, 7, 0.7, "empty_tiles", 0, 4, False, False),  # split-K: one k tile per split
+    (300, 77, 8, 0.5, "dense_column", 0, 1, False, True),  # k % 8 != 0: scalar x path
+    (257, 136, 16, 0.9, "row_skewed", 0, 3, True, True),  # unaligned x pointer, 3 storage rows
+    (129, 192, 33, 0.0, "uniform", 0, 2, False, False),  # 100 % dense: several chunks per tile
+    (256, 128, 5, 0.0, "uniform", 0, 1, False, True),  # two dense tiles in a 256-row block
+    (64, 72, 64, 1.0, "uniform", 0, 1, False, True),  # all-zero weight: bias only
+    (200, 130, 128, 0.6, "dense_rows", 0, 2, False, True),
+    (70, 64, 300, 0.8, "dense_tiles", 0, 2, False, True),  # N=300, one k tile (split -> 1)
+    (513, 65, 1, 0.95, "uniform", 0, 2, True, False),
+    (1, 1, 1, 0.0, "uniform", 0, 1, False, True),
+    (150, 100, 21, 0.6, "dense_tiles", 8, 2, False, True),  # every tile width on one shape
+    (150, 100, 21, 0.6, "empty_tiles", 16, 1, True, False),
+    (150, 100, 21, 0.6, "dense_column", 32, 2, False, True),
+    (150, 100, 21, 0.6, "row_skewed", 64, 1, True, True),
+    (150, 100, 21, 0.6, "dense_rows", 128, 2, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    ("m", "k", "n", "sparsity", "kind", "tile_n", "split_k", "misaligned", "with_bias"), _EMULATED
+)
+def test_emulated_kernel_matches_float64(
+    emulator, tmp_path, m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype
+):
+    w, x, bias = _problem(m, k, n, sparsity, kind, dtype, seed=m + k + n)
+    bias = bias if with_bias else None
+    y = _emulate(
+        emulator, tmp_path, w, x, bias, tile_n=tile_n, split_k=split_k, misaligned_x=misaligned
+    )
+    _check_exact(y, x, w, bias)
+
+
+def test_emulated_kernel_every_tile_density(emulator, tmp_path):
+    """Storage tiles from 0 % to 100 % dense in one weight, through both block heights."""
+    m, k = 384, 320  # 3 x 5 storage tiles
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(m, k, generator=g)
+    densities = torch.linspace(0, 1, 15).view(3, 5)
+    for i in range(3):
+        for j in range(5):
+            keep = torch.rand(128, 64, generator=g) < densities[i, j]
+            w[i * 128 : (i + 1) * 128, j * 64 : (j + 1) * 64] *= keep
+    w = w.to(torch.bfloat16)
+    x = torch.randn(9, k, generator=g).to(torch.bfloat16)
+    for tile_n, split_k in ((16, 1), (64, 2)):
+        _check_exact(_emulate(emulator, tmp_path, w, x, tile_n=tile_n, split_k=split_k), x, w)
+
+
+def test_emulated_kernel_random_shapes(emulator, tmp_path):
+    rng = random.Random(1234)
+    for case in range(6):
+        m, k, n = rng.randint(1, 300), rng.randint(1, 260), rng.randint(1, 140)
+        w, x, bias = _problem(
+            m,
+            k,
+            n,
+            rng.choice([0.0, 0.5, 0.9, 1.0]),
+            rng.choice(["uniform", "dense_tiles", "empty_tiles"]),
+            torch.float16,
+            seed=case,
+        )
+        y = _emulate(
+            emulator,
+            tmp_path,
+            w,
+            x,
+            bias,
+            tile_n=rng.choice((0, *TILE_NS)),
+            split_k=rng.randint(1, 5),
+            misaligned_x=rng.random() < 0.5,
+        )
+        _check_exact(y, x, w, bias)
+
+
+def test_emulator_catches_reads_past_the_words(emulator, tmp_path):
+    """The bounds checks are live: offsets claiming more words than exist are reported."""
+    w, x, _ = _problem(130, 70, 3, 0.5, "uniform", torch.float16, seed=3)
+    words, offsets = TiledCSL.encode(w).tensors
+    bad = offsets.clone()
+    bad[-2:] += 1  # the last tile claims one more vector than the words hold
+    path = tmp_path / "bad.bin"
+    _write_problem(path, words, bad, x, None, 130, 70)
+    proc = subprocess.run([str(emulator), str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "words read" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "split"),
+    [
+        (1, 64, 1),
+        (8, 200, 4),
+        (9, 4096, 14),
+        (33, 4096, 100),
+        (64, 77, 2),
+        (65, 10**5, 70000),
+        (300, 1, 3),
+    ],
+)
+def test_python_plan_mirrors_the_cuda_layout(emulator, n, k, split):
+    out = subprocess.run(
+        [str(emulator), "--plan", str(n), str(k), str(split)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tile_n, tile_m, eff = map(int, out.stdout.split())
+    assert _cuda.tile_config(n) == (tile_m, tile_n)
+    assert _cuda.effective_split(-(-k // 64), split) == eff
+
+
+# --- (c) the launch plan -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (1, (256, 8)),
+        (8, (256, 8)),
+        (9, (256, 16)),
+        (16, (256, 16)),
+        (17, (256, 32)),
+        (32, (256, 32)),
+        (33, (128, 64)),
+        (64, (128, 64)),
+        (65, (128, 128)),
+        (300, (128, 128)),
+        (10**7, (128, 128)),
+    ],
+)
+def test_tile_config_by_n(n, expected):
+    assert _cuda.tile_config(n) == expected
+
+
+def test_tile_config_rejects_n_below_one():
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        _cuda.tile_config(0)
+
+
+def test_effective_split_never_leaves_a_split_empty():
+    for k_tiles in range(1, 70):
+        for split in range(1, 80):
+            eff = _cuda.effective_split(k_tiles, split)
+            per = -(-k_tiles // eff)
+            assert 1 <= eff <= min(split, k_tiles)
+            assert (eff - 1) * per < k_tiles <= eff * per  # the last split owns >= 1 k tile
+            assert _cuda.effective_split(k_tiles, eff) == eff  # what the op receives is stable
+
+
+def test_wave_efficiency():
+    assert _cuda.wave_efficiency(264, 264) == 1.0
+    assert _cuda.wave_efficiency(265, 264) == pytest.approx(265 / 528)
+    assert _cuda.wave_efficiency(1, 132) == pytest.approx(1 / 132)
+    with pytest.raises(ValueError):
+        _cuda.wave_efficiency(0, 132)
+
+
+def test_split_k_examples():
+    # Enough blocks already: no split.
+    assert _cuda.choose_split_k(blocks=448, k_tiles=64, slots=264) == 1
+    # 16 blocks on 264 slots: split 13 reaches 0.79, split 16 (4 k tiles each) 0.97.
+    assert _cuda.choose_split_k(blocks=16, k_tiles=64, slots=264) == 16
+    # One block, three k tiles: as many splits as k tiles.
+    assert _cuda.choose_split_k(blocks=1, k_tiles=3, slots=264) == 3
+    # Tail effect: 300 blocks on 264 slots (0.57) -> 3 splits (0.85).
+    assert _cuda.choose_split_k(blocks=300, k_tiles=144, slots=264) == 3
+    # ... unless the fp32 workspace traffic would exceed a quarter of the weight's bytes.
+    assert (
+        _cuda.choose_split_k(
+            blocks=300,
+            k_tiles=144,
+            slots=264,
+            workspace_bytes_per_split=8 * 128 * 38400,
+            weight_bytes=4 * 38400 * 9216 // 5,
+        )
+        == 1
+    )
+
+
+def test_split_k_is_the_smallest_efficient_effective_split():
+    rng = random.Random(0)
+    for _ in range(300):
+        blocks, k_tiles, slots = (
+            rng.randint(1, 600),
+            rng.randint(1, 200),
+            rng.choice([108, 132, 216, 264, 396]),
+        )
+        split = _cuda.choose_split_k(blocks, k_tiles, slots)
+        candidates = sorted({_cuda.effective_split(k_tiles, s) for s in range(1, k_tiles + 1)})
+        assert split in candidates
+        effs = {s: _cuda.wave_efficiency(blocks * s, slots) for s in candidates}
+        good = [s for s in candidates if effs[s] >= _cuda.WAVE_TARGET]
+        if good:
+            assert split == good[0]
+        else:
+            assert effs[split] == max(effs.values())
+
+
+# --- (d) the provider on this machine -----------------------------------------------------------
+def test_kernel_sources_are_the_extension_translation_units():
+    names = [p.name for p in _cuda.kernel_sources()]
+    assert names[0] == "bindings.cpp"
+    assert {"tiled_csl_f16.cu", "tiled_csl_bf16.cu", "tiled_csl_api.cu"} <= set(names)
+    assert not any(name.endswith("_emulator.cu") for name in names)
+    assert all(p.is_file() for p in _cuda.kernel_sources())
+
+
+def test_gencode_flags():
+    assert _cuda.gencode_flags("8.0;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    assert _cuda.gencode_flags("8.6+PTX") == [
+        "-gencode=arch=compute_86,code=sm_86",
+        "-gencode=arch=compute_86,code=compute_86",
+    ]
+    with pytest.raises(ValueError, match=r"compute capability >= 8.0"):
+        _cuda.gencode_flags("7.5")
+    with pytest.raises(ValueError, match="must look like"):
+        _cuda.gencode_flags("sm_80")
+    with pytest.raises(ValueError, match="empty"):
+        _cuda.gencode_flags(" ; ")
+
+
+def test_supports_refuses_fp32_and_cpu_tensors():
+    assert "float16 or bfloat16" in _cuda._supports(torch.device("cuda", 0), torch.float32)
+    assert "CUDA tensors" in _cuda._supports(torch.device("cpu"), torch.float16)
+
+
+def test_forced_cuda_backend_on_cpu_tensors_raises_a_clear_error(backend):
+    backend("cuda")
+    w = random_weight(70, 40, 0.5, torch.float16)
+    sw = fs.encode(w, "tiled_csl")
+    with pytest.raises(
+        backends.BackendUnavailableError, match=r"FLASHSPARSE_BACKEND=cuda .*runs on CUDA tensors"
+    ):
+        fs.linear(torch.randn(3, 40, dtype=torch.float16), sw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given without a GPU")
+def test_unavailable_reason_without_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHSPARSE_CACHE_DIR", str(tmp_path))
+    reason = _cuda.unavailable_reason()
+    if torch.version.cuda is None:
+        assert reason.startswith("torch is a CPU-only build")
+    else:
+        assert reason.startswith("no CUDA device")
+    assert _cuda._available() == reason  # nothing is built ...
+    assert not any(tmp_path.iterdir())  # ... and nothing is written to the cache
+    assert backends.backend_report()["cuda"] == reason
+    assert "cuda" not in fs.available_backends()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error of a CPU-only torch")
+def test_setup_py_refuses_a_cpu_only_torch_clearly():
+    env = {**os.environ, "FLASHSPARSE_CUDA": "1"}
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "CPU-only build" in proc.stderr
+
+
+# --- (e) on a GPU -------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+_N_VALUES = (1, 7, 8, 16, 33, 64, 128, 300)
+
+
+def _gpu_problem(m, k, n, sparsity, kind, dtype, seed=0, bias=True):
+    w = random_weight(m, k, sparsity, dtype, kind, seed=seed, device="cuda")
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, k, generator=g).to(device="cuda", dtype=dtype)
+    b = torch.randn(m, generator=g).to(device="cuda", dtype=dtype) if bias else None
+    return w, x, b
+
+
+def _assert_close(y, x, w, b=None):
+    ref = reference_linear(x, w, b)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
+    assert not torch.isnan(y).any()
+    assert rel_err(y, ref) < RTOL[x.dtype]
+
+
+@gpu
+def test_gpu_backend_is_available_and_self_checked():
+    assert _cuda._available() is None
+    assert "cuda" in fs.available_backends()
+    for tile_n in TILE_NS:
+        for bf16 in (False, True):
+            assert torch.ops.flashsparse._tiled_csl_cuda_occupancy(tile_n, bf16) >= 1
+
+
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("n", _N_VALUES)
+@pytest.mark.parametrize(("m", "k"), [(300, 200), (257, 77)])  # aligned / unaligned x rows
+@pytest.mark.parametrize("kind", ["dense_tiles", "empty_tiles", "dense_column"])
+def test_gpu_flashsparse_linear_matches_float64(backend, kind, m, k, n, dtype):
+    backend("cuda")
+    w, x, b = _gpu_problem(m, k, n, 0.7, kind, dtype, seed=n)
+    _assert_close(fs.linear(x, fs.encode(w, "tiled_csl"), b), x, w, b)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("tile_n", TILE_NS)
+@pytest.mark.parametrize("split_k", [1, 2, 3, 7, 1000])
+def test_gpu_forced_tile_and_split_are_correct_and_deterministic(tile_n, split_k, dtype):
+    m, k, n = 333, 1000, 45
+    w, x, b = _gpu_problem(m, k, n, 0.8, "row_skewed", dtype, seed=tile_n + split_k)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    y = op(x, words, offsets, m, k, b, split_k, tile_n)
+    _assert_close(y, x, w, b)
+    assert torch.equal(y, op(x, words, offsets, m, k, b, split_k, tile_n))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_gpu_every_tile_density(dtype):
+    m, k = 640, 448  # 5 x 7 storage tiles, densities 0 .. 100 %
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(m, k, generator=g)
+    densities = torch.linspace(0, 1, 35).view(5, 7)
+    for i in range(5):
+        for j in range(7):
+            w[i * 128 : (i + 1) * 128, j * 64 : (j + 1) * 64] *= (
+                torch.rand(128, 64, generator=g) < densities[i, j]
+            )
+    w = w.to(device="cuda", dtype=dtype)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    for n in (1, 16, 100):
+        x = torch.randn(n, k, generator=g).to(device="cuda", dtype=dtype)
+        for tile_n in TILE_NS:
+            for split in (1, 3):
+                y = torch.ops.flashsparse._tiled_csl_spmm_cuda(
+                    x, words, offsets, m, k, None, split, tile_n
+                )
+                _assert_close(y, x, w)
+
+
+@gpu
+def test_gpu_unaligned_x_pointer():
+    m, k, n = 200, 96, 5  # k % 8 == 0, but x starts 2 bytes into its storage
+    w, _, b = _gpu_problem(m, k, n, 0.5, "dense_tiles", torch.float16)
+    x = torch.randn(n * k + 1, device="cuda", dtype=torch.float16)[1:].view(n, k)
+    assert x.data_ptr() % 16 != 0
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    y = torch.ops.flashsparse._tiled_csl_spmm_cuda(x, words, offsets, m, k, b, 2, 0)
+    _assert_close(y, x, w, b)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 16])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_gpu_llama_shape_uses_split_k(backend, n, dtype):
+    backend("cuda")
+    m = k = 4096
+    w, x, b = _gpu_problem(m, k, n, 0.7, "row_skewed", dtype)
+    sw = fs.encode(w, "tiled_csl")
+    split, tile_n = _cuda._plan(
+        torch.cuda.current_device(), dtype == torch.bfloat16, n, m, k, sw.tensors[0].numel()
+    )
+    assert split > 1 and tile_n == _cuda.tile_config(n)[1]
+    _assert_close(fs.linear(x, sw, b), x, w, b)
+
+
+@gpu
+def test_gpu_nan_and_inf_propagate_like_f_linear(backend):
+    backend("cuda")
+    w, x, _ = _gpu_problem(150, 100, 6, 0.5, "uniform", torch.float16, bias=False)
+    w[3, 10] = float("nan")
+    x[2, 50] = float("inf")
+    y = fs.linear(x, fs.encode(w, "tiled_csl"))
+    ref = F.linear(x.float(), w.float())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+
+
+@gpu
+def test_gpu_three_d_and_strided_x(backend):
+    backend("cuda")
+    w, _, b = _gpu_problem(130, 72, 1, 0.6, "dense_rows", torch.bfloat16)
+    x = torch.randn(2, 5, 144, device="cuda", dtype=torch.bfloat16)[..., ::2]
+    y = fs.linear(x, fs.encode(w, "tiled_csl"), b)
+    assert y.shape == (2, 5, 130)
+    _assert_close(y.reshape(10, 130), x.reshape(10, 72), w, b)
+
+
+@gpu
+def test_gpu_opcheck():
+    w, x, b = _gpu_problem(130, 200, 3, 0.6, "dense_tiles", torch.float16)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    torch.library.opcheck(
+        torch.ops.flashsparse._tiled_csl_spmm_cuda.default, (x, words, offsets, 130, 200, b, 2, 0)
+    )
+
+
+@gpu
+def test_gpu_cuda_graph_capture_with_split_k(backend):
+    backend("cuda")
+    m, k, n = 1024, 4096, 1
+    w, x, b = _gpu_problem(m, k, n, 0.8, "uniform", torch.float16)
+    sw = fs.encode(w, "tiled_csl")
+    assert _cuda._plan(torch.cuda.current_device(), False, n, m, k, sw.tensors[0].numel())[0] > 1
+    static_x = x.clone()
+    fs.linear(static_x, sw, b)  # warm-up outside the capture (build, self-check, attributes)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = fs.linear(static_x, sw, b)
+    for seed in range(3):
+        static_x.copy_(
+            torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(
+                "cuda", torch.float16
+            )
+        )
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(static_y, static_x, w, b)
+
+
+@gpu
+def test_gpu_torch_compile_fullgraph(backend):
+    backend("cuda")
+    torch._dynamo.reset()
+    w1 = random_weight(256, 192, 0.7, torch.bfloat16, device="cuda")
+    w2 = random_weight(64, 256, 0.7, torch.bfloat16, "dense_tiles", device="cuda")
+    b2 = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    model = torch.nn.Sequential(
+        fs.SparseLinear.from_dense(w1, format="tiled_csl"),
+        torch.nn.GELU(),
+        fs.SparseLinear.from_dense(w2, b2, format="tiled_csl"),
+    )
+    x = torch.randn(3, 7, 192, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(F.gelu(F.linear(x.float(), w1.float())), w2.float(), b2.float())
+    y = torch.compile(model, fullgraph=True)(x)
+    assert y.shape == (3, 7, 64) and y.dtype == torch.bfloat16
+    assert rel_err(y, ref) < RTOL[torch.bfloat16]
