@@ -1,6 +1,6 @@
 """Pure-Python install by default; FLASHSPARSE_CUDA=1 (with --no-build-isolation) also builds
 the CUDA extension ``flashsparse._C`` from csrc/. Without it, the first CUDA call JIT-builds the
-same sources (flashsparse/_cuda.py).
+same sources (flashsparse/kernels/build.py).
 
     FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .
     FLASHSPARSE_CUDA=1 FLASHSPARSE_CUDA_ARCH_LIST="8.0;8.6;9.0a" pip install --no-build-isolation -e .
@@ -24,7 +24,7 @@ def _fail(message: str) -> None:
 
 
 def _gencode_flags(arch_list: str) -> list:
-    # Same rules as flashsparse._cuda.gencode_flags (setup.py cannot import the package: it
+    # Same rules as flashsparse.kernels.build.gencode_flags (setup.py cannot import the package: it
     # imports torch at the top level, and a build must not need the package installed).
     flags = []
     for arch in arch_list.replace(",", ";").replace(" ", ";").split(";"):
@@ -71,11 +71,12 @@ def _cuda_extension() -> dict:
         or os.environ.get("TORCH_CUDA_ARCH_LIST")
         or DEFAULT_ARCH_LIST
     )
+    # The same list as flashsparse.kernels.build.Extension.sources for device "cuda".
+    glue = sorted((ROOT / "csrc" / "bindings").glob("*_cuda.cpp"))
     kernels = sorted(
-        p for p in (ROOT / "csrc" / "kernels").glob("*.cu") if not p.name.endswith("_emulator.cu")
+        p for p in (ROOT / "csrc" / "kernels").glob("*.cu") if not p.stem.endswith("_emulator")
     )
-    sources = [str((ROOT / "csrc" / "bindings.cpp").relative_to(ROOT))]
-    sources += [str(p.relative_to(ROOT)) for p in kernels]
+    sources = [str(p.relative_to(ROOT)) for p in [*glue, *kernels]]
     extension = cpp_extension.CUDAExtension(
         name="flashsparse._C",
         sources=sources,

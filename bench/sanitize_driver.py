@@ -25,7 +25,7 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 import torch
 
 import flashsparse as fs
-from flashsparse import _cuda
+from flashsparse.kernels import cuda as _cuda
 
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

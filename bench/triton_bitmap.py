@@ -79,9 +79,8 @@ def _sweep_configs(n: int):
 
 def run(args: argparse.Namespace) -> dict:
     import triton.testing
-    from triton.testing import do_bench
-
     from flashsparse.triton.bitmap_spmm import _num_sms, bitmap_linear, choose_config
+    from triton.testing import do_bench
 
     dtype = DTYPES[args.dtype]
     device = torch.device("cuda")

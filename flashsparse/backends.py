@@ -28,7 +28,7 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 ENV_VAR = "FLASHSPARSE_BACKEND"
 
 # Modules that register the kernels of a backend when imported.
-_PROVIDERS = {"triton": "flashsparse.triton", "cuda": "flashsparse._cuda"}
+_PROVIDERS = {"triton": "flashsparse.kernels.triton", "cuda": "flashsparse.kernels.cuda"}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -122,9 +122,9 @@ def bitmask_to_bitmap(
     mt, kt = -(-m // 64), -(-k // 64)
     padded = torch.zeros(mt * 64, kt * 8, dtype=torch.uint8, device=device)
     padded[:m, : bitmask.shape[1]] = bitmask.to(device)
-    # Row r, byte j of the padded bitmask = in-tile row r % 64 of tile (r // 64, j // 8),
-    # sub-tile column j % 8: permute to [tile, sub-row, sub-col, row-in-sub-tile] bytes.
-    masks = padded.view(mt, 8, 8, kt, 8).permute(0, 3, 1, 4, 2).contiguous().view(torch.int64).reshape(-1)
+    # Row r, byte j of the padded bitmask = byte j % 8 of the row mask of in-tile row r % 64 of
+    # tile (r // 64, j // 8): permute to [tile row, tile col, row, byte].
+    masks = padded.view(mt, 64, kt, 8).permute(0, 2, 1, 3).contiguous().view(torch.int64).reshape(-1)
     # Nonzeros per (row, tile column): a "segment"; compressed holds segments row-major.
     seg = torch.zeros(mt * 64, kt * 8, dtype=torch.int64, device=device)
     seg[:m, : bitmask.shape[1]] = popcounts.to(device)

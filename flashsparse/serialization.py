@@ -45,7 +45,8 @@ from .formats import FORMATS
 from .nn import SparseLinear
 
 FORMAT_NAME = "flashsparse"
-FORMAT_VERSION = 1
+# 2: bitmap masks are one 64-bit word per tile row (1: one per 8x8 sub-tile; converted on load).
+FORMAT_VERSION = 2
 FILE_NAME = "flashsparse.safetensors"
 
 _DTYPES = {
@@ -558,6 +559,7 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
                 if tensor is None:
                     raise ValueError(f"{path} is corrupt: sparse layer {fqn} has no {c!r} tensor")
                 components[c] = tensor
+            components = cls.upgrade(components, version)
             sw = cls(components, shape, dtype, nnz)
             try:
                 sw.validate()

@@ -108,7 +108,7 @@ def test_bitmap_worked_example():
     sw = fs.encode(w, "bitmap")
     masks = sw.state()["masks"]
     assert masks.shape == (64,)
-    assert masks[0] == (1 << 1) | (1 << 10) and not masks[1:].any()
+    assert masks[0] == 1 << 1 and masks[1] == 1 << 2 and not masks[2:].any()
     assert sw.state()["values"].tolist() == [1.5, -2, 0, 0, 0, 0, 0, 0]
     assert sw.state()["tile_offsets"].tolist() == [0, 1]
 
@@ -129,10 +129,23 @@ def test_bitmap_layout_invariants():
         assert run.numel() == nonzero.numel() + (-nonzero.numel()) % 8
         assert torch.equal(run[: nonzero.numel()], nonzero)
         assert not run[nonzero.numel() :].any()
-    # Byte r % 8 of sub-tile (r // 8, c // 8) holds row r's bits (the layout kernels rely on).
-    r, c = 13, 42
-    byte = masks.view(torch.uint8)[((r // 8) * 8 + c // 8) * 8 + r % 8]
-    assert bool((int(byte) >> (c % 8)) & 1) == bool(padded[r, c] != 0)
+    # Row r of tile t is mask word t * 64 + r, bit c (the layout every kernel relies on).
+    for r, c in ((13, 42), (0, 0), (63, 63), (149, 139)):
+        t = (r // 64) * kt + c // 64
+        word = int(masks[t * 64 + r % 64]) & (2**64 - 1)
+        assert bool((word >> (c % 64)) & 1) == bool(padded[r, c] != 0)
+
+
+def test_bitmap_masks_from_layout_1():
+    from flashsparse.formats.bitmap import masks_from_v1
+
+    w = random_weight(130, 70, 0.5, torch.float16, "row_skewed", seed=9)
+    masks = fs.encode(w, "bitmap").state()["masks"]
+    # Layout 1: one uint64 per 8x8 sub-tile, byte r % 8 = row r's bits of that sub-tile.
+    by = masks.view(torch.uint8).view(-1, 8, 8, 8)  # [T, sub-row, row-in-sub, sub-col]
+    v1 = by.permute(0, 1, 3, 2).contiguous().view(torch.int64).reshape(-1)
+    assert not torch.equal(v1, masks)
+    assert torch.equal(masks_from_v1(v1), masks)
 
 
 def test_auto_picks_the_smaller_format():

@@ -226,12 +226,42 @@ def test_other_architecture_is_refused(saved, tmp_path, materialised):
 
 
 def test_newer_format_version_is_refused(saved, tmp_path):
-    newer = rewrite(saved, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
+    newer_version = FORMAT_VERSION + 1
+    newer = rewrite(
+        saved, tmp_path / "newer.safetensors", edit_meta=lambda m: m.update(format_version=str(newer_version))
+    )
     target = tiny_llama()
     before = snapshot(target)
-    with pytest.raises(ValueError, match=r"format version 2 .* reads versions up to 1: upgrade flashsparse"):
+    with pytest.raises(
+        ValueError,
+        match=rf"format version {newer_version} .* reads versions up to {FORMAT_VERSION}: upgrade flashsparse",
+    ):
         fs.load_sparse(target, newer)
     assert_untouched(target, before)
+
+
+def test_version_1_bitmap_file_is_converted_on_load(tmp_path):
+    """Files written before the row-mask layout (format version 1: one mask per 8x8 sub-tile)
+    load into today's layout with the same weights."""
+    torch.manual_seed(3)
+    dense = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9))
+    for layer in (dense[0], dense[2]):
+        layer.weight.data = fs.prune(layer.weight.data, 0.6)
+    model = fs.sparsify_(dense, format="bitmap")
+    path = fs.save_sparse(model, tmp_path / "v2.safetensors")
+
+    def to_v1(tensors):
+        for name, t in tensors.items():
+            if name.endswith(".masks"):  # row masks -> [tile, sub-row, sub-col, row-in-sub] bytes
+                by = t.view(torch.uint8).view(-1, 8, 8, 8)
+                tensors[name] = by.permute(0, 1, 3, 2).contiguous().view(torch.int64).reshape(-1)
+
+    old = rewrite(path, tmp_path / "v1.safetensors", edit_tensors=to_v1, edit_meta=lambda m: m.update(format_version="1"))
+    target = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9))
+    fs.load_sparse(target, old)
+    x = torch.randn(5, 70)
+    assert torch.equal(target(x), model(x))
+    assert torch.equal(target[0].weight.to_dense(), model[0].weight.to_dense())
 
 
 @pytest.mark.parametrize("cut", [1, 1000, "header"])

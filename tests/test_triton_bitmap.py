@@ -19,8 +19,8 @@ from helpers import MASK_KINDS, random_weight
 import flashsparse as fs
 from flashsparse import backends
 
-tri = pytest.importorskip("flashsparse.triton", reason="triton is not installed")
-from flashsparse.triton import bitmap_spmm as bs  # noqa: E402
+tri = pytest.importorskip("flashsparse.kernels.triton", reason="triton is not installed")
+from flashsparse.kernels.triton import bitmap_spmm as bs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = (torch.float16, torch.bfloat16)
@@ -426,7 +426,7 @@ import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flashsparse.triton import bitmap_spmm as bs
+from flashsparse.kernels.triton import bitmap_spmm as bs
 assert not bs.INTERPRET
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 consts = ("BLOCK_M", "BLOCK_N", "HAS_BIAS", "SPLIT", "UPCAST", "DOT_PRECISION", "OFFSETS_64")

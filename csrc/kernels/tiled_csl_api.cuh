@@ -1,6 +1,6 @@
 // Host API of the Tiled-CSL SpMM kernels: raw pointers, sizes and a stream; no torch.
 //
-// Host-safe (plain C++ plus cuda_runtime_api.h), so csrc/bindings.cpp can include it without
+// Host-safe (plain C++ plus cuda_runtime_api.h), so csrc/bindings/tiled_csl_cuda.cpp can include it without
 // nvcc. Computes y[N, M] = x[N, K] @ W[M, K]^T (+ bias) for a Tiled-CSL weight W
 // (flashsparse/formats/tiled_csl.py) with 16-bit values, on sm_80 or newer.
 #pragma once

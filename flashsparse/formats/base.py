@@ -90,6 +90,11 @@ class SparseWeight:
     def _count_nnz(self) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def upgrade(cls, tensors: dict[str, torch.Tensor], file_version: int) -> dict[str, torch.Tensor]:
+        """Components as written by flashsparse file format ``file_version``, in today's layout."""
+        return tensors
+
     def validate(self) -> None:
         """Raise ``ValueError`` if the component tensors do not form a valid weight."""
         raise NotImplementedError

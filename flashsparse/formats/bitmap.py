@@ -1,15 +1,15 @@
-"""Bitmap format (SpInfer-style): one 64-bit mask per 8x8 sub-tile plus packed values.
+"""Bitmap format (SpInfer-style): one 64-bit mask per row of a 64x64 tile plus packed values.
 
 Layout (for an ``[M, K]`` weight, ``M`` = out_features):
 
 * The weight is zero-padded to whole ``64 x 64`` tiles, numbered row-major over the tile grid:
   ``t = (row // 64) * ceil(K / 64) + col // 64``.
-* ``masks``: int64 (read as uint64), shape ``[#tiles * 64]``. Tile ``t`` owns
-  ``masks[t * 64 : (t + 1) * 64]``, one per 8x8 sub-tile, sub-tiles row-major
-  (``s = (r // 8) * 8 + c // 8`` for in-tile row ``r`` and column ``c``). Bit
-  ``(r % 8) * 8 + c % 8`` (LSB first) is set where the weight is nonzero (NaN counts as
-  nonzero, -0.0 as zero). Read as little-endian bytes, byte ``r % 8`` of a mask is row ``r``'s
-  eight bits of that sub-tile, so a kernel can fetch one tile row as 8 bytes at stride 8.
+* ``masks``: int64 (read as uint64), shape ``[#tiles * 64]``, one per tile row: tile ``t``
+  owns ``masks[t * 64 : (t + 1) * 64]`` and ``masks[t * 64 + r]`` is in-tile row ``r``. Bit
+  ``c`` (LSB first) is set where the weight at in-tile column ``c`` is nonzero (NaN counts as
+  nonzero, -0.0 as zero). Read as little-endian bytes, byte ``j`` of a row mask covers columns
+  ``8j .. 8j + 7``. (Layout version 2; version 1 stored one mask per 8x8 sub-tile, see
+  :func:`masks_from_v1`.)
 * ``values``: the nonzeros of tile ``t`` in row-major order of their in-tile position
   (row by row, left to right), in the weight's dtype, starting at ``tile_offsets[t] * 8``;
   each tile's run is zero-padded to a multiple of 8 values (16-byte aligned for 16-bit values).
@@ -17,13 +17,14 @@ Layout (for an ``[M, K]`` weight, ``M`` = out_features):
   ``[tile_offsets[t], tile_offsets[t + 1])``.
 
 Decoding: a nonzero at in-tile ``(r, c)`` is ``values[tile_offsets[t] * 8 + rank]`` where
-``rank`` = (set bits in rows ``< r`` of the tile) + (set bits of row ``r`` left of ``c``): an
-exclusive prefix sum of the expanded mask bits, row-wise and then over the row totals.
+``rank`` = popcount(masks of rows ``< r`` of the tile) + popcount(row ``r``'s mask below bit
+``c``). Every kernel reads the same layout: a row's mask is one 64-bit word, so a CPU expands
+32 weights from one 32-bit half, and a GPU thread that owns four adjacent columns of a row
+reads one nibble.
 
-Worked example: the 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile whose only
-non-empty sub-tile is ``s = 0`` with bits 1 (row 0, col 1) and 10 (row 1, col 2):
-``masks = [0b100_0000_0010, 0, ..., 0]`` (64 entries), ``values = [1.5, -2, 0, 0, 0, 0, 0, 0]``,
-``tile_offsets = [0, 1]``.
+Worked example: the 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile with
+``masks = [0b010, 0b100, 0, ..., 0]`` (64 entries: row 0 has column 1, row 1 has column 2),
+``values = [1.5, -2, 0, 0, 0, 0, 0, 0]``, ``tile_offsets = [0, 1]``.
 
 Bytes per element at sparsity ``s``: ``2 (1 - s) + 1/8`` for 16-bit values, plus 4 bytes per
 tile and the padding.
@@ -40,26 +41,30 @@ SUB = 8
 ALIGN = 8  # values per alignment unit of tile_offsets
 
 
-def _bits_to_subtile_order(bits: torch.Tensor) -> torch.Tensor:
-    """``[T, 64*64]`` row-major tiles -> ``[T, 64 sub-tiles, 8 rows, 8 cols]``."""
-    t = bits.shape[0]
-    return bits.view(t, SUB, SUB, SUB, SUB).transpose(2, 3)
+LAYOUT_VERSION = 2
 
 
 def pack_masks(nonzero: torch.Tensor) -> torch.Tensor:
-    """``[T, 4096]`` bool (row-major tiles) -> ``[T * 64]`` int64 masks."""
-    sub = _bits_to_subtile_order(nonzero).to(torch.uint8)  # [T, sr, sc, rr, cc]
+    """``[T, 4096]`` bool (row-major tiles) -> ``[T * 64]`` int64 row masks."""
+    bits = nonzero.view(-1, TILE * TILE // SUB, SUB).to(torch.uint8)  # [T, 64 rows * 8 bytes, 8]
     weights = torch.tensor([1 << i for i in range(SUB)], dtype=torch.uint8, device=nonzero.device)
-    row_bytes = (sub * weights).sum(-1, dtype=torch.uint8)  # [T, sr, sc, rr]
+    row_bytes = (bits * weights).sum(-1, dtype=torch.uint8)  # [T, 512] little-endian row words
     return row_bytes.contiguous().view(torch.int64).reshape(-1)
 
 
 def unpack_masks(masks: torch.Tensor, num_tiles: int) -> torch.Tensor:
     """Inverse of :func:`pack_masks`: ``[T, 4096]`` bool, row-major tiles."""
-    row_bytes = masks.view(torch.uint8).view(num_tiles, SUB, SUB, SUB)  # [T, sr, sc, rr]
+    row_bytes = masks.contiguous().view(torch.uint8).view(num_tiles, TILE * TILE // SUB)
     shifts = torch.arange(SUB, dtype=torch.uint8, device=masks.device)
-    sub = (row_bytes.unsqueeze(-1) >> shifts) & 1  # [T, sr, sc, rr, cc]
-    return sub.transpose(2, 3).reshape(num_tiles, TILE * TILE).bool()
+    return ((row_bytes.unsqueeze(-1) >> shifts) & 1).view(num_tiles, TILE * TILE).bool()
+
+
+def masks_from_v1(masks: torch.Tensor) -> torch.Tensor:
+    """Layout-1 masks (one uint64 per 8x8 sub-tile, byte ``r % 8`` = that row's eight bits) as
+    layout-2 row masks; values and offsets are the same in both layouts."""
+    t = masks.numel() // (SUB * SUB)
+    by = masks.contiguous().view(torch.uint8).view(t, SUB, SUB, SUB)  # [T, sub-row, sub-col, row]
+    return by.permute(0, 1, 3, 2).contiguous().view(torch.int64).reshape(-1)
 
 
 class Bitmap(SparseWeight):
@@ -115,6 +120,12 @@ class Bitmap(SparseWeight):
         tiles = torch.zeros(num_tiles, TILE * TILE, dtype=dtype, device=masks.device)
         tiles[nonzero] = values[stored]
         return unpad_tiles(tiles, m, k, TILE, TILE)
+
+    @classmethod
+    def upgrade(cls, tensors: dict[str, torch.Tensor], file_version: int) -> dict[str, torch.Tensor]:
+        if file_version < 2 and tensors["masks"].numel() % (SUB * SUB) == 0:
+            tensors = {**tensors, "masks": masks_from_v1(tensors["masks"])}
+        return tensors
 
     def _count_nnz(self) -> int:
         m, k = self.shape

@@ -4,7 +4,7 @@
 //   flashsparse::_tiled_csl_spmm_cuda(x, words, tile_offsets, m, k, bias, split_k, tile_n)
 //       y[N, M] = x[N, K] @ W^T (+ bias) for a Tiled-CSL weight with 16-bit values (CUDA).
 //   flashsparse::_tiled_csl_cuda_occupancy(tile_n, bf16) -> resident blocks per SM on the
-//       current device (for the split-K heuristic in flashsparse/_cuda.py).
+//       current device (for the split-K heuristic in flashsparse/kernels/cuda.py).
 // Output and split-K workspace come from the caching allocator on the current stream, so the
 // op can be captured in a CUDA graph.
 #include <Python.h>

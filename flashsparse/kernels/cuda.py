@@ -1,14 +1,10 @@
 """The CUDA backend: Flash-LLM's Tiled-CSL SpMM (``csrc/``) as the ``("tiled_csl", "cuda")`` kernel.
 
 Imported lazily by :mod:`flashsparse.backends`; importing it builds nothing. The compiled ops
-come from, in order:
-
-1. a prebuilt ``flashsparse._C`` (``FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .``),
-   unless ``FLASHSPARSE_CUDA_JIT=1``;
-2. a JIT build of ``csrc/`` with :func:`torch.utils.cpp_extension.load` (ninja, nvcc) for the
-   running GPU's architecture only, cached under
-   ``$FLASHSPARSE_CACHE_DIR/<torch version>/<cuda version>/<archs>/<source hash>``
-   (default ``~/.cache/flashsparse``).
+come from :mod:`flashsparse.kernels.build` (a prebuilt ``flashsparse._C``, else a JIT build of
+``csrc/bindings/*_cuda.cpp`` + ``csrc/kernels/*.cu`` for the running GPU's architecture only).
+A new CUDA kernel adds its torch-free sources under ``csrc/kernels/``, its glue as
+``csrc/bindings/<kernel>_cuda.cpp`` and one ``backends.register_kernel`` line here.
 
 :func:`_available` (what :mod:`flashsparse.backends` calls before first use) loads or builds once
 per process and then checks the kernel against the reference decode on small problems covering
@@ -18,8 +14,8 @@ is unavailable, so ``FLASHSPARSE_BACKEND=auto`` falls back with one warning and
 ``FLASHSPARSE_BACKEND=cuda`` raises it.
 
 Environment knobs: ``FLASHSPARSE_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0a"``; default: the current
-GPU), ``FLASHSPARSE_VERBOSE_BUILD=1`` (show the compiler), ``FLASHSPARSE_CACHE_DIR``,
-``FLASHSPARSE_CUDA_JIT=1`` (ignore a prebuilt extension, e.g. after editing ``csrc/``).
+GPU), plus the builder's (``FLASHSPARSE_VERBOSE_BUILD``, ``FLASHSPARSE_CACHE_DIR``,
+``FLASHSPARSE_JIT``).
 
 The launch plan is decided here, in Python (unit-tested on CPU): the block tile by N
 (:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor by wave
@@ -29,18 +25,16 @@ efficiency (:func:`choose_split_k`) from the SM count and the kernel's measured 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
-from . import backends
+from .. import backends
+from . import build
+from .build import gencode_flags
 
 __all__ = [
     "KERNEL_DTYPES",
@@ -55,7 +49,7 @@ __all__ = [
 ]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, mma.sync m16n8k16 with bf16
+MIN_CAPABILITY = build.MIN_CUDA_CAPABILITY
 TILE_K = 64
 STORAGE_TILE_M = 128
 # (max N, tile_n, tile_m): the block tile for N tokens; mirrors tcsl::default_tile_n /
@@ -73,8 +67,6 @@ WAVE_TARGET = 0.8
 MAX_WORKSPACE_TRAFFIC = 0.25
 MAX_SPLIT_K = 65535
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 _lock = threading.Lock()
 _loaded = False
@@ -177,41 +169,13 @@ def _plan(device_index: int, bf16: bool, n: int, m: int, k: int, num_words: int)
 
 
 # --- build ---------------------------------------------------------------------------------------
-def kernel_sources(csrc: Path = CSRC) -> list[Path]:
-    """The extension's sources: the torch glue and every kernel translation unit (the host
-    emulator, ``*_emulator.cu``, is a test tool with its own ``main``)."""
-    kernels = sorted(
-        p for p in (csrc / "kernels").glob("*.cu") if not p.name.endswith("_emulator.cu")
-    )
-    return [csrc / "bindings.cpp", *kernels]
+EXTENSION = build.Extension(device="cuda", kernel_dir="kernels", kernel_suffix=".cu", prebuilt="flashsparse._C")
 
 
-def _parse_arch(arch: str) -> tuple[str, bool]:
-    """``"9.0a+PTX"`` -> (``"90a"``, True)."""
-    arch = arch.strip()
-    ptx = arch.upper().endswith("+PTX")
-    if ptx:
-        arch = arch[:-4]
-    major, dot, minor = arch.partition(".")
-    if not dot or not major.isdigit() or not minor[:1].isdigit():
-        raise ValueError(f"CUDA arch must look like '8.0', '9.0a' or '8.6+PTX', got {arch!r}")
-    if (int(major), int(minor[0])) < MIN_CAPABILITY:
-        raise ValueError(f"the Tiled-CSL kernel needs compute capability >= 8.0, got arch {arch!r}")
-    return major + minor, ptx
-
-
-def gencode_flags(arch_list: str) -> list[str]:
-    """nvcc ``-gencode`` flags for an arch list such as ``"8.0;9.0a"`` (``;``, ``,`` or spaces)."""
-    archs = [a for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
-    if not archs:
-        raise ValueError("the CUDA arch list is empty")
-    flags = []
-    for arch in archs:
-        code, ptx = _parse_arch(arch)
-        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
-    return flags
+def kernel_sources(csrc: Path = build.CSRC) -> list[Path]:
+    """The extension's sources: the torch glue (``csrc/bindings/*_cuda.cpp``) and every kernel
+    translation unit."""
+    return EXTENSION.sources(csrc)
 
 
 def _jit_arch_list() -> str:
@@ -223,101 +187,6 @@ def _jit_arch_list() -> str:
     return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
-def _cuda_home() -> str | None:
-    """The CUDA toolkit root: the first candidate with both nvcc and the runtime headers (an
-    ``nvcc`` on PATH may be a wrapper script outside the toolkit, e.g. /usr/local/bin/nvcc)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
-    for root in candidates:
-        if (
-            root
-            and os.path.isfile(os.path.join(root, "bin", "nvcc"))
-            and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h"))
-        ):
-            return root
-    return None
-
-
-def _find_nvcc() -> str | None:
-    home = _cuda_home()
-    return os.path.join(home, "bin", "nvcc") if home else None
-
-
-def _find_ninja() -> str | None:
-    found = shutil.which("ninja")
-    if found:
-        return found
-    # pip's ninja lives next to the interpreter of an un-activated virtual environment.
-    beside = os.path.join(os.path.dirname(sys.executable), "ninja")
-    return beside if os.path.isfile(beside) else None
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("FLASHSPARSE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "flashsparse"
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _prebuilt_available() -> bool:
-    if _env_flag("FLASHSPARSE_CUDA_JIT"):
-        return False
-    try:
-        return importlib.util.find_spec("flashsparse._C") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _tail(text: str, limit: int = 4000) -> str:
-    text = text.strip()
-    return text if len(text) <= limit else "...\n" + text[-limit:]
-
-
-def _jit_build() -> None:
-    from torch.utils import cpp_extension
-
-    sources = kernel_sources()
-    arch_list = _jit_arch_list()
-    flags = gencode_flags(arch_list)
-    digest = hashlib.sha256()
-    for path in [*sources, *sorted((CSRC / "kernels").glob("*.cuh"))]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    digest.update(" ".join(flags).encode())
-    tag = digest.hexdigest()[:16]
-    arch_tag = "_".join(f.rsplit("=", 1)[-1] for f in flags)
-    build_dir = _cache_root() / torch.__version__ / f"cu{torch.version.cuda}" / arch_tag / tag
-    build_dir.mkdir(parents=True, exist_ok=True)
-    ninja = _find_ninja()
-    if ninja and not shutil.which("ninja"):
-        os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + os.environ.get("PATH", "")
-    home = _cuda_home()
-    torch_home = cpp_extension.CUDA_HOME
-    if home and not (
-        torch_home and os.path.isfile(os.path.join(torch_home, "include", "cuda_runtime_api.h"))
-    ):
-        # torch guessed the toolkit from `which nvcc`; point it at the real one.
-        cpp_extension.CUDA_HOME = home
-    cpp_extension.load(
-        name=f"flashsparse_cuda_{tag}",
-        sources=[str(p) for p in sources],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo", *flags],
-        build_directory=str(build_dir),
-        verbose=_env_flag("FLASHSPARSE_VERBOSE_BUILD"),
-        is_python_module=False,
-    )
-
-
 def _register_fake() -> None:
     @torch.library.register_fake("flashsparse::_tiled_csl_spmm_cuda")
     def _(x, words, tile_offsets, m, k, bias=None, split_k=1, tile_n=0):
@@ -325,22 +194,9 @@ def _register_fake() -> None:
 
 
 def _load() -> None:
-    """Make ``torch.ops.flashsparse._tiled_csl_spmm_cuda`` exist (prebuilt, else JIT)."""
-    prebuilt_error = None
-    if _prebuilt_available():
-        try:
-            importlib.import_module("flashsparse._C")
-        except ImportError as exc:  # e.g. built against another torch: rebuild it here instead
-            prebuilt_error = f"the prebuilt flashsparse._C does not load ({exc})"
-        else:
-            _register_fake()
-            return
-    try:
-        _jit_build()
-    except Exception as exc:
-        if prebuilt_error:
-            raise RuntimeError(f"{prebuilt_error}; JIT build: {exc}") from exc
-        raise
+    """Make the compiled CUDA ops exist (prebuilt, else JIT for the running GPU)."""
+    flags = gencode_flags(_jit_arch_list())
+    EXTENSION.load(extra_cuda_cflags=flags, tag=f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags))
     _register_fake()
 
 
@@ -367,7 +223,7 @@ def _self_check_weight(m: int, k: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _run_self_check() -> str | None:
-    from .formats import TiledCSL
+    from ..formats import TiledCSL
 
     device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)
@@ -412,21 +268,20 @@ def unavailable_reason() -> str | None:
             f"the CUDA Tiled-CSL kernel needs compute capability 8.0 or newer (sm_80); "
             f"{torch.cuda.get_device_name()} is sm_{capability[0]}{capability[1]}"
         )
-    if _loaded or _prebuilt_available():
+    if _loaded or EXTENSION.prebuilt_available():
         return None
-    missing = [str(p) for p in kernel_sources() if not p.is_file()]
-    if missing or not (CSRC / "kernels").is_dir():
+    missing = EXTENSION.missing_sources()
+    if missing:
         return (
-            f"the CUDA kernel sources are missing ({missing[0] if missing else CSRC / 'kernels'}) and "
-            "no prebuilt flashsparse._C exists; install from a source checkout "
-            "(pip install -e .) or prebuild with FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e ."
+            f"{missing}, and no prebuilt flashsparse._C exists "
+            "(FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e . builds one)"
         )
-    if _find_nvcc() is None:
+    if build.find_nvcc() is None:
         return (
             "nvcc was not found (set CUDA_HOME or put nvcc on PATH) and no prebuilt flashsparse._C "
             "exists (FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e . builds one)"
         )
-    if _find_ninja() is None:
+    if build.find_ninja() is None:
         return "ninja was not found (pip install ninja); it is needed to JIT-build the CUDA kernels"
     return None
 
@@ -445,7 +300,7 @@ def _available() -> str | None:
         except Exception as exc:  # a build error must not take the process down under auto
             _load_error = (
                 "building or loading the flashsparse CUDA extension failed "
-                f"({type(exc).__name__}): {_tail(str(exc))}"
+                f"({type(exc).__name__}): {build.tail(str(exc))}"
             )
             return _load_error
         try:

@@ -21,7 +21,7 @@ except ImportError as exc:
 
 import torch
 
-from .. import backends
+from ... import backends
 from .bitmap_spmm import (
     INTERPRET,
     KERNEL_DTYPES,
@@ -34,7 +34,7 @@ from .bitmap_spmm import (
 __all__ = ["INTERPRET", "KernelConfig", "bitmap_linear", "choose_config", "unavailable_reason"]
 
 _NO_DEVICE = (
-    "no CUDA device, and TRITON_INTERPRET=1 was not set before flashsparse.triton was imported "
+    "no CUDA device, and TRITON_INTERPRET=1 was not set before flashsparse.kernels.triton was imported "
     "(the interpreter runs the Triton kernels on CPU tensors)"
 )
 _self_check: str | bool | None = False  # False: not run yet
@@ -48,7 +48,7 @@ def _supports(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cpu":
         return (
             "the Triton kernel runs on CPU tensors only under the interpreter: set "
-            "TRITON_INTERPRET=1 before flashsparse.triton is imported"
+            "TRITON_INTERPRET=1 before flashsparse.kernels.triton is imported"
         )
     return f"the Triton kernel runs on CUDA tensors, not {device.type}"
 
@@ -63,7 +63,7 @@ def unavailable_reason() -> str | None:
 
 
 def _run_self_check() -> str | None:
-    from ..formats import Bitmap
+    from ...formats import Bitmap
 
     device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(0)

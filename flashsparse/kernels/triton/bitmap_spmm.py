@@ -3,7 +3,7 @@
 Each program owns ``BLOCK_M`` weight rows (whole 64-row tiles), ``BLOCK_N`` rows of x and a
 contiguous range of 64-wide k tiles (its split-K slice). Per k tile it
 
-1. loads the tile's 512 mask bytes as ``[BLOCK_M, 8]`` (row ``r``, sub-tile column ``sc``),
+1. loads the tile's 512 mask bytes as ``[BLOCK_M, 8]`` (row ``r``, byte ``j`` of its row mask),
 2. turns every mask byte into a 32-bit word of eight nibbles, nibble ``j`` = (bit ``j`` << 3)
    | (set bits below ``j``), with a few shifts and one multiply (see :func:`_nibble_ranks`),
    which also yields the byte's popcount,
@@ -86,14 +86,14 @@ def _bitmap_linear_kernel(
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
 
-    # Per (row, sub-tile column) quantities: [BLOCK_M, 8].
+    # Per (row, mask byte) quantities: [BLOCK_M, 8].
     rows = tl.arange(0, BLOCK_M)
     tile_row = pid_m * TM + rows // 64
     row_ok = tile_row < tl.cdiv(m, 64)
     r_in = rows % 64
     sc = tl.arange(0, 8)
-    # Byte r % 8 of the mask of sub-tile (r // 8, sc), relative to the tile's first mask byte.
-    mask_byte = ((r_in // 8) * 64 + r_in % 8)[:, None] + sc[None, :] * 8
+    # Byte sc of row r's mask, relative to the tile's first mask byte.
+    mask_byte = (r_in * 8)[:, None] + sc[None, :]
     nibble_shift = ((tl.arange(0, 64) % 8) * 4).to(tl.uint32)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
