@@ -34,6 +34,7 @@ examples:
   flashsparse bench --preset llama3-8b --n 1,8,16,32 --json out.json --plot out.png
   flashsparse bench --shape 4096,11008 --sparsity 0.5,0.6,0.7,0.8,0.9 --dtype fp16,bf16
   flashsparse bench --preset opt --n 8,16,32 --format bitmap --backend all --mask row-skewed
+  flashsparse bench --baseline sliced --sparsity 0.25,0.5   # vs structured slicing, same size
 """
 
 
