@@ -30,7 +30,7 @@ METHOD_ORDER = {
     "csr": 8,
     "2:4": 9,
 }
-# What a structured-slicing row is, for table notes and plot legends (its name alone is terse).
+# What a structured-slicing row is, noted under each table (its name alone is terse).
 SLICED_NOTES = {
     "sliced-out": "dense F.linear keeping round((1-s)*M) output rows",
     "sliced-in": "dense F.linear keeping round((1-s)*K) input columns (x as narrow)",
