@@ -16,6 +16,13 @@ on the values, so it is timed at the first sparsity only (``--dense-every`` for 
 ``greedy_tokens_equal_fraction`` the generated tokens (reported, not required: on a GPU the
 kernels sum in another order than cuBLAS and greedy paths may part after a near-tie).
 
+The structured alternative (``--no-sliced`` to leave it out): at each sparsity, a Llama of the
+same depth, heads and head size whose hidden and intermediate sizes are shrunk by one factor so
+that its projections hold as many weights as the sparse model stores (the non-zeros of its
+pruned projections) -- SliceGPT-style slicing to the same parameter count, as dense matrices on
+cuBLAS. It has random weights and is timed exactly like the others (row ``sliced``, with its
+sizes and parameter counts); it measures speed only, not what slicing costs in accuracy.
+
 On a machine without CUDA it runs a tiny Llama config instead (and says so in its output and
 in the JSON): that is a smoke test of the script, not a measurement.
 
@@ -88,6 +95,59 @@ def prune_projections(model: nn.Module, sparsity: float) -> None:
         for fqn, module in model.named_modules():
             if isinstance(module, nn.Linear) and fqn not in skipped:
                 module.weight.copy_(fs.prune(module.weight, sparsity))
+
+
+def projection_params(config: dict) -> int:
+    """Weights in the q/k/v/o and gate/up/down projections of a Llama ``config`` (what
+    ``fs.sparsify_`` converts: not the embeddings, the LM head or the norms)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * inter
+    return config["num_hidden_layers"] * per_layer
+
+
+def sliced_config(config: dict, target_params: int, align: int) -> dict:
+    """``config`` with hidden and intermediate sizes shrunk by one factor f (rounded to
+    multiples of ``align``) so that its projections hold about ``target_params`` weights.
+
+    Heads, KV heads and head size stay, as SliceGPT keeps the attention heads and slices the
+    residual (hidden) dimension; the attention projections then scale with f and the MLP
+    ones with f**2, so f solves ``a*f + b*f**2 = target``."""
+    if align < 1:
+        raise ValueError(f"align must be a positive integer, got {align!r}")
+    full = projection_params(config)
+    if not 0 < target_params <= full:
+        raise ValueError(f"target_params must be in (0, {full}], got {target_params!r}")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    mlp = 3 * config["hidden_size"] * config["intermediate_size"] * config["num_hidden_layers"]
+    attn = full - mlp
+    f = (-attn + (attn * attn + 4 * mlp * target_params) ** 0.5) / (2 * mlp)
+
+    def shrink(size: int) -> int:
+        return max(align, align * round(f * size / align))
+
+    return {
+        **config,
+        "hidden_size": shrink(config["hidden_size"]),
+        "intermediate_size": shrink(config["intermediate_size"]),
+        "head_dim": head_dim,
+    }
+
+
+def stored_projection_weights(model: nn.Module) -> int:
+    """Non-zero weights in the linears ``fs.sparsify_`` converts: what the sparse model stores."""
+    skipped = fs.nn.default_skipped_linears(model)
+    return sum(
+        int(torch.count_nonzero(module.weight))
+        for fqn, module in model.named_modules()
+        if isinstance(module, nn.Linear) and fqn not in skipped
+    )
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def sync(device: torch.device) -> None:
@@ -248,21 +308,51 @@ def merge(path: Path, result: dict) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = ["| sparsity | model | mode | batch | tokens/s | vs dense | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| sparsity | model | mode | batch | tokens/s | vs dense | sliced vs sparse | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     dense = {(r["mode"], r["batch"]): r.get("tokens_per_s") for r in rows if r["model"] == "dense"}
-    rows = sorted(rows, key=lambda r: (r["model"] != "dense", r["sparsity"], r["mode"], r["batch"]))
+    sparse = {(r["sparsity"], r["mode"], r["batch"]): r.get("tokens_per_s")
+              for r in rows if r["model"].startswith("flashsparse")}
+    rows = sorted(rows, key=lambda r: (r["model"] != "dense", r["sparsity"], r["mode"], r["batch"],
+                                       r["model"] == "sliced"))
     for r in rows:
         rate = r.get("tokens_per_s")
         base = dense.get((r["mode"], r["batch"]))
         speedup = f"{rate / base:.2f}x" if rate and base and r["model"] != "dense" else ""
+        other = sparse.get((r["sparsity"], r["mode"], r["batch"])) if r["model"] == "sliced" else None
+        versus = f"{rate / other:.2f}x" if rate and other else ""
         peak = r.get("peak_memory_bytes")
         lines.append(
             f"| {'any' if r['model'] == 'dense' else format(r['sparsity'], '.0%')} | {r['model']} | {r['mode']} | {r['batch']} | "
             + (f"{rate:.1f}" if rate else r.get("error", "")[:60])
-            + f" | {speedup} | " + (f"{peak / 2**30:.2f}" if peak else "") + " |"
+            + f" | {speedup} | {versus} | " + (f"{peak / 2**30:.2f}" if peak else "") + " |"
         )
     return "\n".join(lines)
+
+
+def run_sliced(config: dict, stored: int, sparsity: float, tiny: bool, dtype: torch.dtype,
+               device: torch.device, args, rows: list, check: dict) -> None:
+    """Time the Llama sliced to ``stored`` projection weights (built after the sparse model is
+    freed, so the two never share the GPU's memory)."""
+    # Multiples of 64 keep cuBLAS on its fast tiles at full size; the tiny config is too small.
+    cfg = sliced_config(config, stored, align=8 if tiny else 64)
+    model = build_model(cfg, dtype, device, args.seed)
+    params = projection_params(cfg)
+    extra = {
+        "sparsity": sparsity, "model_bytes": model_bytes(model),
+        "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+        "projection_params": params, "sparse_stored_weights": stored,
+        "params_vs_sparse": params / stored,
+    }
+    check["sliced"] = {k: v for k, v in extra.items() if k != "sparsity"}
+    print(f"  sliced: hidden {config['hidden_size']} -> {cfg['hidden_size']}, intermediate "
+          f"{config['intermediate_size']} -> {cfg['intermediate_size']}; projections {params:,} "
+          f"weights = {params / stored:.3f}x the sparse model's {stored:,} stored", flush=True)
+    run_model(model, "sliced", args, device, rows, extra)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -279,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense-every", action="store_true", help="time the dense model at every sparsity")
     p.add_argument("--fresh", action="store_true", help="replace --out instead of merging into it")
+    p.add_argument("--no-sliced", action="store_true",
+                   help="leave out the sliced (structured, same parameter count) model")
     args = p.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -316,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             dense_logits = model(probe).logits.float()
         dense_bytes = fs.sparsify_summary(model).model_dense_nbytes
+        stored = stored_projection_weights(model)
         extra = {"sparsity": sparsity, "model_bytes": dense_bytes}
         # Dense speed does not depend on the values: time it once (first sparsity) unless asked.
         dense_tokens = {}
@@ -356,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if not args.no_sliced and stored:
+            run_sliced(config, stored, sparsity, tiny, dtype, device, args, rows, checks[-1])
     result = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "out"},
               "rows": rows, "checks": checks}
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (

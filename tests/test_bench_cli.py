@@ -137,8 +137,9 @@ def test_tiny_run_json(tiny_run):
     assert meta["settings"]["dtype"] == ["fp32", "fp16"]
     assert meta["settings"]["shapes"] == [["tiny", 200, 136]]
 
-    # fp32 and fp16 x N {1, 8} x (dense, 2:4 skipped, sparsity {0.5, 0.9} x (tiled_csl, bitmap, csr))
-    assert len(rows) == 2 * 2 * (1 + 1 + 2 * 3)
+    # fp32 and fp16 x N {1, 8} x (dense, 2:4 skipped, sparsity {0.5, 0.9} x (tiled_csl, bitmap,
+    # csr, sliced-out, sliced-in))
+    assert len(rows) == 2 * 2 * (1 + 1 + 2 * 5)
     assert all(set(r) == set(runner.ROW_KEYS) for r in rows)
     by = {(r["dtype"], r["n"], r["sparsity"], r["method"]): r for r in rows}
     for dtype in ("fp32", "fp16"):
@@ -168,8 +169,14 @@ def test_tiny_run_json(tiny_run):
         traffic = r["weight_bytes"] + r["x_bytes"] + r["y_bytes"]
         assert math.isclose(r["gbps"], traffic / (r["median_ms"] * 1e-3) / 1e9)
         assert math.isclose(r["bw_fraction"], r["gbps"] / meta["copy_bandwidth_gbps"])
+        # Each method's own traffic against the dense layer's (a sliced layer's x or y is
+        # narrower; for every other method the activations are the dense layer's).
+        esize = 4 if r["dtype"] == "fp32" else 2
+        dense_io = r["n"] * (r["m"] + r["k"]) * esize
         io_bytes = r["x_bytes"] + r["y_bytes"]
-        ceiling = (r["dense_weight_bytes"] + io_bytes) / (r["weight_bytes"] + io_bytes)
+        if not r["method"].startswith("sliced"):
+            assert io_bytes == dense_io
+        ceiling = (r["dense_weight_bytes"] + dense_io) / (r["weight_bytes"] + io_bytes)
         assert math.isclose(r["ceiling"], ceiling)
         assert r["rotation"] >= 1
     # 90 % sparse bitmap is ~3x smaller than the dense fp16 weight here; 50 % Tiled-CSL is not.
@@ -214,7 +221,8 @@ def test_sweep_counts_every_task(tiny_run):
     cfg = runner.BenchConfig(
         shapes=[PRESETS["tiny"][0]], ns=[1, 8], sparsities=[0.5, 0.9],
         dtypes=[torch.float32, torch.float16], formats=["tiled_csl", "bitmap"],
-        backends=["auto"], baselines=["csr", "2:4"], mask="uniform", device=torch.device("cpu"),
+        backends=["auto"], baselines=["csr", "2:4", "sliced"], mask="uniform",
+        device=torch.device("cpu"),
         timer=CpuTimer(1, 1), cache=1, bandwidth=None,
     )  # fmt: skip
     assert runner.count_tasks(cfg) == len(rows)

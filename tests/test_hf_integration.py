@@ -258,7 +258,8 @@ def test_e2e_benchmark_runs_its_cpu_smoke_config(tmp_path, capsys):
     assert "TINY Llama config" in printed and "not a measurement" in printed
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [
-        ("dense", 1), ("dense", 2), ("flashsparse-bitmap", 1), ("flashsparse-bitmap", 2)
+        ("dense", 1), ("dense", 2), ("flashsparse-bitmap", 1), ("flashsparse-bitmap", 2),
+        ("sliced", 1), ("sliced", 2),
     ]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in result["rows"])
     (check,) = result["checks"]
@@ -270,6 +271,7 @@ def test_e2e_benchmark_runs_its_cpu_smoke_config(tmp_path, capsys):
     assert sorted((r["model"], r.get("sparsity") if r["model"] != "dense" else None, r["batch"])
                   for r in result["rows"]) == sorted(
         [("dense", None, 1), ("dense", None, 2), ("flashsparse-bitmap", 0.5, 1),
-         ("flashsparse-bitmap", 0.5, 2), ("flashsparse-bitmap", 0.7, 1)]
+         ("flashsparse-bitmap", 0.5, 2), ("flashsparse-bitmap", 0.7, 1), ("sliced", 0.5, 1),
+         ("sliced", 0.5, 2), ("sliced", 0.7, 1)]
     )
     assert [c["sparsity"] for c in result["checks"]] == [0.5, 0.7]

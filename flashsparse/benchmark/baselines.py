@@ -143,3 +143,47 @@ def prepare_semi_structured(w24: torch.Tensor, cache: int) -> Prepared | Skipped
     except Exception as exc:  # shape or dtype constraints of the installed torch/GPU
         return Skipped("2:4", "torch-2:4", f"torch 2:4 semi-structured failed: {_first_line(exc)}")
     return Prepared("2:4", backend, nbytes, w24, Rotation(copies), lambda x, wc: F.linear(x, wc))
+
+
+# -- structured slicing (SliceGPT-style) --------------------------------------------------------
+SLICED_METHODS = ("sliced-out", "sliced-in")
+
+
+def kept(size: int, sparsity: float) -> int:
+    """Rows (or columns) a structured method keeps to store the same number of weights as an
+    unstructured layer at ``sparsity``: the nearest integer to ``(1 - sparsity) * size``, at
+    least 1."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    return max(1, round((1.0 - sparsity) * size))
+
+
+def sliced_variants(m: int, k: int, sparsity: float) -> list[tuple[str, int, int]]:
+    """``(method, rows, columns)`` of the sliced weights for an ``m x k`` layer at ``sparsity``:
+    ``sliced-out`` keeps output rows, ``sliced-in`` keeps input columns. ``sliced-in`` is left
+    out only where its weight has the same shape as ``sliced-out``'s (nothing new to time)."""
+    out = [("sliced-out", kept(m, sparsity), k)]
+    k_in = kept(k, sparsity)
+    if (m, k_in) != out[0][1:]:
+        out.append(("sliced-in", m, k_in))
+    return out
+
+
+def prepare_sliced(w: torch.Tensor, method: str, rows: int, cols: int, cache: int) -> Prepared:
+    """``F.linear`` on the leading ``rows x cols`` block of ``w``, as a dense contiguous weight:
+    the fastest any structured method storing that many weights can run here. For ``sliced-in``
+    the caller passes an ``x`` of ``cols`` features (the sliced model's activations are
+    narrower); the reference is the same sliced problem."""
+    if method not in SLICED_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SLICED_METHODS)}, got {method!r}")
+    m, k = w.shape
+    if not (1 <= rows <= m and 1 <= cols <= k):
+        raise ValueError(f"rows x cols must fit in the {m}x{k} weight, got {rows}x{cols}")
+    ws = w[:rows, :cols].contiguous()
+    nbytes = ws.numel() * ws.element_size()
+    copies = [ws] + [ws.clone() for _ in range(rotation_count(nbytes, cache) - 1)]
+    return Prepared(
+        method, dense_backend(w.device), nbytes, ws, Rotation(copies), lambda x, wc: F.linear(x, wc)
+    )

@@ -21,7 +21,20 @@ CPU_NOTICE_GENERIC = "CPU numbers: not representative of GPU kernels"
 # Metadata repeated in every CSV row, so a CSV file alone says where its numbers come from.
 CSV_META_KEYS = ("device", "torch", "triton", "flashsparse", "git_commit", "date")
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1)))
-METHOD_ORDER = {"dense": 0, "tiled_csl": 1, "bitmap": 2, "csr": 8, "2:4": 9}
+METHOD_ORDER = {
+    "dense": 0,
+    "tiled_csl": 1,
+    "bitmap": 2,
+    "sliced-out": 6,
+    "sliced-in": 7,
+    "csr": 8,
+    "2:4": 9,
+}
+# What a structured-slicing row is, noted under each table (its name alone is terse).
+SLICED_NOTES = {
+    "sliced-out": "dense F.linear keeping round((1-s)*M) output rows",
+    "sliced-in": "dense F.linear keeping round((1-s)*K) input columns (x as narrow)",
+}
 
 
 # -- metadata -----------------------------------------------------------------------------------
@@ -201,6 +214,9 @@ def format_block(rows: list[dict]) -> str:
             )
         elif r["status"] == "skipped":
             notes[f"  skipped: {r['method']} ({r['backend']}): {r['reason']}"] = None
+    for method, text in SLICED_NOTES.items():
+        if any(r["method"] == method for r in shown):
+            notes[f"  {method}: {text}; speed only, says nothing of accuracy"] = None
     out.extend(notes)
     return "\n".join(out)
 

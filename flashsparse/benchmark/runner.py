@@ -29,6 +29,8 @@ from .baselines import (
     prepare_csr,
     prepare_dense,
     prepare_semi_structured,
+    prepare_sliced,
+    sliced_variants,
 )
 from .masks import make_weight, prune_2_4
 from .shapes import Shape
@@ -36,7 +38,7 @@ from .timing import Rotation, Timer, rotation_count
 
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-BASELINES = ("csr", "2:4")
+BASELINES = ("csr", "2:4", "sliced")
 KERNEL_BACKENDS = ("reference", "triton", "cuda")
 
 ROW_KEYS = (
@@ -118,7 +120,12 @@ def count_tasks(cfg: BenchConfig) -> int:
     per_sparsity = len(cfg.formats) * len(backend_combos(cfg)) + ("csr" in cfg.baselines)
     semi = "2:4" in cfg.baselines and any(s == 0.5 for s in cfg.sparsities)
     per_shape = len(cfg.ns) * (1 + semi + len(cfg.sparsities) * per_sparsity)
-    return len(cfg.shapes) * len(cfg.dtypes) * per_shape
+    sliced = 0
+    if "sliced" in cfg.baselines:
+        sliced = sum(
+            len(sliced_variants(s.m, s.k, sp)) for s in cfg.shapes for sp in cfg.sparsities
+        )
+    return len(cfg.shapes) * len(cfg.dtypes) * per_shape + len(cfg.dtypes) * len(cfg.ns) * sliced
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -194,8 +201,12 @@ class Sweep:
             return row
         row.update(method=prep.method, backend=prep.backend, weight_bytes=prep.weight_bytes)
         row["rotation"] = len(prep.rotation)
+        # Sliced rows read a narrower x or write a narrower y than the dense layer: the ceiling
+        # compares each method's own traffic with the dense layer's.
         io = row["x_bytes"] + row["y_bytes"]
-        row["ceiling"] = (row["dense_weight_bytes"] + io) / (prep.weight_bytes + io)
+        esize = row["dense_weight_bytes"] // (row["m"] * row["k"])
+        dense_io = row["n"] * (row["m"] + row["k"]) * esize
+        row["ceiling"] = (row["dense_weight_bytes"] + dense_io) / (prep.weight_bytes + io)
         try:
             err = rel_err(prep(x), ref)
         except Exception as exc:
@@ -280,6 +291,46 @@ class Sweep:
         sp = "dense" if sparsity is None else f"{sparsity:g}"
         return f"{shape.label} {DTYPE_NAMES[dtype]} N={n} {sp} {method}"
 
+    def _sliced(
+        self, shape: Shape, dtype: torch.dtype, w_dense: torch.Tensor, xs: dict[int, torch.Tensor]
+    ) -> list[dict]:
+        """Structured slicing at each sparsity: dense ``F.linear`` on a weight that keeps
+        (1 - s) of the output rows (``sliced-out``) or of the input columns (``sliced-in``),
+        checked against a float64 reference of that smaller problem."""
+        esize = w_dense.element_size()
+        rows: list[dict] = []
+        for sparsity in self.cfg.sparsities:
+            for method, m, k in sliced_variants(shape.m, shape.k, sparsity):
+                try:
+                    prep: Prepared | Skipped = prepare_sliced(w_dense, method, m, k, self.cfg.cache)
+                except Exception as exc:  # e.g. out of memory for the copies
+                    reason = f"could not prepare: {type(exc).__name__}: {exc}"
+                    prep = Skipped(method, dense_backend(w_dense.device), reason, status="error")
+                    self._free_after_error(exc)
+                # The sliced model's activations are narrower: x keeps the first k features. The
+                # reference slices w here, independently of prepare_sliced.
+                xk = {n: x[:, :k].contiguous() for n, x in xs.items()}
+                refs = (
+                    self._refs(w_dense[:m, :k], xk)
+                    if isinstance(prep, Prepared)
+                    else dict.fromkeys(xs)
+                )
+                for n, x in xk.items():
+                    row = self._row(
+                        shape,
+                        n,
+                        dtype,
+                        sparsity,
+                        requested_backend="-",
+                        actual_sparsity=1.0 - (m * k) / (shape.m * shape.k),
+                        x_bytes=n * k * esize,
+                        y_bytes=n * m * esize,
+                    )
+                    rows.append(self._measure(prep, x, refs[n], row))
+                    self.progress(self._label(shape, dtype, n, sparsity, method))
+                del prep, refs, xk
+        return rows
+
     def _block(self, shape: Shape, dtype: torch.dtype) -> list[dict]:
         cfg, dev = self.cfg, self.cfg.device
         xs = self._inputs(shape, dtype)
@@ -316,6 +367,8 @@ class Sweep:
                 block.append(self._measure(prep24, x, refs[n], row))
                 self.progress(self._label(shape, dtype, n, 0.5, "2:4"))
             del prep24, refs, w24
+        if "sliced" in cfg.baselines:
+            block.extend(self._sliced(shape, dtype, w_dense, xs))
         del w_dense
 
         for sparsity in cfg.sparsities:

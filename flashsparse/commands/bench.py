@@ -1,12 +1,16 @@
 """``flashsparse bench``: does sparsity pay on this GPU? Times flashsparse formats against dense
-``F.linear`` (cuBLAS), torch.sparse CSR (cuSPARSE) and torch 2:4 on real layer shapes."""
+``F.linear`` (cuBLAS), torch.sparse CSR (cuSPARSE), torch 2:4 and dense layers sliced to the
+same number of weights (the structured alternative) on real layer shapes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-HELP = "time sparse linear layers against dense F.linear, CSR and 2:4 on real layer shapes"
+HELP = (
+    "time sparse linear layers against dense F.linear, CSR, 2:4 and structured slicing "
+    "on real layer shapes"
+)
 
 DTYPES = {
     "fp16": "float16",
@@ -20,7 +24,7 @@ DTYPES = {
 }
 BACKEND_CHOICES = ("auto", "reference", "triton", "cuda", "all")
 FORMAT_CHOICES = ("tiled_csl", "bitmap", "auto", "all")
-BASELINE_CHOICES = ("csr", "2:4", "none")
+BASELINE_CHOICES = ("csr", "2:4", "sliced", "none")
 
 EPILOG = """\
 defaults: on a GPU, llama3-8b shapes, N 1,8,16,32, sparsity 0.5,0.7,0.9, fp16; on a CPU,
@@ -30,6 +34,7 @@ examples:
   flashsparse bench --preset llama3-8b --n 1,8,16,32 --json out.json --plot out.png
   flashsparse bench --shape 4096,11008 --sparsity 0.5,0.6,0.7,0.8,0.9 --dtype fp16,bf16
   flashsparse bench --preset opt --n 8,16,32 --format bitmap --backend all --mask row-skewed
+  flashsparse bench --baseline sliced --sparsity 0.25,0.5   # vs structured slicing, same size
 """
 
 
@@ -176,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choices(BASELINE_CHOICES, "baseline"),
         action="append",
         metavar="B[,B]",
-        help="besides dense F.linear: csr, 2:4 (at 0.5 only), none (default: csr,2:4)",
+        help="besides dense F.linear: csr, 2:4 (at 0.5 only), sliced (dense F.linear on "
+        "(1-s) of the rows, and of the columns), none (default: csr,2:4,sliced)",
     )
     what.add_argument(
         "--mask",
@@ -323,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
     backend_names = _flat(args.backend) or ["auto"]
     if "all" in backend_names:
         backend_names = ["all"]
-    baselines = _flat(args.baseline) or ["csr", "2:4"]
+    baselines = _flat(args.baseline) or ["csr", "2:4", "sliced"]
     if "none" in baselines:
         if len(baselines) > 1:
             parser.error("argument --baseline: 'none' cannot be combined with other baselines")
