@@ -59,9 +59,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -454,10 +455,10 @@ def find_tool(name: str) -> str | None:
             pass
     dirs += [Path("/usr/local/cuda/bin")]
     try:
-        import triton  # noqa: PLC0415
+        import triton
 
         dirs.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin")
-    except Exception:  # noqa: BLE001 - triton absent or broken: just one fewer place to look
+    except Exception:
         pass
     for d in dirs:
         if (d / name).is_file() and os.access(d / name, os.X_OK):
@@ -595,7 +596,7 @@ def report_cuda(spec: CudaSpec, log: list[str], jobs: int = 2) -> list[KernelRes
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outs = list(pool.map(lambda t: compile_cuda(t[0], t[1], nvcc, cuobjdump), tasks))
     results = []
-    for (src, arch), (sass, ptx_log) in zip(tasks, outs):
+    for (_, arch), (sass, ptx_log) in zip(tasks, outs, strict=True):
         res = parse_ptxas(ptx_log)
         for fname, instrs in parse_sass(sass).items():
             inst = spec.match(fname)
@@ -611,10 +612,10 @@ def report_cuda(spec: CudaSpec, log: list[str], jobs: int = 2) -> list[KernelRes
 
 def report_triton(spec: TritonSpec, log: list[str]) -> list[KernelResult]:
     try:
-        import triton  # noqa: PLC0415
-        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-        from triton.compiler import ASTSource  # noqa: PLC0415
-    except Exception as e:  # noqa: BLE001
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception as e:
         log.append(f"SKIP {spec.name}: triton unavailable ({e})")
         return []
     cuobjdump = find_tool("cuobjdump")
@@ -685,13 +686,13 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
     """Launch plan of ``kernel`` for one shape: the provider's own planner when it exists,
     else an adapter around today's plan functions."""
     if kernel == "bitmap_triton":
-        from flashsparse.kernels.triton import bitmap_spmm  # noqa: PLC0415
+        from flashsparse.kernels.triton import bitmap_spmm
 
         cfg = bitmap_spmm.choose_config(m, k, n, gpu.sms)
         ctas = -(-m // cfg.block_m) * -(-n // cfg.block_n) * cfg.split_k
         return {"ctas": ctas, "split_k": cfg.split_k, "persistent": False, "tile_m": cfg.block_m,
                 "tile_n": cfg.block_n, "extra_launches": int(cfg.split_k > 1), "workspace": cfg.split_k > 1}
-    from flashsparse.kernels import cuda  # noqa: PLC0415
+    from flashsparse.kernels import cuda
 
     wbytes = _weight_bytes(kernel, m, k, s)
     new = {"tiled_csl_cuda": "tiled_csl_launch_plan", "bitmap_cuda": "bitmap_launch_plan"}[kernel]
@@ -765,7 +766,7 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
             continue
         try:
             results += report_cuda(spec, log, jobs) if isinstance(spec, CudaSpec) else report_triton(spec, log)
-        except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the others
+        except Exception as e:
             log.append(f"ERROR {name}: {type(e).__name__}: {e}")
     plan_rows: list[dict[str, Any]] = []
     predictions: list[dict[str, Any]] = []
@@ -777,7 +778,7 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
                     for s in SPARSITIES:
                         try:
                             plan = plan_for(name, m, k, n, s, results)
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:
                             if not failed:
                                 log.append(f"ERROR {name}: no launch plan: {type(e).__name__}: {e}")
                             failed = True
@@ -796,10 +797,10 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
                 if failed:
                     break
     try:
-        import triton  # noqa: PLC0415
+        import triton
 
         triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         triton_version = None
     report = {
         "kernels": [r.entry() for r in results],

@@ -184,7 +184,7 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
 
     if not hasattr(cuda, "tiled_csl_launch_plan"):
         row = next(p for p in report["plans"] if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8)
-        tile_m, tile_n = cuda.tile_config(8)
+        tile_m, _ = cuda.tile_config(8)
         blocks = -(-28672 // tile_m)
         assert row["ctas"] == blocks * row["split_k"]
     preds = report["predictions"]
@@ -229,3 +229,14 @@ def test_real_compile_tiled_csl():
         ipe = e["instr_per_element"]
         # Fewer nonzeros, fewer words to load and scatter.
         assert 0 < ipe["0.9"] < ipe["0.7"] < ipe["0.5"]
+
+
+def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
+    monkeypatch.setattr(kr, "find_tool", lambda name: None)
+    spec = kr.load_spec("tiled_csl_cuda")
+    log: list[str] = []
+    assert kr.report_cuda(spec, log) == []
+    assert log == ["SKIP tiled_csl_cuda: nvcc not found"]
+    report, log = kr.build_report(["tiled_csl_cuda"], plans=True)
+    assert report["kernels"] == [] and report["plans"]  # plans need no compiler
+    assert all(not p["counted"] for p in report["predictions"])

@@ -37,8 +37,9 @@ A missing spec for one of the three kernel names is reported as an error line, n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 KERNEL_NAMES = ("bitmap_cuda", "tiled_csl_cuda", "bitmap_triton")
 
@@ -63,7 +64,7 @@ BlockWeights = Callable[[Any, float, Instance], "Mapping[int, float] | None"]
 class CudaSpec:
     name: str
     sources: Sequence[str]
-    match: Callable[[str], "Instance | None"]
+    match: Callable[[str], Instance | None]
     archs: Sequence[str] = ("90a", "80")
     trip_counts: TripCounts | None = None
     block_weights: BlockWeights | None = None
