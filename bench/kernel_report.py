@@ -52,6 +52,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -697,12 +698,19 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
     wbytes = _weight_bytes(kernel, m, k, s)
     new = {"tiled_csl_cuda": "tiled_csl_launch_plan", "bitmap_cuda": "bitmap_launch_plan"}[kernel]
     if hasattr(cuda, new):
-        first = getattr(cuda, new)(m, k, n, num_sms=gpu.sms, ctas_per_sm=_cta_slots(results, kernel, None),
-                                   weight_bytes=int(wbytes))
-        slots = _cta_slots(results, kernel, first.get("tile_n"))
-        plan = dict(getattr(cuda, new)(m, k, n, num_sms=gpu.sms, ctas_per_sm=slots, weight_bytes=int(wbytes)))
-        plan.setdefault("extra_launches", 0)  # the new kernels reduce split-K in-kernel
-        plan.setdefault("workspace", False)
+        fn = getattr(cuda, new)
+        accepted = inspect.signature(fn).parameters
+        kwargs: dict[str, Any] = {"num_sms": gpu.sms}
+        if "weight_bytes" in accepted:
+            kwargs["weight_bytes"] = int(wbytes)
+        first = fn(m, k, n, **kwargs)  # the planner's own occupancy, for its tile_n
+        counted = [r for r in results if r.kernel == kernel and r.n_tile == first.get("tile_n")]
+        if "ctas_per_sm" in accepted and counted:
+            kwargs["ctas_per_sm"] = _cta_slots(results, kernel, first.get("tile_n"))
+        plan = dict(fn(m, k, n, **kwargs))
+        split = int(plan.get("split_k", 1))
+        plan.setdefault("extra_launches", 0)  # the new kernels reduce split-K in the kernel
+        plan.setdefault("workspace", split > 1)  # ... but the partial sums still move
         return plan
     if kernel == "bitmap_cuda":
         raise LookupError("flashsparse.kernels.cuda.bitmap_launch_plan does not exist yet")

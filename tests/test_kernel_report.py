@@ -240,3 +240,21 @@ def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
     report, log = kr.build_report(["tiled_csl_cuda"], plans=True)
     assert report["kernels"] == [] and report["plans"]  # plans need no compiler
     assert all(not p["counted"] for p in report["predictions"])
+
+
+def test_new_plan_functions_are_preferred(monkeypatch):
+    from flashsparse.kernels import cuda
+
+    calls = []
+
+    def bitmap_launch_plan(m, k, n, *, num_sms=132, ctas_per_sm=None, tile_n=None):
+        calls.append((m, k, n, num_sms, ctas_per_sm))
+        return {"ctas": 300, "split_k": 2, "persistent": False, "tile_m": 64, "tile_n": 16}
+
+    monkeypatch.setattr(cuda, "bitmap_launch_plan", bitmap_launch_plan, raising=False)
+    results = [_fake_result("bitmap_cuda", 16, ctas=3)]
+    plan = kr.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
+    assert plan["ctas"] == 300 and plan["split_k"] == 2 and plan["workspace"] is True
+    # First call: the planner's own occupancy; second: the counted instance's (no weight_bytes,
+    # which this signature does not take).
+    assert calls == [(4096, 4096, 8, 132, None), (4096, 4096, 8, 132, 3)]
