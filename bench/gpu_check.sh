@@ -15,7 +15,8 @@
 # cut short still returns what it did), bench.json, bench.md, bench.csv, bench.png,
 # kernel_report.json, e2e.json. The logs themselves live in $GPU_CHECK_LOGS (default: a
 # temporary folder).
-# Step limits (seconds) sum to about 25 minutes; override one with GPU_CHECK_TIMEOUT_<STEP>
+# Step limits (seconds) sum to about 25 minutes (the sweep times 40 ms per measurement after a
+# 10 ms warm-up, about 2700 measurements); override one with GPU_CHECK_TIMEOUT_<STEP>
 # (e.g. GPU_CHECK_TIMEOUT_SWEEP=900). Where one command may run at most 10 minutes, split the
 # run with --steps (e.g. "env,install,build,pytest,sanitize" then "sweep" then "report,e2e").
 # Exit status: 0 every step passed, 1 some step failed or timed out, 2 bad arguments.
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --steps) shift; STEPS=${1:-} ;;
         --steps=*) STEPS=${1#--steps=} ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
         -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
         *) DEST=$1 ;;
     esac
@@ -54,7 +55,7 @@ CMD[install]="$PY -m pip install --no-deps --no-build-isolation -e ."
 CMD[build]="FLASHSPARSE_VERBOSE_BUILD=1 $PY -c 'from flashsparse.kernels import cuda; r = cuda._available(); print(\"CUDA kernels:\", r or \"built and self-checked\"); raise SystemExit(1 if r else 0)'"
 CMD[pytest]="$PY -m pytest -m gpu -q -p no:cacheprovider"
 CMD[sanitize]="compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/sanitize_driver.py && compute-sanitizer --tool racecheck --error-exitcode 3 $PY bench/sanitize_driver.py"
-CMD[sweep]="$PY -m flashsparse.cli bench --preset llama3-8b,opt-66b --n 1,8,16,32,128,512 --sparsity 0.5,0.7,0.8,0.9 --dtype fp16,bf16 --format all --backend all --baseline csr,2:4 --no-progress --json '$DEST/bench.json' --csv '$DEST/bench.csv' --plot '$DEST/bench.png' | tee '$DEST/bench.md'"
+CMD[sweep]="$PY -m flashsparse.cli bench --preset llama3-8b,opt-66b --n 1,8,16,32,128,512 --sparsity 0.5,0.7,0.8,0.9 --dtype fp16,bf16 --format all --backend all --baseline csr,2:4 --warmup-ms 10 --rep-ms 40 --no-progress --json '$DEST/bench.json' --csv '$DEST/bench.csv' --plot '$DEST/bench.png' | tee '$DEST/bench.md'"
 CMD[report]="$PY bench/kernel_report.py --json '$DEST/kernel_report.json'"
 CMD[e2e]="$PY bench/e2e.py --sparsities 0.5,0.7 --batches 1,8,32 --modes eager --fresh --out '$DEST/e2e.json'"
 
