@@ -854,7 +854,10 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
                 vals = [p["speedup"] for p in report["predictions"] if p["kernel"] == kernel and p["sparsity"] == s]
                 if vals:
                     parts.append(f"{int(s * 100)} %: {math.exp(sum(map(math.log, vals)) / len(vals)):.2f}x")
-            lines.append(f"  {kernel:15} " + ", ".join(parts))
+            flagged = sum(1 for p in report["plans"] if p["kernel"] == kernel and p["ctas"] < floor
+                          and not p["persistent"])
+            total = sum(1 for p in report["plans"] if p["kernel"] == kernel)
+            lines.append(f"  {kernel:15} " + ", ".join(parts) + f"; plans under {floor} CTAs: {flagged}/{total}")
     for msg in report["meta"]["log"]:
         lines.append(msg)
     return "\n".join(lines)
