@@ -56,7 +56,7 @@ CMD[build]="FLASHSPARSE_VERBOSE_BUILD=1 $PY -c 'from flashsparse.kernels import 
 CMD[pytest]="$PY -m pytest -m gpu -q -p no:cacheprovider"
 CMD[sanitize]="compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/sanitize_driver.py && compute-sanitizer --tool racecheck --error-exitcode 3 $PY bench/sanitize_driver.py"
 CMD[sweep]="$PY -m flashsparse.cli bench --preset llama3-8b,opt-66b --n 1,8,16,32,128,512 --sparsity 0.5,0.7,0.8,0.9 --dtype fp16,bf16 --format all --backend all --baseline csr,2:4 --warmup-ms 10 --rep-ms 40 --no-progress --json '$DEST/bench.json' --csv '$DEST/bench.csv' --plot '$DEST/bench.png' | tee '$DEST/bench.md'"
-CMD[report]="$PY bench/kernel_report.py --json '$DEST/kernel_report.json'"
+CMD[report]="gpu=h100; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -qi h200 && gpu=h200; $PY bench/kernel_report.py --gpu \$gpu --json '$DEST/kernel_report.json'"
 CMD[e2e]="$PY bench/e2e.py --sparsities 0.5,0.7 --batches 1,8,32 --modes eager --fresh --out '$DEST/e2e.json'"
 
 selected() {

@@ -24,17 +24,20 @@ triton wheel ships) and reports
 
 and, for the benchmark shapes (Llama-3-8B, OPT-66B; N = 1, 8, 16, 32; sparsity 0.5, 0.7, 0.9),
 the launch plan of each kernel (CTAs, split-K, persistent) with a red flag under two CTAs per
-SM (264 on an H100), and a predicted speed-up over dense from this model (H100, fp16):
+SM (264 on an H100), and a predicted speed-up over dense from this model (H100, fp16;
+``--gpu h200``: the same with 4.8 TB/s):
 
     time  = max(bytes / 3.35 TB/s,
-                (instr + integer instr) x elements x N-blocks / (29 T thread-instr/s x util),
+                max(instr, 2 x int-pipe instr) x elements x N-blocks / (29 T thread-instr/s x util),
                 shared bytes x elements x N-blocks / (132 x 128 B x 1.75 GHz x util)) + launches
     dense = (2 M K + 2 N K + 2 N M) bytes / 3.35 TB/s + one launch (cuBLAS, memory-bound)
 
 ``bytes`` is the compressed weight (bitmap: 2(1-s) + 1/8 bytes per element + offsets;
 Tiled-CSL: 4(1-s) per element + offsets) + x + y + the fp32 split-K workspace written and read
-back; 29 T = 132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz; integer instructions count twice
-(the integer pipe runs at half rate); ``util`` = the fraction of SMs busy (CTAs over 132 for
+back; 29 T = 132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz; the integer ALU pipe runs at half
+rate, so its instructions (the ``integer`` class less IMAD/IMUL, which issue to the FMA pipe
+on sm_80+: that is why compilers emit ``IMAD.MOV`` for moves) bound the time at twice their
+count, whatever else issues meanwhile; ``util`` = the fraction of SMs busy (CTAs over 132 for
 one partial wave, else the wave efficiency over SMs x CTAs per SM); a launch costs 2 us
 (a separate split-K reduce kernel is a second launch). Instruction counts are per compiled
 instance; predictions use the fp16 sm_90a instance whose ``n_tile`` the plan picks. These are
@@ -118,6 +121,9 @@ class Gpu:
 
 
 H100 = Gpu()
+# Same SMs, clocks and occupancy limits as the H100; more bandwidth (the lent GPU is often one).
+H200 = Gpu(name="H200", bandwidth=4.8e12)
+GPUS = {"h100": H100, "h200": H200}
 
 
 def ctas_per_sm(registers: int, smem_bytes: int, threads: int, gpu: Gpu = H100) -> int:
@@ -166,6 +172,8 @@ _CLASS_OF_BASE = {
     **dict.fromkeys(("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BREAK", "KILL", "YIELD"), "branch"),
 }
 _MMA_OPS = {b for b, c in _CLASS_OF_BASE.items() if c == "mma"}
+# Integer multiply-adds issue to the (full-rate) FMA pipe on sm_80 and newer.
+_FMA_PIPE_INTEGER = {"IMAD", "IMUL", "IMADSP", "IDP"}
 
 
 def classify(opcode: str) -> str:
@@ -416,6 +424,7 @@ class Count:
 
     by_class: dict[str, float]
     shared_bytes: float  # per warp per iteration
+    int_pipe: float = 0.0  # integer instructions on the half-rate ALU pipe (not IMAD/IMUL)
 
     @property
     def total(self) -> float:
@@ -424,13 +433,15 @@ class Count:
 
 def count_loop(loop: MainLoop, weights: Mapping[int, float]) -> Count:
     by_class = dict.fromkeys(CLASSES, 0.0)
-    sbytes = 0.0
+    sbytes = alu = 0.0
     for blk in loop.blocks:
         w = weights.get(blk.addr, 1.0)
         for ins in blk.instrs:
             by_class[ins.cls] += w
             sbytes += w * shared_bytes(ins.opcode)
-    return Count(by_class, sbytes)
+            if ins.cls == "integer" and ins.base not in _FMA_PIPE_INTEGER:
+                alu += w
+    return Count(by_class, sbytes, alu)
 
 
 # --- tools and compiles ---------------------------------------------------------------------------
@@ -569,7 +580,8 @@ def analyse(spec: Any, name: str, arch: str, instrs: Sequence[Instr], inst: Inst
     detail: dict[str, Any] = {"function": name, "main_loop": f"0x{loop.header:x}",
                               "blocks": len(loop.blocks), "nested_loops": len(loop.nested),
                               "threads": inst.threads, "elements_per_iter": inst.elements,
-                              "per_class": {}, "integer_per_element": {}, "smem_bytes_per_element": {}}
+                              "per_class": {}, "integer_per_element": {}, "int_pipe_per_element": {},
+                              "smem_bytes_per_element": {}}
     scale = inst.threads / inst.elements
     for s in SPARSITIES:
         trips = spec.trip_counts(s, inst) if spec.trip_counts else None
@@ -582,6 +594,7 @@ def analyse(spec: Any, name: str, arch: str, instrs: Sequence[Instr], inst: Inst
         ipe[key] = round(c.total * scale, 3)
         detail["per_class"][key] = {k: round(v * scale, 3) for k, v in c.by_class.items() if v}
         detail["integer_per_element"][key] = round(c.by_class["integer"] * scale, 3)
+        detail["int_pipe_per_element"][key] = round(c.int_pipe * scale, 3)
         detail["smem_bytes_per_element"][key] = round(c.shared_bytes / 32 * scale, 3)
     return KernelResult(spec.name, f"sm_{arch}", inst.dtype, inst.n_tile, registers, spill, smem,
                         ctas_per_sm(registers, smem, inst.threads, gpu), ipe, detail, name, inst)
@@ -737,7 +750,7 @@ def predict(kernel: str, m: int, k: int, n: int, s: float, plan: Mapping[str, An
         slots = gpu.sms * max(1, result.ctas_per_sm_h100)
         util = min(ctas, gpu.sms) / gpu.sms if ctas <= gpu.sms else ctas / (-(-ctas // slots) * slots)
         passes = m * k * -(-n // result.n_tile)  # weight elements decoded (once per N block)
-        ipe = result.instr_per_element[key] + result.detail["integer_per_element"][key]
+        ipe = max(result.instr_per_element[key], 2 * result.detail["int_pipe_per_element"][key])
         t_issue = ipe * passes / (gpu.issue_rate * util)
         sbpe = result.detail["smem_bytes_per_element"][key]
         t_smem = sbpe * passes / (gpu.sms * gpu.smem_bytes_per_clk * gpu.clock_hz * util)
@@ -761,7 +774,7 @@ def pick_instance(results: Sequence[KernelResult], kernel: str, tile_n: int | No
 
 # --- report ---------------------------------------------------------------------------------------
 def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
-                 jobs: int = 2) -> tuple[dict[str, Any], list[str]]:
+                 jobs: int = 2, gpu: Gpu = H100) -> tuple[dict[str, Any], list[str]]:
     """(JSON-ready report, log lines: skips and errors)."""
     log: list[str] = []
     results: list[KernelResult] = []
@@ -785,7 +798,7 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
                 for n in NS:
                     for s in SPARSITIES:
                         try:
-                            plan = plan_for(name, m, k, n, s, results)
+                            plan = plan_for(name, m, k, n, s, results, gpu)
                         except Exception as e:
                             if not failed:
                                 log.append(f"ERROR {name}: no launch plan: {type(e).__name__}: {e}")
@@ -796,9 +809,9 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
                                           "persistent": bool(plan["persistent"]),
                                           "tile_m": plan.get("tile_m"), "tile_n": plan.get("tile_n")})
                         inst = pick_instance(results, name, plan.get("tile_n"))
-                        pred = predict(name, m, k, n, s, plan, inst)
+                        pred = predict(name, m, k, n, s, plan, inst, gpu)
                         predictions.append({"kernel": name, "m": m, "k": k, "n": n, "sparsity": s,
-                                            "gpu": H100.name, "dtype": "fp16",
+                                            "gpu": gpu.name, "dtype": "fp16",
                                             "counted": inst is not None, **pred})
                     if failed:
                         break
@@ -814,7 +827,7 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
         "kernels": [r.entry() for r in results],
         "plans": plan_rows,
         "predictions": predictions,
-        "meta": {"triton": triton_version, "gpu_model": H100.__dict__, "log": log,
+        "meta": {"triton": triton_version, "gpu_model": gpu.__dict__, "log": log,
                  "sparsities": list(SPARSITIES)},
     }
     return report, log
@@ -823,13 +836,13 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
 def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
     lines = [f"Static kernel report (SASS; model estimates, no GPU run; triton {report['meta']['triton']})"]
     lines.append(f"{'kernel':15} {'arch':6} {'dtype':5} {'n_tile':>6} {'regs':>4} {'spill':>5} "
-                 f"{'smem':>7} {'CTA/SM':>6}  instr/elem 50/70/90 %   (integer 70 %)")
+                 f"{'smem':>7} {'CTA/SM':>6}  instr/elem 50/70/90 %   (int pipe 70 %)")
     for e in report["kernels"]:
         ipe = e["instr_per_element"]
         lines.append(
             f"{e['kernel']:15} {e['arch']:6} {e['dtype']:5} {e['n_tile']:>6} {e['registers']:>4} "
             f"{e['spill_bytes']:>5} {e['smem_bytes']:>7} {e['ctas_per_sm_h100']:>6}  "
-            f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['integer_per_element']['0.7']:.2f})")
+            f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['int_pipe_per_element']['0.7']:.2f})")
     if report["plans"]:
         floor = 2 * gpu.sms
         lines.append("")
@@ -869,13 +882,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kernels", default=",".join(KERNEL_NAMES), help="comma-separated kernel names")
     ap.add_argument("--no-plans", action="store_true", help="skip launch plans and predictions")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel nvcc runs")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
+                    help="GPU of the speed-up model (h200: same SMs, 4.8 TB/s); occupancy is always H100's")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.kernels.split(",") if n.strip()]
     unknown = [n for n in names if n not in KERNEL_NAMES]
     if unknown:
         ap.error(f"--kernels: unknown {unknown}; expected a subset of {list(KERNEL_NAMES)}")
-    report, _ = build_report(names, plans=not args.no_plans, jobs=args.jobs)
-    print(format_report(report))
+    gpu = GPUS[args.gpu]
+    report, _ = build_report(names, plans=not args.no_plans, jobs=args.jobs, gpu=gpu)
+    print(format_report(report, gpu))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

@@ -38,7 +38,7 @@ _BODY = [
     (0xb0, "ISETP.GE.AND P1, PT, R9, 0x4, PT"),
     (0xc0, "@!P1 BRA 0xa0"),
     (0xd0, "BAR.SYNC.DEFER_BLOCKING 0x0"),
-    (0xe0, "ISETP.NE.AND P2, PT, R0, RZ, PT"),
+    (0xe0, "IMAD.IADD R0, R0, 0x1, R1"),  # integer, but on the FMA pipe
     (0xf0, "@P2 BRA 0x30"),
     (0x100, "IADD3 R0, R0, 0x1, RZ"),           # epilogue loop, no MMA
     (0x110, "@P3 BRA 0x100"),
@@ -69,7 +69,8 @@ def test_counts_weighting_and_classes():
     assert default.by_class["mma"] == 2
     assert default.by_class["global_load"] == 1
     assert default.by_class["shared_load"] == 1 and default.by_class["shared_store"] == 1
-    assert default.by_class["integer"] == 3  # LOP3, 2x ISETP
+    assert default.by_class["integer"] == 3  # LOP3, ISETP, IMAD
+    assert default.int_pipe == 2  # IMAD issues to the FMA pipe
     assert default.by_class["conversion"] == 1
     assert default.by_class["barrier"] == 1
     assert default.by_class["branch"] == 3
@@ -144,7 +145,8 @@ def test_ptxas_and_res_usage_parsing():
 
 def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> kr.KernelResult:
     keys = [str(s) for s in kr.SPARSITIES]
-    detail = {"integer_per_element": dict.fromkeys(keys, 1.0), "smem_bytes_per_element": dict.fromkeys(keys, 0.5)}
+    detail = {"integer_per_element": dict.fromkeys(keys, 1.0), "int_pipe_per_element": dict.fromkeys(keys, 1.0),
+              "smem_bytes_per_element": dict.fromkeys(keys, 0.5)}
     return kr.KernelResult(kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas,
                            dict.fromkeys(keys, ipe), detail)
 
