@@ -54,7 +54,9 @@ CMD[env]="nvidia-smi; nvcc --version; $PY -c 'import sys, torch, triton; print(s
 CMD[install]="$PY -m pip install --no-deps --no-build-isolation -e ."
 CMD[build]="FLASHSPARSE_VERBOSE_BUILD=1 $PY -c 'from flashsparse.kernels import cuda; r = cuda._available(); print(\"CUDA kernels:\", r or \"built and self-checked\"); raise SystemExit(1 if r else 0)'"
 CMD[pytest]="$PY -m pytest -m gpu -q -p no:cacheprovider"
-CMD[sanitize]="compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/sanitize_driver.py && compute-sanitizer --tool racecheck --error-exitcode 3 $PY bench/sanitize_driver.py"
+# compute-sanitizer is often not on PATH: look next to CUDA too.
+CS_FIND='cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1); [ -n "$cs" ] || { echo "compute-sanitizer not found"; exit 1; }; echo "using $cs"'
+CMD[sanitize]="$CS_FIND; \$cs --tool memcheck --error-exitcode 3 $PY bench/sanitize_driver.py && \$cs --tool racecheck --error-exitcode 3 $PY bench/sanitize_driver.py"
 CMD[sweep]="$PY -m flashsparse.cli bench --preset llama3-8b,opt-66b --n 1,8,16,32,128,512 --sparsity 0.5,0.7,0.8,0.9 --dtype fp16,bf16 --format all --backend all --baseline csr,2:4 --warmup-ms 10 --rep-ms 40 --no-progress --json '$DEST/bench.json' --csv '$DEST/bench.csv' --plot '$DEST/bench.png' | tee '$DEST/bench.md'"
 CMD[report]="gpu=h100; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -qi h200 && gpu=h200; $PY bench/kernel_report.py --gpu \$gpu --json '$DEST/kernel_report.json'"
 CMD[e2e]="$PY bench/e2e.py --sparsities 0.5,0.7 --batches 1,8,32 --modes eager --fresh --out '$DEST/e2e.json'"
