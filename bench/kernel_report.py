@@ -581,7 +581,8 @@ def analyse(spec: Any, name: str, arch: str, instrs: Sequence[Instr], inst: Inst
                               "blocks": len(loop.blocks), "nested_loops": len(loop.nested),
                               "threads": inst.threads, "elements_per_iter": inst.elements,
                               "per_class": {}, "integer_per_element": {}, "int_pipe_per_element": {},
-                              "smem_bytes_per_element": {}}
+                              "smem_bytes_per_element": {}, "params": dict(inst.params),
+                              "primary": inst.primary}
     scale = inst.threads / inst.elements
     for s in SPARSITIES:
         trips = spec.trip_counts(s, inst) if spec.trip_counts else None
@@ -688,7 +689,8 @@ def _weight_bytes(kernel: str, m: int, k: int, s: float) -> float:
 
 def _cta_slots(results: Sequence[KernelResult], kernel: str, n_tile: int | None) -> int:
     """CTAs per SM of the kernel's fp16 sm_90 instance for ``n_tile`` (1 if unknown)."""
-    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")]
+    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")
+             and (r.instance is None or r.instance.primary)]
     if n_tile is not None:
         exact = [r for r in cands if r.n_tile == n_tile]
         cands = exact or cands
@@ -717,7 +719,8 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
         if "weight_bytes" in accepted:
             kwargs["weight_bytes"] = int(wbytes)
         first = fn(m, k, n, **kwargs)  # the planner's own occupancy, for its tile_n
-        counted = [r for r in results if r.kernel == kernel and r.n_tile == first.get("tile_n")]
+        counted = [r for r in results if r.kernel == kernel and r.n_tile == first.get("tile_n")
+                   and (r.instance is None or r.instance.primary)]
         if "ctas_per_sm" in accepted and counted:
             kwargs["ctas_per_sm"] = _cta_slots(results, kernel, first.get("tile_n"))
         plan = dict(fn(m, k, n, **kwargs))
@@ -762,7 +765,9 @@ def predict(kernel: str, m: int, k: int, n: int, s: float, plan: Mapping[str, An
 
 
 def pick_instance(results: Sequence[KernelResult], kernel: str, tile_n: int | None) -> KernelResult | None:
-    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")]
+    """The fp16 sm_90 primary instance with this ``tile_n`` (else the nearest)."""
+    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")
+             and (r.instance is None or r.instance.primary)]
     if not cands:
         return None
     if tile_n is not None:
@@ -870,7 +875,9 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
             flagged = sum(1 for p in report["plans"] if p["kernel"] == kernel and p["ctas"] < floor
                           and not p["persistent"])
             total = sum(1 for p in report["plans"] if p["kernel"] == kernel)
-            lines.append(f"  {kernel:15} " + ", ".join(parts) + f"; plans under {floor} CTAs: {flagged}/{total}")
+            uncounted = any(not p["counted"] for p in report["predictions"] if p["kernel"] == kernel)
+            note = " (NO instruction counts: memory-bound ceiling only)" if uncounted else ""
+            lines.append(f"  {kernel:15} " + ", ".join(parts) + f"; plans under {floor} CTAs: {flagged}/{total}{note}")
     for msg in report["meta"]["log"]:
         lines.append(msg)
     return "\n".join(lines)

@@ -281,3 +281,12 @@ def spec_counts(spec, sparsity, tile_m):
     import kernel_specs.tiled_csl_cuda as mod
 
     return mod._vector_counts(sparsity, tile_m)
+
+
+def test_non_primary_variants_are_reported_but_not_planned():
+    primary = _fake_result("bitmap_cuda", 16, ctas=3)
+    primary.instance = Instance("fp16", 16, 128, 4096)
+    variant = _fake_result("bitmap_cuda", 16, ctas=1, ipe=99.0)
+    variant.instance = Instance("fp16", 16, 128, 4096, params={"x_aligned": False}, primary=False)
+    assert kr.pick_instance([variant, primary], "bitmap_cuda", 16) is primary
+    assert kr._cta_slots([variant, primary], "bitmap_cuda", 16) == 3

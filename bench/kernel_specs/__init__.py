@@ -15,7 +15,10 @@ One module per kernel, named after it (``bitmap_cuda.py``, ``tiled_csl_cuda.py``
 An :class:`Instance` carries what the counter cannot see in the machine code: ``dtype``
 (``"fp16"``/``"bf16"``), ``n_tile`` (the CTA's N extent), ``threads`` per CTA, ``elements``
 (dense weight elements one main-loop iteration consumes, e.g. ``tile_m * 64``),
-``dynamic_smem`` bytes (static shared memory comes from ptxas) and free-form ``params``.
+``dynamic_smem`` bytes (static shared memory comes from ptxas), free-form ``params`` (copied
+into the report's ``detail``; name variants there, e.g. ``{"x_aligned": False}``) and
+``primary`` (False: a variant the benchmark shapes never launch; reported, but not used for
+plans and predictions).
 
 The *main loop* is the natural loop of the SASS control-flow graph holding the most MMA
 instructions (HMMA/HGMMA; ties: the innermost). By default every basic block of its body
@@ -54,6 +57,9 @@ class Instance:
     elements: int
     dynamic_smem: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
+    # False for variants the benchmark shapes do not launch (e.g. an unaligned-x fallback):
+    # reported, but not used for launch plans and predictions.
+    primary: bool = True
 
 
 TripCounts = Callable[[float, Instance], Sequence[float]]
