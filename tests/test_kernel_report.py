@@ -1,0 +1,292 @@
+"""bench/kernel_report.py: SASS parsing, loop finding, counting, occupancy, plans, JSON schema."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kernel_report as kr  # noqa: E402
+from kernel_specs import CudaSpec, Instance  # noqa: E402
+
+
+def _line(addr: int, text: str) -> str:
+    return f"        /*{addr:04x}*/                   {text} ;   /* 0x0000000000000000 */\n" \
+           "                                                            /* 0x000fe20000000a00 */"
+
+
+# A kernel with a prologue, a main loop at 0x0030 (two HMMA) holding an if-block (0x0070) and
+# a nested loop (0x00a0..0x00c0), and an epilogue loop without MMA (0x0100..0x0110).
+_BODY = [
+    (0x00, "S2R R0, SR_TID.X"),
+    (0x10, "IMAD.MOV.U32 R1, RZ, RZ, RZ"),
+    (0x20, "HMMA.16816.F32 R4, R8, R12, R4"),   # peeled MMA outside the loop
+    (0x30, "LDG.E.128 R8, desc[UR4][R2.64]"),   # main loop header
+    (0x40, "LDSM.16.M88.4 R12, [R3]"),
+    (0x50, "HMMA.16816.F32 R4, R8, R12, R4"),
+    (0x60, "@P0 BRA 0x80"),
+    (0x70, "STS.U16 [R5], R6"),                 # if-block
+    (0x80, "HMMA.16816.F32 R16, R8, R12, R16"),
+    (0x90, "F2FP.F16.F32.PACK_AB R7, R4, R5"),
+    (0xa0, "LOP3.LUT R9, R9, 0xff, RZ, 0xc0, !PT"),  # nested loop header
+    (0xb0, "ISETP.GE.AND P1, PT, R9, 0x4, PT"),
+    (0xc0, "@!P1 BRA 0xa0"),
+    (0xd0, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+    (0xe0, "IMAD.IADD R0, R0, 0x1, R1"),  # integer, but on the FMA pipe
+    (0xf0, "@P2 BRA 0x30"),
+    (0x100, "IADD3 R0, R0, 0x1, RZ"),           # epilogue loop, no MMA
+    (0x110, "@P3 BRA 0x100"),
+    (0x120, "STG.E.128 desc[UR4][R2.64], R4"),
+    (0x130, "EXIT"),
+    (0x140, "BRA 0x140"),
+]
+SASS = "\n\tcode for sm_90a\n\t\tFunction : _Z4testv\n" + "\n".join(_line(a, t) for a, t in _BODY) + "\n"
+
+
+def test_parse_and_main_loop():
+    funcs = kr.parse_sass(SASS)
+    assert list(funcs) == ["_Z4testv"]
+    instrs = funcs["_Z4testv"]
+    assert [i.addr for i in instrs] == [a for a, _ in _BODY]
+    assert instrs[6].pred == "@P0" and instrs[6].targets() == [0x80]
+    loop = kr.find_main_loop(instrs)
+    assert loop.header == 0x30
+    assert [b.addr for b in loop.blocks] == [0x30, 0x70, 0x80, 0xa0, 0xd0]
+    assert [lp.header for lp in loop.nested] == [0xa0]
+    assert {b.addr: b.depth for b in loop.blocks} == {0x30: 0, 0x70: 0, 0x80: 0, 0xa0: 1, 0xd0: 0}
+
+
+def test_counts_weighting_and_classes():
+    loop = kr.find_main_loop(kr.parse_sass(SASS)["_Z4testv"])
+    default = kr.count_loop(loop, kr.block_frequencies(loop))
+    assert default.total == 13  # every body block once
+    assert default.by_class["mma"] == 2
+    assert default.by_class["global_load"] == 1
+    assert default.by_class["shared_load"] == 1 and default.by_class["shared_store"] == 1
+    assert default.by_class["integer"] == 3  # LOP3, ISETP, IMAD
+    assert default.int_pipe == 2  # IMAD issues to the FMA pipe
+    assert default.by_class["conversion"] == 1
+    assert default.by_class["barrier"] == 1
+    assert default.by_class["branch"] == 3
+    # LDSM.x4 = 512 bytes per warp, STS.U16 = 64.
+    assert default.shared_bytes == 512 + 64
+    # The nested loop runs 2.5 times, the if-block a quarter of the iterations.
+    w = kr.block_frequencies(loop, [2.5], {0x70: 0.25})
+    c = kr.count_loop(loop, w)
+    assert w == {0x30: 1.0, 0x70: 0.25, 0x80: 1.0, 0xa0: 2.5, 0xd0: 1.0}
+    assert c.total == pytest.approx(13 - 0.75 + 1.5 * 3)
+    assert c.shared_bytes == pytest.approx(512 + 16)
+    with pytest.raises(ValueError, match="not in the main loop"):
+        kr.block_frequencies(loop, None, {0x100: 1.0})
+
+
+def test_instr_per_element_uses_threads_and_elements():
+    instrs = kr.parse_sass(SASS)["_Z4testv"]
+    spec = CudaSpec("fake", (), lambda name: None, trip_counts=lambda s, inst: [10 * s])
+    inst = Instance("fp16", 16, threads=128, elements=256 * 64)
+    r = kr.analyse(spec, "_Z4testv", "90a", instrs, inst, registers=168, spill=0, smem=69632)
+    for s in kr.SPARSITIES:
+        total = 10 + 3 * 10 * s  # 10 instructions outside the nested loop + 3 per trip
+        assert r.instr_per_element[str(s)] == pytest.approx(total * 128 / (256 * 64), abs=1e-3)
+    assert r.ctas_per_sm_h100 == 3
+    assert r.entry()["arch"] == "sm_90a"
+
+
+def test_no_mma_loop_is_an_error():
+    text = "Function : k\n" + _line(0, "IADD3 R0, R0, 0x1, RZ") + "\n" + _line(0x10, "@P0 BRA 0x0")
+    with pytest.raises(ValueError, match="no loop contains an MMA"):
+        kr.find_main_loop(kr.parse_sass(text)["k"])
+
+
+@pytest.mark.parametrize(
+    ("regs", "smem", "threads", "expected"),
+    [
+        (168, 69632, 128, 3),  # registers: 12 warps; shared memory: 3 CTAs
+        (255, 0, 256, 1),  # 256 regs/thread x 8 warps = the whole register file
+        (32, 0, 128, 16),  # warps: 64 / 4
+        (16, 0, 32, 32),  # the CTA limit
+        (64, 200 * 1024, 128, 1),
+        (64, 228 * 1024, 128, 0),  # more than a CTA may have
+    ],
+)
+def test_ctas_per_sm(regs, smem, threads, expected):
+    assert kr.ctas_per_sm(regs, smem, threads) == expected
+
+
+def test_shared_bytes_and_classes():
+    assert kr.shared_bytes("LDSM.16.M88.4") == 512
+    assert kr.shared_bytes("LDSM.16.M88.2") == 256
+    assert kr.shared_bytes("STS.128") == 512
+    assert kr.shared_bytes("LDS.U16") == 64
+    assert kr.shared_bytes("LDG.E.128") == 0
+    assert kr.classify("IMAD.WIDE.U32") == "integer"
+    assert kr.classify("HGMMA.64x16x16.F32") == "mma"
+    assert kr.classify("LDGSTS.E.BYPASS.128") == "global_load"
+    assert kr.classify("UIADD3") == "other"
+
+
+def test_ptxas_and_res_usage_parsing():
+    log = (
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z1kv\n"
+        "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 96 registers, used 1 barriers, 2048 bytes smem\n"
+    )
+    assert kr.parse_ptxas(log) == {"_Z1kv": {"registers": 96, "spill_bytes": 12, "static_smem": 2048}}
+    res = " Function _Z1kv:\n  REG:118 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:624 TEXTURE:0\n"
+    assert kr.parse_res_usage(res) == {"_Z1kv": {"registers": 118, "stack": 0, "shared": 1024, "local": 0}}
+
+
+def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> kr.KernelResult:
+    keys = [str(s) for s in kr.SPARSITIES]
+    detail = {"integer_per_element": dict.fromkeys(keys, 1.0), "int_pipe_per_element": dict.fromkeys(keys, 1.0),
+              "smem_bytes_per_element": dict.fromkeys(keys, 0.5)}
+    return kr.KernelResult(kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas,
+                           dict.fromkeys(keys, ipe), detail)
+
+
+def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
+    fakes = {"tiled_csl_cuda": [_fake_result("tiled_csl_cuda", n) for n in (8, 16, 32)],
+             "bitmap_triton": [_fake_result("bitmap_triton", n, 4) for n in (16, 32)]}
+
+    def load_spec(name):
+        if name == "bitmap_cuda":
+            raise ImportError("missing for this test")
+        return CudaSpec(name, (), lambda n: None)
+
+    monkeypatch.setattr(kr, "load_spec", load_spec)
+    monkeypatch.setattr(kr, "report_cuda", lambda spec, log, jobs=2: fakes[spec.name])
+    report, log = kr.build_report(kr.KERNEL_NAMES, plans=True)
+    assert any(line.startswith("ERROR bitmap_cuda: no spec") for line in log)
+    assert {e["kernel"] for e in report["kernels"]} == {"tiled_csl_cuda", "bitmap_triton"}
+    for e in report["kernels"]:
+        assert set(e) >= {"kernel", "arch", "dtype", "n_tile", "registers", "spill_bytes", "smem_bytes",
+                          "ctas_per_sm_h100", "instr_per_element"}
+        assert set(e["instr_per_element"]) == {"0.5", "0.7", "0.9"}
+    plan_keys = {"kernel", "m", "k", "n", "sparsity", "ctas", "split_k", "persistent"}
+    per_kernel = len(kr.SHAPES) * len(kr.NS) * len(kr.SPARSITIES)
+    for name in ("tiled_csl_cuda", "bitmap_triton"):
+        rows = [p for p in report["plans"] if p["kernel"] == name]
+        assert len(rows) == per_kernel
+        assert all(set(p) >= plan_keys for p in rows)
+    # The Triton plan is choose_config's: CTAs = M blocks x N blocks x split.
+    from flashsparse.kernels.triton.bitmap_spmm import choose_config
+
+    row = next(p for p in report["plans"] if p["kernel"] == "bitmap_triton" and p["m"] == 4096 and p["n"] == 16)
+    cfg = choose_config(4096, row["k"], 16, 132)
+    assert row["ctas"] == -(-4096 // cfg.block_m) * cfg.split_k and row["split_k"] == cfg.split_k
+    # The Tiled-CSL adapter: tile_config + choose_split_k over 132 x 2 slots.
+    from flashsparse.kernels import cuda
+
+    if not hasattr(cuda, "tiled_csl_launch_plan"):
+        row = next(p for p in report["plans"] if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8)
+        tile_m, _ = cuda.tile_config(8)
+        blocks = -(-28672 // tile_m)
+        assert row["ctas"] == blocks * row["split_k"]
+    preds = report["predictions"]
+    assert len(preds) == 2 * per_kernel and all(p["speedup"] > 0 for p in preds)
+    text = kr.format_report(report)
+    assert "ERROR bitmap_cuda" in text
+    # Red flag on plans under two CTAs per SM.
+    small = [p for p in report["plans"] if p["ctas"] < 264]
+    assert small and "!" in text
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps(report))
+    assert set(json.loads(out.read_text())) >= {"kernels", "plans"}
+
+
+def test_predict_model_is_memory_bound_when_instructions_are_cheap():
+    plan = {"ctas": 1000, "split_k": 1, "persistent": False}
+    r = _fake_result("bitmap_cuda", 16, ctas=2, ipe=0.01)
+    p = kr.predict("bitmap_cuda", 8192, 8192, 16, 0.9, plan, r)
+    assert p["bound"] == "memory"
+    m = k = 8192
+    dense = (2 * m * k + 2 * 16 * (m + k)) / kr.H100.bandwidth + kr.H100.launch_s
+    sparse = (kr._weight_bytes("bitmap_cuda", m, k, 0.9) + 2 * 16 * (m + k)) / kr.H100.bandwidth + kr.H100.launch_s
+    assert p["speedup"] == pytest.approx(dense / sparse, rel=1e-2)
+    slow = kr.predict("bitmap_cuda", m, k, 16, 0.9, plan, _fake_result("bitmap_cuda", 16, ipe=40.0))
+    assert slow["bound"] == "issue" and slow["speedup"] < p["speedup"]
+
+
+def test_cli_rejects_unknown_kernel():
+    with pytest.raises(SystemExit):
+        kr.main(["--kernels", "nope"])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or kr.find_tool("cuobjdump") is None,
+                    reason="needs nvcc and cuobjdump")
+def test_real_compile_tiled_csl():
+    report, log = kr.build_report(["tiled_csl_cuda"], plans=False)
+    assert not [line for line in log if line.startswith("ERROR")], log
+    rows = [e for e in report["kernels"] if e["arch"] == "sm_90a" and e["dtype"] == "fp16"]
+    assert sorted(e["n_tile"] for e in rows) == [8, 16, 32, 64, 128]
+    for e in rows:
+        assert e["registers"] > 0 and e["spill_bytes"] == 0 and e["ctas_per_sm_h100"] >= 1
+        ipe = e["instr_per_element"]
+        # Fewer nonzeros, fewer words to load and scatter.
+        assert 0 < ipe["0.9"] < ipe["0.7"] < ipe["0.5"]
+
+
+def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
+    monkeypatch.setattr(kr, "find_tool", lambda name: None)
+    spec = kr.load_spec("tiled_csl_cuda")
+    log: list[str] = []
+    assert kr.report_cuda(spec, log) == []
+    assert log == ["SKIP tiled_csl_cuda: nvcc not found"]
+    report, log = kr.build_report(["tiled_csl_cuda"], plans=True)
+    assert report["kernels"] == [] and report["plans"]  # plans need no compiler
+    assert all(not p["counted"] for p in report["predictions"])
+
+
+def test_new_plan_functions_are_preferred(monkeypatch):
+    from flashsparse.kernels import cuda
+
+    calls = []
+
+    def bitmap_launch_plan(m, k, n, *, num_sms=132, ctas_per_sm=None, tile_n=None):
+        calls.append((m, k, n, num_sms, ctas_per_sm))
+        return {"ctas": 300, "split_k": 2, "persistent": False, "tile_m": 64, "tile_n": 16}
+
+    monkeypatch.setattr(cuda, "bitmap_launch_plan", bitmap_launch_plan, raising=False)
+    results = [_fake_result("bitmap_cuda", 16, ctas=3)]
+    plan = kr.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
+    assert plan["ctas"] == 300 and plan["split_k"] == 2 and plan["workspace"] is True
+    # First call: the planner's own occupancy; second: the counted instance's (no weight_bytes,
+    # which this signature does not take).
+    assert calls == [(4096, 4096, 8, 132, None), (4096, 4096, 8, 132, 3)]
+
+
+def test_tiled_csl_spec_hooks_follow_the_random_mask():
+    spec = kr.load_spec("tiled_csl_cuda")
+    inst = spec.match("_ZN11flashsparse4tcsl21tiled_csl_spmm_kernelINS0_10TileConfigILi256ELi16ELi4ELi1ELi16EEELb0EEEvNS0_12KernelParamsE")
+    assert inst is not None and inst.n_tile == 16 and inst.params["tile_m"] == 256 and inst.dtype == "fp16"
+    assert spec.match("_ZN11flashsparse4tcsl30tiled_csl_splitk_reduce_kernelILb0EEEvPKfimiPKtPt") is None
+    trips = [spec.trip_counts(s, inst)[0] for s in (0.0, 0.5, 0.7, 0.9)]
+    # A dense 256 x 64 block is 4096 vectors = two chunks of 2048: one extra chunk per k step;
+    # at 70 % and above one chunk always suffices.
+    assert trips[0] == 1.0 and 0.0 < trips[1] < 1.0 and trips[2] == trips[3] == 0.0
+    # Vector-slot weights: the fraction of (k step, warp) pairs with a lane that has a vector.
+    pairs = [(c1 + c2) for c1, c2 in spec_counts(spec, 0.7, 256)]
+    mean_vectors = sum(pairs) / len(pairs)
+    assert 0.28 * 4096 < mean_vectors < 0.32 * 4096
+
+
+def spec_counts(spec, sparsity, tile_m):
+    import kernel_specs.tiled_csl_cuda as mod
+
+    return mod._vector_counts(sparsity, tile_m)
+
+
+def test_non_primary_variants_are_reported_but_not_planned():
+    primary = _fake_result("bitmap_cuda", 16, ctas=3)
+    primary.instance = Instance("fp16", 16, 128, 4096)
+    variant = _fake_result("bitmap_cuda", 16, ctas=1, ipe=99.0)
+    variant.instance = Instance("fp16", 16, 128, 4096, params={"x_aligned": False}, primary=False)
+    assert kr.pick_instance([variant, primary], "bitmap_cuda", 16) is primary
+    assert kr._cta_slots([variant, primary], "bitmap_cuda", 16) == 3
