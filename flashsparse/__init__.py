@@ -8,6 +8,7 @@ from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
+from .notices import FlashsparseWarning, ReferencePathWarning
 from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
 from .prune import prune
 from .serialization import load_sparse, save_sparse
@@ -15,6 +16,8 @@ from .serialization import load_sparse, save_sparse
 __all__ = [
     "BackendUnavailableError",
     "Bitmap",
+    "FlashsparseWarning",
+    "ReferencePathWarning",
     "SparseLinear",
     "SparseWeight",
     "SparsifySummary",
