@@ -305,7 +305,8 @@ def _report_sparsify(
             FlashsparseWarning,
             stacklevel=3,
         )
-    elif not targets:
+    elif not targets and not any(isinstance(m, SparseLinear) for m in model.modules()):
+        # (A model already holding SparseLinear layers, sparsified before: nothing to say.)
         where = (
             "model has no nn.Linear layer" if linears == 0
             else f"all {linears} nn.Linear layer(s) are the LM head or tied to an embedding, "

@@ -153,16 +153,25 @@ def prepare_format(
 
 
 class Sweep:
-    """Runs ``cfg``; ``progress(label)`` is called after each measurement and
-    ``on_block(rows)`` with each finished (shape, dtype) block."""
+    """Runs ``cfg``; ``progress(label)`` is called after each measurement, ``on_skip()`` instead
+    for each of the :func:`count_tasks` steps that turned out to be skipped (nothing measured),
+    and ``on_block(rows)`` with each finished (shape, dtype) block."""
 
     def __init__(
         self,
         cfg: BenchConfig,
         progress: Callable[[str], None] = lambda label: None,
         on_block: Callable[[list[dict]], None] = lambda rows: None,
+        on_skip: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg, self.progress, self.on_block = cfg, progress, on_block
+        self.on_skip = on_skip
+
+    def _step(self, row: dict, label: str) -> None:
+        if row["status"] == "skipped":
+            self.on_skip()
+        else:
+            self.progress(label)
 
     # -- one row --------------------------------------------------------------------------
     def _row(self, shape: Shape, n: int, dtype: torch.dtype, sparsity: float | None, **kw) -> dict:
@@ -277,8 +286,8 @@ class Sweep:
         return out
 
     def _label(self, shape: Shape, dtype: torch.dtype, n: int, sparsity, method: str) -> str:
-        sp = "dense" if sparsity is None else f"{sparsity:g}"
-        return f"{shape.label} {DTYPE_NAMES[dtype]} N={n} {sp} {method}"
+        sp = "" if sparsity is None else f" sparsity {sparsity:g}"
+        return f"{shape.label} {DTYPE_NAMES[dtype]} N={n}{sp} {method}"
 
     def _block(self, shape: Shape, dtype: torch.dtype) -> list[dict]:
         cfg, dev = self.cfg, self.cfg.device
@@ -298,7 +307,7 @@ class Sweep:
             row = self._measure(prep, x, refs[n], row)
             dense_ms[n] = row["median_ms"]
             block.append(row)
-            self.progress(self._label(shape, dtype, n, None, "dense"))
+            self._step(row, self._label(shape, dtype, n, None, "dense"))
         del prep, refs
 
         # torch 2:4 at 50 %: its own weight (the dense one, 2:4-pruned by magnitude).
@@ -314,7 +323,7 @@ class Sweep:
             for n, x in xs.items():
                 row = self._row(shape, n, dtype, 0.5, requested_backend="-", actual_sparsity=0.5)
                 block.append(self._measure(prep24, x, refs[n], row))
-                self.progress(self._label(shape, dtype, n, 0.5, "2:4"))
+                self._step(row, self._label(shape, dtype, n, 0.5, "2:4"))
             del prep24, refs, w24
         del w_dense
 
@@ -339,7 +348,7 @@ class Sweep:
                         actual_sparsity=actual,
                     )
                     block.append(self._measure(prep, x, refs[n], row))
-                    self.progress(self._label(shape, dtype, n, sparsity, row["method"]))
+                    self._step(row, self._label(shape, dtype, n, sparsity, row["method"]))
                 del prep
             del w, refs
         self._speedups(block, dense_ms)
