@@ -1,7 +1,7 @@
 """The sweep: for every shape x dtype x sparsity x N, check each method against a float64
 reference and then time it.
 
-A method whose answer is off (relative error above DESIGN §6's bound for the dtype) is marked
+A method whose answer is off (relative error above ``RTOL`` for the dtype) is marked
 ``WRONG`` and not timed; a method that raises is marked ``error``; one that cannot run here
 (a baseline the GPU or torch lacks, a backend that cannot take the input under ``--backend
 all``) is ``skipped`` with the reason. Nothing is left out silently.
