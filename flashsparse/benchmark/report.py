@@ -304,6 +304,14 @@ def plot_unavailable_reason() -> str | None:
 
 
 def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
+    """:func:`plot_figure` as a PNG at ``path``."""
+    fig = plot_figure(meta, rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+
+
+def plot_figure(meta: dict, rows: list[dict]):
     """Speed-up vs sparsity on a log axis, one panel per N, one line per method/backend/dtype
     (geomean over shapes; a marker per method, a line style per backend, so overlapping lines
     stay apart), each format's memory-bound ceiling thin and dashed in the same colour, dense
@@ -415,6 +423,4 @@ def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
     if meta.get("device_type") != "cuda":
         title += f"\n{meta.get('notice', CPU_NOTICE)}"
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110)
+    return fig
