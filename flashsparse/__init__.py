@@ -8,8 +8,8 @@ from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
-from .notices import FlashsparseWarning, ReferencePathWarning
 from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
+from .notices import FlashsparseWarning, ReferencePathWarning
 from .prune import prune
 from .serialization import load_sparse, save_sparse
 

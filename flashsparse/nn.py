@@ -325,12 +325,17 @@ def _report_sparsify(
         zeros += m * k - sw.nnz
         elements += m * k
     if nbytes >= dense:
+        advice = (
+            "Prune the weights first (flashsparse.prune(weight, 0.5)) or set min_sparsity=0.5 "
+            "to leave dense layers dense."
+            if zeros / elements < 0.1
+            else "tiled_csl is smaller than dense only above 50 % zeros; format='bitmap' "
+            "(or 'auto') from about 10 %."
+        )
         warnings.warn(
             f"sparsify_: the {len(targets)} converted layer(s) take {nbytes / dense:.2f}x their "
-            f"dense size ({nbytes:,} vs {dense:,} bytes) at {zeros / elements:.1%} sparsity: "
-            "the formats save memory only on pruned weights (bitmap from about 10 % zeros, "
-            "tiled_csl from about 50 %). Prune the weights first "
-            "(flashsparse.prune(weight, 0.5)) or set min_sparsity=0.5 to leave dense layers dense.",
+            f"dense size ({nbytes:,} vs {dense:,} bytes) at {zeros / elements:.1%} sparsity. "
+            + advice,
             FlashsparseWarning,
             stacklevel=3,
         )

@@ -244,6 +244,13 @@ def test_sparsify_warns_when_the_result_is_larger_than_dense():
     assert ratio == pytest.approx(summary.linear_nbytes / summary.linear_dense_nbytes, abs=0.006)
     assert ratio > 1 and "at 0.0% sparsity" in message
     torch.testing.assert_close(model(x), expected)  # still the same model, just not smaller
+    assert "Prune the weights first" in message
+    half = readme_model()
+    with torch.no_grad():
+        half[0].weight.copy_(fs.prune(half[0].weight, 0.5))
+    _, caught = record(fs.sparsify_, half, lambda m, fqn: fqn == "0", format="tiled_csl")
+    (message,) = messages(caught)
+    assert "at 50.0% sparsity. tiled_csl is smaller than dense only above 50 % zeros" in message
 
 
 def test_sparsify_of_a_pruned_model_warns_about_nothing_but_the_path(fresh_notices):

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         # The reference-path notice is about running the model, not storing it: not said here.
         if issubclass(w.category, FlashsparseWarning) and not issubclass(w.category, ReferencePathWarning):
             message = str(w.message).replace("flashsparse.prune(weight, 0.5)", "--sparsity 0.5")
+            message = message.replace("format='bitmap' (or 'auto')", "--format bitmap (or auto)")
             message = message.replace("min_sparsity=", "--min-sparsity ").replace("min_sparsity", "--min-sparsity")
             print(f"flashsparse sparsify: warning: {message}", file=sys.stderr)
         elif not issubclass(w.category, FlashsparseWarning):
