@@ -530,3 +530,54 @@ def test_readme_python_example_does_what_its_comments_say(capsys, fresh_notices)
     assert abs(int(lines[0].split()[2]) - int(comment.group(2))) < 2000  # padding varies a little
     assert lines[1] == "SparseLinear"
     assert messages(caught) == []  # nothing to say but, on a CPU, the reference-path notice
+
+
+# -- more of the same kind: flags and functions ------------------------------------------------------
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_bench_timing_must_be_finite_and_positive(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--warmup-ms", value])
+    assert exc.value.code == 2
+    assert f"argument --warmup-ms: expected milliseconds (a positive number), got '{value}'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_bench_more_threads_than_cores_is_said(capsys):
+    threads = (os.cpu_count() or 1) + 1
+    args = ["bench", *FAST[:2], "--threads", str(threads), *FAST[4:], "--quick", "--n", "1",
+            "--sparsity", "0.5", "--baseline", "none", "--format", "bitmap"]
+    assert main(args) == 0
+    assert f"warning: --threads {threads} is more than this machine's" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "device: CUDA is not available to torch on this machine"),
+     ("tpu", "device: expected cpu, cuda or cuda:N, got 'tpu'")],
+)
+def test_load_sparse_to_a_device_that_is_not_there(tmp_path, device, message):
+    model = readme_model()
+    with torch.no_grad():
+        model[0].weight.copy_(fs.prune(model[0].weight, 0.7))
+    fs.sparsify_(model, lambda m, fqn: fqn == "0")
+    path = fs.save_sparse(model, tmp_path / "m.safetensors")
+    target = readme_model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fs.load_sparse(target, path, device=device)
+    assert [type(m) for m in target] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_sparsify_with_a_corrupt_weight_file_is_one_line(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
+    out = tmp_path / "out"
+    assert main(["sparsify", str(bad), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flashsparse sparsify: error: cannot load {bad}: ") and err.count("\n") == 1
+    assert not out.exists()

@@ -109,7 +109,7 @@ def _positive_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected milliseconds (a positive number), got {text!r}"
         ) from None
-    if not v > 0:
+    if not 0 < v < float("inf"):
         raise argparse.ArgumentTypeError(f"expected milliseconds (a positive number), got {text!r}")
     return v
 
@@ -280,6 +280,13 @@ def _run(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     if args.threads is not None and args.threads < 1:
         parser.error(f"argument --threads: expected a positive integer, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        print(
+            f"flashsparse bench: warning: --threads {args.threads} is more than this machine's "
+            f"{cores} CPU core(s); the threads will compete and the times will say so",
+            file=sys.stderr,
+        )
     # One thread by default on a CPU: the reference-path numbers are only a smoke test, and a
     # multi-threaded GEMM on a machine whose cores are busy stalls for whole scheduler slices.
     threads = args.threads if args.threads is not None else None if gpu else 1

@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         model, kind = _load_model(model_dir, args)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
+    except Exception as exc:  # a corrupt weight file raises the reader's own error type
+        return _fail(f"cannot load {model_dir}: {type(exc).__name__}: {exc}")
     model.eval()
     if args.dtype != "auto":
         model.to(getattr(torch, args.dtype))
