@@ -231,6 +231,11 @@ def sparsify_(
     layers to convert hold at least 1 GiB). Each dense layer is released as soon as its
     replacement exists, so peak memory is the model plus one layer's encoding temporaries.
     :func:`sparsify_summary` reports what the model holds afterwards.
+
+    Warns (:class:`flashsparse.FlashsparseWarning`, once per call each) when layers are left
+    dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
+    converted layers are no smaller than dense; and once per process per format, device and
+    dtype (:class:`flashsparse.ReferencePathWarning`) when no kernel runs the layers here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

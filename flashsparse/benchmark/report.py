@@ -79,6 +79,13 @@ def build_metadata(
     return meta
 
 
+def planned_notice(requested_backends: list[str]) -> str:
+    """The CPU notice printed before a run, from the ``--backend`` values asked for (which
+    backends really ran is known only after: :func:`numbers_notice`)."""
+    only_reference = set(requested_backends) <= {"auto", "reference"}
+    return CPU_NOTICE if only_reference else CPU_NOTICE_GENERIC
+
+
 def numbers_notice(device_type: str, backends_ran: list[str], device: str) -> str:
     """One plain sentence saying what the numbers were measured on."""
     if device_type != "cuda":

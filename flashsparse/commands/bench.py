@@ -384,8 +384,7 @@ def _run(args: argparse.Namespace) -> int:
         f"flashsparse {info['flashsparse']}"
     )
     if not gpu:
-        only_reference = set(backend_names) <= {"auto", "reference"}
-        print(report.CPU_NOTICE if only_reference else report.CPU_NOTICE_GENERIC)
+        print(report.planned_notice(backend_names))
     bandwidth = measure_copy_bandwidth(device, timer)
     print(
         f"timer: {timer.name}; copy bandwidth {bandwidth.gbps:.1f} GB/s (read + write, "

@@ -46,10 +46,13 @@ def check_environment() -> tuple[list[str], list[str]]:
         problems.append(str(exc))
     arch_list = os.environ.get("FLASHSPARSE_CUDA_ARCH_LIST", "").strip()
     if arch_list:
-        from .._cuda import gencode_flags
-
         try:
-            gencode_flags(arch_list)
+            from .._cuda import gencode_flags
+        except Exception:  # the provider refusing this environment: `backends` says why
+            gencode_flags = None
+        try:
+            if gencode_flags is not None:
+                gencode_flags(arch_list)
         except ValueError as exc:
             problems.append(f"FLASHSPARSE_CUDA_ARCH_LIST={arch_list!r}: {exc}")
     for name in _FLAGS:
@@ -60,7 +63,7 @@ def check_environment() -> tuple[list[str], list[str]]:
             )
     cache = os.environ.get("FLASHSPARSE_CACHE_DIR")
     if cache:
-        path = os.path.expanduser(cache)
+        path = os.path.abspath(os.path.expanduser(cache))
         probe = path
         while not os.path.exists(probe) and os.path.dirname(probe) != probe:
             probe = os.path.dirname(probe)  # the first existing ancestor is what mkdir needs
