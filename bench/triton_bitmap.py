@@ -68,7 +68,7 @@ class Rotating:
 
 
 def _sweep_configs(n: int):
-    from flashsparse.triton.bitmap_spmm import KernelConfig, n_bucket
+    from flashsparse.kernels.triton.bitmap_spmm import KernelConfig, n_bucket
 
     bucket = n_bucket(n)
     for bm, bn, warps, split in itertools.product(
@@ -79,8 +79,9 @@ def _sweep_configs(n: int):
 
 def run(args: argparse.Namespace) -> dict:
     import triton.testing
-    from flashsparse.triton.bitmap_spmm import _num_sms, bitmap_linear, choose_config
     from triton.testing import do_bench
+
+    from flashsparse.kernels.triton.bitmap_spmm import _num_sms, bitmap_linear, choose_config
 
     dtype = DTYPES[args.dtype]
     device = torch.device("cuda")

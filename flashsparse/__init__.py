@@ -9,12 +9,15 @@ from .backends import BackendUnavailableError, available_backends
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
 from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
+from .notices import FlashsparseWarning, ReferencePathWarning
 from .prune import prune
 from .serialization import load_sparse, save_sparse
 
 __all__ = [
     "BackendUnavailableError",
     "Bitmap",
+    "FlashsparseWarning",
+    "ReferencePathWarning",
     "SparseLinear",
     "SparseWeight",
     "SparsifySummary",

@@ -126,11 +126,15 @@ def select(format: str, x: torch.Tensor) -> Kernel:
     return kernel
 
 
-def _select(format: str, name: str, device: torch.device, dtype: torch.dtype) -> Kernel:
+def _select(
+    format: str, name: str, device: torch.device, dtype: torch.dtype, *, build: bool = True
+) -> Kernel:
+    """``build=False`` predicts the choice without building anything (a kernel that would
+    still have to build or self-check counts as chosen)."""
     if name == "reference":
         return _KERNELS[(format, "reference")]
     if name != "auto":
-        kernel, reason, _ = _resolve(format, name, device, dtype)
+        kernel, reason, _ = _resolve(format, name, device, dtype, build=build)
         if kernel is None:
             raise BackendUnavailableError(
                 f"{ENV_VAR}={name} cannot run format {format!r} on a {device.type} "
@@ -139,7 +143,7 @@ def _select(format: str, name: str, device: torch.device, dtype: torch.dtype) ->
         return kernel
     if device.type == "cuda":
         for backend in ("cuda", "triton"):
-            kernel, reason, broken = _resolve(format, backend, device, dtype)
+            kernel, reason, broken = _resolve(format, backend, device, dtype, build=build)
             if kernel is not None:
                 return kernel
             if broken and backend == "cuda" and backend not in _warned:

@@ -33,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # info reports the environment itself; the other commands refuse a bad one in one line
+    # (exit 2) rather than with a traceback from deep inside, and say what is ignored.
+    if args.command != "info":
+        from .commands.info import check_environment
+
+        problems, warnings = check_environment()
+        for warning in warnings:
+            print(f"flashsparse {args.command}: warning: {warning}", file=sys.stderr)
+        if problems:
+            for problem in problems:
+                print(f"flashsparse {args.command}: error: {problem} (`flashsparse info` shows "
+                      "the setup)", file=sys.stderr)
+            return 2
     return int(args._run(args) or 0)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from torch import nn
 from .formats import FORMATS, SparseWeight, check_format, encode
 from .formats.base import SUPPORTED_DTYPES
 from .functional import check_linear_inputs
+from .notices import FlashsparseWarning
 from .ops import sparse_linear
 
 
@@ -229,6 +231,11 @@ def sparsify_(
     layers to convert hold at least 1 GiB). Each dense layer is released as soon as its
     replacement exists, so peak memory is the model plus one layer's encoding temporaries.
     :func:`sparsify_summary` reports what the model holds afterwards.
+
+    Warns (:class:`flashsparse.FlashsparseWarning`, once per call each) when layers are left
+    dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
+    converted layers are no smaller than dense; and once per process per format, device and
+    dtype (:class:`flashsparse.ReferencePathWarning`) when no kernel runs the layers here.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -245,12 +252,19 @@ def sparsify_(
     # Names only: holding the modules would keep every dense weight alive until the end.
     targets: list[str] = []
     target_bytes = 0
+    linears = 0
+    too_dense: list[tuple[str, float]] = []  # (fqn, sparsity) of layers below min_sparsity
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or fqn in skipped:
+        if not isinstance(module, nn.Linear):
+            continue
+        linears += 1
+        if fqn in skipped:
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        if _weight_sparsity(module.weight) < min_sparsity:
+        sparsity = _weight_sparsity(module.weight)
+        if sparsity < min_sparsity:
+            too_dense.append((fqn, sparsity))
             continue
         if fqn == "":
             raise ValueError("model is itself an nn.Linear: use SparseLinear.from_linear(model)")
@@ -268,7 +282,82 @@ def sparsify_(
             bar.update()
     finally:
         bar.close()
+    _report_sparsify(model, targets, linears, len(skipped), too_dense, min_sparsity)
     return model
+
+
+def _report_sparsify(
+    model: nn.Module,
+    targets: list[str],
+    linears: int,
+    default_skipped: int,
+    too_dense: list[tuple[str, float]],
+    min_sparsity: float,
+) -> None:
+    """The warnings of :func:`sparsify_`: whatever it did that the user may not expect is said
+    once, in one warning each (stacklevel points at the caller of ``sparsify_``)."""
+    if too_dense:
+        names = ", ".join(f"{fqn!r} ({sp:.1%})" for fqn, sp in too_dense[:3])
+        more = f" and {len(too_dense) - 3} more" if len(too_dense) > 3 else ""
+        head = (
+            "sparsify_ converted nothing: " if not targets
+            else f"sparsify_ converted {len(targets)} layer(s) but "
+        )
+        warnings.warn(
+            f"{head}left {len(too_dense)} nn.Linear layer(s) dense because their sparsity is "
+            f"below min_sparsity={min_sparsity:g}: {names}{more}. Prune them first "
+            "(flashsparse.prune(weight, 0.5)) or lower min_sparsity.",
+            FlashsparseWarning,
+            stacklevel=3,
+        )
+    elif not targets and not any(isinstance(m, SparseLinear) for m in model.modules()):
+        # (A model already holding SparseLinear layers, sparsified before: nothing to say.)
+        where = (
+            "model has no nn.Linear layer" if linears == 0
+            else f"all {linears} nn.Linear layer(s) are the LM head or tied to an embedding, "
+            "which stay dense by default" if default_skipped == linears
+            else f"filter_fn rejected all {linears} nn.Linear layer(s)"
+        )
+        warnings.warn(f"sparsify_ converted nothing: {where}.", FlashsparseWarning, stacklevel=3)
+    if not targets:
+        return
+    nbytes = dense = zeros = elements = 0
+    for fqn in targets:
+        sw = model.get_submodule(fqn).sparse_weight
+        m, k = sw.shape
+        nbytes += sw.nbytes
+        dense += m * k * torch.empty((), dtype=sw.dtype).element_size()
+        zeros += m * k - sw.nnz
+        elements += m * k
+    if nbytes >= dense:
+        advice = (
+            "Prune the weights first (flashsparse.prune(weight, 0.5)) or set min_sparsity=0.5 "
+            "to leave dense layers dense."
+            if zeros / elements < 0.1
+            else "tiled_csl is smaller than dense only above 50 % zeros; format='bitmap' "
+            "(or 'auto') from about 10 %."
+        )
+        warnings.warn(
+            f"sparsify_: the {len(targets)} converted layer(s) take {nbytes / dense:.2f}x their "
+            f"dense size ({nbytes:,} vs {dense:,} bytes) at {zeros / elements:.1%} sparsity. "
+            + advice,
+            FlashsparseWarning,
+            stacklevel=3,
+        )
+    notice_reference_path(model, stacklevel=4)
+
+
+def notice_reference_path(model: nn.Module, stacklevel: int = 2) -> None:
+    """Warn once per (format, device type, dtype) per process if ``model``'s
+    :class:`SparseLinear` layers will run the slow reference path here (no kernel)."""
+    from .notices import warn_reference_path
+
+    kinds: dict[tuple[str, torch.device, torch.dtype], int] = {}
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            key = (module.format, module._buffers[module._components[0]].device, module.dtype)
+            kinds[key] = kinds.get(key, 0) + 1
+    warn_reference_path(kinds, stacklevel=stacklevel + 1)
 
 
 @dataclass(frozen=True)

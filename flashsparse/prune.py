@@ -19,6 +19,8 @@ def prune(
     ``magnitude`` zeroes the smallest ``|w|`` (ties broken by position, NaN kept as largest);
     ``random`` zeroes a uniformly random subset (pass ``generator`` for reproducibility).
     Entries that are already zero stay zero, so the result may hold more zeros than asked.
+    ``sparsity=1.0`` zeroes every entry (allowed, for tests of the edge case, but it warns:
+    such a layer computes nothing).
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -30,6 +32,16 @@ def prune(
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if float(sparsity) == 1.0 and w.numel():
+        import warnings
+
+        from .notices import FlashsparseWarning
+
+        warnings.warn(
+            "prune(w, sparsity=1.0) zeroes every weight: the layer's output will be its bias alone",
+            FlashsparseWarning,
+            stacklevel=2,
+        )
     n_zero = round(float(sparsity) * w.numel())
     flat = w.detach().reshape(-1)
     out = flat.clone()

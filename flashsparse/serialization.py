@@ -603,8 +603,30 @@ def load_sparse(
     meta model). ``verify``: check each tensor's checksum (about 3.5 GB/s on one core).
 
     Raises ``ValueError`` for a file of another architecture, a newer format version, or a
-    corrupt or truncated file -- and then the model is left exactly as it was.
+    corrupt or truncated file -- and then the model is left exactly as it was. Warns once
+    (:class:`flashsparse.notices.ReferencePathWarning`) if no kernel runs the loaded layers here.
     """
+    from .commands.common import parse_device
+    from .nn import notice_reference_path
+
+    if device is not None:
+        try:  # before anything is read: torch's own error for "cuda" here is an AssertionError
+            parse_device(str(device))
+        except ValueError as exc:
+            raise ValueError(f"device: {exc}") from None
+    model = _load_sparse(model, path, device=device, format=format, verify=verify)
+    notice_reference_path(model, stacklevel=3)
+    return model
+
+
+def _load_sparse(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None,
+    format: str,
+    verify: bool,
+) -> nn.Module:
     model = _unwrap(model)
     target = _target_device(model, device)
     path = Path(path)

@@ -21,6 +21,7 @@ CPU_NOTICE_GENERIC = "CPU numbers: not representative of GPU kernels"
 # Metadata repeated in every CSV row, so a CSV file alone says where its numbers come from.
 CSV_META_KEYS = ("device", "torch", "triton", "flashsparse", "git_commit", "date")
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1)))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 METHOD_ORDER = {
     "dense": 0,
     "tiled_csl": 1,
@@ -89,6 +90,13 @@ def build_metadata(
         notice=numbers_notice(device_type, backends_ran, info.get("device", "")),
     )
     return meta
+
+
+def planned_notice(requested_backends: list[str]) -> str:
+    """The CPU notice printed before a run, from the ``--backend`` values asked for (which
+    backends really ran is known only after: :func:`numbers_notice`)."""
+    only_reference = set(requested_backends) <= {"auto", "reference"}
+    return CPU_NOTICE if only_reference else CPU_NOTICE_GENERIC
 
 
 def numbers_notice(device_type: str, backends_ran: list[str], device: str) -> str:
@@ -276,6 +284,10 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
+    def skip(self) -> None:
+        """A counted step that turned out to need no work: it leaves the total."""
+        self.total = max(self.total - 1, self.done, 1)
+
     def clear(self) -> None:
         if self.enabled and self._drawn:
             self.stream.write("\r\033[K")
@@ -315,13 +327,25 @@ def plot_unavailable_reason() -> str | None:
 
 
 def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
-    """Speed-up vs sparsity, one panel per N, one line per method/backend/dtype (geomean over
-    shapes), each format's memory-bound ceiling dashed in the same colour, dense at 1."""
+    """:func:`plot_figure` as a PNG at ``path``."""
+    fig = plot_figure(meta, rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+
+
+def plot_figure(meta: dict, rows: list[dict]):
+    """Speed-up vs sparsity on a log axis, one panel per N, one line per method/backend/dtype
+    (geomean over shapes; a marker per method, a line style per backend, so overlapping lines
+    stay apart), each format's memory-bound ceiling thin and dashed in the same colour, dense
+    at 1."""
     reason = plot_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     ns = sorted({r["n"] for r in rows})
     cols = min(len(ns), 4) or 1
@@ -349,10 +373,19 @@ def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
     styles = {
         b: s for b, s in zip(sorted({b for _, b, _ in methods if b}), _LINESTYLES * 4, strict=False)
     }
+    method_names = sorted({m for m, _, _ in methods}, key=lambda m: (METHOD_ORDER.get(m, 5), m))
+    markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(method_names)}
+    # One y range for every panel, from what was measured (and 1): the ceilings are drawn
+    # inside it and clipped, so a 7x ceiling never flattens a 0.05x measurement.
+    measured = [geomean(v) for pts in series.values() for v in pts.values()] + [1.0]
+    tops = [geomean(v) for pts in ceilings.values() for v in pts.values()] + [1.0]
+    lo = min(measured) / 1.6
+    hi = max(max(measured) * 1.6, min(max(tops) * 1.1, max(measured) * 3))
     n_layers = len({r["layer"] for r in rows})
     for idx, n in enumerate(ns):
         ax = axes[idx // cols][idx % cols]
-        ax.axhline(1.0, color="black", linewidth=1, label="dense F.linear")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=1.2, label="dense F.linear")
         for (method, dtype), colour in colours.items():
             pts = ceilings.get((n, method, dtype))
             if pts:
@@ -360,10 +393,10 @@ def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
                 ax.plot(
                     xs,
                     [geomean(pts[x]) for x in xs],
-                    linestyle="--",
+                    linestyle=(0, (4, 3)),
                     color=colour,
-                    alpha=0.5,
-                    linewidth=1,
+                    alpha=0.45,
+                    linewidth=0.8,
                     label=f"ceiling {method} {dtype}",
                 )
         for method, backend, dtype in methods:
@@ -374,34 +407,43 @@ def write_plot(path: str | Path, meta: dict, rows: list[dict]) -> None:
             ax.plot(
                 xs,
                 [geomean(pts[x]) for x in xs],
-                marker="o",
+                marker=markers[method],
+                markersize=6,
+                markerfacecolor="none" if method in ("csr", "2:4") else colours[(method, dtype)],
                 color=colours[(method, dtype)],
                 linestyle=styles.get(backend, "-"),
+                linewidth=1.6,
                 label=f"{method} ({backend}) {dtype}",
             )
+        ax.set_ylim(lo, hi)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_title(f"N = {n}")
         ax.set_xlabel("sparsity")
-        ax.set_ylabel(f"speed-up vs dense (geomean, {n_layers} shape{'s' * (n_layers > 1)})")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+        ax.set_ylabel(f"speed-up vs dense (log; geomean, {n_layers} shape{'s' * (n_layers > 1)})")
+        ax.grid(alpha=0.3, which="both")
     for idx in range(len(ns), nrows * cols):
         axes[idx // cols][idx % cols].set_visible(False)
     seen: dict[str, object] = {}
     for row_axes in axes:
         for ax in row_axes:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-                seen.setdefault(label, handle)
+                if not label.startswith("ceiling "):
+                    seen.setdefault(label, handle)
+    if ceilings:  # one legend entry for all of them: they share the style of their format
+        seen["memory-bound ceiling (its format's colour)"] = Line2D(
+            [], [], color="grey", linestyle=(0, (4, 3)), linewidth=0.8
+        )
     fig.legend(
         list(seen.values()),
         list(seen),
         loc="outside lower center",
-        ncols=min(4, len(seen)),
+        ncols=min(2 * cols if cols > 1 else 2, len(seen)),
         fontsize=8,
     )
     title = f"flashsparse bench: {meta.get('device', '?')}"
     if meta.get("device_type") != "cuda":
         title += f"\n{meta.get('notice', CPU_NOTICE)}"
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110)
+    return fig

@@ -1,7 +1,7 @@
 """The sweep: for every shape x dtype x sparsity x N, check each method against a float64
 reference and then time it.
 
-A method whose answer is off (relative error above DESIGN §6's bound for the dtype) is marked
+A method whose answer is off (relative error above ``RTOL`` for the dtype) is marked
 ``WRONG`` and not timed; a method that raises is marked ``error``; one that cannot run here
 (a baseline the GPU or torch lacks, a backend that cannot take the input under ``--backend
 all``) is ``skipped`` with the reason. Nothing is left out silently.
@@ -160,16 +160,25 @@ def prepare_format(
 
 
 class Sweep:
-    """Runs ``cfg``; ``progress(label)`` is called after each measurement and
-    ``on_block(rows)`` with each finished (shape, dtype) block."""
+    """Runs ``cfg``; ``progress(label)`` is called after each measurement, ``on_skip()`` instead
+    for each of the :func:`count_tasks` steps that turned out to be skipped (nothing measured),
+    and ``on_block(rows)`` with each finished (shape, dtype) block."""
 
     def __init__(
         self,
         cfg: BenchConfig,
         progress: Callable[[str], None] = lambda label: None,
         on_block: Callable[[list[dict]], None] = lambda rows: None,
+        on_skip: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg, self.progress, self.on_block = cfg, progress, on_block
+        self.on_skip = on_skip
+
+    def _step(self, row: dict, label: str) -> None:
+        if row["status"] == "skipped":
+            self.on_skip()
+        else:
+            self.progress(label)
 
     # -- one row --------------------------------------------------------------------------
     def _row(self, shape: Shape, n: int, dtype: torch.dtype, sparsity: float | None, **kw) -> dict:
@@ -288,8 +297,8 @@ class Sweep:
         return out
 
     def _label(self, shape: Shape, dtype: torch.dtype, n: int, sparsity, method: str) -> str:
-        sp = "dense" if sparsity is None else f"{sparsity:g}"
-        return f"{shape.label} {DTYPE_NAMES[dtype]} N={n} {sp} {method}"
+        sp = "" if sparsity is None else f" sparsity {sparsity:g}"
+        return f"{shape.label} {DTYPE_NAMES[dtype]} N={n}{sp} {method}"
 
     def _sliced(
         self, shape: Shape, dtype: torch.dtype, w_dense: torch.Tensor, xs: dict[int, torch.Tensor]
@@ -327,7 +336,7 @@ class Sweep:
                         y_bytes=n * m * esize,
                     )
                     rows.append(self._measure(prep, x, refs[n], row))
-                    self.progress(self._label(shape, dtype, n, sparsity, method))
+                    self._step(rows[-1], self._label(shape, dtype, n, sparsity, method))
                 del prep, refs, xk
         return rows
 
@@ -349,7 +358,7 @@ class Sweep:
             row = self._measure(prep, x, refs[n], row)
             dense_ms[n] = row["median_ms"]
             block.append(row)
-            self.progress(self._label(shape, dtype, n, None, "dense"))
+            self._step(row, self._label(shape, dtype, n, None, "dense"))
         del prep, refs
 
         # torch 2:4 at 50 %: its own weight (the dense one, 2:4-pruned by magnitude).
@@ -365,7 +374,7 @@ class Sweep:
             for n, x in xs.items():
                 row = self._row(shape, n, dtype, 0.5, requested_backend="-", actual_sparsity=0.5)
                 block.append(self._measure(prep24, x, refs[n], row))
-                self.progress(self._label(shape, dtype, n, 0.5, "2:4"))
+                self._step(row, self._label(shape, dtype, n, 0.5, "2:4"))
             del prep24, refs, w24
         if "sliced" in cfg.baselines:
             block.extend(self._sliced(shape, dtype, w_dense, xs))
@@ -392,7 +401,7 @@ class Sweep:
                         actual_sparsity=actual,
                     )
                     block.append(self._measure(prep, x, refs[n], row))
-                    self.progress(self._label(shape, dtype, n, sparsity, row["method"]))
+                    self._step(row, self._label(shape, dtype, n, sparsity, row["method"]))
                 del prep
             del w, refs
         self._speedups(block, dense_ms)

@@ -5,6 +5,7 @@ same number of weights (the structured alternative) on real layer shapes."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = (
@@ -113,7 +114,7 @@ def _positive_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected milliseconds (a positive number), got {text!r}"
         ) from None
-    if not v > 0:
+    if not 0 < v < float("inf"):
         raise argparse.ArgumentTypeError(f"expected milliseconds (a positive number), got {text!r}")
     return v
 
@@ -265,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..benchmark.runner import BenchConfig, Sweep, backend_env, count_tasks
     from ..benchmark.shapes import expand_presets
     from ..benchmark.timing import cache_bytes, make_timer
+    from .common import output_file_problem, parse_device
     from .info import collect
 
     parser: argparse.ArgumentParser = args._bench_parser
@@ -272,30 +274,10 @@ def _run(args: argparse.Namespace) -> int:
         return _list_presets()
 
     # -- device ------------------------------------------------------------------------------
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            parser.error(
-                f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}"
-            )
-        if device.type not in ("cpu", "cuda"):
-            parser.error(
-                f"argument --device: expected auto, cpu, cuda or cuda:N, got {args.device!r}"
-            )
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                parser.error(
-                    "argument --device: CUDA is not available to torch on this machine "
-                    f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})"
-                )
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                parser.error(
-                    f"argument --device: {device} does not exist "
-                    f"({torch.cuda.device_count()} CUDA device(s))"
-                )
+    try:
+        device = parse_device(args.device, allow_auto=True)
+    except ValueError as exc:
+        parser.error(f"argument --device: {exc}")
     if device.type == "cuda":
         device = torch.device(
             "cuda", device.index if device.index is not None else torch.cuda.current_device()
@@ -304,6 +286,13 @@ def _run(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     if args.threads is not None and args.threads < 1:
         parser.error(f"argument --threads: expected a positive integer, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        print(
+            f"flashsparse bench: warning: --threads {args.threads} is more than this machine's "
+            f"{cores} CPU core(s); the threads will compete and the times will say so",
+            file=sys.stderr,
+        )
     # One thread by default on a CPU: the reference-path numbers are only a smoke test, and a
     # multi-threaded GEMM on a machine whose cores are busy stalls for whole scheduler slices.
     threads = args.threads if args.threads is not None else None if gpu else 1
@@ -326,9 +315,18 @@ def _run(args: argparse.Namespace) -> int:
     formats = _flat(args.format) or ["tiled_csl", "bitmap"]
     if "all" in formats:
         formats = ["tiled_csl", "bitmap"] + (["auto"] if "auto" in formats else [])
-    backend_names = _flat(args.backend) or ["auto"]
+    # FLASHSPARSE_BACKEND picks the backend when --backend is not given, as it does for the
+    # library; both given and different is refused rather than one silently ignored.
+    env_backend = backends.requested_backend()
+    backend_names = _flat(args.backend) or [env_backend]
     if "all" in backend_names:
         backend_names = ["all"]
+    if args.backend and env_backend != "auto" and backend_names != [env_backend]:
+        parser.error(
+            f"argument --backend: {','.join(backend_names)} contradicts "
+            f"{backends.ENV_VAR}={env_backend}; drop one of the two"
+        )
+    backend_flag = "argument --backend: " if args.backend else f"{backends.ENV_VAR}="
     baselines = _flat(args.baseline) or ["csr", "2:4", "sliced"]
     if "none" in baselines:
         if len(baselines) > 1:
@@ -342,18 +340,41 @@ def _run(args: argparse.Namespace) -> int:
         if reason:
             parser.error(f"argument --plot: {reason}")
 
-    # A backend the user named must be able to run every format and dtype asked for, here.
+    # A backend the user named must be able to run every format and dtype asked for, here;
+    # every reason is given at once, so one fix is enough.
     for name in backend_names:
         if name in ("auto", "all", "reference"):
             continue
-        for dtype in dtypes:
-            probe = torch.zeros(1, 64, dtype=dtype, device=device)
-            for fmt in [f for f in formats if f != "auto"] or ["tiled_csl", "bitmap"]:
+        reasons: dict[str, list[str]] = {}
+        runs: list[str] = []
+        for fmt in [f for f in formats if f != "auto"] or ["tiled_csl", "bitmap"]:
+            for dtype in dtypes:
+                probe = torch.zeros(1, 64, dtype=dtype, device=device)
                 try:
                     with backend_env(name):
                         backends.select(fmt, probe)
                 except backends.BackendUnavailableError as exc:
-                    parser.error(f"argument --backend: {name} cannot run here: {exc}")
+                    reason = str(exc).split(": ", 1)[-1]
+                    reasons.setdefault(reason, []).append(f"{fmt} {report_dtype(dtype)}")
+                else:
+                    runs.append(fmt)
+        if reasons:
+            detail = "; ".join(f"{', '.join(what)}: {why}" for why, what in reasons.items())
+            hint = (
+                f" (--format {','.join(dict.fromkeys(runs))} runs what it can)"
+                if runs
+                else " (--backend all runs every backend that can and skips the rest, with reasons)"
+                if args.backend
+                else f" (unset {backends.ENV_VAR} to let auto pick what runs here)"
+            )
+            parser.error(f"{backend_flag}{name} cannot run here: {detail}{hint}")
+
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option)
+        problem = output_file_problem(path) if path else None
+        if problem:
+            parser.error(f"argument --{option}: {problem}")
+    replaced = {p for p in (args.json, args.csv, args.plot) if p and os.path.exists(p)}
 
     try:
         timer = make_timer(device, warmup_ms, rep_ms, args.timer)
@@ -369,8 +390,7 @@ def _run(args: argparse.Namespace) -> int:
         f"flashsparse {info['flashsparse']}"
     )
     if not gpu:
-        only_reference = set(backend_names) <= {"auto", "reference"}
-        print(report.CPU_NOTICE if only_reference else report.CPU_NOTICE_GENERIC)
+        print(report.planned_notice(backend_names))
     bandwidth = measure_copy_bandwidth(device, timer)
     print(
         f"timer: {timer.name}; copy bandwidth {bandwidth.gbps:.1f} GB/s (read + write, "
@@ -401,7 +421,7 @@ def _run(args: argparse.Namespace) -> int:
         print(report.format_block(rows))
         print(flush=True)
 
-    rows = Sweep(cfg, progress=progress.advance, on_block=on_block).run()
+    rows = Sweep(cfg, progress=progress.advance, on_block=on_block, on_skip=progress.skip).run()
     progress.clear()
 
     summary = report.format_summary(rows)
@@ -442,13 +462,13 @@ def _run(args: argparse.Namespace) -> int:
     print(meta["notice"])
     if args.json:
         report.write_json(args.json, meta, rows)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}" + (" (replaced the existing file)" if args.json in replaced else ""))
     if args.csv:
         report.write_csv(args.csv, meta, rows)
-        print(f"wrote {args.csv}")
+        print(f"wrote {args.csv}" + (" (replaced the existing file)" if args.csv in replaced else ""))
     if args.plot:
         report.write_plot(args.plot, meta, rows)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}" + (" (replaced the existing file)" if args.plot in replaced else ""))
     bad = [r for r in rows if r["status"] in ("WRONG", "error")]
     if bad:
         print(

@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 HELP = "sparsify a local Hugging Face model directory and save it in compressed form"
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="output directory (created if needed)")
     parser.add_argument(
         "--sparsity", type=float, default=None,
-        help="prune every projection to this fraction of zeros first, e.g. 0.5 (default: keep "
-        "the checkpoint's zeros, for an already pruned model)",
+        help="prune every projection to this fraction of zeros first, in [0, 1), e.g. 0.5 "
+        "(default: keep the checkpoint's zeros, for an already pruned model)",
     )
     parser.add_argument("--method", choices=METHODS, default="magnitude", help="pruning method (with --sparsity)")
     parser.add_argument("--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format")
@@ -49,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave projections with a smaller fraction of zeros dense (default 0.0: convert all)",
     )
     parser.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="cpu", help="where to prune and encode, e.g. cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where to prune and encode: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into OUT_DIR even if it is not empty (its files of the same names are replaced)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -116,10 +119,24 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     if out_dir.exists() and out_dir.resolve() == model_dir.resolve():
         return _fail("OUT_DIR must differ from MODEL_DIR")
-    if args.sparsity is not None and not 0.0 <= args.sparsity <= 1.0:
-        return _fail(f"--sparsity must be in [0, 1], got {args.sparsity}")
+    # [0, 1) as in `flashsparse bench`: 1.0 would write a model whose projections are all zero.
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        return _fail(f"--sparsity must be in [0, 1) (fraction of zeros, e.g. 0.5), got {args.sparsity}")
     if not 0.0 <= args.min_sparsity <= 1.0:
         return _fail(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
+    if out_dir.exists() and not out_dir.is_dir():
+        return _fail(f"OUT_DIR {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        return _fail(f"OUT_DIR {out_dir} is not empty; pass --overwrite to write into it anyway")
+    from .common import output_file_problem, parse_device
+
+    problem = output_file_problem(str(out_dir / "config.json"))
+    if problem:
+        return _fail(problem)
+    try:
+        parse_device(args.device)
+    except ValueError as exc:
+        return _fail(f"--device: {exc}")
     try:
         import torch
         import transformers  # noqa: F401
@@ -127,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("this command needs transformers: pip install 'flashsparse[hf]'")
 
     from ..nn import default_skipped_linears, sparsify_, sparsify_summary
+    from ..notices import FlashsparseWarning, ReferencePathWarning
     from ..prune import prune
     from ..serialization import save_sparse
 
@@ -135,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         model, kind = _load_model(model_dir, args)
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
+    except Exception as exc:  # a corrupt weight file raises the reader's own error type
+        return _fail(f"cannot load {model_dir}: {type(exc).__name__}: {exc}")
     model.eval()
     if args.dtype != "auto":
         model.to(getattr(torch, args.dtype))
@@ -144,7 +164,18 @@ def run(args: argparse.Namespace) -> int:
             for fqn, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and fqn not in skipped:
                     module.weight.copy_(prune(module.weight, args.sparsity, args.method))
-    sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FlashsparseWarning)
+        sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)
+    for w in caught:
+        # The reference-path notice is about running the model, not storing it: not said here.
+        if issubclass(w.category, FlashsparseWarning) and not issubclass(w.category, ReferencePathWarning):
+            message = str(w.message).replace("flashsparse.prune(weight, 0.5)", "--sparsity 0.5")
+            message = message.replace("format='bitmap' (or 'auto')", "--format bitmap (or auto)")
+            message = message.replace("min_sparsity=", "--min-sparsity ").replace("min_sparsity", "--min-sparsity")
+            print(f"flashsparse sparsify: warning: {message}", file=sys.stderr)
+        elif not issubclass(w.category, FlashsparseWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     summary = sparsify_summary(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = save_sparse(model, out_dir)
@@ -160,9 +191,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{model_dir} ({type(model).__name__}, {kind}) -> {written}")
     print(summary)
-    if summary.sparse_layers and summary.linear_nbytes >= summary.linear_dense_nbytes:
-        print(f"warning: at {summary.sparsity:.1%} sparsity the compressed weights are no smaller "
-              "than dense ones; is the checkpoint pruned? (--sparsity 0.5 prunes it)", file=sys.stderr)
     print(f"file:            {written.stat().st_size / 2**20:,.2f} MiB; also wrote config.json"
           + (f" and copied {', '.join(copied)}" if copied else "") + f" ({elapsed:.1f} s)")
     return 0
