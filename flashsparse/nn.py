@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,9 +60,15 @@ class SparseLinear(nn.Module):
         return cls(encode(weight.detach(), format), bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str = "auto") -> SparseLinear:
+    def from_linear(cls, linear: nn.Module, format: str = "auto") -> SparseLinear:
+        """From an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2; its weight is stored
+        ``[in, out]``, so it is transposed first)."""
+        if is_conv1d(linear):
+            return cls.from_dense(linear.weight.detach().t().contiguous(), linear.bias, format)
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(
+                f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}"
+            )
         return cls.from_dense(linear.weight, linear.bias, format)
 
     # -- the weight -------------------------------------------------------------------------------
@@ -143,6 +150,61 @@ def _weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer with a transposed
+    ``[in, out]`` weight; checked by class name and module, so transformers is never imported)."""
+    return any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+        for cls in type(module).__mro__
+    )
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear``, ``SparseLinear`` or ``Conv1D``."""
+    if is_conv1d(module):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _projection_weights(module: nn.Module) -> list[torch.Tensor]:
+    from .experts import expert_projections, is_fused_experts
+
+    if is_fused_experts(module):
+        return [weight for _, weight, _ in expert_projections(module)]
+    return [module.weight]
+
+
+def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Names of the projection-like weights of ``model`` that are stored dense: ``nn.Linear``
+    and ``Conv1D`` layers (by module name), dense fused MoE experts (by module name) and any
+    other parameter of 2 or more dimensions outside an ``nn.Embedding`` and not tied to one (by
+    parameter name, e.g. a MoE router's weight), except the modules named in ``skipped``."""
+    from .experts import SparseExperts, is_fused_experts
+
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names: list[str] = []
+    inside_sparse: list[str] = []
+    for fqn, module in model.named_modules():
+        if any(fqn.startswith(p + ".") for p in inside_sparse):
+            continue
+        if isinstance(module, (SparseLinear, SparseExperts)):
+            inside_sparse.append(fqn)
+            continue
+        if isinstance(module, nn.Embedding) or fqn in skipped:
+            continue
+        if _is_projection(module) or is_fused_experts(module):
+            names.append(fqn)
+            continue
+        for name, param in module._parameters.items():
+            if param is not None and param.dim() >= 2 and id(param) not in embedding_weights:
+                names.append(f"{fqn}.{name}" if fqn else name)
+    return names
+
+
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face ``transformers`` ``PreTrainedModel`` (checked by class
     name and module, so transformers is never imported here)."""
@@ -170,7 +232,7 @@ def default_skipped_linears(model: nn.Module) -> set[str]:
     return {
         fqn
         for fqn, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if _is_projection(module)
         and (module is head or id(module.weight) in embedding_weights)
     }
 
@@ -215,9 +277,15 @@ def sparsify_(
     min_sparsity: float = 0.0,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` for which ``filter_fn(module, fqn)`` is
-    true (all if None) and whose weight sparsity is at least ``min_sparsity`` by a
-    :class:`SparseLinear` holding the same (pruned) weight. Returns ``model``.
+    """Replace, in place, every projection of ``model`` for which ``filter_fn(module, fqn)`` is
+    true (all if None) and whose weight sparsity is at least ``min_sparsity`` by its sparse
+    form holding the same (pruned) weights. Returns ``model``.
+
+    Projections: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) become :class:`SparseLinear`;
+    transformers' fused MoE experts (3-D ``gate_up_proj``/``down_proj`` weights) become a
+    :class:`~flashsparse.experts.SparseExperts` with one SparseLinear per expert matrix (their
+    sparsity is that of all their expert weights together). ``filter_fn`` sees each of these
+    modules under its own name.
 
     With ``filter_fn=None`` on a Hugging Face ``transformers`` model the embeddings and the LM
     head stay dense: the head (``get_output_embeddings()``) and any linear tied to an
@@ -225,11 +293,17 @@ def sparsify_(
     decide yourself (``lambda module, fqn: True`` converts the head too). Plain ``nn.Module``
     models get every ``nn.Linear`` converted.
 
+    Every projection-like weight left dense other than the LM head and weights tied to
+    embeddings -- filtered out, below ``min_sparsity``, or of a kind this function does not
+    convert (a MoE router's weight, an unknown layout) -- is named in one ``UserWarning``.
+
     ``progress``: show a progress bar on stderr (``None``: when stderr is a terminal and the
     layers to convert hold at least 1 GiB). Each dense layer is released as soon as its
     replacement exists, so peak memory is the model plus one layer's encoding temporaries.
     :func:`sparsify_summary` reports what the model holds afterwards.
     """
+    from .experts import SparseExperts, is_fused_experts
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_format(format)
@@ -241,21 +315,24 @@ def sparsify_(
         raise TypeError("filter_fn must be a callable (module, fqn) -> bool or None")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
-    skipped = default_skipped_linears(model) if filter_fn is None else set()
+    head_and_tied = default_skipped_linears(model)
+    skipped = head_and_tied if filter_fn is None else set()
     # Names only: holding the modules would keep every dense weight alive until the end.
     targets: list[str] = []
     target_bytes = 0
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or fqn in skipped:
+        if not (_is_projection(module) or is_fused_experts(module)) or fqn in skipped:
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        if _weight_sparsity(module.weight) < min_sparsity:
+        weights = _projection_weights(module)
+        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights)
+        if zeros / max(1, sum(w.numel() for w in weights)) < min_sparsity:
             continue
         if fqn == "":
-            raise ValueError("model is itself an nn.Linear: use SparseLinear.from_linear(model)")
+            raise ValueError("model is itself a projection: use SparseLinear.from_linear(model)")
         targets.append(fqn)
-        target_bytes += module.weight.numel() * module.weight.element_size()
+        target_bytes += sum(w.numel() * w.element_size() for w in weights)
     if progress is None:
         isatty = getattr(sys.stderr, "isatty", None)
         progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
@@ -264,10 +341,26 @@ def sparsify_(
         for fqn in targets:
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, SparseLinear.from_linear(getattr(parent, child), format))
+            dense = getattr(parent, child)
+            if is_fused_experts(dense):
+                sparse: nn.Module = SparseExperts.from_experts(dense, format)
+            else:
+                sparse = SparseLinear.from_linear(dense, format)
+            setattr(parent, child, sparse)
+            del dense
             bar.update()
     finally:
         bar.close()
+    left = dense_projections(model, head_and_tied)
+    if left:
+        shown = ", ".join(left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+        warnings.warn(
+            f"sparsify_ left {len(left)} projection weight(s) dense: {shown} (filtered out, below "
+            "min_sparsity, or not a layer kind flashsparse converts); fs.sparsify_summary(model) "
+            "counts them",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -296,6 +389,9 @@ class SparsifySummary:
     layers: tuple[LayerSummary, ...]
     dense_linear_layers: int
     other_nbytes: int
+    #: Names of the projection-like weights stored dense (see :func:`dense_projections`; the LM
+    #: head included); ``dense_linear_layers`` is their number.
+    dense_projections: tuple[str, ...] = ()
 
     @property
     def sparse_layers(self) -> int:
@@ -335,6 +431,7 @@ class SparsifySummary:
         return {
             "sparse_layers": self.sparse_layers,
             "dense_linear_layers": self.dense_linear_layers,
+            "dense_projections": list(self.dense_projections),
             "formats": self.formats,
             "sparsity": self.sparsity,
             "linear_nbytes": self.linear_nbytes,
@@ -355,7 +452,11 @@ class SparsifySummary:
         return "\n".join(
             [
                 f"sparse layers:   {self.sparse_layers} ({formats}); {self.dense_linear_layers} "
-                "linear layer(s) left dense",
+                "projection(s) left dense" + (
+                    f" ({', '.join(self.dense_projections[:4])}"
+                    + (", ..." if len(self.dense_projections) > 4 else "") + ")"
+                    if self.dense_projections else ""
+                ),
                 f"sparse weights:  {mib(self.linear_dense_nbytes)} dense -> "
                 f"{mib(self.linear_nbytes)} compressed "
                 f"({ratio(self.linear_nbytes, self.linear_dense_nbytes)}) at "
@@ -373,7 +474,6 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = []
     component_ids: set[int] = set()
-    dense_linears = 0
     for fqn, module in model.named_modules():
         if isinstance(module, SparseLinear):
             sw = module.sparse_weight
@@ -385,8 +485,6 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
                     m * k * torch.empty((), dtype=sw.dtype).element_size(),
                 )
             )
-        elif isinstance(module, nn.Linear):
-            dense_linears += 1
     seen: set[int] = set()
     other = 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -394,4 +492,5 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
             continue
         seen.add(id(tensor))
         other += tensor.numel() * tensor.element_size()
-    return SparsifySummary(tuple(layers), dense_linears, other)
+    dense = tuple(dense_projections(model))
+    return SparsifySummary(tuple(layers), len(dense), other, dense)
