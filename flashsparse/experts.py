@@ -84,7 +84,9 @@ def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.
     """The (token, k) slots ordered by expert and the token count per expert."""
     expert_ids = top_k_index.reshape(-1)
     _, perm = torch.sort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]
+    # scatter_add, not bincount: a static output shape keeps torch.compile's graph whole.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    counts.scatter_add_(0, expert_ids.clamp(max=num_experts - 1), torch.ones_like(expert_ids))
     return perm, counts
 
 
@@ -95,8 +97,6 @@ def sparse_grouped_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """All experts' products as one grouped op call per projection (see the module doc)."""
-    if torch.is_grad_enabled() and hidden_states.requires_grad:
-        return self._eager_forward(hidden_states, top_k_index, top_k_weights)  # the op has no autograd
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     perm, counts = _sort_by_expert(top_k_index, self.num_experts)

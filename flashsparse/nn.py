@@ -181,7 +181,7 @@ def _projection_weights(module: nn.Module) -> list[torch.Tensor]:
 def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Names of the projection-like weights of ``model`` that are stored dense: ``nn.Linear``
     and ``Conv1D`` layers (by module name), dense fused MoE experts (by module name) and any
-    other parameter of 2 or more dimensions outside an ``nn.Embedding`` and not tied to one (by
+    other matrix parameter (2+ dimensions, the last two both > 1) outside an ``nn.Embedding`` and not tied to one (by
     parameter name, e.g. a MoE router's weight), except the modules named in ``skipped``."""
     from .experts import SparseExperts, is_fused_experts
 
@@ -200,7 +200,11 @@ def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = fro
             names.append(fqn)
             continue
         for name, param in module._parameters.items():
-            if param is not None and param.dim() >= 2 and id(param) not in embedding_weights:
+            # A matrix, not a vector stored as [1, n] (e.g. a router's score-correction bias).
+            if (
+                param is not None and param.dim() >= 2 and min(param.shape[-2:]) > 1
+                and id(param) not in embedding_weights
+            ):
                 names.append(f"{fqn}.{name}" if fqn else name)
     return names
 
