@@ -248,7 +248,8 @@ def _grouped_setup(ctx, inputs, output):
 def _grouped_backward(ctx, grad):
     counts, *tensors = ctx.saved_tensors
     grad_x, grad_bias = grouped_linear_backward(ctx.format, grad.contiguous(), counts, tensors, ctx.m, ctx.k)
-    return None, grad_x, None, None, None, None, grad_bias if ctx.has_bias else None
+    no_grads = [None] * len(tensors)
+    return None, grad_x, None, no_grads, None, None, grad_bias if ctx.has_bias else None
 
 
 grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)

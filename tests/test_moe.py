@@ -104,7 +104,7 @@ def test_from_linear_takes_conv1d():
     x = torch.randn(2, 5, 29, dtype=torch.float64)
     expected = x @ conv.weight.double() + conv.bias.double()
     assert rel_err(layer(x.float()), expected) < RTOL[torch.float32]
-    with pytest.raises(TypeError, match="nn.Linear or a transformers Conv1D"):
+    with pytest.raises(TypeError, match=r"nn\.Linear or a transformers Conv1D"):
         SparseLinear.from_linear(nn.Conv1d(3, 4, 1))
 
 
