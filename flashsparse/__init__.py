@@ -6,10 +6,9 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
-from .experts import SparseExperts
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
-from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
+from .nn import SparseExperts, SparseLinear, SparsifySummary, sparsify_, sparsify_summary
 from .prune import prune
 from .serialization import load_sparse, save_sparse
 

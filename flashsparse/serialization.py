@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .experts import SparseExperts, expert_linear_shapes, expert_projections, is_fused_experts
 from .formats import FORMATS
 from .nn import SparseLinear, is_conv1d, linear_features
+from .nn.experts import SparseExperts, expert_linear_shapes, expert_projections, is_fused_experts
 
 FORMAT_NAME = "flashsparse"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def _is_linear(module: nn.Module) -> bool:
 def structure(model: nn.Module) -> list[str]:
     """The entries the architecture fingerprint hashes: one per linear layer (the same for
     ``nn.Linear``, ``Conv1D`` and :class:`SparseLinear`; a dense fused MoE experts module counts
-    as the per-expert linears its :class:`~flashsparse.experts.SparseExperts` holds) and one per
+    as the per-expert linears its :class:`~flashsparse.nn.SparseExperts` holds) and one per
     other parameter and buffer (name and shape; dtypes and devices do not matter)."""
     entries = []
     for fqn, module in _unwrap(model).named_modules():

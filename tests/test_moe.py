@@ -19,8 +19,8 @@ import transformers
 import flashsparse as fs
 from flashsparse import SparseExperts, SparseLinear
 from flashsparse.cli import main
-from flashsparse.experts import expert_projections, is_fused_experts
 from flashsparse.nn import dense_projections, is_conv1d
+from flashsparse.nn.experts import expert_projections, is_fused_experts
 from flashsparse.ops import grouped_linear
 from flashsparse.serialization import empty_weights
 
@@ -214,7 +214,7 @@ def test_moe_grouped_forward(model_type):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    import flashsparse.experts as experts_module
+    import flashsparse.nn.experts as experts_module
 
     experts_module.grouped_linear, saved = counting, experts_module.grouped_linear
     try:

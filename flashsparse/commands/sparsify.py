@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         return _fail("this command needs transformers: pip install 'flashsparse[hf]'")
 
-    from ..experts import expert_projections, is_fused_experts
     from ..nn import default_skipped_linears, is_conv1d, sparsify_, sparsify_summary
+    from ..nn.experts import expert_projections, is_fused_experts
     from ..prune import prune
     from ..serialization import save_sparse
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import SparseLinear
-from .ops import grouped_linear
+from ..ops import grouped_linear
+from .linear import SparseLinear
 
 # The 3-D parameter names of transformers' experts: the first projection, then the second.
 _UP_NAMES = ("gate_up_proj", "up_proj")
