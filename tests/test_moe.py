@@ -167,6 +167,7 @@ def test_grouped_linear_matches_float64_reference(format, dtype):
     assert rel_err(x_grad.grad, expected_gx) < RTOL[dtype]
     assert rel_err(bias_grad.grad, expected_gb) < RTOL[dtype]
     torch.library.opcheck(grouped_linear, (format, x, counts, tensors, m, k, bias))
+    torch.library.opcheck(grouped_linear, (format, x_grad, counts, tensors, m, k, bias_grad))
     torch.library.opcheck(grouped_linear, (format, x, counts, tensors, m, k, None))
     with pytest.raises(ValueError, match="counts sum to"):
         grouped_linear(format, x[:-1], counts, tensors, m, k, None)
@@ -271,6 +272,23 @@ def test_moe_save_load_under_empty_weights(dtype, tmp_path):
         model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE),
     )
     assert fs.sparsify_summary(loaded).as_dict() == fs.sparsify_summary(model).as_dict()
+    # into a model that is sparse already: its SparseExperts' layers are replaced in place
+    again = tiny_moe("qwen2_moe", dtype, seed=5)
+    sparsify_quietly(again)
+    fs.load_sparse(again, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, expected)
+
+
+def test_plain_models_convert_everything_without_a_warning():
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    assert sparsify_quietly(model) == []
+    assert fs.sparsify_summary(model).dense_projections == ()
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    model.register_parameter("scale", nn.Parameter(torch.ones(1, 8)))  # a vector stored [1, n]
+    model.register_parameter("mix", nn.Parameter(torch.ones(8, 8)))  # a matrix flashsparse does not convert
+    messages = sparsify_quietly(model, lambda module, fqn: fqn != "2")
+    assert len(messages) == 1 and "2 projection weight(s) dense: mix, 2 " in messages[0]
 
 
 def test_warning_names_every_projection_left_dense_once():
