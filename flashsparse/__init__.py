@@ -8,7 +8,7 @@ from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
 from .formats import Bitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
-from .nn import SparseLinear, SparsifySummary, sparsify_, sparsify_summary
+from .nn import SparseExperts, SparseLinear, SparsifySummary, sparsify_, sparsify_summary
 from .notices import FlashsparseWarning, ReferencePathWarning
 from .prune import prune
 from .serialization import load_sparse, save_sparse
@@ -18,6 +18,7 @@ __all__ = [
     "Bitmap",
     "FlashsparseWarning",
     "ReferencePathWarning",
+    "SparseExperts",
     "SparseLinear",
     "SparseWeight",
     "SparsifySummary",

@@ -152,3 +152,104 @@ for _name, _cls in (("tiled_csl", TiledCSL), ("bitmap", Bitmap)):
     backends.register_kernel(
         _name, "reference", _reference(_cls.decode), supports=lambda device, dtype: None
     )
+
+
+# --- grouped: all experts of a MoE layer in one op call ----------------------------------------
+@torch.library.custom_op("flashsparse::grouped_linear", mutates_args=())
+def grouped_linear(
+    format: str,
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    tensors: list[torch.Tensor],
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[rows of group g] = x[rows of group g] @ W_g.T (+ bias[g])`` for E weights of one
+    format and shape ``[m, k]``.
+
+    ``x [S, k]`` holds the rows of group 0, then group 1, ...; ``counts [E]`` (integer) how
+    many; ``tensors``: the E weights' component tensors, weight by weight (``E * C`` tensors
+    for a format of C components); ``bias``: ``[E, m]`` or None. Returns ``[S, m]``.
+
+    This reference implementation reads the counts once (one device sync) and runs each
+    non-empty group through the format's kernel selection, one launch per group; a backend
+    with a grouped kernel does all (group, row-block) work items in one launch.
+    """
+    from .formats import FORMATS
+
+    n_comp = len(FORMATS[format].components)
+    n_groups = counts.shape[0]
+    if len(tensors) != n_groups * n_comp:
+        raise ValueError(
+            f"tensors must hold {n_comp} {format} components for each of the {n_groups} groups, "
+            f"got {len(tensors)} tensors"
+        )
+    out = x.new_empty((x.shape[0], m))
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        out[start:start + n] = _run(
+            format, x[start:start + n], tuple(tensors[g * n_comp:(g + 1) * n_comp]), m, k,
+            None if bias is None else bias[g],
+        )
+        start += n
+    if start != x.shape[0]:
+        raise ValueError(f"counts sum to {start} but x has {x.shape[0]} rows")
+    return out
+
+
+@grouped_linear.register_fake
+def _(format, x, counts, tensors, m, k, bias=None):
+    return x.new_empty((x.shape[0], m))
+
+
+@torch.library.custom_op("flashsparse::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(
+    format: str,
+    grad: torch.Tensor,
+    counts: torch.Tensor,
+    tensors: list[torch.Tensor],
+    m: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`grouped_linear` for x ``[S, k]`` and a bias ``[E, m]`` (the sparse
+    weights are constants): ``grad_x[group g] = grad[group g] @ W_g``, ``grad_bias[g]`` the sum
+    of its rows. An op of its own so that autograd and compilers never look into the loop."""
+    from .formats import FORMATS
+
+    cls = FORMATS[format]
+    n_comp = len(cls.components)
+    grad_x = grad.new_zeros((grad.shape[0], k))
+    grad_bias = grad.new_zeros((counts.shape[0], m))
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        w = cls.decode(*tensors[g * n_comp:(g + 1) * n_comp], m=m, k=k, dtype=grad.dtype)
+        grad_x[start:start + n] = grad[start:start + n] @ w
+        grad_bias[g] = grad[start:start + n].sum(0)
+        start += n
+    return grad_x, grad_bias
+
+
+@grouped_linear_backward.register_fake
+def _(format, grad, counts, tensors, m, k):
+    return grad.new_empty((grad.shape[0], k)), grad.new_empty((counts.shape[0], m))
+
+
+def _grouped_setup(ctx, inputs, output):
+    format, _, counts, tensors, m, k, bias = inputs
+    ctx.save_for_backward(counts, *tensors)
+    ctx.format, ctx.m, ctx.k, ctx.has_bias = format, m, k, bias is not None
+
+
+def _grouped_backward(ctx, grad):
+    counts, *tensors = ctx.saved_tensors
+    grad_x, grad_bias = grouped_linear_backward(ctx.format, grad.contiguous(), counts, tensors, ctx.m, ctx.k)
+    no_grads = [None] * len(tensors)
+    return None, grad_x, None, no_grads, None, None, grad_bias if ctx.has_bias else None
+
+
+grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from .formats import FORMATS
-from .nn import SparseLinear
+from .nn import SparseLinear, is_conv1d, linear_features
+from .nn.experts import SparseExperts, expert_linear_shapes, expert_projections, is_fused_experts
 
 FORMAT_NAME = "flashsparse"
 # 2: bitmap masks are one 64-bit word per tile row (1: one per 8x8 sub-tile; converted on load).
@@ -71,19 +72,33 @@ def _unwrap(model: object) -> nn.Module:
 
 
 def _linear_entry(fqn: str, module: nn.Module) -> str:
-    return f"{fqn}|linear|{module.out_features}x{module.in_features}|bias={module.bias is not None}"
+    out_f, in_f = linear_features(module)
+    return f"{fqn}|linear|{out_f}x{in_f}|bias={module.bias is not None}"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, SparseLinear)) or is_conv1d(module)
 
 
 def structure(model: nn.Module) -> list[str]:
     """The entries the architecture fingerprint hashes: one per linear layer (the same for
-    ``nn.Linear`` and :class:`SparseLinear`) and one per other parameter and buffer (name and
-    shape; dtypes and devices do not matter)."""
+    ``nn.Linear``, ``Conv1D`` and :class:`SparseLinear`; a dense fused MoE experts module counts
+    as the per-expert linears its :class:`~flashsparse.nn.SparseExperts` holds) and one per
+    other parameter and buffer (name and shape; dtypes and devices do not matter)."""
     entries = []
     for fqn, module in _unwrap(model).named_modules():
-        if isinstance(module, (nn.Linear, SparseLinear)):
+        if _is_linear(module):
             entries.append(_linear_entry(fqn, module))
             continue
+        expert_params: set[str] = set()
+        if is_fused_experts(module):
+            for rel, out_f, in_f, bias in expert_linear_shapes(module):
+                entries.append(f"{_join(fqn, rel)}|linear|{out_f}x{in_f}|bias={bias}")
+            for name, _, _bias in expert_projections(module):
+                expert_params.update((name, f"{name}_bias"))
         for name, param in module._parameters.items():
+            if name in expert_params:
+                continue
             if param is not None:
                 entries.append(f"{_join(fqn, name)}|param|{tuple(param.shape)}")
         for name, buf in module._buffers.items():
@@ -346,8 +361,20 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         fqn: module
         for fqn, module in model.named_modules()
-        if isinstance(module, (nn.Linear, SparseLinear))
+        if _is_linear(module)
     }
+
+
+def _expert_slots(model: nn.Module) -> dict[str, tuple[str, str, int, tuple[int, int]]]:
+    """``{"<experts>.<proj>.<e>": (experts fqn, proj, e, (out, in))}`` for the dense fused MoE
+    experts of ``model``: where a file's per-expert sparse layers go."""
+    slots = {}
+    for fqn, module in model.named_modules():
+        if is_fused_experts(module):
+            for rel, out_f, in_f, _ in expert_linear_shapes(module):
+                proj, _, e = rel.rpartition(".")
+                slots[_join(fqn, rel)] = (fqn, proj, int(e), (out_f, in_f))
+    return slots
 
 
 @contextlib.contextmanager
@@ -478,9 +505,12 @@ def _describe_linear(out_features: int, in_features: int, bias: bool) -> str:
 def _describe_mismatch(model: nn.Module, header: dict, layers: dict) -> str:
     """The first few differences between the model's structure and what the file stores."""
     model_linears = {
-        fqn: _describe_linear(m.out_features, m.in_features, m.bias is not None)
+        fqn: _describe_linear(*linear_features(m), m.bias is not None)
         for fqn, m in _linear_modules(model).items()
     }
+    model_linears.update(
+        (fqn, _describe_linear(*shape, False)) for fqn, (_, _, _, shape) in _expert_slots(model).items()
+    )
     problems = []
     for fqn, info in layers.items():
         shape = info.get("shape", [0, 0])
@@ -539,6 +569,8 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
         )
     names = {n: path for n in header if n != "__metadata__"}
     linears = _linear_modules(model)
+    slots = _expert_slots(model)
+    experts: dict[str, dict[str, dict[int, SparseLinear]]] = {}
     with _Reader(names, device, checksums, aliases) as reader:
         new_modules: dict[str, nn.Module] = {}
         for fqn, info in layers.items():
@@ -551,7 +583,8 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
             except (KeyError, TypeError, ValueError, IndexError):
                 raise ValueError(f"{path} is corrupt: bad layer entry for {fqn}: {info!r}") from None
             target = linears.get(fqn)
-            if target is None:
+            slot = slots.get(fqn)
+            if target is None and slot is None:
                 raise ValueError(f"{path}: sparse layer {fqn} is not a linear layer of the model")
             components = {}
             for c in cls.components:
@@ -569,9 +602,24 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
             if has_bias and bias is None:
                 raise ValueError(f"{path} is corrupt: sparse layer {fqn} has no bias tensor")
             layer = SparseLinear(sw, bias)
+            if slot is not None:
+                if tuple(shape) != slot[3]:
+                    raise ValueError(f"{path}: sparse layer {fqn} is {shape}, the model expects {slot[3]}")
+                experts.setdefault(slot[0], {}).setdefault(slot[1], {})[slot[2]] = layer
+                continue
             if bias is not None and target.bias is not None:
                 layer.bias.requires_grad_(target.bias.requires_grad)
             new_modules[fqn] = layer
+        # Fused experts come back as SparseExperts built straight from their sparse layers: the
+        # model's dense [E, ...] expert weights (on the meta device, typically) are dropped.
+        for efqn, by_proj in experts.items():
+            dense = model.get_submodule(efqn)
+            wanted = {name: weight.shape[0] for name, weight, _ in expert_projections(dense)}
+            if any(len(by_proj.get(name, {})) != n for name, n in wanted.items()):
+                raise ValueError(f"{path} is corrupt: the experts of {efqn} are not all stored sparse")
+            new_modules[efqn] = SparseExperts.from_layers(
+                dense, {name: [by_proj[name][e] for e in range(n)] for name, n in wanted.items()}
+            )
         commit = prepare_install(model, new_modules, reader.get, str(path), device)
         unused = set(names) - reader.used
     if unused:

@@ -140,7 +140,7 @@ def test_summary_counts_layers_and_bytes():
     assert summary.model_nbytes == dense_bytes - summary.linear_dense_nbytes + summary.linear_nbytes
     assert summary.sparsity == pytest.approx(0.5, abs=1e-3)
     text = str(summary)
-    assert "10 (tiled_csl: 10)" in text and "3 linear layer(s) left dense" in text and "50.0%" in text
+    assert "10 (tiled_csl: 10)" in text and "3 projection(s) left dense" in text and "50.0%" in text
     assert json.loads(json.dumps(summary.as_dict()))["sparse_layers"] == 10
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fs.sparsify_summary("model")

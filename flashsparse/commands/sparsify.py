@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="output directory (created if needed)")
     parser.add_argument(
         "--sparsity", type=float, default=None,
-        help="prune every projection to this fraction of zeros first, in [0, 1), e.g. 0.5 "
-        "(default: keep the checkpoint's zeros, for an already pruned model)",
+        help="prune every projection (linear, Conv1D, each MoE expert matrix) to this fraction of "
+        "zeros first, in [0, 1), e.g. 0.5 (default: keep the checkpoint's zeros, for an already "
+        "pruned model)",
     )
     parser.add_argument("--method", choices=METHODS, default="magnitude", help="pruning method (with --sparsity)")
     parser.add_argument("--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format")
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         return _fail("this command needs transformers: pip install 'flashsparse[hf]'")
 
-    from ..nn import default_skipped_linears, sparsify_, sparsify_summary
+    from ..nn import default_skipped_linears, is_conv1d, sparsify_, sparsify_summary
+    from ..nn.experts import expert_projections, is_fused_experts
     from ..notices import FlashsparseWarning, ReferencePathWarning
     from ..prune import prune
     from ..serialization import save_sparse
@@ -162,8 +164,15 @@ def run(args: argparse.Namespace) -> int:
         skipped = default_skipped_linears(model)
         with torch.no_grad():
             for fqn, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and fqn not in skipped:
+                if fqn in skipped:
+                    continue
+                if isinstance(module, torch.nn.Linear) or is_conv1d(module):
                     module.weight.copy_(prune(module.weight, args.sparsity, args.method))
+                elif is_fused_experts(module):
+                    # Each expert matrix is pruned on its own, as a linear layer would be.
+                    for _, weight, _ in expert_projections(module):
+                        for e in range(weight.shape[0]):
+                            weight[e].copy_(prune(weight[e], args.sparsity, args.method))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FlashsparseWarning)
         sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)

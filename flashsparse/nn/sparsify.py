@@ -1,5 +1,5 @@
-"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight lives in a tiled sparse format, and
-``sparsify_``, the one-call model transform."""
+"""``sparsify_``, the one-call model transform, and ``sparsify_summary``: which projections
+a model holds sparse and which dense (nn.Linear, transformers Conv1D, fused MoE experts)."""
 
 from __future__ import annotations
 
@@ -11,138 +11,53 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .formats import FORMATS, SparseWeight, check_format, encode
-from .formats.base import SUPPORTED_DTYPES
-from .functional import check_linear_inputs
-from .notices import FlashsparseWarning
-from .ops import sparse_linear
-
-
-class SparseLinear(nn.Module):
-    """``y = x @ W.T + bias`` with ``W`` stored compressed.
-
-    The format's component tensors are buffers named after the components (``words``,
-    ``tile_offsets`` for tiled_csl; ``masks``, ``values``, ``tile_offsets`` for bitmap), so the
-    state_dict holds plain tensors that safetensors can store; ``bias`` stays a Parameter as in
-    ``nn.Linear``. ``load_state_dict`` accepts component tensors of any length (they depend on
-    the nonzero count) and validates them. ``.to(device)`` moves the components; ``.to(dtype)``
-    re-encodes the weight in the new dtype.
-    """
-
-    def __init__(self, weight: SparseWeight, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        if not isinstance(weight, SparseWeight):
-            raise TypeError(f"weight must be a SparseWeight, got {type(weight).__name__}")
-        self.out_features, self.in_features = weight.shape
-        self.format = weight.format
-        self._set_weight(weight)
-        if bias is not None:
-            check_linear_inputs(
-                weight.tensors[0].new_empty((0, self.in_features), dtype=weight.dtype),
-                self.in_features, self.out_features, weight.dtype, weight.device, bias,
-            )
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        else:
-            self.register_parameter("bias", None)
-
-    def _set_weight(self, weight: SparseWeight) -> None:
-        self._dtype = weight.dtype
-        self._nnz = weight._nnz
-        for name, tensor in weight.state().items():
-            self.register_buffer(name, tensor)
-        self._components = type(weight).components
-
-    # -- construction -----------------------------------------------------------------------------
-    @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "auto"
-    ) -> SparseLinear:
-        """From a dense pruned weight ``[out_features, in_features]`` (encoded on its device)."""
-        return cls(encode(weight.detach(), format), bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str = "auto") -> SparseLinear:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias, format)
-
-    # -- the weight -------------------------------------------------------------------------------
-    @property
-    def sparse_weight(self) -> SparseWeight:
-        cls = FORMATS[self.format]
-        tensors = {name: self._buffers[name] for name in cls.components}
-        return cls(tensors, (self.out_features, self.in_features), self._dtype, self._nnz)
-
-    @property
-    def weight(self) -> SparseWeight:
-        """The compressed weight (has ``shape``, ``dtype``, ``device``, ``to_dense()``)."""
-        return self.sparse_weight
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tensors = [self._buffers[name] for name in self._components]
-        check_linear_inputs(
-            x, self.in_features, self.out_features, self._dtype, tensors[0].device, self.bias
-        )
-        return sparse_linear(self.format, x, tensors, self.out_features, self.in_features, self.bias)
-
-    def extra_repr(self) -> str:
-        sw = self.sparse_weight
-        dense = self.out_features * self.in_features * torch.empty((), dtype=self._dtype).element_size()
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format}, dtype={self._dtype}, "
-            f"sparsity={sw.sparsity:.1%}, bytes={sw.nbytes} (dense {dense}, "
-            f"{sw.nbytes / dense:.2f}x)"
-        )
-
-    # -- state and conversions --------------------------------------------------------------------
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # Component lengths follow the nonzero count: take the incoming sizes once they are
-        # shown to form a valid weight of this layer's shape; the generic copy then fits.
-        cls = FORMATS[self.format]
-        incoming = {c: state_dict.get(prefix + c) for c in cls.components}
-        if all(isinstance(t, torch.Tensor) for t in incoming.values()):
-            device = getattr(self, cls.components[0]).device
-            candidate = cls(
-                {c: t.to(device) for c, t in incoming.items()},
-                (self.out_features, self.in_features),
-                self._dtype,
-            )
-            try:
-                candidate.validate()
-            except ValueError as exc:
-                error_msgs.append(f"{prefix or 'SparseLinear'}: {exc}")
-                return
-            for c, t in candidate.state().items():
-                self._buffers[c] = torch.empty_like(t)
-            self._nnz = None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def _apply(self, fn, recurse: bool = True):
-        # nn.Module would cast the bitmap values but not the tiled_csl words on .half() or
-        # .to(dtype), leaving bits that no longer mean what the dtype says: re-encode instead.
-        sw = self.sparse_weight
-        probe = fn(torch.empty(0, dtype=self._dtype, device=sw.device))
-        if probe.dtype == self._dtype:
-            return super()._apply(fn, recurse)
-        if probe.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"SparseLinear supports float16, bfloat16 and float32, not {probe.dtype}")
-        self._set_weight(sw.to(probe.device, probe.dtype))
-        if self.bias is not None:
-            self.bias.data = fn(self.bias.data)
-        return self
+from ..formats import check_format
+from ..notices import FlashsparseWarning
+from .experts import SparseExperts, expert_projections, is_fused_experts
+from .linear import SparseLinear, is_conv1d
 
 
 def _weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _projection_weights(module: nn.Module) -> list[torch.Tensor]:
+    if is_fused_experts(module):
+        return [weight for _, weight, _ in expert_projections(module)]
+    return [module.weight]
+
+
+def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Names of the projection-like weights of ``model`` that are stored dense: ``nn.Linear``
+    and ``Conv1D`` layers (by module name), dense fused MoE experts (by module name) and any
+    other matrix parameter (2+ dimensions, the last two both > 1) outside an ``nn.Embedding`` and not tied to one (by
+    parameter name, e.g. a MoE router's weight), except the modules named in ``skipped``."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names: list[str] = []
+    inside_sparse: list[str] = []
+    for fqn, module in model.named_modules():
+        if any(fqn.startswith(p + ".") for p in inside_sparse):
+            continue
+        if isinstance(module, (SparseLinear, SparseExperts)):
+            inside_sparse.append(fqn)
+            continue
+        if isinstance(module, nn.Embedding) or fqn in skipped:
+            continue
+        if _is_projection(module) or is_fused_experts(module):
+            names.append(fqn)
+            continue
+        for name, param in module._parameters.items():
+            # A matrix, not a vector stored as [1, n] (e.g. a router's score-correction bias).
+            if (
+                param is not None and param.dim() >= 2 and min(param.shape[-2:]) > 1
+                and id(param) not in embedding_weights
+            ):
+                names.append(f"{fqn}.{name}" if fqn else name)
+    return names
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -172,7 +87,7 @@ def default_skipped_linears(model: nn.Module) -> set[str]:
     return {
         fqn
         for fqn, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        if _is_projection(module)
         and (module is head or id(module.weight) in embedding_weights)
     }
 
@@ -217,15 +132,25 @@ def sparsify_(
     min_sparsity: float = 0.0,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` for which ``filter_fn(module, fqn)`` is
-    true (all if None) and whose weight sparsity is at least ``min_sparsity`` by a
-    :class:`SparseLinear` holding the same (pruned) weight. Returns ``model``.
+    """Replace, in place, every projection of ``model`` for which ``filter_fn(module, fqn)`` is
+    true (all if None) and whose weight sparsity is at least ``min_sparsity`` by its sparse
+    form holding the same (pruned) weights. Returns ``model``.
+
+    Projections: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) become :class:`SparseLinear`;
+    transformers' fused MoE experts (3-D ``gate_up_proj``/``down_proj`` weights) become a
+    :class:`~flashsparse.nn.SparseExperts` with one SparseLinear per expert matrix (their
+    sparsity is that of all their expert weights together). ``filter_fn`` sees each of these
+    modules under its own name.
 
     With ``filter_fn=None`` on a Hugging Face ``transformers`` model the embeddings and the LM
     head stay dense: the head (``get_output_embeddings()``) and any linear tied to an
     ``nn.Embedding`` are skipped (see :func:`default_skipped_linears`); pass a ``filter_fn`` to
     decide yourself (``lambda module, fqn: True`` converts the head too). Plain ``nn.Module``
     models get every ``nn.Linear`` converted.
+
+    Every projection-like weight left dense other than the LM head and weights tied to
+    embeddings -- filtered out, below ``min_sparsity``, or of a kind this function does not
+    convert (a MoE router's weight, an unknown layout) -- is named in one ``UserWarning``.
 
     ``progress``: show a progress bar on stderr (``None``: when stderr is a terminal and the
     layers to convert hold at least 1 GiB). Each dense layer is released as soon as its
@@ -248,28 +173,33 @@ def sparsify_(
         raise TypeError("filter_fn must be a callable (module, fqn) -> bool or None")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
-    skipped = default_skipped_linears(model) if filter_fn is None else set()
+    head_and_tied = default_skipped_linears(model)
+    skipped = head_and_tied if filter_fn is None else set()
     # Names only: holding the modules would keep every dense weight alive until the end.
     targets: list[str] = []
     target_bytes = 0
     linears = 0
     too_dense: list[tuple[str, float]] = []  # (fqn, sparsity) of layers below min_sparsity
+    filtered: list[str] = []  # layers filter_fn rejected
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not (_is_projection(module) or is_fused_experts(module)):
             continue
         linears += 1
         if fqn in skipped:
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
+            filtered.append(fqn)
             continue
-        sparsity = _weight_sparsity(module.weight)
+        weights = _projection_weights(module)
+        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights)
+        sparsity = zeros / max(1, sum(w.numel() for w in weights))
         if sparsity < min_sparsity:
             too_dense.append((fqn, sparsity))
             continue
         if fqn == "":
-            raise ValueError("model is itself an nn.Linear: use SparseLinear.from_linear(model)")
+            raise ValueError("model is itself a projection: use SparseLinear.from_linear(model)")
         targets.append(fqn)
-        target_bytes += module.weight.numel() * module.weight.element_size()
+        target_bytes += sum(w.numel() * w.element_size() for w in weights)
     if progress is None:
         isatty = getattr(sys.stderr, "isatty", None)
         progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
@@ -278,12 +208,22 @@ def sparsify_(
         for fqn in targets:
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, SparseLinear.from_linear(getattr(parent, child), format))
+            dense = getattr(parent, child)
+            if is_fused_experts(dense):
+                sparse: nn.Module = SparseExperts.from_experts(dense, format)
+            else:
+                sparse = SparseLinear.from_linear(dense, format)
+            setattr(parent, child, sparse)
+            del dense
             bar.update()
     finally:
         bar.close()
-    _report_sparsify(model, targets, linears, len(skipped), too_dense, min_sparsity)
+    _report_sparsify(model, targets, linears, len(skipped), too_dense, filtered, head_and_tied, min_sparsity)
     return model
+
+
+def _names(items: list[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _report_sparsify(
@@ -292,43 +232,69 @@ def _report_sparsify(
     linears: int,
     default_skipped: int,
     too_dense: list[tuple[str, float]],
+    filtered: list[str],
+    head_and_tied: set[str],
     min_sparsity: float,
 ) -> None:
     """The warnings of :func:`sparsify_`: whatever it did that the user may not expect is said
-    once, in one warning each (stacklevel points at the caller of ``sparsify_``)."""
-    if too_dense:
-        names = ", ".join(f"{fqn!r} ({sp:.1%})" for fqn, sp in too_dense[:3])
-        more = f" and {len(too_dense) - 3} more" if len(too_dense) > 3 else ""
+    once, in one warning each (stacklevel points at the caller of ``sparsify_``). Every
+    projection left dense (but the LM head and tied weights by default) is named in ONE
+    warning, grouped by why."""
+    below = {fqn for fqn, _ in too_dense}
+    rejected = set(filtered)
+    other = [
+        name for name in dense_projections(model, head_and_tied)
+        if not any(name == r or name.startswith(r + ".") for r in below | rejected)
+    ]
+    everything_filtered = not targets and not too_dense and not other and len(filtered) == linears
+    if (too_dense or filtered or other) and not everything_filtered:
         head = (
             "sparsify_ converted nothing: " if not targets
             else f"sparsify_ converted {len(targets)} layer(s) but "
         )
+        parts = []
+        if too_dense:
+            parts.append(
+                f"{len(too_dense)} below min_sparsity={min_sparsity:g}: "
+                + _names([f"{fqn!r} ({sp:.1%})" for fqn, sp in too_dense])
+            )
+        if filtered:
+            parts.append(f"{len(filtered)} rejected by filter_fn: " + _names([repr(f) for f in filtered]))
+        if other:
+            parts.append(
+                f"{len(other)} of a kind sparsify_ does not convert: " + _names([repr(o) for o in other])
+            )
+        advice = (
+            " Prune them first (flashsparse.prune(weight, 0.5)) or lower min_sparsity." if too_dense else ""
+        )
         warnings.warn(
-            f"{head}left {len(too_dense)} nn.Linear layer(s) dense because their sparsity is "
-            f"below min_sparsity={min_sparsity:g}: {names}{more}. Prune them first "
-            "(flashsparse.prune(weight, 0.5)) or lower min_sparsity.",
+            f"{head}left {len(too_dense) + len(filtered) + len(other)} projection(s) dense: "
+            + "; ".join(parts) + "." + advice + " fs.sparsify_summary(model) counts them.",
             FlashsparseWarning,
             stacklevel=3,
         )
     elif not targets and not any(isinstance(m, SparseLinear) for m in model.modules()):
         # (A model already holding SparseLinear layers, sparsified before: nothing to say.)
         where = (
-            "model has no nn.Linear layer" if linears == 0
-            else f"all {linears} nn.Linear layer(s) are the LM head or tied to an embedding, "
+            "model has no projection layer" if linears == 0
+            else f"all {linears} projection layer(s) are the LM head or tied to an embedding, "
             "which stay dense by default" if default_skipped == linears
-            else f"filter_fn rejected all {linears} nn.Linear layer(s)"
+            else f"filter_fn rejected all {linears} projection layer(s)"
         )
         warnings.warn(f"sparsify_ converted nothing: {where}.", FlashsparseWarning, stacklevel=3)
     if not targets:
         return
     nbytes = dense = zeros = elements = 0
     for fqn in targets:
-        sw = model.get_submodule(fqn).sparse_weight
-        m, k = sw.shape
-        nbytes += sw.nbytes
-        dense += m * k * torch.empty((), dtype=sw.dtype).element_size()
-        zeros += m * k - sw.nnz
-        elements += m * k
+        for layer in model.get_submodule(fqn).modules():  # one, or an experts module's many
+            if not isinstance(layer, SparseLinear):
+                continue
+            sw = layer.sparse_weight
+            m, k = sw.shape
+            nbytes += sw.nbytes
+            dense += m * k * torch.empty((), dtype=sw.dtype).element_size()
+            zeros += m * k - sw.nnz
+            elements += m * k
     if nbytes >= dense:
         advice = (
             "Prune the weights first (flashsparse.prune(weight, 0.5)) or set min_sparsity=0.5 "
@@ -350,7 +316,7 @@ def _report_sparsify(
 def notice_reference_path(model: nn.Module, stacklevel: int = 2) -> None:
     """Warn once per (format, device type, dtype) per process if ``model``'s
     :class:`SparseLinear` layers will run the slow reference path here (no kernel)."""
-    from .notices import warn_reference_path
+    from ..notices import warn_reference_path
 
     kinds: dict[tuple[str, torch.device, torch.dtype], int] = {}
     for module in model.modules():
@@ -385,6 +351,9 @@ class SparsifySummary:
     layers: tuple[LayerSummary, ...]
     dense_linear_layers: int
     other_nbytes: int
+    #: Names of the projection-like weights stored dense (see :func:`dense_projections`; the LM
+    #: head included); ``dense_linear_layers`` is their number.
+    dense_projections: tuple[str, ...] = ()
 
     @property
     def sparse_layers(self) -> int:
@@ -424,6 +393,7 @@ class SparsifySummary:
         return {
             "sparse_layers": self.sparse_layers,
             "dense_linear_layers": self.dense_linear_layers,
+            "dense_projections": list(self.dense_projections),
             "formats": self.formats,
             "sparsity": self.sparsity,
             "linear_nbytes": self.linear_nbytes,
@@ -444,7 +414,11 @@ class SparsifySummary:
         return "\n".join(
             [
                 f"sparse layers:   {self.sparse_layers} ({formats}); {self.dense_linear_layers} "
-                "linear layer(s) left dense",
+                "projection(s) left dense" + (
+                    f" ({', '.join(self.dense_projections[:4])}"
+                    + (", ..." if len(self.dense_projections) > 4 else "") + ")"
+                    if self.dense_projections else ""
+                ),
                 f"sparse weights:  {mib(self.linear_dense_nbytes)} dense -> "
                 f"{mib(self.linear_nbytes)} compressed "
                 f"({ratio(self.linear_nbytes, self.linear_dense_nbytes)}) at "
@@ -462,7 +436,6 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = []
     component_ids: set[int] = set()
-    dense_linears = 0
     for fqn, module in model.named_modules():
         if isinstance(module, SparseLinear):
             sw = module.sparse_weight
@@ -474,8 +447,6 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
                     m * k * torch.empty((), dtype=sw.dtype).element_size(),
                 )
             )
-        elif isinstance(module, nn.Linear):
-            dense_linears += 1
     seen: set[int] = set()
     other = 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -483,4 +454,5 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
             continue
         seen.add(id(tensor))
         other += tensor.numel() * tensor.element_size()
-    return SparsifySummary(tuple(layers), dense_linears, other)
+    dense = tuple(dense_projections(model))
+    return SparsifySummary(tuple(layers), len(dense), other, dense)
