@@ -1,0 +1,362 @@
+// CUDA SpMM for bitmap (layout 2) weights that decodes each thread's share of a tile straight
+// into its mma.m16n8k16 A-fragment registers: no dense tile in shared memory, no zero-fill,
+// no scatter. Index and decode math: bitmap_layout.cuh (shared with the host emulator).
+//
+// Block: 4 warps, a 64-row tile row of the weight x tile_n (8/16/32) tokens, over the k tiles
+// of its split (blockIdx.z). Per k tile, a 3-stage cp.async pipeline stages the tile's 64 row
+// masks, its packed values (16-byte chunks tile_offsets[t] .. tile_offsets[t+1]) and the x
+// tile [tile_n][64] (zero-filled past N and K) in shared memory. Per stage, each warp
+//   1. scans the 64 row popcounts (lane l: rows 2l, 2l+1) -> the start of every row;
+//   2. per thread: rows g and g+8 of its 16 rows, chunk t (columns 16t..16t+15) of each mask
+//      and the chunk's first value;
+//   3. per k-step j (4 per tile): two nibbles -> prmt-expanded A registers, one 8-byte x load
+//      per n8 tile, mma.sync (fp32 accumulators).
+// Split-K: every CTA of a split > 1 launch writes fp32 partial sums to the workspace; the
+// last CTA to arrive at an output tile (atomic counter, reset by it) adds the partials in
+// split order (deterministic) plus the bias, and writes y. One launch per call.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "bitmap_api.cuh"
+#include "bitmap_layout.cuh"
+
+namespace flashsparse {
+namespace bmp {
+
+struct Params {
+    const uint16_t* x;
+    const uint8_t* masks;   // bytes of the uint64 row masks
+    const uint8_t* values;  // bytes of the 16-bit values
+    const int32_t* tile_offsets;
+    const uint16_t* bias;  // may be null
+    uint16_t* y;
+    int32_t* counters;  // split > 1: one arrival counter per output tile
+    float* partial;     // split > 1: [split][n][m]
+    int m, k, n;
+    int k_tiles, tiles_per_split, split;
+    int value_chunks;  // 16-byte chunks in `values`: malformed offsets are clamped to it
+    int x_aligned;     // x rows 16-byte aligned and k % 8 == 0: cp.async x path
+};
+
+template <bool kBF16>
+struct Elem;
+template <>
+struct Elem<false> {
+    static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+    static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+template <>
+struct Elem<true> {
+    static __device__ __forceinline__ float to_float(uint16_t b) {
+        return __bfloat162float(__ushort_as_bfloat16(b));
+    }
+    static __device__ __forceinline__ uint16_t from_float(float f) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    }
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// src-size 0 when !valid: nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <bool kBF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kBF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Issue the copies of k tile `kt` of tile row `mt` into one stage.
+template <int TN>
+__device__ __forceinline__ void load_stage(uint8_t* stage, const Params& p, int mt, int kt, int n0, int tid) {
+    const size_t tile = static_cast<size_t>(mt) * p.k_tiles + kt;
+    if (tid < kMaskBytes / 16) cp_async_16(smem_u32(stage + tid * 16), p.masks + tile * kMaskBytes + tid * 16);
+
+    int start = __ldg(p.tile_offsets + tile);
+    int count = __ldg(p.tile_offsets + tile + 1) - start;
+    // Malformed offsets must not read outside `values` nor overflow the stage.
+    start = start < 0 ? 0 : (start > p.value_chunks ? p.value_chunks : start);
+    count = count < 0 ? 0 : (count > kMaxValueChunks ? kMaxValueChunks : count);
+    count = count > p.value_chunks - start ? p.value_chunks - start : count;
+    const uint8_t* vsrc = p.values + static_cast<size_t>(start) * 16;
+    uint8_t* vdst = stage + kMaskBytes;
+#pragma unroll 1
+    for (int c = tid; c < count; c += kThreads) cp_async_16(smem_u32(vdst + c * 16), vsrc + c * 16);
+
+    uint16_t* xs = reinterpret_cast<uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
+    const int kcol0 = kt * kTile;
+    constexpr int kXChunks = TN * 8;
+#pragma unroll
+    for (int it = 0; it < ceil_div(kXChunks, kThreads); ++it) {
+        const int q = it * kThreads + tid;
+        if (kXChunks % kThreads != 0 && q >= kXChunks) break;
+        const int r = x_chunk_row(q);
+        const int c = x_chunk_col(q);
+        const int nn = n0 + r;
+        const int kk = kcol0 + c;
+        uint16_t* dst = xs + x_elem_offset(r, c);
+        if (p.x_aligned) {
+            // k % 8 == 0: a chunk is wholly inside or wholly past K.
+            const bool valid = nn < p.n && kk < p.k;
+            const uint16_t* src = valid ? p.x + (static_cast<size_t>(nn) * p.k + kk) : p.x;
+            cp_async_16_zfill(smem_u32(dst), src, valid);
+        } else {
+            const uint16_t* row = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k;
+            uint32_t w[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c0 = kk + 2 * e;
+                const uint32_t lo = (nn < p.n && c0 < p.k) ? row[c0] : 0u;
+                const uint32_t hi = (nn < p.n && c0 + 1 < p.k) ? row[c0 + 1] : 0u;
+                w[e] = lo | (hi << 16);
+            }
+            *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
+// A registers of one row for k-step j: nibble j of the row's chunk, its values from `vw`.
+__device__ __forceinline__ void decode_row(const NibbleEntry* table, const uint32_t* vw, uint32_t chunk,
+                                           uint32_t first_of_chunk, int j, uint32_t& lo, uint32_t& hi) {
+    const NibbleEntry e = table[nibble(chunk, j)];
+    const uint32_t first = first_of_chunk + nibble_rank(chunk, j);
+    const uint32_t w = value_word(first);
+    expand_nibble(e, vw[w], vw[w + 1], vw[w + 2], value_shift(first), lo, hi);
+}
+
+template <bool kBF16, int NT>
+__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* stage, const NibbleEntry* table,
+                                              int warp, int lane, uint32_t mlo, uint32_t mhi) {
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    // 1. Row starts: lane l counts rows 2l, 2l+1; inclusive scan over the warp.
+    const uint4 pair = *reinterpret_cast<const uint4*>(stage + lane * 16);
+    const uint32_t c_even = row_count(pair.x, pair.y);
+    const uint32_t c_pair = c_even + row_count(pair.z, pair.w);
+    uint32_t incl = c_pair;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
+        if (lane >= d) incl += v;
+    }
+    const uint32_t packed = pack_row_starts(incl, c_pair, c_even);
+    // 2. This thread's rows r0 = 16w + g and r0 + 8 (same parity).
+    const int r0 = 16 * warp + g;
+    const uint32_t start0 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, r0 >> 1), r0);
+    const uint32_t start1 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, (r0 + 8) >> 1), r0 + 8);
+    const uint2 m0 = *reinterpret_cast<const uint2*>(stage + r0 * 8);
+    const uint2 m1 = *reinterpret_cast<const uint2*>(stage + (r0 + 8) * 8);
+    const uint32_t chunk0 = chunk_bits(m0.x, m0.y, t);
+    const uint32_t chunk1 = chunk_bits(m1.x, m1.y, t);
+    const uint32_t first0 = start0 + chunk_rank(m0.x, m0.y, mlo, mhi);
+    const uint32_t first1 = start1 + chunk_rank(m1.x, m1.y, mlo, mhi);
+
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(stage + kMaskBytes);
+    const uint16_t* xs = reinterpret_cast<const uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
+    // 3. Four k-steps of 16.
+#pragma unroll
+    for (int j = 0; j < kTile / 16; ++j) {
+        uint32_t a[4];
+        decode_row(table, vw, chunk0, first0, j, a[0], a[2]);
+        decode_row(table, vw, chunk1, first1, j, a[1], a[3]);
+#pragma unroll
+        for (int nb = 0; nb < NT; ++nb) {
+            const uint2 b = *reinterpret_cast<const uint2*>(xs + x_elem_offset(nb * 8 + g, b_col(t, j)));
+            mma_16816<kBF16>(acc[nb], a, b.x, b.y);
+        }
+    }
+}
+
+template <bool kBF16, int NT>
+__global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
+    constexpr int TN = NT * 8;
+    constexpr int kStage = stage_bytes(TN);
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ int s_last;
+    NibbleEntry* const table = reinterpret_cast<NibbleEntry*>(smem);
+    uint8_t* const stages = smem + kNibbleTableBytes;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int n0 = blockIdx.x * TN;
+    const int mt = blockIdx.y;
+    const int kt0 = blockIdx.z * p.tiles_per_split;
+    const int rest = p.k_tiles - kt0;
+    const int num = rest < p.tiles_per_split ? rest : p.tiles_per_split;  // >= 1 (effective split)
+
+    if (tid < 16) table[tid] = nibble_entry(static_cast<uint32_t>(tid));
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < num) load_stage<TN>(stages + s * kStage, p, mt, kt0 + s, n0, tid);
+        cp_async_commit();  // empty groups keep the wait count uniform
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int nb = 0; nb < NT; ++nb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nb][r] = 0.f;
+    const uint32_t mlo = below_lo_mask(lane & 3);
+    const uint32_t mhi = below_hi_mask(lane & 3);
+
+#pragma unroll 1
+    for (int i = 0; i < num; ++i) {
+        cp_async_wait<kStages - 2>();  // this thread's copies of tile i have landed
+        __syncthreads();               // everyone's have; stage (i-1) % kStages is free
+        const int ahead = i + kStages - 1;
+        if (ahead < num) load_stage<TN>(stages + (ahead % kStages) * kStage, p, mt, kt0 + ahead, n0, tid);
+        cp_async_commit();
+        compute_stage<kBF16, NT>(acc, stages + (i % kStages) * kStage, table, warp, lane, mlo, mhi);
+    }
+    cp_async_wait<0>();
+
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int m0 = mt * kTileM;
+    if (p.split == 1) {
+#pragma unroll
+        for (int nb = 0; nb < NT; ++nb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = m0 + c_row(warp, g, r);
+                const int col = n0 + c_col(nb, t, r);
+                if (row < p.m && col < p.n) {
+                    float v = acc[nb][r];
+                    if (p.bias != nullptr) v += Elem<kBF16>::to_float(p.bias[row]);
+                    p.y[static_cast<size_t>(col) * p.m + row] = Elem<kBF16>::from_float(v);
+                }
+            }
+        return;
+    }
+
+    const size_t mn = static_cast<size_t>(p.n) * p.m;
+    float* const mine = p.partial + blockIdx.z * mn;
+#pragma unroll
+    for (int nb = 0; nb < NT; ++nb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = m0 + c_row(warp, g, r);
+            const int col = n0 + c_col(nb, t, r);
+            if (row < p.m && col < p.n) __stcg(mine + static_cast<size_t>(col) * p.m + row, acc[nb][r]);
+        }
+    __threadfence();  // partials visible device-wide before the arrival is counted
+    __syncthreads();
+    if (tid == 0) {
+        int32_t* counter = p.counters + static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+        const int arrived = atomicAdd(counter, 1);
+        s_last = arrived == p.split - 1;
+        if (s_last) *counter = 0;  // every split has arrived: ready for the next call
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int nb = 0; nb < NT; ++nb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = m0 + c_row(warp, g, r);
+            const int col = n0 + c_col(nb, t, r);
+            if (row < p.m && col < p.n) {
+                const size_t idx = static_cast<size_t>(col) * p.m + row;
+                float v = 0.f;
+#pragma unroll 1
+                for (int z = 0; z < p.split; ++z) v += __ldcg(p.partial + z * mn + idx);
+                if (p.bias != nullptr) v += Elem<kBF16>::to_float(p.bias[row]);
+                p.y[idx] = Elem<kBF16>::from_float(v);
+            }
+        }
+}
+
+// --- host side -----------------------------------------------------------------------------
+template <bool kBF16, int NT>
+cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
+    constexpr int TN = NT * 8;
+    const int k_tiles = k_tiles_of(pr.k);
+    const int split = effective_split(k_tiles, pr.split_k);
+    const int grid_x = ceil_div(pr.n, TN);
+    const int grid_y = ceil_div(pr.m, kTileM);
+    if (grid_y > kMaxGridY || split > kMaxSplitK) return cudaErrorInvalidValue;
+    if (split > 1 && (pr.workspace == nullptr || reinterpret_cast<uintptr_t>(pr.workspace) % 16 != 0))
+        return cudaErrorInvalidValue;
+    Params p;
+    p.x = static_cast<const uint16_t*>(pr.x);
+    p.masks = reinterpret_cast<const uint8_t*>(pr.masks);
+    p.values = static_cast<const uint8_t*>(pr.values);
+    p.tile_offsets = pr.tile_offsets;
+    p.bias = static_cast<const uint16_t*>(pr.bias);
+    p.y = static_cast<uint16_t*>(pr.y);
+    p.counters = split > 1 ? static_cast<int32_t*>(pr.workspace) : nullptr;
+    p.partial = split > 1 ? reinterpret_cast<float*>(static_cast<uint8_t*>(pr.workspace) +
+                                                     bitmap_counter_bytes(pr.m, pr.n, TN))
+                          : nullptr;
+    p.m = pr.m;
+    p.k = pr.k;
+    p.n = pr.n;
+    p.k_tiles = k_tiles;
+    p.tiles_per_split = tiles_per_split(k_tiles, split);
+    p.split = split;
+    p.value_chunks = pr.value_chunks;
+    p.x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
+    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(split));
+    bitmap_spmm_kernel<kBF16, NT><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <bool kBF16>
+struct TypedOps {
+    static cudaError_t run(const BitmapProblem& pr, cudaStream_t stream) {
+        switch (pr.tile_n == 0 ? default_tile_n(pr.n) : pr.tile_n) {
+            case 8: return launch<kBF16, 1>(pr, stream);
+            case 16: return launch<kBF16, 2>(pr, stream);
+            case 32: return launch<kBF16, 4>(pr, stream);
+            default: return cudaErrorInvalidValue;
+        }
+    }
+    static cudaError_t occupancy(int tile_n, int* blocks) {
+        switch (tile_n) {
+            case 8:
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 1>, kThreads,
+                                                                     smem_bytes(8));
+            case 16:
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 2>, kThreads,
+                                                                     smem_bytes(16));
+            case 32:
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 4>, kThreads,
+                                                                     smem_bytes(32));
+            default: return cudaErrorInvalidValue;
+        }
+    }
+};
+
+}  // namespace bmp
+}  // namespace flashsparse
