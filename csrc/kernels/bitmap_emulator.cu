@@ -209,15 +209,18 @@ struct Emulator {
                     const uint32_t chunk[2] = {chunk_bits(m0x, m0y, t), chunk_bits(m1x, m1y, t)};
                     const uint32_t first[2] = {start0 + chunk_rank(m0x, m0y, mlo, mhi),
                                                start1 + chunk_rank(m1x, m1y, mlo, mhi)};
+                    uint32_t fb[2] = {chunk_first_byte(start0, chunk_rank(m0x, m0y, mlo, mhi)),
+                                      chunk_first_byte(start1, chunk_rank(m1x, m1y, mlo, mhi))};
                     for (int j = 0; j < 4; ++j)
                         for (int h = 0; h < 2; ++h) {
                             const NibbleEntry e = table[nibble(chunk[h], j)];
-                            const uint32_t f = first[h] + nibble_rank(chunk[h], j);
-                            const uint32_t w = value_word(f);
+                            // The kernel's running byte offset vs the rank from the mask.
+                            if (fb[h] != 2 * (first[h] + nibble_rank(chunk[h], j))) fail("running value offset drifted");
                             const size_t vb = kMaskBytes, ve = kMaskBytes + kValueBytes + kValueSlack;
-                            expand_nibble(e, lds32(stage, vb + 4 * w, vb, ve), lds32(stage, vb + 4 * (w + 1), vb, ve),
-                                          lds32(stage, vb + 4 * (w + 2), vb, ve), value_shift(f), a[j][lane][h],
-                                          a[j][lane][h + 2]);
+                            const size_t w = vb + value_byte(fb[h]);
+                            expand_nibble(e, lds32(stage, w, vb, ve), lds32(stage, w + 4, vb, ve), lds32(stage, w + 8, vb, ve),
+                                          value_shift(fb[h]), a[j][lane][h], a[j][lane][h + 2]);
+                            fb[h] += e.bytes;
                         }
                 }
                 for (int j = 0; j < 4; ++j)

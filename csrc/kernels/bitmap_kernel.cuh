@@ -144,13 +144,26 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const Params& p, int 
     }
 }
 
-// A registers of one row for k-step j: nibble j of the row's chunk, its values from `vw`.
-__device__ __forceinline__ void decode_row(const NibbleEntry* table, const uint32_t* vw, uint32_t chunk,
-                                           uint32_t first_of_chunk, int j, uint32_t& lo, uint32_t& hi) {
+// A registers of one row for k-step j: nibble j of the row's chunk, its values from byte `fb`
+// of the stage's values (`vals`); advances fb to the next nibble's values.
+__device__ __forceinline__ void decode_row(const NibbleEntry* table, const uint8_t* vals, uint32_t chunk,
+                                           uint32_t& fb, int j, uint32_t& lo, uint32_t& hi) {
     const NibbleEntry e = table[nibble(chunk, j)];
-    const uint32_t first = first_of_chunk + nibble_rank(chunk, j);
-    const uint32_t w = value_word(first);
-    expand_nibble(e, vw[w], vw[w + 1], vw[w + 2], value_shift(first), lo, hi);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(vals + value_byte(fb));
+    expand_nibble(e, w[0], w[1], w[2], value_shift(fb), lo, hi);
+    fb += e.bytes;
+}
+
+// Inclusive warp scan step: v += v of lane - d (when that lane exists), via the shuffle's
+// in-range predicate (no compare/select).
+template <int D>
+__device__ __forceinline__ void scan_step(uint32_t& v) {
+    asm volatile(
+        "{\n .reg .pred p;\n .reg .u32 r;\n"
+        " shfl.sync.up.b32 r|p, %0, %1, 0, -1;\n"
+        " @p add.u32 %0, %0, r;\n}\n"
+        : "+r"(v)
+        : "n"(D));
 }
 
 template <bool kBF16, int NT>
@@ -163,11 +176,11 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint32_t c_even = row_count(pair.x, pair.y);
     const uint32_t c_pair = c_even + row_count(pair.z, pair.w);
     uint32_t incl = c_pair;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-        const uint32_t v = __shfl_up_sync(0xFFFFFFFFu, incl, d);
-        if (lane >= d) incl += v;
-    }
+    scan_step<1>(incl);
+    scan_step<2>(incl);
+    scan_step<4>(incl);
+    scan_step<8>(incl);
+    scan_step<16>(incl);
     const uint32_t packed = pack_row_starts(incl, c_pair, c_even);
     // 2. This thread's rows r0 = 16w + g and r0 + 8 (same parity).
     const int r0 = 16 * warp + g;
@@ -177,17 +190,17 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint2 m1 = *reinterpret_cast<const uint2*>(stage + (r0 + 8) * 8);
     const uint32_t chunk0 = chunk_bits(m0.x, m0.y, t);
     const uint32_t chunk1 = chunk_bits(m1.x, m1.y, t);
-    const uint32_t first0 = start0 + chunk_rank(m0.x, m0.y, mlo, mhi);
-    const uint32_t first1 = start1 + chunk_rank(m1.x, m1.y, mlo, mhi);
+    uint32_t fb0 = chunk_first_byte(start0, chunk_rank(m0.x, m0.y, mlo, mhi));
+    uint32_t fb1 = chunk_first_byte(start1, chunk_rank(m1.x, m1.y, mlo, mhi));
 
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(stage + kMaskBytes);
+    const uint8_t* vals = stage + kMaskBytes;
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
     // 3. Four k-steps of 16.
 #pragma unroll
     for (int j = 0; j < kTile / 16; ++j) {
         uint32_t a[4];
-        decode_row(table, vw, chunk0, first0, j, a[0], a[2]);
-        decode_row(table, vw, chunk1, first1, j, a[1], a[3]);
+        decode_row(table, vals, chunk0, fb0, j, a[0], a[2]);
+        decode_row(table, vals, chunk1, fb1, j, a[1], a[3]);
 #pragma unroll
         for (int nb = 0; nb < NT; ++nb) {
             const uint2 b = *reinterpret_cast<const uint2*>(xs + x_elem_offset(nb * 8 + g, b_col(t, j)));

@@ -85,7 +85,10 @@ FS_BHD uint32_t popc32(uint32_t v) {
 // (a = bytes 0..3, b = bytes 4..7); bit 4i+3 (sign replication) is never set here.
 FS_BHD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
 #if defined(__CUDA_ARCH__)
-    return __byte_perm(a, b, sel);
+    // Inline prmt: __byte_perm would first mask the selector with 0x7777 (one more LOP3).
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
 #else
     const uint64_t src = (static_cast<uint64_t>(b) << 32) | a;
     uint32_t r = 0;
@@ -97,7 +100,8 @@ FS_BHD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
 #endif
 }
 
-// (hi:lo) >> shift for shift in {0, 16}: the two 16-bit values starting at halfword shift/16.
+// (hi:lo) >> (shift & 31) (funnel shift, wrap mode): with shift = 8 * byte offset, the two
+// 16-bit values starting at that byte of the pair.
 FS_BHD uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t shift) {
 #if defined(__CUDA_ARCH__)
     return __funnelshift_r(lo, hi, shift);
@@ -142,7 +146,7 @@ FS_BHD uint32_t nibble_rank(uint32_t chunk, int j) { return popc32(chunk & ((1u 
 // value v = popcount(nibble below bit s) (bytes 2v, 2v+1 of {V01, V23}) when bit s is set;
 // otherwise "value 3", which the mask has zeroed (a nibble with a clear bit has <= 3 values).
 struct NibbleEntry {
-    uint32_t sel_lo, sel_hi, keep23, pad;
+    uint32_t sel_lo, sel_hi, keep23, bytes;  // bytes: 2 * popcount(nibble), to the next nibble
 };
 FS_BHD uint32_t slot_selector(uint32_t nib, int s) {
     const uint32_t v = ((nib >> s) & 1u) ? popc32(nib & ((1u << s) - 1u)) : 3u;
@@ -153,14 +157,18 @@ FS_BHD NibbleEntry nibble_entry(uint32_t nib) {
     e.sel_lo = slot_selector(nib, 0) | (slot_selector(nib, 1) << 8);
     e.sel_hi = slot_selector(nib, 2) | (slot_selector(nib, 3) << 8);
     e.keep23 = nib == 15u ? 0xFFFFFFFFu : 0x0000FFFFu;
-    e.pad = 0;
+    e.bytes = 2u * popc32(nib);
     return e;
 }
 
-// The up to four values of a nibble start at halfword `first` of the stage's values; w0..w2
-// are the 32-bit words first/2 .. first/2 + 2 (read from shared memory by the caller).
-FS_BHD uint32_t value_word(uint32_t first) { return first >> 1; }
-FS_BHD uint32_t value_shift(uint32_t first) { return (first & 1u) << 4; }
+// The up to four values of a nibble start at byte `fb` (= 2 * value index) of the stage's
+// values; w0..w2 are the 32-bit words at bytes value_byte(fb) + 0, 4, 8 (read by the caller),
+// and the funnel shift takes value_shift(fb) = 8 * fb, of which it uses fb % 4 * 8 (wrap).
+// The next nibble of the chunk starts at fb + NibbleEntry::bytes.
+FS_BHD uint32_t value_byte(uint32_t fb) { return fb & ~3u; }
+FS_BHD uint32_t value_shift(uint32_t fb) { return fb << 3; }
+// Byte of the chunk's first value: 2 * (row start + values of the row left of the chunk).
+FS_BHD uint32_t chunk_first_byte(uint32_t row_start, uint32_t rank) { return 2u * (row_start + rank); }
 
 // lo = slots 0,1 (A k-slots 2t, 2t+1), hi = slots 2,3 (k-slots 2t+8, 2t+9), zero where the
 // mask bit is clear.
