@@ -143,11 +143,10 @@ struct Emulator {
             if (src + 16 > p.masks.size() * 8) fail("mask read past the end");
             std::memcpy(&stage[tid * 16], reinterpret_cast<const uint8_t*>(p.masks.data()) + src, 16);
         }
-        int start = p.offsets[tile];
-        int count = p.offsets[tile + 1] - start;
-        start = start < 0 ? 0 : (start > p.value_chunks ? p.value_chunks : start);
-        count = count < 0 ? 0 : (count > kMaxValueChunks ? kMaxValueChunks : count);
-        count = count > p.value_chunks - start ? p.value_chunks - start : count;
+        // StageLoader::load: the previous tile's end is this tile's start.
+        const int next_start = p.offsets[tile], end = p.offsets[tile + 1];
+        const int start = std::min(std::max(next_start, 0), p.value_chunks);
+        const int count = std::min(std::min(end - next_start, kMaxValueChunks), p.value_chunks - start);
         for (int c = 0; c < count; ++c) {
             const size_t src = (static_cast<size_t>(start) + c) * 16;
             if (src + 16 > p.values.size() * 2) fail("value read past the end");
@@ -209,15 +208,20 @@ struct Emulator {
                     const uint32_t chunk[2] = {chunk_bits(m0x, m0y, t), chunk_bits(m1x, m1y, t)};
                     const uint32_t first[2] = {start0 + chunk_rank(m0x, m0y, mlo, mhi),
                                                start1 + chunk_rank(m1x, m1y, mlo, mhi)};
-                    uint32_t fb[2] = {chunk_first_byte(start0, chunk_rank(m0x, m0y, mlo, mhi)),
-                                      chunk_first_byte(start1, chunk_rank(m1x, m1y, mlo, mhi))};
+                    // fb counts from the start of the CTA's shared memory (table, then stages).
+                    const uint32_t values_byte = kNibbleTableBytes + (i % kStages) * stage_bytes(tn) + kMaskBytes;
+                    uint32_t fb[2] = {chunk_first_byte(values_byte, start0, chunk_rank(m0x, m0y, mlo, mhi)),
+                                      chunk_first_byte(values_byte, start1, chunk_rank(m1x, m1y, mlo, mhi))};
                     for (int j = 0; j < 4; ++j)
                         for (int h = 0; h < 2; ++h) {
-                            const NibbleEntry e = table[nibble(chunk[h], j)];
+                            const uint32_t eb = nibble_entry_byte(chunk[h], j);
+                            if (eb % 16 != 0 || eb >= kNibbleTableBytes) fail("nibble table read at byte %u", eb);
+                            const NibbleEntry e = table[eb / 16];
                             // The kernel's running byte offset vs the rank from the mask.
-                            if (fb[h] != 2 * (first[h] + nibble_rank(chunk[h], j))) fail("running value offset drifted");
+                            if (fb[h] != values_byte + 2 * (first[h] + nibble_rank(chunk[h], j)))
+                                fail("running value offset drifted");
                             const size_t vb = kMaskBytes, ve = kMaskBytes + kValueBytes + kValueSlack;
-                            const size_t w = vb + value_byte(fb[h]);
+                            const size_t w = vb + value_byte(fb[h]) - values_byte;
                             expand_nibble(e, lds32(stage, w, vb, ve), lds32(stage, w + 4, vb, ve), lds32(stage, w + 8, vb, ve),
                                           value_shift(fb[h]), a[j][lane][h], a[j][lane][h + 2]);
                             fb[h] += e.bytes;

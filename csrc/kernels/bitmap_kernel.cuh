@@ -40,7 +40,6 @@ struct Params {
     int m, k, n;
     int k_tiles, tiles_per_split, split;
     int value_chunks;  // 16-byte chunks in `values`: malformed offsets are clamped to it
-    int x_aligned;     // x rows 16-byte aligned and k % 8 == 0: cp.async x path
 };
 
 template <bool kBF16>
@@ -95,61 +94,80 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
     }
 }
 
-// Issue the copies of k tile `kt` of tile row `mt` into one stage.
-template <int TN>
-__device__ __forceinline__ void load_stage(uint8_t* stage, const Params& p, int mt, int kt, int n0, int tid) {
-    const size_t tile = static_cast<size_t>(mt) * p.k_tiles + kt;
-    if (tid < kMaskBytes / 16) cp_async_16(smem_u32(stage + tid * 16), p.masks + tile * kMaskBytes + tid * 16);
+// Per-thread copy state of a CTA, set up once; loading the stage of the CTA's k tile s only
+// adds constant strides (pointers advance 512 mask bytes and 64 x columns per k tile), and the
+// end offset of tile s is carried over as the start of tile s + 1 (one offsets load per tile).
+// kXAligned: x rows 16-byte aligned and k % 8 == 0 (cp.async x); else 16-bit loads.
+template <int TN, bool kXAligned>
+struct StageLoader {
+    static constexpr int kXChunks = TN * 8;
+    static constexpr int kXIters = ceil_div(kXChunks, kThreads);
+    const uint8_t* mask_src;  // this thread's 16 mask bytes (tid < 32) of tile s = 0
+    const int32_t* offs;      // tile_offsets entry of tile s = 0
+    int next_start;           // offs[s] for the next load
+    const uint16_t* x_src[kXIters];
+    int x_room[kXIters];  // columns of x left from the chunk's start in tile 0 (<= 0: row past N)
 
-    int start = __ldg(p.tile_offsets + tile);
-    int count = __ldg(p.tile_offsets + tile + 1) - start;
-    // Malformed offsets must not read outside `values` nor overflow the stage.
-    start = start < 0 ? 0 : (start > p.value_chunks ? p.value_chunks : start);
-    count = count < 0 ? 0 : (count > kMaxValueChunks ? kMaxValueChunks : count);
-    count = count > p.value_chunks - start ? p.value_chunks - start : count;
-    const uint8_t* vsrc = p.values + static_cast<size_t>(start) * 16;
-    uint8_t* vdst = stage + kMaskBytes;
-#pragma unroll 1
-    for (int c = tid; c < count; c += kThreads) cp_async_16(smem_u32(vdst + c * 16), vsrc + c * 16);
-
-    uint16_t* xs = reinterpret_cast<uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
-    const int kcol0 = kt * kTile;
-    constexpr int kXChunks = TN * 8;
+    __device__ __forceinline__ void init(const Params& p, int mt, int kt0, int n0, int tid) {
+        const size_t tile0 = static_cast<size_t>(mt) * p.k_tiles + kt0;
+        mask_src = p.masks + tile0 * kMaskBytes + tid * 16;
+        offs = p.tile_offsets + tile0;
+        next_start = __ldg(offs);
 #pragma unroll
-    for (int it = 0; it < ceil_div(kXChunks, kThreads); ++it) {
-        const int q = it * kThreads + tid;
-        if (kXChunks % kThreads != 0 && q >= kXChunks) break;
-        const int r = x_chunk_row(q);
-        const int c = x_chunk_col(q);
-        const int nn = n0 + r;
-        const int kk = kcol0 + c;
-        uint16_t* dst = xs + x_elem_offset(r, c);
-        if (p.x_aligned) {
-            // k % 8 == 0: a chunk is wholly inside or wholly past K.
-            const bool valid = nn < p.n && kk < p.k;
-            const uint16_t* src = valid ? p.x + (static_cast<size_t>(nn) * p.k + kk) : p.x;
-            cp_async_16_zfill(smem_u32(dst), src, valid);
-        } else {
-            const uint16_t* row = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k;
-            uint32_t w[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c0 = kk + 2 * e;
-                const uint32_t lo = (nn < p.n && c0 < p.k) ? row[c0] : 0u;
-                const uint32_t hi = (nn < p.n && c0 + 1 < p.k) ? row[c0 + 1] : 0u;
-                w[e] = lo | (hi << 16);
-            }
-            *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        for (int it = 0; it < kXIters; ++it) {
+            const int q = it * kThreads + tid;
+            const int nn = n0 + x_chunk_row(q);
+            const int kk = kt0 * kTile + x_chunk_col(q);
+            x_room[it] = nn < p.n ? p.k - kk : 0;
+            x_src[it] = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk;
         }
     }
-}
 
-// A registers of one row for k-step j: nibble j of the row's chunk, its values from byte `fb`
-// of the stage's values (`vals`); advances fb to the next nibble's values.
-__device__ __forceinline__ void decode_row(const NibbleEntry* table, const uint8_t* vals, uint32_t chunk,
-                                           uint32_t& fb, int j, uint32_t& lo, uint32_t& hi) {
-    const NibbleEntry e = table[nibble(chunk, j)];
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(vals + value_byte(fb));
+    __device__ __forceinline__ void load(uint8_t* stage, const Params& p, int s, int tid) {
+        if (tid < kMaskBytes / 16) cp_async_16(smem_u32(stage + tid * 16), mask_src + s * kMaskBytes);
+
+        // Malformed offsets must not read outside `values` nor overflow the stage.
+        const int end = __ldg(offs + s + 1);
+        const int start = min(max(next_start, 0), p.value_chunks);
+        const int count = min(min(end - next_start, kMaxValueChunks), p.value_chunks - start);
+        next_start = end;
+        const uint8_t* vsrc = p.values + static_cast<size_t>(start) * 16;
+        uint8_t* vdst = stage + kMaskBytes;
+#pragma unroll 1
+        for (int c = tid; c < count; c += kThreads) cp_async_16(smem_u32(vdst + c * 16), vsrc + c * 16);
+
+        uint16_t* xs = reinterpret_cast<uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
+#pragma unroll
+        for (int it = 0; it < kXIters; ++it) {
+            const int q = it * kThreads + tid;
+            if (kXChunks % kThreads != 0 && q >= kXChunks) break;
+            uint16_t* dst = xs + x_elem_offset(x_chunk_row(q), x_chunk_col(q));
+            const int room = x_room[it] - s * kTile;  // x columns left from this chunk
+            if constexpr (kXAligned) {
+                // k % 8 == 0: a chunk is wholly inside or wholly past K.
+                const bool valid = room > 0;
+                cp_async_16_zfill(smem_u32(dst), valid ? x_src[it] + s * kTile : p.x, valid);
+            } else {
+                const uint16_t* src = x_src[it] + s * kTile;
+                uint32_t w[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const uint32_t lo = 2 * e < room ? src[2 * e] : 0u;
+                    const uint32_t hi = 2 * e + 1 < room ? src[2 * e + 1] : 0u;
+                    w[e] = lo | (hi << 16);
+                }
+                *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    }
+};
+
+// A registers of one row for k-step j: nibble j of the row's chunk (the nibble table is at the
+// start of shared memory), its values from shared byte `fb`; advances fb to the next nibble.
+__device__ __forceinline__ void decode_row(const uint8_t* smem, uint32_t chunk, uint32_t& fb, int j, uint32_t& lo,
+                                           uint32_t& hi) {
+    const NibbleEntry e = *reinterpret_cast<const NibbleEntry*>(smem + nibble_entry_byte(chunk, j));
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(smem + value_byte(fb));
     expand_nibble(e, w[0], w[1], w[2], value_shift(fb), lo, hi);
     fb += e.bytes;
 }
@@ -167,8 +185,9 @@ __device__ __forceinline__ void scan_step(uint32_t& v) {
 }
 
 template <bool kBF16, int NT>
-__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* stage, const NibbleEntry* table,
-                                              int warp, int lane, uint32_t mlo, uint32_t mhi) {
+__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* smem, uint32_t stage_byte, int warp,
+                                              int lane, uint32_t mlo, uint32_t mhi) {
+    const uint8_t* stage = smem + stage_byte;
     const int g = lane >> 2;
     const int t = lane & 3;
     // 1. Row starts: lane l counts rows 2l, 2l+1; inclusive scan over the warp.
@@ -190,17 +209,15 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint2 m1 = *reinterpret_cast<const uint2*>(stage + (r0 + 8) * 8);
     const uint32_t chunk0 = chunk_bits(m0.x, m0.y, t);
     const uint32_t chunk1 = chunk_bits(m1.x, m1.y, t);
-    uint32_t fb0 = chunk_first_byte(start0, chunk_rank(m0.x, m0.y, mlo, mhi));
-    uint32_t fb1 = chunk_first_byte(start1, chunk_rank(m1.x, m1.y, mlo, mhi));
-
-    const uint8_t* vals = stage + kMaskBytes;
+    uint32_t fb0 = chunk_first_byte(stage_byte + kMaskBytes, start0, chunk_rank(m0.x, m0.y, mlo, mhi));
+    uint32_t fb1 = chunk_first_byte(stage_byte + kMaskBytes, start1, chunk_rank(m1.x, m1.y, mlo, mhi));
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
     // 3. Four k-steps of 16.
 #pragma unroll
     for (int j = 0; j < kTile / 16; ++j) {
         uint32_t a[4];
-        decode_row(table, vals, chunk0, fb0, j, a[0], a[2]);
-        decode_row(table, vals, chunk1, fb1, j, a[1], a[3]);
+        decode_row(smem, chunk0, fb0, j, a[0], a[2]);
+        decode_row(smem, chunk1, fb1, j, a[1], a[3]);
 #pragma unroll
         for (int nb = 0; nb < NT; ++nb) {
             const uint2 b = *reinterpret_cast<const uint2*>(xs + x_elem_offset(nb * 8 + g, b_col(t, j)));
@@ -209,7 +226,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     }
 }
 
-template <bool kBF16, int NT>
+template <bool kBF16, int NT, bool kXAligned>
 __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     constexpr int TN = NT * 8;
     constexpr int kStage = stage_bytes(TN);
@@ -228,9 +245,11 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     const int num = rest < p.tiles_per_split ? rest : p.tiles_per_split;  // >= 1 (effective split)
 
     if (tid < 16) table[tid] = nibble_entry(static_cast<uint32_t>(tid));
+    StageLoader<TN, kXAligned> loader;
+    loader.init(p, mt, kt0, n0, tid);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < num) load_stage<TN>(stages + s * kStage, p, mt, kt0 + s, n0, tid);
+        if (s < num) loader.load(stages + s * kStage, p, s, tid);
         cp_async_commit();  // empty groups keep the wait count uniform
     }
 
@@ -247,9 +266,9 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
         cp_async_wait<kStages - 2>();  // this thread's copies of tile i have landed
         __syncthreads();               // everyone's have; stage (i-1) % kStages is free
         const int ahead = i + kStages - 1;
-        if (ahead < num) load_stage<TN>(stages + (ahead % kStages) * kStage, p, mt, kt0 + ahead, n0, tid);
+        if (ahead < num) loader.load(stages + (ahead % kStages) * kStage, p, ahead, tid);
         cp_async_commit();
-        compute_stage<kBF16, NT>(acc, stages + (i % kStages) * kStage, table, warp, lane, mlo, mhi);
+        compute_stage<kBF16, NT>(acc, smem, kNibbleTableBytes + (i % kStages) * kStage, warp, lane, mlo, mhi);
     }
     cp_async_wait<0>();
 
@@ -339,9 +358,12 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     p.tiles_per_split = tiles_per_split(k_tiles, split);
     p.split = split;
     p.value_chunks = pr.value_chunks;
-    p.x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
+    const bool x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(split));
-    bitmap_spmm_kernel<kBF16, NT><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
+    if (x_aligned)
+        bitmap_spmm_kernel<kBF16, NT, true><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
+    else
+        bitmap_spmm_kernel<kBF16, NT, false><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -358,13 +380,13 @@ struct TypedOps {
     static cudaError_t occupancy(int tile_n, int* blocks) {
         switch (tile_n) {
             case 8:
-                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 1>, kThreads,
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 1, true>, kThreads,
                                                                      smem_bytes(8));
             case 16:
-                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 2>, kThreads,
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 2, true>, kThreads,
                                                                      smem_bytes(16));
             case 32:
-                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 4>, kThreads,
+                return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, 4, true>, kThreads,
                                                                      smem_bytes(32));
             default: return cudaErrorInvalidValue;
         }

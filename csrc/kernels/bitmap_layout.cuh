@@ -138,6 +138,8 @@ FS_BHD uint32_t chunk_rank(uint32_t lo, uint32_t hi, uint32_t mlo, uint32_t mhi)
 
 // --- per thread, per row, per k-step j: one nibble -> two A fragment registers -----------------------
 FS_BHD uint32_t nibble(uint32_t chunk, int j) { return (chunk >> (4 * j)) & 15u; }
+// Byte offset of nibble j's NibbleEntry (16 bytes each) in the table: 16 * nibble(chunk, j).
+FS_BHD uint32_t nibble_entry_byte(uint32_t chunk, int j) { return ((chunk << 4) >> (4 * j)) & 0xF0u; }
 // Values of the chunk before nibble j.
 FS_BHD uint32_t nibble_rank(uint32_t chunk, int j) { return popc32(chunk & ((1u << (4 * j)) - 1u)); }
 
@@ -167,8 +169,11 @@ FS_BHD NibbleEntry nibble_entry(uint32_t nib) {
 // The next nibble of the chunk starts at fb + NibbleEntry::bytes.
 FS_BHD uint32_t value_byte(uint32_t fb) { return fb & ~3u; }
 FS_BHD uint32_t value_shift(uint32_t fb) { return fb << 3; }
-// Byte of the chunk's first value: 2 * (row start + values of the row left of the chunk).
-FS_BHD uint32_t chunk_first_byte(uint32_t row_start, uint32_t rank) { return 2u * (row_start + rank); }
+// Byte of the chunk's first value, from the start of shared memory: the stage's values begin
+// at `values_byte` (a multiple of 4), then 2 * (row start + values of the row left of the chunk).
+FS_BHD uint32_t chunk_first_byte(uint32_t values_byte, uint32_t row_start, uint32_t rank) {
+    return values_byte + 2u * (row_start + rank);
+}
 
 // lo = slots 0,1 (A k-slots 2t, 2t+1), hi = slots 2,3 (k-slots 2t+8, 2t+9), zero where the
 // mask bit is clear.
