@@ -195,23 +195,43 @@ struct Emulator {
                     running += c_pair;
                     packed[lane] = pack_row_starts(running, c_pair, c_even);
                 }
-                // Steps 2-3 per lane: A registers per k-step, B registers per n8 tile.
+                // Step 2: per lane, the two rows' chunks; the 4-lane exclusive scan of their packed
+                // popcounts (lanes 4g .. 4g+3) gives the chunk ranks.
+                uint32_t chunks[32][2], counts[32];
+                for (int lane = 0; lane < 32; ++lane) {
+                    const int g = lane >> 2, t = lane & 3, r0 = 16 * warp + g;
+                    for (int h = 0; h < 2; ++h) {
+                        const int cb = chunk_byte(r0 + 8 * h, t);
+                        if (cb % 2 != 0 || cb < 0 || cb + 2 > kMaskBytes) fail("chunk read at byte %d", cb);
+                        uint16_t c;
+                        std::memcpy(&c, &stage[cb], 2);
+                        chunks[lane][h] = c;
+                    }
+                    counts[lane] = pack_chunk_counts(chunks[lane][0], chunks[lane][1]);
+                }
+                // Step 3 per lane: A registers per k-step.
                 uint32_t a[4][32][4];
                 for (int lane = 0; lane < 32; ++lane) {
                     const int g = lane >> 2, t = lane & 3, r0 = 16 * warp + g;
+                    uint32_t ranks = 0;
+                    for (int u = 4 * g; u < lane; ++u) ranks += counts[u];
                     const uint32_t start0 = unpack_row_start(packed[r0 >> 1], r0);
                     const uint32_t start1 = unpack_row_start(packed[(r0 + 8) >> 1], r0 + 8);
                     const uint32_t m0x = lds32(stage, r0 * 8, 0, kMaskBytes), m0y = lds32(stage, r0 * 8 + 4, 0, kMaskBytes);
                     const uint32_t m1x = lds32(stage, (r0 + 8) * 8, 0, kMaskBytes),
                                    m1y = lds32(stage, (r0 + 8) * 8 + 4, 0, kMaskBytes);
                     const uint32_t mlo = below_lo_mask(t), mhi = below_hi_mask(t);
-                    const uint32_t chunk[2] = {chunk_bits(m0x, m0y, t), chunk_bits(m1x, m1y, t)};
-                    const uint32_t first[2] = {start0 + chunk_rank(m0x, m0y, mlo, mhi),
-                                               start1 + chunk_rank(m1x, m1y, mlo, mhi)};
+                    const uint32_t chunk[2] = {chunks[lane][0], chunks[lane][1]};
+                    // Independent cross-checks of the chunk loads and of the scan against the full masks.
+                    if (chunk[0] != chunk_bits(m0x, m0y, t) || chunk[1] != chunk_bits(m1x, m1y, t))
+                        fail("chunk load disagrees with the row mask");
+                    if ((ranks & 0xFFFFu) != chunk_rank(m0x, m0y, mlo, mhi) || (ranks >> 16) != chunk_rank(m1x, m1y, mlo, mhi))
+                        fail("chunk rank scan disagrees with the row mask");
+                    const uint32_t first[2] = {start0 + (ranks & 0xFFFFu), start1 + (ranks >> 16)};
                     // fb counts from the start of the CTA's shared memory (table, then stages).
                     const uint32_t values_byte = kNibbleTableBytes + (i % kStages) * stage_bytes(tn) + kMaskBytes;
-                    uint32_t fb[2] = {chunk_first_byte(values_byte, start0, chunk_rank(m0x, m0y, mlo, mhi)),
-                                      chunk_first_byte(values_byte, start1, chunk_rank(m1x, m1y, mlo, mhi))};
+                    uint32_t fb[2] = {chunk_first_byte(values_byte, start0, ranks & 0xFFFFu),
+                                      chunk_first_byte(values_byte, start1, ranks >> 16)};
                     for (int j = 0; j < 4; ++j)
                         for (int h = 0; h < 2; ++h) {
                             const uint32_t eb = nibble_entry_byte(chunk[h], j);

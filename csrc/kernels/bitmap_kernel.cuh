@@ -184,9 +184,20 @@ __device__ __forceinline__ void scan_step(uint32_t& v) {
         : "n"(D));
 }
 
+// The same within segments of 4 lanes (shfl.up's segment mask (32 - 4) << 8).
+template <int D>
+__device__ __forceinline__ void scan4_step(uint32_t& v) {
+    asm volatile(
+        "{\n .reg .pred p;\n .reg .u32 r;\n"
+        " shfl.sync.up.b32 r|p, %0, %1, 0x1c00, -1;\n"
+        " @p add.u32 %0, %0, r;\n}\n"
+        : "+r"(v)
+        : "n"(D));
+}
+
 template <bool kBF16, int NT>
 __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* smem, uint32_t stage_byte, int warp,
-                                              int lane, uint32_t mlo, uint32_t mhi) {
+                                              int lane) {
     const uint8_t* stage = smem + stage_byte;
     const int g = lane >> 2;
     const int t = lane & 3;
@@ -194,23 +205,26 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     const uint4 pair = *reinterpret_cast<const uint4*>(stage + lane * 16);
     const uint32_t c_even = row_count(pair.x, pair.y);
     const uint32_t c_pair = c_even + row_count(pair.z, pair.w);
-    uint32_t incl = c_pair;
-    scan_step<1>(incl);
-    scan_step<2>(incl);
-    scan_step<4>(incl);
-    scan_step<8>(incl);
-    scan_step<16>(incl);
-    const uint32_t packed = pack_row_starts(incl, c_pair, c_even);
+    uint32_t pincl = c_pair;
+    scan_step<1>(pincl);
+    scan_step<2>(pincl);
+    scan_step<4>(pincl);
+    scan_step<8>(pincl);
+    scan_step<16>(pincl);
+    const uint32_t packed = pack_row_starts(pincl, c_pair, c_even);
     // 2. This thread's rows r0 = 16w + g and r0 + 8 (same parity).
     const int r0 = 16 * warp + g;
     const uint32_t start0 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, r0 >> 1), r0);
     const uint32_t start1 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, (r0 + 8) >> 1), r0 + 8);
-    const uint2 m0 = *reinterpret_cast<const uint2*>(stage + r0 * 8);
-    const uint2 m1 = *reinterpret_cast<const uint2*>(stage + (r0 + 8) * 8);
-    const uint32_t chunk0 = chunk_bits(m0.x, m0.y, t);
-    const uint32_t chunk1 = chunk_bits(m1.x, m1.y, t);
-    uint32_t fb0 = chunk_first_byte(stage_byte + kMaskBytes, start0, chunk_rank(m0.x, m0.y, mlo, mhi));
-    uint32_t fb1 = chunk_first_byte(stage_byte + kMaskBytes, start1, chunk_rank(m1.x, m1.y, mlo, mhi));
+    const uint32_t chunk0 = *reinterpret_cast<const uint16_t*>(stage + chunk_byte(r0, t));
+    const uint32_t chunk1 = *reinterpret_cast<const uint16_t*>(stage + chunk_byte(r0 + 8, t));
+    const uint32_t counts = pack_chunk_counts(chunk0, chunk1);
+    uint32_t incl = counts;
+    scan4_step<1>(incl);
+    scan4_step<2>(incl);
+    const uint32_t ranks = incl - counts;
+    uint32_t fb0 = chunk_first_byte(stage_byte + kMaskBytes, start0, ranks & 0xFFFFu);
+    uint32_t fb1 = chunk_first_byte(stage_byte + kMaskBytes, start1, ranks >> 16);
     const uint16_t* xs = reinterpret_cast<const uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
     // 3. Four k-steps of 16.
 #pragma unroll
@@ -258,17 +272,21 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     for (int nb = 0; nb < NT; ++nb)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nb][r] = 0.f;
-    const uint32_t mlo = below_lo_mask(lane & 3);
-    const uint32_t mhi = below_hi_mask(lane & 3);
 
+    // Shared byte offsets of the stage read (tile i) and written (tile i + kStages - 1).
+    uint32_t read_byte = kNibbleTableBytes;
+    uint32_t write_byte = kNibbleTableBytes + (kStages - 1) * kStage;
+    constexpr uint32_t kStagesEnd = kNibbleTableBytes + kStages * kStage;
 #pragma unroll 1
     for (int i = 0; i < num; ++i) {
         cp_async_wait<kStages - 2>();  // this thread's copies of tile i have landed
         __syncthreads();               // everyone's have; stage (i-1) % kStages is free
         const int ahead = i + kStages - 1;
-        if (ahead < num) loader.load(stages + (ahead % kStages) * kStage, p, ahead, tid);
+        if (ahead < num) loader.load(smem + write_byte, p, ahead, tid);
         cp_async_commit();
-        compute_stage<kBF16, NT>(acc, smem, kNibbleTableBytes + (i % kStages) * kStage, warp, lane, mlo, mhi);
+        compute_stage<kBF16, NT>(acc, smem, read_byte, warp, lane);
+        read_byte = read_byte + kStage == kStagesEnd ? kNibbleTableBytes : read_byte + kStage;
+        write_byte = write_byte + kStage == kStagesEnd ? kNibbleTableBytes : write_byte + kStage;
     }
     cp_async_wait<0>();
 

@@ -129,7 +129,16 @@ FS_BHD uint32_t unpack_row_start(uint32_t packed, int row) {
 FS_BHD uint32_t chunk_bits(uint32_t lo, uint32_t hi, int t) {
     return ((t < 2 ? lo : hi) >> ((t & 1) * 16)) & 0xFFFFu;
 }
-// Nonzeros of the row left of column 16t (the chunk's rank within its row).
+// Shared byte (from the stage start) of chunk t of row `row`'s mask (masks are little-endian).
+FS_BHD constexpr int chunk_byte(int row, int t) { return row * 8 + 2 * t; }
+// The chunk ranks of a thread's two rows come from an exclusive scan over the 4 lanes t of its
+// group g (they hold chunks 0..3 of the same rows) of both popcounts packed in one word (each
+// half stays < 2^16, so the halves never carry into each other).
+FS_BHD uint32_t pack_chunk_counts(uint32_t chunk0, uint32_t chunk1) {
+    return popc32(chunk0) | (popc32(chunk1) << 16);
+}
+// Nonzeros of the row left of column 16t (the chunk's rank within its row), from the full mask
+// (the emulator's cross-check of the scan).
 FS_BHD uint32_t below_lo_mask(int t) { return t == 0 ? 0u : (t == 1 ? 0xFFFFu : 0xFFFFFFFFu); }
 FS_BHD uint32_t below_hi_mask(int t) { return t == 3 ? 0xFFFFu : 0u; }
 FS_BHD uint32_t chunk_rank(uint32_t lo, uint32_t hi, uint32_t mlo, uint32_t mhi) {
