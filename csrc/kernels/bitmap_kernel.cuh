@@ -98,20 +98,33 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // adds constant strides (pointers advance 512 mask bytes and 64 x columns per k tile), and the
 // end offset of tile s is carried over as the start of tile s + 1 (one offsets load per tile).
 // kXAligned: x rows 16-byte aligned and k % 8 == 0 (cp.async x); else 16-bit loads.
+// Keeps a value in a register: ptxas would otherwise recompute loop-invariant addresses from
+// the kernel parameters in every main-loop iteration.
+template <class T>
+__device__ __forceinline__ void pin(T*& ptr) {
+    asm volatile("" : "+l"(ptr));
+}
+__device__ __forceinline__ void pin(uint32_t& v) { asm volatile("" : "+r"(v)); }
+
 template <int TN, bool kXAligned>
 struct StageLoader {
     static constexpr int kXChunks = TN * 8;
     static constexpr int kXIters = ceil_div(kXChunks, kThreads);
-    const uint8_t* mask_src;  // this thread's 16 mask bytes (tid < 32) of tile s = 0
-    const int32_t* offs;      // tile_offsets entry of tile s = 0
-    int next_start;           // offs[s] for the next load
+    const uint8_t* mask_src;    // this thread's 16 mask bytes (tid < 32) of tile s = 0
+    const int32_t* offs;        // tile_offsets entry of tile s = 0
+    const uint8_t* value_src;   // values + 16 * tid
+    int next_start;             // offs[s] for the next load
     const uint16_t* x_src[kXIters];
-    int x_room[kXIters];  // columns of x left from the chunk's start in tile 0 (<= 0: row past N)
+    int x_room[kXIters];        // columns of x left from the chunk's start in tile 0 (<= 0: row past N)
+    uint32_t x_dst[kXIters];    // shared byte offsets in a stage
 
     __device__ __forceinline__ void init(const Params& p, int mt, int kt0, int n0, int tid) {
         const size_t tile0 = static_cast<size_t>(mt) * p.k_tiles + kt0;
         mask_src = p.masks + tile0 * kMaskBytes + tid * 16;
         offs = p.tile_offsets + tile0;
+        value_src = p.values + tid * 16;
+        pin(mask_src);
+        pin(value_src);
         next_start = __ldg(offs);
 #pragma unroll
         for (int it = 0; it < kXIters; ++it) {
@@ -120,33 +133,39 @@ struct StageLoader {
             const int kk = kt0 * kTile + x_chunk_col(q);
             x_room[it] = nn < p.n ? p.k - kk : 0;
             x_src[it] = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk;
+            x_dst[it] = kMaskBytes + kValueBytes + kValueSlack + 2 * x_elem_offset(x_chunk_row(q), x_chunk_col(q));
+            pin(x_src[it]);
+            pin(x_dst[it]);
         }
     }
 
-    __device__ __forceinline__ void load(uint8_t* stage, const Params& p, int s, int tid) {
-        if (tid < kMaskBytes / 16) cp_async_16(smem_u32(stage + tid * 16), mask_src + s * kMaskBytes);
+    // stage: shared address (cvta) of the stage.
+    __device__ __forceinline__ void load(uint32_t stage, const Params& p, int s, int tid) {
+        if (tid < kMaskBytes / 16) cp_async_16(stage + tid * 16, mask_src + s * kMaskBytes);
 
         // Malformed offsets must not read outside `values` nor overflow the stage.
         const int end = __ldg(offs + s + 1);
         const int start = min(max(next_start, 0), p.value_chunks);
         const int count = min(min(end - next_start, kMaxValueChunks), p.value_chunks - start);
         next_start = end;
-        const uint8_t* vsrc = p.values + static_cast<size_t>(start) * 16;
-        uint8_t* vdst = stage + kMaskBytes;
+        const uint8_t* vsrc = value_src + static_cast<size_t>(start) * 16;
+        uint32_t vdst = stage + kMaskBytes + tid * 16;
 #pragma unroll 1
-        for (int c = tid; c < count; c += kThreads) cp_async_16(smem_u32(vdst + c * 16), vsrc + c * 16);
+        for (int c = tid; c < count; c += kThreads) {
+            cp_async_16(vdst, vsrc);
+            vsrc += kThreads * 16;
+            vdst += kThreads * 16;
+        }
 
-        uint16_t* xs = reinterpret_cast<uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
 #pragma unroll
         for (int it = 0; it < kXIters; ++it) {
             const int q = it * kThreads + tid;
             if (kXChunks % kThreads != 0 && q >= kXChunks) break;
-            uint16_t* dst = xs + x_elem_offset(x_chunk_row(q), x_chunk_col(q));
             const int room = x_room[it] - s * kTile;  // x columns left from this chunk
             if constexpr (kXAligned) {
                 // k % 8 == 0: a chunk is wholly inside or wholly past K.
                 const bool valid = room > 0;
-                cp_async_16_zfill(smem_u32(dst), valid ? x_src[it] + s * kTile : p.x, valid);
+                cp_async_16_zfill(stage + x_dst[it], valid ? x_src[it] + s * kTile : p.x, valid);
             } else {
                 const uint16_t* src = x_src[it] + s * kTile;
                 uint32_t w[4];
@@ -156,7 +175,9 @@ struct StageLoader {
                     const uint32_t hi = 2 * e + 1 < room ? src[2 * e + 1] : 0u;
                     w[e] = lo | (hi << 16);
                 }
-                *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage + x_dst[it]), "r"(w[0]), "r"(w[1]),
+                             "r"(w[2]), "r"(w[3])
+                             : "memory");
             }
         }
     }
@@ -247,7 +268,6 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ int s_last;
     NibbleEntry* const table = reinterpret_cast<NibbleEntry*>(smem);
-    uint8_t* const stages = smem + kNibbleTableBytes;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -259,11 +279,13 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     const int num = rest < p.tiles_per_split ? rest : p.tiles_per_split;  // >= 1 (effective split)
 
     if (tid < 16) table[tid] = nibble_entry(static_cast<uint32_t>(tid));
+    uint32_t smem_base = smem_u32(smem);
+    pin(smem_base);
     StageLoader<TN, kXAligned> loader;
     loader.init(p, mt, kt0, n0, tid);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < num) loader.load(stages + s * kStage, p, s, tid);
+        if (s < num) loader.load(smem_base + kNibbleTableBytes + s * kStage, p, s, tid);
         cp_async_commit();  // empty groups keep the wait count uniform
     }
 
@@ -282,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
         cp_async_wait<kStages - 2>();  // this thread's copies of tile i have landed
         __syncthreads();               // everyone's have; stage (i-1) % kStages is free
         const int ahead = i + kStages - 1;
-        if (ahead < num) loader.load(smem + write_byte, p, ahead, tid);
+        if (ahead < num) loader.load(smem_base + write_byte, p, ahead, tid);
         cp_async_commit();
         compute_stage<kBF16, NT>(acc, smem, read_byte, warp, lane);
         read_byte = read_byte + kStage == kStagesEnd ? kNibbleTableBytes : read_byte + kStage;
