@@ -215,8 +215,10 @@ struct Emulator {
                     const int g = lane >> 2, t = lane & 3, r0 = 16 * warp + g;
                     uint32_t ranks = 0;
                     for (int u = 4 * g; u < lane; ++u) ranks += counts[u];
-                    const uint32_t start0 = unpack_row_start(packed[r0 >> 1], r0);
-                    const uint32_t start1 = unpack_row_start(packed[(r0 + 8) >> 1], r0 + 8);
+                    const uint32_t starts = byte_perm(packed[r0 >> 1], packed[(r0 + 8) >> 1], row_start_selector(r0));
+                    const uint32_t start0 = starts & 0xFFFFu, start1 = starts >> 16;
+                    if (start0 != unpack_row_start(packed[r0 >> 1], r0) || start1 != unpack_row_start(packed[(r0 + 8) >> 1], r0 + 8))
+                        fail("packed row starts disagree");
                     const uint32_t m0x = lds32(stage, r0 * 8, 0, kMaskBytes), m0y = lds32(stage, r0 * 8 + 4, 0, kMaskBytes);
                     const uint32_t m1x = lds32(stage, (r0 + 8) * 8, 0, kMaskBytes),
                                    m1y = lds32(stage, (r0 + 8) * 8 + 4, 0, kMaskBytes);
@@ -230,8 +232,9 @@ struct Emulator {
                     const uint32_t first[2] = {start0 + (ranks & 0xFFFFu), start1 + (ranks >> 16)};
                     // fb counts from the start of the CTA's shared memory (table, then stages).
                     const uint32_t values_byte = kNibbleTableBytes + (i % kStages) * stage_bytes(tn) + kMaskBytes;
-                    uint32_t fb[2] = {chunk_first_byte(values_byte, start0, ranks & 0xFFFFu),
-                                      chunk_first_byte(values_byte, start1, ranks >> 16)};
+                    const uint32_t firsts = starts + ranks;
+                    uint32_t fb[2] = {chunk_first_byte(values_byte, firsts & 0xFFFFu, 0),
+                                      chunk_first_byte(values_byte, firsts >> 16, 0)};
                     for (int j = 0; j < 4; ++j)
                         for (int h = 0; h < 2; ++h) {
                             const uint32_t eb = nibble_entry_byte(chunk[h], j);
@@ -258,7 +261,11 @@ struct Emulator {
                                 A[rows[r]][ks[r]] = elem(a[j][lane][r] & 0xFFFFu);
                                 A[rows[r]][ks[r] + 1] = elem(a[j][lane][r] >> 16);
                             }
-                            const size_t bb = xbase + 2 * static_cast<size_t>(x_elem_offset(nb * 8 + g, b_col(t, j)));
+                            // The kernel's split: per-thread b_byte + per-(nb, j) constant.
+                            const size_t bb = kMaskBytes + kValueBytes + kValueSlack + 2 * x_elem_offset(g, b_col(t, 0)) +
+                                              2 * x_elem_offset(nb * 8, 4 * j);
+                            if (bb != xbase + 2 * static_cast<size_t>(x_elem_offset(nb * 8 + g, b_col(t, j))))
+                                fail("B address split is wrong");
                             if (bb % 8 != 0) fail("B load not 8-byte aligned");
                             const uint32_t b0 = lds32(stage, bb, xbase, stage.size());
                             const uint32_t b1 = lds32(stage, bb + 4, xbase, stage.size());

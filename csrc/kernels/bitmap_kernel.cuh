@@ -216,14 +216,45 @@ __device__ __forceinline__ void scan4_step(uint32_t& v) {
         : "n"(D));
 }
 
-template <bool kBF16, int NT>
-__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* smem, uint32_t stage_byte, int warp,
-                                              int lane) {
-    const uint8_t* stage = smem + stage_byte;
+// Per-thread constants of compute_stage, computed once and pinned in registers (ptxas would
+// rederive them from %tid in every iteration).
+struct ThreadConsts {
+    uint32_t scan_byte;    // lane * 16: rows 2l, 2l+1 of the stage's masks
+    uint32_t chunk0_byte;  // chunk t of rows r0 = 16w + g and r0 + 8
+    uint32_t chunk1_byte;
+    uint32_t src0, src1;   // lanes holding the starts of rows r0, r0 + 8
+    uint32_t start_sel;    // row_start_selector(r0)
+    uint32_t b_byte;       // x tile row g, column b_col(t, 0), from the stage start
+};
+
+__device__ __forceinline__ ThreadConsts thread_consts(int warp, int lane) {
     const int g = lane >> 2;
     const int t = lane & 3;
+    const int r0 = 16 * warp + g;
+    ThreadConsts c;
+    c.scan_byte = lane * 16;
+    c.chunk0_byte = chunk_byte(r0, t);
+    c.chunk1_byte = chunk_byte(r0 + 8, t);
+    c.src0 = r0 >> 1;
+    c.src1 = (r0 + 8) >> 1;
+    c.start_sel = row_start_selector(r0);
+    c.b_byte = kMaskBytes + kValueBytes + kValueSlack + 2 * x_elem_offset(g, b_col(t, 0));
+    pin(c.scan_byte);
+    pin(c.chunk0_byte);
+    pin(c.chunk1_byte);
+    pin(c.src0);
+    pin(c.src1);
+    pin(c.start_sel);
+    pin(c.b_byte);
+    return c;
+}
+
+template <bool kBF16, int NT>
+__device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t* smem, uint32_t stage_byte,
+                                              const ThreadConsts& tc) {
+    const uint8_t* stage = smem + stage_byte;
     // 1. Row starts: lane l counts rows 2l, 2l+1; inclusive scan over the warp.
-    const uint4 pair = *reinterpret_cast<const uint4*>(stage + lane * 16);
+    const uint4 pair = *reinterpret_cast<const uint4*>(stage + tc.scan_byte);
     const uint32_t c_even = row_count(pair.x, pair.y);
     const uint32_t c_pair = c_even + row_count(pair.z, pair.w);
     uint32_t pincl = c_pair;
@@ -233,20 +264,20 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
     scan_step<8>(pincl);
     scan_step<16>(pincl);
     const uint32_t packed = pack_row_starts(pincl, c_pair, c_even);
-    // 2. This thread's rows r0 = 16w + g and r0 + 8 (same parity).
-    const int r0 = 16 * warp + g;
-    const uint32_t start0 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, r0 >> 1), r0);
-    const uint32_t start1 = unpack_row_start(__shfl_sync(0xFFFFFFFFu, packed, (r0 + 8) >> 1), r0 + 8);
-    const uint32_t chunk0 = *reinterpret_cast<const uint16_t*>(stage + chunk_byte(r0, t));
-    const uint32_t chunk1 = *reinterpret_cast<const uint16_t*>(stage + chunk_byte(r0 + 8, t));
+    // 2. This thread's rows r0 = 16w + g and r0 + 8: starts (packed halves), chunk t of each
+    //    mask, and the chunks' ranks from a 4-lane scan (packed halves too).
+    const uint32_t starts = byte_perm(__shfl_sync(0xFFFFFFFFu, packed, tc.src0),
+                                      __shfl_sync(0xFFFFFFFFu, packed, tc.src1), tc.start_sel);
+    const uint32_t chunk0 = *reinterpret_cast<const uint16_t*>(stage + tc.chunk0_byte);
+    const uint32_t chunk1 = *reinterpret_cast<const uint16_t*>(stage + tc.chunk1_byte);
     const uint32_t counts = pack_chunk_counts(chunk0, chunk1);
     uint32_t incl = counts;
     scan4_step<1>(incl);
     scan4_step<2>(incl);
-    const uint32_t ranks = incl - counts;
-    uint32_t fb0 = chunk_first_byte(stage_byte + kMaskBytes, start0, ranks & 0xFFFFu);
-    uint32_t fb1 = chunk_first_byte(stage_byte + kMaskBytes, start1, ranks >> 16);
-    const uint16_t* xs = reinterpret_cast<const uint16_t*>(stage + kMaskBytes + kValueBytes + kValueSlack);
+    const uint32_t firsts = starts + (incl - counts);  // no carry: both halves < 2^13
+    uint32_t fb0 = chunk_first_byte(stage_byte + kMaskBytes, firsts & 0xFFFFu, 0);
+    uint32_t fb1 = chunk_first_byte(stage_byte + kMaskBytes, firsts >> 16, 0);
+    const uint8_t* xs = stage + tc.b_byte;
     // 3. Four k-steps of 16.
 #pragma unroll
     for (int j = 0; j < kTile / 16; ++j) {
@@ -255,7 +286,8 @@ __device__ __forceinline__ void compute_stage(float (&acc)[NT][4], const uint8_t
         decode_row(smem, chunk1, fb1, j, a[1], a[3]);
 #pragma unroll
         for (int nb = 0; nb < NT; ++nb) {
-            const uint2 b = *reinterpret_cast<const uint2*>(xs + x_elem_offset(nb * 8 + g, b_col(t, j)));
+            // x tile row nb*8 + g, column b_col(t, j) = b_col(t, 0) + 4j.
+            const uint2 b = *reinterpret_cast<const uint2*>(xs + 2 * x_elem_offset(nb * 8, 4 * j));
             mma_16816<kBF16>(acc[nb], a, b.x, b.y);
         }
     }
@@ -295,6 +327,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nb][r] = 0.f;
 
+    const ThreadConsts tc = thread_consts(warp, lane);
     // Shared byte offsets of the stage read (tile i) and written (tile i + kStages - 1).
     uint32_t read_byte = kNibbleTableBytes;
     uint32_t write_byte = kNibbleTableBytes + (kStages - 1) * kStage;
@@ -306,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
         const int ahead = i + kStages - 1;
         if (ahead < num) loader.load(smem_base + write_byte, p, ahead, tid);
         cp_async_commit();
-        compute_stage<kBF16, NT>(acc, smem, read_byte, warp, lane);
+        compute_stage<kBF16, NT>(acc, smem, read_byte, tc);
         read_byte = read_byte + kStage == kStagesEnd ? kNibbleTableBytes : read_byte + kStage;
         write_byte = write_byte + kStage == kStagesEnd ? kNibbleTableBytes : write_byte + kStage;
     }

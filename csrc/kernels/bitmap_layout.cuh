@@ -123,6 +123,9 @@ FS_BHD uint32_t pack_row_starts(uint32_t inclusive, uint32_t pair_count, uint32_
 FS_BHD uint32_t unpack_row_start(uint32_t packed, int row) {
     return (packed >> ((row & 1) * 16)) & 0xFFFFu;
 }
+// A thread's rows r0 and r0 + 8 have the same parity: one prmt picks both starts from the two
+// shuffled words, start(r0) in the low half and start(r0 + 8) in the high half.
+FS_BHD constexpr uint32_t row_start_selector(int row) { return (row & 1) ? 0x7632u : 0x5410u; }
 
 // --- per thread, per row: chunk t of the row mask and where its values start -----------------------
 // The 16 mask bits of columns 16t .. 16t+15.
