@@ -237,21 +237,45 @@ def _op(x, w, bias, split_k=1, tile_n=0):
     )
 
 
+def _poison_allocator(numel: int, dtype: torch.dtype) -> None:
+    """Leave NaN in the caching allocator's next block of this size, so an output element the
+    kernel fails to write shows up as NaN."""
+    junk = torch.full((numel,), float("nan"), dtype=dtype, device="cuda")
+    del junk
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize(("m", "k", "n", "sparsity", "kind", "tile_n", "split_k", "misaligned", "with_bias"),
                          _EMULATED)
 def test_gpu_kernel_matches_float64(m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype):
-    _cuda._available()
+    assert _cuda._bitmap_available() is None
     w, x, bias = _gpu_case(m, k, n, sparsity, kind, dtype, seed=m + k)
     if misaligned:
         x = torch.empty(n * k + 1, dtype=dtype, device="cuda")[1:].view(n, k).copy_(x)
     bias = bias if with_bias else None
-    y = _op(x, w, bias, split_k, tile_n)
     ref = reference_linear(x, w, bias)
+    _poison_allocator(n * m, dtype)
+    y = _op(x, w, bias, split_k, tile_n)
+    assert torch.isfinite(y).all()
     assert rel_err(y, ref) < RTOL[dtype]
+    _poison_allocator(n * m, dtype)
     y2 = _op(x, w, bias, split_k, tile_n)
-    assert torch.equal(y, y2), "split-K reduction is not deterministic"
+    assert torch.equal(y, y2), "split-K reduction is not deterministic (or the counters were not reset)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize(("m", "k"), [(4096, 4096), (4096, 14336), (6144, 4096)])
+@pytest.mark.parametrize("n", [1, 16, 32])
+def test_gpu_benchmark_shapes_use_split_k_and_match(m, k, n, dtype, monkeypatch):
+    import flashsparse as fs
+
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "cuda")
+    w, x, bias = _gpu_case(m, k, n, 0.7, "row_skewed", dtype)
+    assert _cuda.bitmap_launch_plan(m, k, n)["split_k"] > 1
+    y = fs.linear(x, Bitmap.encode(w), bias)
+    assert rel_err(y, reference_linear(x, w, bias)) < RTOL[dtype]
 
 
 @pytest.mark.gpu
@@ -259,19 +283,24 @@ def test_gpu_kernel_matches_float64(m, k, n, sparsity, kind, tile_n, split_k, mi
 def test_gpu_backend_dispatch_and_cuda_graph(dtype, monkeypatch):
     import flashsparse as fs
 
-    monkeypatch.setenv("FLASHSPARSE_BACKEND", "cuda")
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "auto")
+    from flashsparse import backends
+
     w, x, bias = _gpu_case(4096, 4096, 8, 0.7, "uniform", dtype)
+    assert backends.select("bitmap", x).backend == "cuda"
     sw = Bitmap.encode(w)
-    y = fs.functional.sparse_linear(x, sw, bias) if hasattr(fs, "functional") else None
-    assert y is not None and rel_err(y, reference_linear(x, w, bias)) < RTOL[dtype]
+    y = fs.linear(x, sw, bias)
+    assert rel_err(y, reference_linear(x, w, bias)) < RTOL[dtype]
     out = torch.full_like(y, float("nan"))
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fs.functional.sparse_linear(x, sw, bias)  # warm-up: workspace cached before capture
+        fs.linear(x, sw, bias)  # warm-up on the capture stream: its workspace exists before capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out.copy_(fs.functional.sparse_linear(x, sw, bias))
-    graph.replay()
+    with torch.cuda.graph(graph, stream=s):
+        out.copy_(fs.linear(x, sw, bias))
+    for _ in range(2):
+        graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, y)
