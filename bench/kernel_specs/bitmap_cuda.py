@@ -1,8 +1,8 @@
 """Spec of the CUDA bitmap kernel (``csrc/kernels/bitmap_kernel.cuh``) for ``bench/kernel_report.py``.
 
-Instantiations: ``bitmap_spmm_kernel<kBF16, NT, kXAligned>``; the report counts the
-``kXAligned = true`` ones (x rows 16-byte aligned and K % 8 == 0, the path every benchmark shape
-takes); the 16-bit-load x fallback is not reported. One main-loop iteration consumes one 64x64
+Instantiations: ``bitmap_spmm_kernel<kBF16, NT, kXAligned>``; ``kXAligned = true`` (x rows
+16-byte aligned and K % 8 == 0, the path every benchmark shape takes) is primary; the 16-bit
+load x fallback is reported as a non-primary variant (``params["x_aligned"] = False``). One main-loop iteration consumes one 64x64
 weight tile (4096 dense elements) with 128 threads, for a block tile of 64 rows x 8*NT tokens.
 
 Data-dependent control flow in the main loop: the only nested loop is the cp.async copy of the
@@ -35,12 +35,12 @@ def smem_bytes(n_tile: int) -> int:
 
 def _match(mangled: str) -> Instance | None:
     m = _NAME.search(mangled)
-    if m is None or m.group(3) != "1":
+    if m is None:
         return None
-    bf16, nt = m.group(1) == "1", int(m.group(2))
+    bf16, nt, aligned = m.group(1) == "1", int(m.group(2)), m.group(3) == "1"
     return Instance(dtype="bf16" if bf16 else "fp16", n_tile=8 * nt, threads=THREADS,
                     elements=TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
-                    params={"tile_m": TILE, "x_aligned": True})
+                    params={"tile_m": TILE, "x_aligned": aligned}, primary=aligned)
 
 
 @functools.lru_cache(maxsize=16)
