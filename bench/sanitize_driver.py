@@ -11,7 +11,7 @@ imported), so memcheck sees a read one element past ``words``, ``tile_offsets``,
 tile, a dense column, N = 1 and N = 300, K % 8 != 0 and an unaligned x pointer, forced split-K,
 every block-tile width, fp16 and bf16, and one call through ``flashsparse.linear``; the bitmap
 kernel runs BITMAP_CASES (the same kinds of shapes; split-K twice in a row, so the reused
-workspace's counters are exercised) and one ``flashsparse.linear`` call.
+counters are exercised) and one ``flashsparse.linear`` call.
 
 Exit status: 0 all cases match the float64 reference, 1 a mismatch, 2 the CUDA backend is
 unavailable (the reason is printed).
@@ -73,10 +73,10 @@ def _bitmap(g: torch.Generator) -> int:
             masks, values, offsets = fs.encode(w, "bitmap").tensors
             tn = tile_n or _cuda.bitmap_tile_n(n)
             split = _cuda.effective_split(-(-k // 64), split_k)
-            ws = _cuda.bitmap_workspace(x.device, m, n, tn, split)
+            counters, partials = _cuda.bitmap_workspace(x.device, m, n, tn, split)
             ref = x.double() @ w.double().T + bias.double()
             for _ in range(2):
-                y = op(x, masks, values, offsets, m, k, bias, split_k, tile_n, ws)
+                y = op(x, masks, values, offsets, m, k, bias, split_k, tile_n, counters, partials)
                 err = float((y.double() - ref).norm() / ref.norm())
                 ok = err < RTOL[dtype]
                 failures += not ok

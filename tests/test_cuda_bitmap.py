@@ -205,6 +205,12 @@ def test_plan_does_not_split_when_the_grid_is_full():
     assert plan["split_k"] == 1 and plan["ctas"] == 600
 
 
+def test_workspace_sizes():
+    assert _cuda.bitmap_workspace_sizes(130, 9, 16, 1) == (0, 0)
+    assert _cuda.bitmap_workspace_sizes(130, 9, 16, 3) == (3 * 1, 3 * 9 * 130)
+    assert _cuda.bitmap_workspace_sizes(4096, 32, 32, 5) == (64, 5 * 32 * 4096)
+
+
 def test_plan_rejects_bad_sizes():
     for bad in ((0, 64, 1), (64, 0, 1), (64, 64, 0)):
         with pytest.raises(ValueError, match="must be >= 1"):
@@ -231,9 +237,10 @@ def _gpu_case(m, k, n, sparsity, kind, dtype, seed=0):
 def _op(x, w, bias, split_k=1, tile_n=0):
     t = Bitmap.encode(w).tensors
     tn = tile_n or _cuda.bitmap_tile_n(x.shape[0])
-    ws = _cuda.bitmap_workspace(x.device, w.shape[0], x.shape[0], tn, _cuda.effective_split(-(-w.shape[1] // 64), split_k))
+    split = _cuda.effective_split(-(-w.shape[1] // 64), split_k)
+    counters, partials = _cuda.bitmap_workspace(x.device, w.shape[0], x.shape[0], tn, split)
     return torch.ops.flashsparse._bitmap_spmm_cuda(
-        x, *t, w.shape[0], w.shape[1], bias, split_k, tile_n, ws
+        x, *t, w.shape[0], w.shape[1], bias, split_k, tile_n, counters, partials
     )
 
 
@@ -276,6 +283,18 @@ def test_gpu_benchmark_shapes_use_split_k_and_match(m, k, n, dtype, monkeypatch)
     assert _cuda.bitmap_launch_plan(m, k, n)["split_k"] > 1
     y = fs.linear(x, Bitmap.encode(w), bias)
     assert rel_err(y, reference_linear(x, w, bias)) < RTOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_workspace_reuse_across_shapes():
+    """Small split, large split, small again on one stream: the cached counters stay zero
+    between calls whatever shapes used the partial sums."""
+    for m, k, n, split in ((70, 200, 3, 3), (4096, 4096, 16, 5), (130, 333, 9, 5), (4096, 4096, 16, 5)):
+        w, x, bias = _gpu_case(m, k, n, 0.6, "row_skewed", torch.float16, seed=m + n)
+        y = _op(x, w, bias, split)
+        assert rel_err(y, reference_linear(x, w, bias)) < RTOL[torch.float16]
+    counters, _ = _cuda.bitmap_workspace(torch.device("cuda", torch.cuda.current_device()), 64, 8, 8, 2)
+    assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -1,10 +1,11 @@
 // torch glue for the CUDA bitmap kernel (csrc/kernels/bitmap_api.cuh).
 //
 //   flashsparse::_bitmap_spmm_cuda(x, masks, values, tile_offsets, m, k, bias, split_k, tile_n,
-//                                  workspace) -> y[N, M] = x[N, K] @ W^T (+ bias)
-// for a bitmap (layout 2) weight with 16-bit values. `workspace` (int32, from
-// flashsparse.kernels.cuda.bitmap_workspace) is needed when the effective split is > 1; its
-// counters must be zero and the kernel leaves them zero, so it is reused without a memset.
+//                                  counters, partials) -> y[N, M] = x[N, K] @ W^T (+ bias)
+// for a bitmap (layout 2) weight with 16-bit values. When the effective split is > 1 the kernel
+// needs `counters` (int32, >= one per output tile, all zero; it leaves them zero, so they are
+// reused without a memset) and `partials` (fp32, >= split * N * M), both from
+// flashsparse.kernels.cuda.bitmap_workspace.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -38,7 +39,8 @@ at::Tensor aligned16(const at::Tensor& t) {
 
 at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
                             const at::Tensor& tile_offsets, int64_t m, int64_t k, const std::optional<at::Tensor>& bias,
-                            int64_t split_k, int64_t tile_n, const std::optional<at::Tensor>& workspace) {
+                            int64_t split_k, int64_t tile_n, const std::optional<at::Tensor>& counters,
+                            const std::optional<at::Tensor>& partials) {
     TORCH_CHECK(x.is_cuda(), "_bitmap_spmm_cuda: x must be a CUDA tensor, got ", x.device());
     TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                 "_bitmap_spmm_cuda: x must be float16 or bfloat16, got ", x.scalar_type());
@@ -76,18 +78,21 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     const int tn = tile_n == 0 ? flashsparse::bitmap_default_tile_n(n) : static_cast<int>(tile_n);
     const int split = flashsparse::bitmap_effective_split(static_cast<int>(k),
                                                           static_cast<int>(std::min<int64_t>(split_k, kIntMax)));
-    const size_t ws_bytes = flashsparse::bitmap_workspace_bytes(static_cast<int>(m), n, tn, split);
-    at::Tensor wsc;
-    if (ws_bytes > 0) {
-        TORCH_CHECK(workspace.has_value(), "_bitmap_spmm_cuda: split_k=", split_k, " runs ", split,
-                    " splits and needs a workspace of ", ws_bytes, " bytes (flashsparse.kernels.cuda.bitmap_workspace)");
-        check_1d(*workspace, "workspace", at::kInt, x);
-        TORCH_CHECK(static_cast<size_t>(workspace->numel()) * 4 >= ws_bytes, "_bitmap_spmm_cuda: workspace must have at least ",
-                    ws_bytes, " bytes, got ", workspace->numel() * 4);
-        TORCH_CHECK(workspace->is_contiguous() && reinterpret_cast<uintptr_t>(workspace->data_ptr()) % 16 == 0,
-                    "_bitmap_spmm_cuda: workspace must be contiguous and 16-byte aligned (its counters persist "
-                    "across calls, so it cannot be copied)");
-        wsc = *workspace;
+    const size_t tiles_out = flashsparse::bitmap_output_tiles(static_cast<int>(m), n, tn);
+    const size_t floats = flashsparse::bitmap_partial_floats(static_cast<int>(m), n, split);
+    if (split > 1) {
+        TORCH_CHECK(counters.has_value() && partials.has_value(), "_bitmap_spmm_cuda: split_k=", split_k, " runs ",
+                    split, " splits and needs `counters` (int32, ", tiles_out, " zeros) and `partials` (float32, ", floats,
+                    " elements); flashsparse.kernels.cuda.bitmap_workspace provides them");
+        check_1d(*counters, "counters", at::kInt, x);
+        check_1d(*partials, "partials", at::kFloat, x);
+        TORCH_CHECK(static_cast<size_t>(counters->numel()) >= tiles_out, "_bitmap_spmm_cuda: counters must have at least ",
+                    tiles_out, " entries, got ", counters->numel());
+        TORCH_CHECK(static_cast<size_t>(partials->numel()) >= floats, "_bitmap_spmm_cuda: partials must have at least ",
+                    floats, " entries, got ", partials->numel());
+        // Not copied: the counters' state persists across calls, and the kernel writes partials.
+        TORCH_CHECK(counters->is_contiguous() && partials->is_contiguous(),
+                    "_bitmap_spmm_cuda: counters and partials must be contiguous");
     }
 
     const at::Tensor xc = x.contiguous();
@@ -104,7 +109,8 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     pr.tile_offsets = oc.data_ptr<int32_t>();
     pr.bias = bc.has_value() ? bc->data_ptr() : nullptr;
     pr.y = y.data_ptr();
-    pr.workspace = ws_bytes > 0 ? wsc.data_ptr() : nullptr;
+    pr.counters = split > 1 ? counters->data_ptr<int32_t>() : nullptr;
+    pr.partials = split > 1 ? partials->data_ptr<float>() : nullptr;
     pr.m = static_cast<int>(m);
     pr.k = static_cast<int>(k);
     pr.n = n;
@@ -124,7 +130,7 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
 TORCH_LIBRARY_FRAGMENT(flashsparse, m) {
     m.def(
         "_bitmap_spmm_cuda(Tensor x, Tensor masks, Tensor values, Tensor tile_offsets, int m, int k, "
-        "Tensor? bias=None, int split_k=1, int tile_n=0, Tensor? workspace=None) -> Tensor");
+        "Tensor? bias=None, int split_k=1, int tile_n=0, Tensor? counters=None, Tensor? partials=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashsparse, CUDA, m) { m.impl("_bitmap_spmm_cuda", &bitmap_spmm_cuda); }

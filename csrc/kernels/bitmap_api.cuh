@@ -3,7 +3,8 @@
 // Computes y[N, M] = x[N, K] @ W[M, K]^T (+ bias) for a bitmap (layout 2) weight W with 16-bit
 // values (flashsparse/formats/bitmap.py), on sm_80 or newer, in ONE launch: split-K partial
 // sums are reduced inside the kernel by the last CTA of each output tile, in split order
-// (deterministic), through a caller-owned workspace that is reused across calls.
+// (deterministic), through caller-owned arrival counters and fp32 partial sums reused across
+// calls (no per-call allocation or memset).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -24,9 +25,11 @@ struct BitmapProblem {
     const int32_t* tile_offsets = nullptr; // [tiles + 1], in 8-value units
     const void* bias = nullptr;            // [m] in x's type, or nullptr
     void* y = nullptr;                     // [n, m] row-major, x's type
-    // split > 1: bitmap_workspace_bytes() bytes, 16-byte aligned, whose first
-    // bitmap_counter_bytes() bytes are zero before the first call; every call leaves them zero.
-    void* workspace = nullptr;
+    // split > 1: bitmap_output_tiles() arrival counters, zero before the call; the kernel leaves
+    // them zero. Keep this buffer for counters only (never reuse it for data), so it stays zero.
+    int32_t* counters = nullptr;
+    // split > 1: bitmap_partial_floats() fp32 partial sums [split][n][m] (any contents).
+    float* partials = nullptr;
     int m = 0;
     int k = 0;
     int n = 0;
@@ -44,13 +47,8 @@ inline int bitmap_smem_bytes(int tile_n) { return bmp::valid_tile_n(tile_n) ? bm
 inline size_t bitmap_output_tiles(int m, int n, int tile_n) {
     return static_cast<size_t>(bmp::ceil_div(m, bmp::kTileM)) * bmp::ceil_div(n, tile_n);
 }
-inline size_t bitmap_counter_bytes(int m, int n, int tile_n) {
-    return (bitmap_output_tiles(m, n, tile_n) * 4 + 15) / 16 * 16;
-}
-// Workspace of a split launch: counters, then fp32 partial sums [split][n][m].
-inline size_t bitmap_workspace_bytes(int m, int n, int tile_n, int split) {
-    if (split <= 1) return 0;
-    return bitmap_counter_bytes(m, n, tile_n) + static_cast<size_t>(split) * n * m * 4;
+inline size_t bitmap_partial_floats(int m, int n, int split) {
+    return split <= 1 ? 0 : static_cast<size_t>(split) * n * m;
 }
 
 // Launches the kernel on `stream`. cudaErrorInvalidValue for a malformed problem (the caller

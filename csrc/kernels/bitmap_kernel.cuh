@@ -11,7 +11,7 @@
 //      and the chunk's first value;
 //   3. per k-step j (4 per tile): two nibbles -> prmt-expanded A registers, one 8-byte x load
 //      per n8 tile, mma.sync (fp32 accumulators).
-// Split-K: every CTA of a split > 1 launch writes fp32 partial sums to the workspace; the
+// Split-K: every CTA of a split > 1 launch writes fp32 partial sums to `partials`; the
 // last CTA to arrive at an output tile (atomic counter, reset by it) adds the partials in
 // split order (deterministic) plus the bias, and writes y. One launch per call.
 #pragma once
@@ -411,8 +411,7 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     const int grid_x = ceil_div(pr.n, TN);
     const int grid_y = ceil_div(pr.m, kTileM);
     if (grid_y > kMaxGridY || split > kMaxSplitK) return cudaErrorInvalidValue;
-    if (split > 1 && (pr.workspace == nullptr || reinterpret_cast<uintptr_t>(pr.workspace) % 16 != 0))
-        return cudaErrorInvalidValue;
+    if (split > 1 && (pr.counters == nullptr || pr.partials == nullptr)) return cudaErrorInvalidValue;
     Params p;
     p.x = static_cast<const uint16_t*>(pr.x);
     p.masks = reinterpret_cast<const uint8_t*>(pr.masks);
@@ -420,10 +419,8 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     p.tile_offsets = pr.tile_offsets;
     p.bias = static_cast<const uint16_t*>(pr.bias);
     p.y = static_cast<uint16_t*>(pr.y);
-    p.counters = split > 1 ? static_cast<int32_t*>(pr.workspace) : nullptr;
-    p.partial = split > 1 ? reinterpret_cast<float*>(static_cast<uint8_t*>(pr.workspace) +
-                                                     bitmap_counter_bytes(pr.m, pr.n, TN))
-                          : nullptr;
+    p.counters = split > 1 ? pr.counters : nullptr;
+    p.partial = split > 1 ? pr.partials : nullptr;
     p.m = pr.m;
     p.k = pr.k;
     p.n = pr.n;

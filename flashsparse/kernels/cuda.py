@@ -430,34 +430,37 @@ def bitmap_launch_plan(
             "tile_m": BITMAP_TILE_M, "tile_n": tn}
 
 
-def bitmap_workspace_bytes(m: int, n: int, tile_n: int, split: int) -> int:
-    """``bitmap_workspace_bytes`` of bitmap_api.cuh: arrival counters (16-byte padded) + fp32
-    partial sums ``[split, n, m]``; 0 without a split."""
+def bitmap_workspace_sizes(m: int, n: int, tile_n: int, split: int) -> tuple[int, int]:
+    """``(counters, partial floats)`` a launch needs (``bitmap_output_tiles`` /
+    ``bitmap_partial_floats`` of bitmap_api.cuh); ``(0, 0)`` without a split."""
     if split <= 1:
-        return 0
-    counters = -(-m // BITMAP_TILE_M) * -(-n // tile_n)
-    return (counters * 4 + 15) // 16 * 16 + split * n * m * 4
+        return 0, 0
+    return -(-m // BITMAP_TILE_M) * -(-n // tile_n), split * n * m
 
 
-_bitmap_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+# (device index, stream id) -> (counters, partials). The counters tensor is only ever used as
+# counters: the kernel leaves it all zero, so it needs no memset between calls.
+_bitmap_workspaces: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def bitmap_workspace(device: torch.device, m: int, n: int, tile_n: int, split: int) -> torch.Tensor | None:
-    """The cached split-K workspace of (device, current stream), grown (zeroed) when too small.
-
-    The kernel leaves its counters at zero, so the buffer is reused without a memset; one per
-    stream because concurrent launches must not share counters. Allocate it (run once) before
-    capturing a CUDA graph."""
-    size = bitmap_workspace_bytes(m, n, tile_n, split)
-    if size == 0:
-        return None
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).stream_id)
-    ws = _bitmap_workspaces.get(key)
-    if ws is None or ws.numel() * 4 < size:
-        ws = torch.zeros(max(size, 1 << 20) // 4, dtype=torch.int32, device=device)
-        _bitmap_workspaces[key] = ws
-    return ws
+def bitmap_workspace(
+    device: torch.device, m: int, n: int, tile_n: int, split: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The cached split-K ``(counters, partials)`` of (device, current stream), each grown when
+    too small (new counters are zeros). One pair per stream, because concurrent launches must
+    not share counters. Run a call once before capturing a CUDA graph so it exists."""
+    n_counters, n_floats = bitmap_workspace_sizes(m, n, tile_n, split)
+    if n_counters == 0:
+        return None, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(index).stream_id)
+    counters, partials = _bitmap_workspaces.get(key, (None, None))
+    if counters is None or counters.numel() < n_counters:
+        counters = torch.zeros(max(n_counters, 4096), dtype=torch.int32, device=device)
+    if partials is None or partials.numel() < n_floats:
+        partials = torch.empty(max(n_floats, 1 << 18), dtype=torch.float32, device=device)
+    _bitmap_workspaces[key] = (counters, partials)
+    return counters, partials
 
 
 @functools.lru_cache(maxsize=8)
@@ -482,9 +485,9 @@ def bitmap_linear(
 ) -> torch.Tensor:
     """``x2d @ W.T + bias`` for a contiguous ``[N, K]`` x and a bitmap weight (fp16/bf16)."""
     split_k, tile_n = _bitmap_plan(x2d.device.index, x2d.shape[0], m, k)
-    ws = bitmap_workspace(x2d.device, m, x2d.shape[0], tile_n, split_k)
+    counters, partials = bitmap_workspace(x2d.device, m, x2d.shape[0], tile_n, split_k)
     return torch.ops.flashsparse._bitmap_spmm_cuda(
-        x2d, masks, values, tile_offsets, m, k, bias, split_k, tile_n, ws
+        x2d, masks, values, tile_offsets, m, k, bias, split_k, tile_n, counters, partials
     )
 
 
@@ -495,7 +498,8 @@ def _bitmap_self_check() -> str | None:
     from ..formats import Bitmap
 
     @torch.library.register_fake("flashsparse::_bitmap_spmm_cuda")
-    def _(x, masks, values, tile_offsets, m, k, bias=None, split_k=1, tile_n=0, workspace=None):
+    def _(x, masks, values, tile_offsets, m, k, bias=None, split_k=1, tile_n=0, counters=None,
+          partials=None):
         return x.new_empty((x.shape[0], m))
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -510,9 +514,9 @@ def _bitmap_self_check() -> str | None:
             t = Bitmap.encode(w).tensors
             tn = tile_n or bitmap_tile_n(n)
             eff = effective_split(-(-k // TILE_K), split)
-            ws = bitmap_workspace(device, m, n, tn, eff)
+            counters, partials = bitmap_workspace(device, m, n, tn, eff)
             y = torch.ops.flashsparse._bitmap_spmm_cuda(
-                x, *t, m, k, bias, split, tile_n, ws
+                x, *t, m, k, bias, split, tile_n, counters, partials
             )
             ref = x.double() @ w.double().T + bias.double()
             err = float((y.double() - ref).norm() / ref.norm())
