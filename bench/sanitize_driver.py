@@ -1,4 +1,4 @@
-"""Small odd-shaped runs of the CUDA Tiled-CSL kernel, for compute-sanitizer.
+"""Small odd-shaped runs of the CUDA Tiled-CSL and bitmap kernels, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  --error-exitcode 3 python bench/sanitize_driver.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python bench/sanitize_driver.py
@@ -9,7 +9,9 @@ Every tensor gets its own cudaMalloc (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set be
 imported), so memcheck sees a read one element past ``words``, ``tile_offsets``, ``x`` or
 ``bias`` instead of it landing inside a larger cached block. Cases: a 100 %-dense tile, an empty
 tile, a dense column, N = 1 and N = 300, K % 8 != 0 and an unaligned x pointer, forced split-K,
-every block-tile width, fp16 and bf16, and one call through ``flashsparse.linear``.
+every block-tile width, fp16 and bf16, and one call through ``flashsparse.linear``; the bitmap
+kernel runs BITMAP_CASES (the same kinds of shapes; split-K twice in a row, so the reused
+counters are exercised) and one ``flashsparse.linear`` call.
 
 Exit status: 0 all cases match the float64 reference, 1 a mismatch, 2 the CUDA backend is
 unavailable (the reason is printed).
@@ -45,6 +47,46 @@ CASES = [
 ]
 
 
+# (m, k, n, tile_n (0: by n), split_k, unaligned x pointer) for the bitmap kernel
+BITMAP_CASES = [
+    (130, 200, 1, 0, 1, False),
+    (130, 200, 7, 0, 4, False),
+    (300, 77, 300, 0, 1, False),
+    (257, 136, 16, 0, 3, True),
+    (129, 192, 33, 0, 2, False),
+    (1, 1, 1, 0, 1, False),
+    (150, 100, 21, 8, 2, False),
+    (150, 100, 21, 16, 1, True),
+    (150, 333, 21, 32, 5, False),
+]
+
+
+def _bitmap(g: torch.Generator) -> int:
+    failures = 0
+    op = torch.ops.flashsparse._bitmap_spmm_cuda
+    for m, k, n, tile_n, split_k, unaligned in BITMAP_CASES:
+        w32 = _weight(m, k, g)
+        for dtype in (torch.float16, torch.bfloat16):
+            w = w32.to(device="cuda", dtype=dtype)
+            x = _x(n, k, unaligned, dtype, g)
+            bias = torch.randn(m, generator=g).to(device="cuda", dtype=dtype)
+            masks, values, offsets = fs.encode(w, "bitmap").tensors
+            tn = tile_n or _cuda.bitmap_tile_n(n)
+            split = _cuda.effective_split(-(-k // 64), split_k)
+            counters, partials = _cuda.bitmap_workspace(x.device, m, n, tn, split)
+            ref = x.double() @ w.double().T + bias.double()
+            for _ in range(2):
+                y = op(x, masks, values, offsets, m, k, bias, split_k, tile_n, counters, partials)
+                err = float((y.double() - ref).norm() / ref.norm())
+                ok = err < RTOL[dtype]
+                failures += not ok
+                print(
+                    f"{'ok ' if ok else 'BAD'} bitmap m={m} k={k} n={n} tile_n={tile_n} "
+                    f"split_k={split_k} unaligned={unaligned} {dtype}: rel err {err:.2e}"
+                )
+    return failures
+
+
 def _weight(m: int, k: int, g: torch.Generator) -> torch.Tensor:
     w = torch.randn(m, k, generator=g) * (torch.rand(m, k, generator=g) > 0.7)
     w[: min(m, 128), : min(k, 64)] = torch.randn(min(m, 128), min(k, 64), generator=g)  # dense tile
@@ -64,7 +106,7 @@ def _x(n: int, k: int, unaligned: bool, dtype: torch.dtype, g: torch.Generator) 
 
 
 def main() -> int:
-    reason = _cuda._available()
+    reason = _cuda._available() or _cuda._bitmap_available()
     if reason:
         print(f"sanitize_driver: the CUDA backend is unavailable: {reason}")
         return 2
@@ -87,6 +129,7 @@ def main() -> int:
                 f"{'ok ' if ok else 'BAD'} m={m} k={k} n={n} tile_n={tile_n} split_k={split_k} "
                 f"unaligned={unaligned} {dtype}: rel err {err:.2e}"
             )
+    failures += _bitmap(g)
     os.environ["FLASHSPARSE_BACKEND"] = "cuda"
     w = _weight(300, 136, g).to(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2, 3, 136, generator=g).to(device="cuda", dtype=torch.bfloat16)
@@ -97,6 +140,13 @@ def main() -> int:
     ok = err < RTOL[torch.bfloat16]
     failures += not ok
     print(f"{'ok ' if ok else 'BAD'} flashsparse.linear 3-D x: rel err {err:.2e}")
+    y = fs.linear(x, fs.encode(w, "bitmap"))
+    err = float(
+        (y.double() - x.double() @ w.double().T).norm() / (x.double() @ w.double().T).norm()
+    )
+    ok = err < RTOL[torch.bfloat16]
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} flashsparse.linear 3-D x, bitmap: rel err {err:.2e}")
     torch.cuda.synchronize()
     print(f"sanitize_driver: {failures} mismatches")
     return 1 if failures else 0

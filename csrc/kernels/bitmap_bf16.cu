@@ -1,0 +1,16 @@
+// Bitmap SpMM kernels for bf16 (one translation unit per element type).
+#include "bitmap_kernel.cuh"
+
+namespace flashsparse {
+namespace detail {
+
+cudaError_t bitmap_spmm_bf16(const BitmapProblem& problem, cudaStream_t stream) {
+    return bmp::TypedOps<true>::run(problem, stream);
+}
+
+cudaError_t bitmap_occupancy_bf16(int tile_n, int* blocks_per_sm) {
+    return bmp::TypedOps<true>::occupancy(tile_n, blocks_per_sm);
+}
+
+}  // namespace detail
+}  // namespace flashsparse
