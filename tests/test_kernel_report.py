@@ -190,7 +190,9 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
         blocks = -(-28672 // tile_m)
         assert row["ctas"] == blocks * row["split_k"]
     preds = report["predictions"]
-    assert len(preds) == 2 * per_kernel and all(p["speedup"] > 0 for p in preds)
+    # One prediction per plan row (a kernel whose spec is missing still has its plan, predicted
+    # from bytes alone).
+    assert len(preds) == len(report["plans"]) and all(p["speedup"] > 0 for p in preds)
     text = kr.format_report(report)
     assert "ERROR bitmap_cuda" in text
     # Red flag on plans under two CTAs per SM.
