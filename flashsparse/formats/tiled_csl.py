@@ -17,8 +17,23 @@ Layout (for an ``[M, K]`` weight, ``M`` = out_features):
   ``t`` starts, entry ``t + 1`` where it ends; the last entry repeats the total so a kernel
   may prefetch one tile ahead.
 
-Entries inside a tile are in row-major order of their (unswizzled) position; the encoder's
-``reorder`` hook is where a bank-conflict-free order would go.
+Word order inside a tile (any order decodes the same; this one makes the CUDA kernel's scatter
+bank-conflict free, as Flash-LLM's encoder does). A kernel thread stages whole 16-byte vectors
+(4 words), and one 16-bit shared store instruction of a warp writes word ``e`` of 32 consecutive
+vectors ``32g .. 32g+31`` of the tile. The shared-memory bank of a location is
+``(location >> 1) % 32`` (a 64-element row is 128 bytes = 32 banks). So the encoder
+
+1. ranks each entry within its bank: ``r`` = how many of the tile's entries in the same bank
+   come before it in row-major order, and sorts the tile's entries by ``(r, bank)`` -- a
+   round-robin over the banks, so any 32 consecutive entries of a full round are in 32
+   different banks;
+2. deals that sequence out group by group: entry ``q`` of the sorted tile (group
+   ``g = q // 128``, ``u = q % 128``, ``L`` = the group's vector count, 32 except in a tile's
+   last group) is stored as word ``u // L`` of vector ``32g + u % L``. Then the 32 words one
+   store instruction writes are 32 consecutive entries of the round-robin.
+
+A warp's store is conflict free whenever its 32 entries come from full rounds (bank counts
+differ only in a tile's last round or two).
 
 Worked example: a 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile with two nonzeros
 plus two padding zeros at the first zero positions (0,0) and (0,2):
@@ -76,6 +91,68 @@ def _padding_positions(nonzero: torch.Tensor, pad: torch.Tensor) -> tuple[torch.
     return tiles, pos
 
 
+_ORDER_CHUNK = 2048  # tiles per pass of the word-order computation (bounds temporaries)
+
+
+def _bank_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bank[r, p]``: shared-memory bank of the 32-bit word holding columns ``2p, 2p+1`` of row
+    ``r`` after the swizzle; ``pair_of_bank[r, b]``: its inverse per row."""
+    r = torch.arange(TILE_M, device=device).view(TILE_M, 1)
+    p = torch.arange(TILE_K // 2, device=device).view(1, TILE_K // 2)
+    bank = (((p >> 2) ^ (r & 7)) << 2) | (p & 3)
+    return bank, torch.argsort(bank, dim=1)
+
+
+def _conflict_free_order(keep: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the ``[tiles, 8192]`` padded weight of the stored entries, grouped by
+    tile, in the bank-conflict-free word order described in the module docstring."""
+    num_tiles = keep.shape[0]
+    device = keep.device
+    bank, pair_of_bank = _bank_tables(device)
+    # Entry (r, c) -> its sort slot: (spread rank of its 32-bit word in its bank, bank, half).
+    pos = torch.arange(TILE_M * TILE_K, device=device)
+    entry_bank = bank.view(-1).repeat_interleave(2)  # [8192], by natural position
+    pair_in_row = (pos & (TILE_K - 1)) >> 1
+    row = pos >> 6
+    parts = []
+    for t0 in range(0, num_tiles, _ORDER_CHUNK):
+        kc = keep[t0 : t0 + _ORDER_CHUNK]
+        tc = kc.shape[0]
+        pairs = kc.view(tc, TILE_M, TILE_K // 2, 2).any(3)  # [tc, 128, 32] natural pair order
+        by_bank = torch.gather(pairs, 2, pair_of_bank.expand(tc, -1, -1)).to(torch.int16)
+        words_per_bank = by_bank.sum(1, dtype=torch.int32)  # [tc, 32]
+        rank = torch.cumsum(by_bank, 1, dtype=torch.int16) - by_bank  # [tc, 128, 32]
+        # rank of each natural pair: by_bank is indexed [row, bank]
+        rank_nat = torch.gather(rank, 2, bank.expand(tc, -1, -1)).view(tc, -1)  # [tc, 4096]
+        rank_e = rank_nat.repeat_interleave(2, dim=1).to(torch.int32)  # [tc, 8192]
+        u = torch.gather(words_per_bank, 1, entry_bank.expand(tc, -1)).clamp_(min=1)
+        # (rank + 1/2) / u of the bank's words, in 1/256ths: distinct for a bank's words
+        # (u <= 128), so the slot is unique within a tile.
+        spread = ((2 * rank_e + 1) << 7) // u
+        slot = (spread << 6) | (entry_bank << 1).view(1, -1) | (pos & 1).view(1, -1)
+        del rank_e, u, spread, rank_nat
+        table = torch.full((tc, 1 << 14), -1, dtype=torch.int16, device=device)
+        t_idx, p_idx = kc.nonzero(as_tuple=True)
+        table[t_idx, slot[t_idx, p_idx]] = p_idx.to(torch.int16)
+        t_sorted, s_sorted = (table >= 0).nonzero(as_tuple=True)
+        parts.append((t_sorted + t0) * (TILE_M * TILE_K) + table[t_sorted, s_sorted].long())
+    del pair_in_row, row
+    ordered = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    # Deal each tile's sequence out over its 128-word groups (module docstring, step 2).
+    tiles_of = ordered >> 13
+    counts = torch.bincount(tiles_of, minlength=num_tiles)
+    starts = torch.cumsum(counts, 0) - counts
+    first = starts[tiles_of]
+    q = torch.arange(ordered.numel(), device=device) - first
+    group = q >> 7
+    lanes = torch.clamp((counts[tiles_of] - (group << 7)) >> 2, max=32)
+    u = q & 127
+    dest = first + (group << 7) + (u % lanes) * 4 + u // lanes
+    out = torch.empty_like(ordered)
+    out[dest] = ordered
+    return out
+
+
 class TiledCSL(SparseWeight):
     format = "tiled_csl"
     components = ("words", "tile_offsets")
@@ -90,7 +167,7 @@ class TiledCSL(SparseWeight):
         counts = nonzero.sum(1, dtype=torch.int32)
         keep = nonzero.clone()
         keep[_padding_positions(nonzero, (-counts) % VECTOR)] = True
-        flat = cls.reorder(keep.view(-1).nonzero().squeeze(1))  # grouped by tile
+        flat = _conflict_free_order(keep)  # grouped by tile
         values = tiles.view(-1)[flat]
         values = torch.where(values == 0, 0, values)  # padding entries hold +0.0
         word_dtype, value_bits = _word_layout(w.dtype)
@@ -103,13 +180,6 @@ class TiledCSL(SparseWeight):
         return cls(
             {"words": words, "tile_offsets": tile_offsets}, (m, k), w.dtype, int(counts.sum())
         )
-
-    @staticmethod
-    def reorder(flat: torch.Tensor) -> torch.Tensor:
-        """Order of the stored entries, given as flat indices into the ``[tiles, 8192]`` padded
-        weight sorted ascending; any permutation within each tile is valid (e.g. one that makes
-        a warp's scatter bank-conflict free)."""
-        return flat
 
     @staticmethod
     def decode(
