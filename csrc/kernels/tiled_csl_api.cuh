@@ -26,6 +26,7 @@ struct TiledCslProblem {
     int m = 0;
     int k = 0;
     int n = 0;
+    int num_vectors = 0;  // words / 4; tile ranges are clamped to it
     int split_k = 1;  // requested; the kernel runs tiled_csl_effective_split(k, split_k) splits
     int tile_n = 0;   // block tile width (8, 16, 32, 64, 128), or 0 to choose by n
 };

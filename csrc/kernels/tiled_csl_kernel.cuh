@@ -45,6 +45,7 @@ struct KernelParams {
     float* workspace;  // split > 1: fp32 partial sums [split][n][m]
     int* counters;     // split > 1: one arrival counter per output tile, zero between launches
     int m, k, n;
+    int num_vectors;       // 16-byte vectors in words: every tile's range is clamped to it
     int k_tiles, m_tiles;  // storage-tile grid
     int tiles_per_split;
     int split;
@@ -72,10 +73,6 @@ struct Elem<true> {
     }
 };
 
-__device__ __forceinline__ int clamp_count(int c) {
-    // A malformed TileOffsets must not make a chunk loop run away.
-    return c < 0 ? 0 : (c > kMaxTileVectors ? kMaxTileVectors : c);
-}
 
 // This thread's share of one storage tile: its first vector and how many vectors of the tile
 // lie at or after it (slot i is valid while i * kThreadsPerTile < rem).
@@ -86,12 +83,13 @@ struct TileSlice {
 
 template <class Cfg>
 __device__ __forceinline__ TileSlice tile_slice(const int32_t* offs, bool valid, const uint4* words,
-                                                int i, int htid) {
+                                                int num_vectors, int i, int htid) {
     TileSlice ts;
     int start = 0, count = 0;
     if (valid) {
-        start = __ldg(offs + i);
-        count = clamp_count(__ldg(offs + i + 1) - start);
+        // Malformed TileOffsets (the op cannot check them without a device sync) must not read
+        // outside the words nor make a chunk loop run away: clamp the range.
+        tile_range(__ldg(offs + i), __ldg(offs + i + 1), num_vectors, &start, &count);
     }
     ts.ptr = words + start + htid;
     ts.rem = count - htid;
@@ -302,13 +300,13 @@ __global__ void __launch_bounds__(kThreads) tiled_csl_spmm_kernel(const KernelPa
     if (num_iter > 0) {
         uint4 regs[Cfg::kVectorsPerThread];
         XRegs<Cfg> xr;
-        TileSlice ts = tile_slice<Cfg>(offs, tile_valid, p.words, 0, htid);
+        TileSlice ts = tile_slice<Cfg>(offs, tile_valid, p.words, p.num_vectors, 0, htid);
         zero_a_tile<Cfg>(smem, tid);
         load_x_tile<Cfg>(smem + Cfg::kAElems, xr, p, n0, kt0 * kTileK, tid);
         ptx::cp_async_commit();
         load_chunk<Cfg>(regs, ts, 0);
         TileSlice ts_next = ts;
-        if (num_iter > 1) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, 1, htid);
+        if (num_iter > 1) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, p.num_vectors, 1, htid);
         __syncthreads();  // the zeroed A tile is complete before anyone scatters into it
         scatter_tile<Cfg>(a_sub, regs, ts);
         store_x_tile<Cfg>(smem + Cfg::kAElems, xr, p, kt0 * kTileK);
@@ -328,7 +326,7 @@ __global__ void __launch_bounds__(kThreads) tiled_csl_spmm_kernel(const KernelPa
                 load_x_tile<Cfg>(nxt + Cfg::kAElems, xr, p, n0, (kt0 + i + 1) * kTileK, tid);
                 ptx::cp_async_commit();
                 load_chunk<Cfg>(regs, ts, 0);
-                if (i + 2 < num_iter) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, i + 2, htid);
+                if (i + 2 < num_iter) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, p.num_vectors, i + 2, htid);
             }
             if (warp_active) compute_stage<Cfg, kBF16>(acc, a_addr, b_addr, cur);
             if (has_next) {
@@ -439,6 +437,7 @@ cudaError_t launch_spmm(const TiledCslProblem& pr, cudaStream_t stream) {
     kp.split = split;
     kp.m = pr.m;
     kp.k = pr.k;
+    kp.num_vectors = pr.num_vectors;
     kp.n = pr.n;
     kp.k_tiles = k_tiles;
     kp.m_tiles = ceil_div(pr.m, kStorageTileM);

@@ -117,6 +117,15 @@ FS_HD constexpr int swizzle(int row, int col) {
 FS_HD constexpr uint32_t word_location(uint32_t word) { return word >> 16; }
 FS_HD constexpr uint16_t word_value(uint32_t word) { return static_cast<uint16_t>(word & 0xFFFFu); }
 
+// A tile's vector range [start, start + count) from its TileOffsets entries, clamped to the
+// words (num_vectors) and to a dense tile, so malformed offsets never read out of bounds.
+FS_HD void tile_range(int begin, int end, int num_vectors, int* start, int* count) {
+    begin = begin < 0 ? 0 : (begin > num_vectors ? num_vectors : begin);
+    end = end < begin ? begin : (end > num_vectors ? num_vectors : end);
+    *start = begin;
+    *count = end - begin > kMaxTileVectors ? kMaxTileVectors : end - begin;
+}
+
 // Which storage tile of the block a thread stages, and its index among that tile's threads.
 template <class Cfg>
 FS_HD constexpr int tile_of_thread(int tid) { return tid / Cfg::kThreadsPerTile; }
