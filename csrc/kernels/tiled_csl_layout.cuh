@@ -68,8 +68,9 @@ struct TileConfig {
     static constexpr int kXChunks = TN * (kTileK / 8);  // 16-byte chunks of one x tile
     static constexpr int kXIters = (kXChunks + kThreads - 1) / kThreads;
     // Unaligned x rows: hold the raw loads across the compute (latency hidden) when that costs
-    // at most 16 registers; wider tiles store them before the compute.
-    static constexpr bool kXRegsAcrossCompute = kXIters <= 2;
+    // 9 registers (one chunk per thread, tile_n <= 16); wider tiles, whose accumulators leave
+    // no room (256x32 would spill on sm_80), store them before the compute.
+    static constexpr bool kXRegsAcrossCompute = kXIters <= 1;
 
     static_assert(BR * BC == kWarps, "4 warps per block");
     static_assert(kWarpM == 64, "each warp computes four m16 tiles");
