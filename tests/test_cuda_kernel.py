@@ -294,7 +294,7 @@ def _emulate_many(exe: Path, tmp_path: Path, cases) -> list[tuple[torch.Tensor, 
     proc = subprocess.run([str(exe), *map(str, paths)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     out = []
-    for (w, x, _, _), path in zip(cases, paths):
+    for (w, x, _, _), path in zip(cases, paths, strict=True):
         y = torch.frombuffer(bytearray(Path(f"{path}.out").read_bytes()), dtype=torch.float32)
         fields = Path(f"{path}.stats").read_text().split()
         stats = {fields[i]: int(fields[i + 1]) for i in range(0, len(fields), 2)}
@@ -326,7 +326,7 @@ def test_emulated_kernel_fuzz(emulator, tmp_path):
             "misaligned_x": rng.random() < 0.4,
         }
         cases.append((w, x, bias, launch))
-    for (w, x, bias, _), (y, _) in zip(cases, _emulate_many(emulator, tmp_path, cases)):
+    for (w, x, bias, _), (y, _) in zip(cases, _emulate_many(emulator, tmp_path, cases), strict=True):
         _check_exact(y, x, w, bias)
 
 

@@ -43,6 +43,8 @@ and ``tile_offsets = [0, 1, 1]``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import (
@@ -91,16 +93,105 @@ def _padding_positions(nonzero: torch.Tensor, pad: torch.Tensor) -> tuple[torch.
     return tiles, pos
 
 
-_ORDER_CHUNK = 2048  # tiles per pass of the word-order computation (bounds temporaries)
+_ORDER_CHUNK = 512  # tiles per pass of the word-order computation (bounds temporaries)
+_BANKS = 32
 
 
-def _bank_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bank[r, p]``: shared-memory bank of the 32-bit word holding columns ``2p, 2p+1`` of row
-    ``r`` after the swizzle; ``pair_of_bank[r, b]``: its inverse per row."""
-    r = torch.arange(TILE_M, device=device).view(TILE_M, 1)
-    p = torch.arange(TILE_K // 2, device=device).view(1, TILE_K // 2)
-    bank = (((p >> 2) ^ (r & 7)) << 2) | (p & 3)
-    return bank, torch.argsort(bank, dim=1)
+@functools.cache
+def _bank_permutation() -> torch.Tensor:
+    """In-tile positions (row-major, unswizzled) grouped by shared-memory bank: entry
+    ``b * 256 + 2 * r + h`` is column ``2p + h`` of row ``r``, where ``p`` is the 32-bit word of
+    row ``r`` that the swizzle puts in bank ``b``."""
+    r = torch.arange(TILE_M).view(1, TILE_M, 1)
+    b = torch.arange(_BANKS).view(_BANKS, 1, 1)
+    h = torch.arange(2).view(1, 1, 2)
+    # bank(r, p) = ((p // 4) ^ (r % 8)) * 4 + p % 4, so p = ((b // 4) ^ (r % 8)) * 4 + b % 4
+    p = (((b >> 2) ^ (r & 7)) << 2) | (b & 3)
+    return (r * TILE_K + 2 * p + h).reshape(-1)
+
+
+def _greedy_order(kc: torch.Tensor) -> torch.Tensor:
+    """Sequence of in-tile positions per tile (``[tiles, 8192]`` int16, -1 past the tile's
+    entries): windows of 32 entries (``L`` in a tile's last 4 windows) filled with one 32-bit
+    word from each of the banks with the most words left, most first."""
+    tc = kc.shape[0]
+    dev = kc.device
+    by_bank = kc.index_select(1, _bank_permutation().to(dev)).view(tc, _BANKS, 256)
+    count = by_bank.sum(2, dtype=torch.int32)  # entries per bank
+    # Compact each bank's entries (row order); column 256 collects the dropped slots.
+    idx = torch.cumsum(by_bank, 2, dtype=torch.int32) - 1
+    idx = torch.where(by_bank, idx, 256).long()
+    slot = torch.arange(256, device=dev, dtype=torch.int32).expand(tc, _BANKS, 256)
+    entries = torch.full((tc, _BANKS, 257), -1, dtype=torch.int32, device=dev)
+    entries.scatter_(2, idx, slot)
+    entries = entries[:, :, :256]  # [tc, 32, 256]: slot (2r + h) of the bank's j-th entry
+    # A 32-bit word is both halves of one row: slot pairs (2r, 2r + 1).
+    pair_next = torch.zeros_like(entries, dtype=torch.bool)
+    pair_next[:, :, :-1] = (entries[:, :, :-1] >= 0) & (entries[:, :, 1:] == entries[:, :, :-1] + 1) & (
+        entries[:, :, :-1] % 2 == 0
+    )
+    base = _bank_permutation().to(dev).view(_BANKS, 256)
+    positions = torch.where(
+        entries >= 0, torch.gather(base.expand(tc, -1, -1), 2, entries.clamp(min=0).long()), -1
+    )
+    total = count.sum(1)
+    full_windows = (total >> 7) * 4
+    last_cap = (total & 127) >> 2
+    seq = torch.full((tc, TILE_M * TILE_K), -1, dtype=torch.int16, device=dev)
+    seq_flat = seq.view(-1)
+    positions_flat = positions.to(torch.int16).reshape(-1)
+    ptr = torch.zeros_like(count)
+    start = torch.zeros(tc, dtype=torch.int32, device=dev)
+    banks = torch.arange(_BANKS, device=dev, dtype=torch.int32)
+    window = 0
+    last_window = int((full_windows + 4).max()) if tc else 0
+    # Every tile's entries fit its windows (its entry count is a multiple of 4), so this ends.
+    while window < last_window and bool((ptr < count).any()):
+        cap = torch.where(
+            window < full_windows, 32, torch.where(window < full_windows + 4, last_cap, 0)
+        ).to(torch.int32)
+        filled = torch.zeros_like(start)
+        while True:
+            rem = count - ptr
+            space = cap - filled
+            if not bool(((space > 0) & (rem.sum(1) > 0)).any()):
+                break
+            at = ptr.clamp(max=255).long().unsqueeze(2)
+            two = torch.gather(pair_next, 2, at).squeeze(2) & (rem >= 2)
+            size = torch.where(rem > 0, 1 + two.to(torch.int32), 0)
+            order = torch.argsort(rem * _BANKS + (_BANKS - 1 - banks), dim=1, descending=True)
+            s_sorted = torch.gather(size, 1, order)
+            cs = torch.cumsum(s_sorted, 1, dtype=torch.int32)
+            before = cs - s_sorted
+            sp = space.unsqueeze(1)
+            take = torch.where(cs <= sp, s_sorted, torch.where(before < sp, sp - before, 0))
+            take = take.clamp(min=0)
+            for e in range(2):
+                # index_select/index_copy_: plain advanced indexing is far slower on CPU
+                fi = (take > e).view(-1).nonzero().squeeze(1)
+                if fi.numel() == 0:
+                    continue
+                t_sel = fi >> 5
+                b_sel = order.view(-1).index_select(0, fi)
+                tb = t_sel * _BANKS + b_sel
+                j = ptr.view(-1).index_select(0, tb).long() + e
+                dest = (
+                    start.index_select(0, t_sel)
+                    + filled.index_select(0, t_sel)
+                    + before.view(-1).index_select(0, fi)
+                    + e
+                )
+                seq_flat.index_copy_(
+                    0,
+                    t_sel * (TILE_M * TILE_K) + dest.long(),
+                    positions_flat.index_select(0, tb * 256 + j),
+                )
+            taken = torch.zeros_like(ptr).scatter_(1, order, take)
+            ptr += taken
+            filled += take.sum(1, dtype=torch.int32)
+        start += cap
+        window += 1
+    return seq
 
 
 def _conflict_free_order(keep: torch.Tensor) -> torch.Tensor:
@@ -108,49 +199,23 @@ def _conflict_free_order(keep: torch.Tensor) -> torch.Tensor:
     tile, in the bank-conflict-free word order described in the module docstring."""
     num_tiles = keep.shape[0]
     device = keep.device
-    bank, pair_of_bank = _bank_tables(device)
-    # Entry (r, c) -> its sort slot: (spread rank of its 32-bit word in its bank, bank, half).
-    pos = torch.arange(TILE_M * TILE_K, device=device)
-    entry_bank = bank.view(-1).repeat_interleave(2)  # [8192], by natural position
-    pair_in_row = (pos & (TILE_K - 1)) >> 1
-    row = pos >> 6
     parts = []
     for t0 in range(0, num_tiles, _ORDER_CHUNK):
-        kc = keep[t0 : t0 + _ORDER_CHUNK]
-        tc = kc.shape[0]
-        pairs = kc.view(tc, TILE_M, TILE_K // 2, 2).any(3)  # [tc, 128, 32] natural pair order
-        by_bank = torch.gather(pairs, 2, pair_of_bank.expand(tc, -1, -1)).to(torch.int16)
-        words_per_bank = by_bank.sum(1, dtype=torch.int32)  # [tc, 32]
-        rank = torch.cumsum(by_bank, 1, dtype=torch.int16) - by_bank  # [tc, 128, 32]
-        # rank of each natural pair: by_bank is indexed [row, bank]
-        rank_nat = torch.gather(rank, 2, bank.expand(tc, -1, -1)).view(tc, -1)  # [tc, 4096]
-        rank_e = rank_nat.repeat_interleave(2, dim=1).to(torch.int32)  # [tc, 8192]
-        u = torch.gather(words_per_bank, 1, entry_bank.expand(tc, -1)).clamp_(min=1)
-        # (rank + 1/2) / u of the bank's words, in 1/256ths: distinct for a bank's words
-        # (u <= 128), so the slot is unique within a tile.
-        spread = ((2 * rank_e + 1) << 7) // u
-        slot = (spread << 6) | (entry_bank << 1).view(1, -1) | (pos & 1).view(1, -1)
-        del rank_e, u, spread, rank_nat
-        table = torch.full((tc, 1 << 14), -1, dtype=torch.int16, device=device)
-        t_idx, p_idx = kc.nonzero(as_tuple=True)
-        table[t_idx, slot[t_idx, p_idx]] = p_idx.to(torch.int16)
-        t_sorted, s_sorted = (table >= 0).nonzero(as_tuple=True)
-        parts.append((t_sorted + t0) * (TILE_M * TILE_K) + table[t_sorted, s_sorted].long())
-    del pair_in_row, row
+        seq = _greedy_order(keep[t0 : t0 + _ORDER_CHUNK]).view(-1)
+        flat = (seq >= 0).nonzero().squeeze(1)
+        parts.append((flat & ~(TILE_M * TILE_K - 1)) + t0 * (TILE_M * TILE_K) + seq.index_select(0, flat).long())
     ordered = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
     # Deal each tile's sequence out over its 128-word groups (module docstring, step 2).
     tiles_of = ordered >> 13
     counts = torch.bincount(tiles_of, minlength=num_tiles)
     starts = torch.cumsum(counts, 0) - counts
-    first = starts[tiles_of]
+    first = starts.index_select(0, tiles_of)
     q = torch.arange(ordered.numel(), device=device) - first
     group = q >> 7
-    lanes = torch.clamp((counts[tiles_of] - (group << 7)) >> 2, max=32)
+    lanes = torch.clamp((counts.index_select(0, tiles_of) - (group << 7)) >> 2, max=32)
     u = q & 127
     dest = first + (group << 7) + (u % lanes) * 4 + u // lanes
-    out = torch.empty_like(ordered)
-    out[dest] = ordered
-    return out
+    return torch.empty_like(ordered).index_copy_(0, dest, ordered)
 
 
 class TiledCSL(SparseWeight):
