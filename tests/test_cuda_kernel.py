@@ -769,3 +769,76 @@ def test_gpu_torch_compile_fullgraph(backend):
     y = torch.compile(model, fullgraph=True)(x)
     assert y.shape == (3, 7, 64) and y.dtype == torch.bfloat16
     assert rel_err(y, ref) < RTOL[torch.bfloat16]
+
+
+@gpu
+def test_gpu_raw_op_validates_every_tensor():
+    m, k, n = 200, 130, 3
+    w, x, b = _gpu_problem(m, k, n, 0.6, "uniform", torch.float16)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    words64 = fs.encode(w.float(), "tiled_csl").tensors[0]
+    with pytest.raises(RuntimeError, match="words are int64"):
+        op(x, words64, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="tile_offsets must have"):
+        op(x, words, offsets[:-1].contiguous(), m, k, b)
+    with pytest.raises(RuntimeError, match="words must be contiguous"):
+        op(x, torch.stack([words, words], 1).view(-1)[::2], offsets, m, k, b)
+    shifted = torch.empty(words.numel() + 4, dtype=torch.int32, device="cuda")[1 : 1 + words.numel()]
+    shifted.copy_(words)
+    with pytest.raises(RuntimeError, match="16 bytes aligned"):
+        op(x, shifted, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="whole 4-word vectors"):
+        op(x, words[:-1], offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(x, words, offsets, m, k, b.float())
+    with pytest.raises(RuntimeError, match="tile_offsets must be int32"):
+        op(x, words, offsets.long(), m, k, b)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        op(x.cpu(), words, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="words is on cpu"):
+        op(x, words.cpu(), offsets, m, k, b)
+    small = torch.zeros(8, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="workspace must hold at least"):
+        op(x, words, offsets, m, k, b, 2, 0, small)
+
+
+@gpu
+def test_gpu_split_k_workspace_is_cached_and_left_zeroed(backend):
+    backend("cuda")
+    m, k, n = 4096, 4096, 8
+    w, x, b = _gpu_problem(m, k, n, 0.7, "uniform", torch.float16)
+    sw = fs.encode(w, "tiled_csl")
+    ys = [fs.linear(x, sw, b) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(ys[0], y) for y in ys[1:])  # deterministic split-K
+    _assert_close(ys[0], x, w, b)
+    key = (x.device.index, torch.cuda.current_stream().cuda_stream)
+    ws = _cuda._workspaces[key]
+    ptr = ws.data_ptr()
+    fs.linear(x, sw, b)
+    assert _cuda._workspaces[key].data_ptr() == ptr  # reused, not reallocated
+    torch.cuda.synchronize()
+    counters = -(-n // 8) * -(-m // 256)
+    assert int(ws[:counters].abs().sum()) == 0  # every counter back at zero
+
+
+@gpu
+def test_gpu_first_call_inside_a_capture_raises_clearly():
+    code = (
+        "import torch, flashsparse as fs\n"
+        "w = (torch.randn(256, 512) * (torch.rand(256, 512) > 0.7)).half().cuda()\n"
+        "sw = fs.encode(w, 'tiled_csl')\n"
+        "x = torch.randn(1, 512, device='cuda', dtype=torch.float16)\n"
+        "g = torch.cuda.CUDAGraph()\n"
+        "try:\n"
+        "    with torch.cuda.graph(g):\n"
+        "        fs.linear(x, sw)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {**os.environ, "FLASHSPARSE_BACKEND": "cuda"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert "RAISED" in proc.stdout and "CUDA-graph capture" in proc.stdout, proc.stdout + proc.stderr
