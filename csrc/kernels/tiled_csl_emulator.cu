@@ -299,20 +299,10 @@ struct BlockEmu {
     }
 
     void scatter_tile(int a_base, const Slice (&sl)[kThreads]) {
+        static_assert(Cfg::kOneChunk, "a dense storage tile fits in one chunk of registers");
         int rem[kThreads];
         for (int tid = 0; tid < kThreads; ++tid) rem[tid] = sl[tid].rem;
         scatter_chunk(a_base, rem);
-        if (!Cfg::kOneChunk) {
-            int most = 0;
-            for (int tid = 0; tid < kThreads; ++tid) most = rem[tid] > most ? rem[tid] : most;
-            for (int base = Cfg::kChunkVectors; base < most; base += Cfg::kChunkVectors) {
-                for (int tid = 0; tid < kThreads; ++tid) {
-                    load_chunk(tid, sl[tid], base);
-                    rem[tid] = sl[tid].rem - base;
-                }
-                scatter_chunk(a_base, rem);
-            }
-        }
     }
 
     void zero_a(int a_base, int tid) {

@@ -1,9 +1,8 @@
 // Flash-LLM's Load-as-Sparse, Compute-as-Dense SpMM for Tiled-CSL weights (arXiv 2309.10285),
 // with the original's defects fixed:
 //   * any tile density (0 .. 100 %): every configuration stages a whole storage tile's words in
-//     registers (one chunk), loaded before the tensor-core work of the previous step, so no
-//     density leaves a load exposed after the barrier (a chunk loop exists only for
-//     configurations with a smaller chunk, kOneChunk == false; none is instantiated);
+//     registers (one chunk, static_assert kOneChunk), loaded before the tensor-core work of the
+//     previous step, so no density leaves a load exposed after the barrier;
 //   * TileOffsets is only read for tiles this block owns (never index T + 2);
 //   * any M, K, N >= 1: rows past M and tokens past N are masked, x past K is zero-filled, and
 //     x rows that are not 16-byte aligned are read with two aligned 16-byte loads per chunk;
@@ -96,14 +95,15 @@ __device__ __forceinline__ TileSlice tile_slice(const int32_t* offs, bool valid,
     return ts;
 }
 
-// Slots of chunk `base` into registers; slots past the tile are neither loaded nor scattered.
+// The thread's slots of its tile into registers (the whole tile fits: kOneChunk); slots past
+// the tile are neither loaded nor scattered.
 template <class Cfg>
-__device__ __forceinline__ void load_chunk(uint4 (&r)[Cfg::kVectorsPerThread], const TileSlice& ts,
-                                           int base) {
+__device__ __forceinline__ void load_chunk(uint4 (&r)[Cfg::kVectorsPerThread], const TileSlice& ts) {
+    static_assert(Cfg::kOneChunk, "a dense storage tile fits in one chunk of registers");
 #pragma unroll
     for (int i = 0; i < Cfg::kVectorsPerThread; ++i) {
-        if (base + i * Cfg::kThreadsPerTile >= ts.rem) break;
-        r[i] = ptx::ld_stream_v4(ts.ptr + base + i * Cfg::kThreadsPerTile);
+        if (i * Cfg::kThreadsPerTile >= ts.rem) break;
+        r[i] = ptx::ld_stream_v4(ts.ptr + i * Cfg::kThreadsPerTile);
     }
 }
 
@@ -122,21 +122,6 @@ __device__ __forceinline__ void scatter_chunk(uint32_t a_base, const uint4 (&r)[
         scatter_word(a_base, r[i].y);
         scatter_word(a_base, r[i].z);
         scatter_word(a_base, r[i].w);
-    }
-}
-
-// Scatter chunk 0 (already in registers) and, only for configurations whose chunk is smaller
-// than a dense tile, every further chunk.
-template <class Cfg>
-__device__ __forceinline__ void scatter_tile(uint32_t a_base, uint4 (&r)[Cfg::kVectorsPerThread],
-                                             const TileSlice& ts) {
-    scatter_chunk<Cfg>(a_base, r, ts.rem);
-    if constexpr (!Cfg::kOneChunk) {
-#pragma unroll 1
-        for (int base = Cfg::kChunkVectors; base < ts.rem; base += Cfg::kChunkVectors) {
-            load_chunk<Cfg>(r, ts, base);
-            scatter_chunk<Cfg>(a_base, r, ts.rem - base);
-        }
     }
 }
 
@@ -304,11 +289,11 @@ __global__ void __launch_bounds__(kThreads) tiled_csl_spmm_kernel(const KernelPa
         zero_a_tile<Cfg>(smem, tid);
         load_x_tile<Cfg>(smem + Cfg::kAElems, xr, p, n0, kt0 * kTileK, tid);
         ptx::cp_async_commit();
-        load_chunk<Cfg>(regs, ts, 0);
+        load_chunk<Cfg>(regs, ts);
         TileSlice ts_next = ts;
         if (num_iter > 1) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, p.num_vectors, 1, htid);
         __syncthreads();  // the zeroed A tile is complete before anyone scatters into it
-        scatter_tile<Cfg>(a_sub, regs, ts);
+        scatter_chunk<Cfg>(a_sub, regs, ts.rem);
         store_x_tile<Cfg>(smem + Cfg::kAElems, xr, p, kt0 * kTileK);
         ptx::cp_async_wait_all();
         __syncthreads();
@@ -325,13 +310,13 @@ __global__ void __launch_bounds__(kThreads) tiled_csl_spmm_kernel(const KernelPa
                 zero_a_tile<Cfg>(nxt, tid);
                 load_x_tile<Cfg>(nxt + Cfg::kAElems, xr, p, n0, (kt0 + i + 1) * kTileK, tid);
                 ptx::cp_async_commit();
-                load_chunk<Cfg>(regs, ts, 0);
+                load_chunk<Cfg>(regs, ts);
                 if (i + 2 < num_iter) ts_next = tile_slice<Cfg>(offs, tile_valid, p.words, p.num_vectors, i + 2, htid);
             }
             if (warp_active) compute_stage<Cfg, kBF16>(acc, a_addr, b_addr, cur);
             if (has_next) {
                 __syncthreads();  // every thread's zeroing of nxt is done
-                scatter_tile<Cfg>(a_sub + nxt_off, regs, ts);
+                scatter_chunk<Cfg>(a_sub + nxt_off, regs, ts.rem);
                 store_x_tile<Cfg>(nxt + Cfg::kAElems, xr, p, (kt0 + i + 1) * kTileK);
             }
             ptx::cp_async_wait_all();

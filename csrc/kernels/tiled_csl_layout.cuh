@@ -41,8 +41,8 @@ FS_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // computing 64 rows (four m16 tiles) x TN/BC columns (n8 tiles). The block's threads are split
 // evenly over its storage tiles (all 128 threads for a 128-row block, 64 per tile for a 256-row
 // block); each thread stages V 16-byte word vectors of its tile in registers per chunk, so a
-// chunk is kThreadsPerTile * V vectors of each storage tile. With V = kFullV a whole tile fits
-// in one chunk whatever its density, and the scatter never waits for a second load.
+// chunk is kThreadsPerTile * V vectors of each storage tile. The kernel requires a whole dense
+// tile to fit in one chunk (kOneChunk), so the scatter never waits for a second load.
 template <int TM, int TN, int BR, int BC, int V>
 struct TileConfig {
     static constexpr int kTileM = TM;

@@ -17,23 +17,25 @@ Layout (for an ``[M, K]`` weight, ``M`` = out_features):
   ``t`` starts, entry ``t + 1`` where it ends; the last entry repeats the total so a kernel
   may prefetch one tile ahead.
 
-Word order inside a tile (any order decodes the same; this one makes the CUDA kernel's scatter
-bank-conflict free, as Flash-LLM's encoder does). A kernel thread stages whole 16-byte vectors
-(4 words), and one 16-bit shared store instruction of a warp writes word ``e`` of 32 consecutive
-vectors ``32g .. 32g+31`` of the tile. The shared-memory bank of a location is
-``(location >> 1) % 32`` (a 64-element row is 128 bytes = 32 banks). So the encoder
+Word order inside a tile (any order decodes the same, so files written in another order
+still load; this one makes the CUDA kernel's scatter bank-conflict free, as Flash-LLM's encoder
+does). A kernel thread stages whole 16-byte vectors (4 words), and one 16-bit shared store
+instruction of a warp writes word ``e`` of 32 consecutive vectors ``32g .. 32g+31`` of the tile.
+The shared-memory bank of a location is ``(location >> 1) % 32`` (a 64-element row is 128 bytes
+= 32 banks; the two halves of one 32-bit word share it without a conflict). The encoder
 
-1. ranks each entry within its bank: ``r`` = how many of the tile's entries in the same bank
-   come before it in row-major order, and sorts the tile's entries by ``(r, bank)`` -- a
-   round-robin over the banks, so any 32 consecutive entries of a full round are in 32
-   different banks;
-2. deals that sequence out group by group: entry ``q`` of the sorted tile (group
-   ``g = q // 128``, ``u = q % 128``, ``L`` = the group's vector count, 32 except in a tile's
-   last group) is stored as word ``u // L`` of vector ``32g + u % L``. Then the 32 words one
-   store instruction writes are 32 consecutive entries of the round-robin.
+1. builds the tile's sequence window by window -- 32 entries per window, or ``L`` in the
+   tile's last 4 windows when its last group has ``L < 32`` vectors -- taking one 32-bit word
+   (both of its entries if both are stored) from each of the banks with the most words left,
+   most first (ties: lower bank), going round again only if the window is not full yet;
+2. deals the sequence out group by group: entry ``q`` (group ``g = q // 128``, ``u = q % 128``,
+   ``L`` = the group's vector count) is stored as word ``u // L`` of vector ``32g + u % L``, so
+   the 32 words one store instruction writes are exactly one window.
 
-A warp's store is conflict free whenever its 32 entries come from full rounds (bank counts
-differ only in a tile's last round or two).
+A window then holds each bank at most once unless a bank has more words than the tile has
+windows (measured with the emulator's count on uniform random masks: about 1.00 / 1.01 / 1.2
+shared-memory wavefronts per warp store at 50 / 70 / 90 % sparsity, against 3.0-3.3 in
+row-major order).
 
 Worked example: a 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile with two nonzeros
 plus two padding zeros at the first zero positions (0,0) and (0,2):
