@@ -95,7 +95,7 @@ def _padding_positions(nonzero: torch.Tensor, pad: torch.Tensor) -> tuple[torch.
     return tiles, pos
 
 
-_ORDER_CHUNK = 512  # tiles per pass of the word-order computation (bounds temporaries)
+_ORDER_CHUNK = 2048  # tiles per pass of the word-order computation (bounds temporaries)
 _BANKS = 32
 
 
