@@ -813,7 +813,7 @@ def test_gpu_split_k_workspace_is_cached_and_left_zeroed(backend):
     torch.cuda.synchronize()
     assert all(torch.equal(ys[0], y) for y in ys[1:])  # deterministic split-K
     _assert_close(ys[0], x, w, b)
-    key = (x.device.index, torch.cuda.current_stream().cuda_stream)
+    key = (x.device.index, torch.cuda.current_stream().cuda_stream, False)
     ws = _cuda._workspaces[key]
     ptr = ws.data_ptr()
     fs.linear(x, sw, b)
@@ -842,3 +842,25 @@ def test_gpu_first_call_inside_a_capture_raises_clearly():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert "RAISED" in proc.stdout and "CUDA-graph capture" in proc.stdout, proc.stdout + proc.stderr
+
+
+@gpu
+def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend):
+    """Only the build/self-check needs a warm-up: a shape never run eagerly captures too (its
+    workspace comes from the graph's pool, counters zeroed inside the graph)."""
+    backend("cuda")
+    assert _cuda._available() is None
+    m, k = 1536, 3072
+    w, x, b = _gpu_problem(m, k, 2, 0.8, "uniform", torch.bfloat16)
+    sw = fs.encode(w, "tiled_csl")
+    graphs, outs = [], []
+    for _ in range(2):  # two graphs sharing the capture stream's workspace
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(fs.linear(x, sw, b))
+        graphs.append(g)
+    for g in (graphs[1], graphs[0], graphs[1]):
+        g.replay()
+    torch.cuda.synchronize()
+    for y in outs:
+        _assert_close(y, x, w, b)

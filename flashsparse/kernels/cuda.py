@@ -21,11 +21,12 @@ The launch plan is decided here, in Python (unit-tested on CPU): the block tile 
 (:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor
 (:func:`tiled_csl_launch_plan`): enough splits that every SM gets at least two blocks, reduced
 inside the kernel in split order (deterministic) through a workspace cached per device and
-stream (:func:`_workspace`; allocated only when it must grow, never under CUDA-graph capture).
+stream (:func:`_workspace`; allocated only when it must grow).
 
-CUDA graphs: the first call in a process builds/loads the extension, self-checks it and sizes
-the workspace; all of that must happen before a capture. A first call made during a capture
-raises a RuntimeError saying so instead of breaking the capture.
+CUDA graphs: the first call in a process builds/loads the extension and self-checks it (device
+syncs), which must happen before a capture; a first call made during a capture raises a
+RuntimeError saying so instead of breaking the capture. After that, calls capture normally
+(a captured split-K call uses a workspace from the graph's memory pool).
 """
 
 from __future__ import annotations
@@ -221,27 +222,31 @@ def tiled_csl_workspace_elems(m: int, n: int, tile_n: int, split: int) -> int:
     return -(-counters // 4) * 4 + split * n * m
 
 
-# (device index, stream) -> int32 workspace, zeroed once; the kernel leaves its counters at zero.
-_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+# (device index, stream, capturing) -> int32 workspace. Eager buffers are zeroed once; the kernel
+# leaves its counters at zero.
+_workspaces: dict[tuple[int, int, bool], torch.Tensor] = {}
 
 
-def _workspace(device: torch.device, elems: int) -> torch.Tensor:
-    """The cached split-K workspace of the current stream, grown (not per call) when too small."""
+def _workspace(device: torch.device, elems: int, counters: int) -> torch.Tensor:
+    """The split-K workspace of the current stream, grown (not per call) when too small.
+
+    Under CUDA-graph capture a separate buffer comes from the graph's private memory pool, and
+    its counters are zeroed by a captured memset before each use: nothing runs during capture,
+    so the buffer is only valid inside the graph, and a buffer shared by several graphs must
+    not depend on which of them ran last.
+    """
     stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
+    capturing = torch.cuda.is_current_stream_capturing()
+    key = (device.index, stream.cuda_stream, capturing)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < elems:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "the CUDA Tiled-CSL kernel needs a larger split-K workspace "
-                f"({elems} int32) inside a CUDA-graph capture; run the same call once before "
-                "capturing so the workspace is allocated outside the graph"
-            )
         size = max(elems, 2 * buf.numel() if buf is not None else 0)
-        # Kernels still using the old buffer ran on this stream: the caching allocator only
+        # Kernels still using an old buffer ran on this stream: the caching allocator only
         # reuses its memory after them.
         buf = torch.zeros(size, dtype=torch.int32, device=device)
         _workspaces[key] = buf
+    elif capturing:
+        buf[:counters].zero_()
     return buf
 
 
@@ -446,7 +451,11 @@ def tiled_csl_linear(
     split_k = effective_split(-(-k // TILE_K), split_k)
     workspace = None
     if split_k > 1:
-        workspace = _workspace(x2d.device, tiled_csl_workspace_elems(m, n, tile_n, split_k))
+        tile_m = 256 if tile_n <= 32 else 128
+        counters = -(-n // tile_n) * -(-m // tile_m)
+        workspace = _workspace(
+            x2d.device, tiled_csl_workspace_elems(m, n, tile_n, split_k), counters
+        )
     return torch.ops.flashsparse._tiled_csl_spmm_cuda(
         x2d, words, tile_offsets, m, k, bias, split_k, tile_n, workspace
     )
