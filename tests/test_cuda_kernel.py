@@ -6,8 +6,12 @@ Without a GPU:
   .ci/compile_kernels.sh (no warnings, zero spill bytes);
 * csrc/kernels/tiled_csl_emulator.cu replays the kernel block by block with the kernel's own
   index functions (tiled_csl_layout.cuh) and PTX models of ldmatrix/mma, on weights from the
-  real encoder, checking bounds, alignment and shared-memory races on the way;
-* the launch plan (block tile by N, split-K by wave efficiency) and the provider's reasons.
+  real encoder, checking bounds, alignment and shared-memory races on the way: per-tile word
+  staging, the aligned-vector x path for any K, the in-kernel split-K reduction (blocks in a
+  shuffled order), clamped malformed TileOffsets, and the scatter's bank conflicts (the
+  encoder's word order against row-major);
+* the launch plan (block tile by N, split-K until every SM has two blocks) for the benchmark
+  shapes, and the provider's reasons.
 The ``gpu`` tests run the compiled kernel (FLASHSPARSE_BACKEND=cuda and the internal op).
 """
 
