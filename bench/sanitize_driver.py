@@ -9,8 +9,7 @@ Every tensor gets its own cudaMalloc (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set be
 imported), so memcheck sees a read one element past ``words``, ``tile_offsets``, ``x`` or
 ``bias`` instead of it landing inside a larger cached block. Cases: a 100 %-dense tile, an empty
 tile, a dense column, N = 1 and N = 300, K % 8 != 0 and an unaligned x pointer, forced split-K,
-every block-tile width, fp16 and bf16, a reused split-K workspace, malformed TileOffsets
-(clamped in the kernel) and one call through ``flashsparse.linear``.
+every block-tile width, fp16 and bf16, and one call through ``flashsparse.linear``.
 
 Exit status: 0 all cases match the float64 reference, 1 a mismatch, 2 the CUDA backend is
 unavailable (the reason is printed).
@@ -64,6 +63,30 @@ def _x(n: int, k: int, unaligned: bool, dtype: torch.dtype, g: torch.Generator) 
     return buf[1:].view(n, k)  # 2 bytes past a 16-byte boundary: the aligned-vector path
 
 
+def _tiled_csl_workspace_and_malformed_offsets(g: torch.Generator) -> int:
+    """Tiled-CSL split-K through one explicit workspace, reused three times (its counters must
+    come back to zero), and malformed TileOffsets (clamped in the kernel: memcheck must stay
+    clean; the data is garbage). Returns the number of mismatches."""
+    failures = 0
+    op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    w = _weight(257, 1000, g).to(device="cuda", dtype=torch.float16)
+    x = torch.randn(5, 1000, generator=g).to(device="cuda", dtype=torch.float16)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    ws = torch.zeros(
+        _cuda.tiled_csl_workspace_elems(257, 5, 8, 7), dtype=torch.int32, device="cuda"
+    )
+    ref = x.double() @ w.double().T
+    for _ in range(3):
+        y = op(x, words, offsets, 257, 1000, None, 7, 8, ws)
+        err = float((y.double() - ref).norm() / ref.norm())
+        ok = err < RTOL[torch.float16]
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} reused split-K workspace: rel err {err:.2e}")
+    op(x, words, offsets + 5, 257, 1000, None, 3, 8)
+    op(x, words, offsets.flip(0).contiguous(), 257, 1000, None, 1, 8)
+    return failures
+
+
 def main() -> int:
     reason = _cuda._available()
     if reason:
@@ -72,6 +95,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     failures = 0
     op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    failures += _tiled_csl_workspace_and_malformed_offsets(g)
     for m, k, n, tile_n, split_k, unaligned in CASES:
         w32 = _weight(m, k, g)
         for dtype in (torch.float16, torch.bfloat16):
@@ -88,23 +112,6 @@ def main() -> int:
                 f"{'ok ' if ok else 'BAD'} m={m} k={k} n={n} tile_n={tile_n} split_k={split_k} "
                 f"unaligned={unaligned} {dtype}: rel err {err:.2e}"
             )
-    # split-K through one explicit workspace, reused (its counters must come back to zero), and
-    # malformed TileOffsets (clamped in the kernel: memcheck must stay clean, data is garbage)
-    w = _weight(257, 1000, g).to(device="cuda", dtype=torch.float16)
-    x = torch.randn(5, 1000, generator=g).to(device="cuda", dtype=torch.float16)
-    words, offsets = fs.encode(w, "tiled_csl").tensors
-    ws = torch.zeros(
-        _cuda.tiled_csl_workspace_elems(257, 5, 8, 7), dtype=torch.int32, device="cuda"
-    )
-    ref = x.double() @ w.double().T
-    for _ in range(3):
-        y = op(x, words, offsets, 257, 1000, None, 7, 8, ws)
-        err = float((y.double() - ref).norm() / ref.norm())
-        ok = err < RTOL[torch.float16]
-        failures += not ok
-        print(f"{'ok ' if ok else 'BAD'} reused split-K workspace: rel err {err:.2e}")
-    op(x, words, offsets + 5, 257, 1000, None, 3, 8)
-    op(x, words, offsets.flip(0).contiguous(), 257, 1000, None, 1, 8)
     os.environ["FLASHSPARSE_BACKEND"] = "cuda"
     w = _weight(300, 136, g).to(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2, 3, 136, generator=g).to(device="cuda", dtype=torch.bfloat16)
