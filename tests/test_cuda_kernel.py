@@ -868,3 +868,29 @@ def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend)
     torch.cuda.synchronize()
     for y in outs:
         _assert_close(y, x, w, b)
+
+
+def test_kernel_report_spec_follows_the_random_mask():
+    """bench/kernel_specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
+    no nested loop, and slot probabilities from the real encoder's tile sizes."""
+    if not (ROOT / "bench" / "kernel_specs" / "__init__.py").is_file():
+        pytest.skip("bench/kernel_specs/__init__.py (the report's spec interface) is not here")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import kernel_specs.tiled_csl_cuda as mod
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    inst = mod.SPEC.match(
+        "_ZN11flashsparse4tcsl21tiled_csl_spmm_kernelINS0_10TileConfigILi256ELi8ELi4ELi1ELi32EEELb0EEEvNS0_12KernelParamsE"
+    )
+    assert inst is not None and (inst.n_tile, inst.elements, inst.threads) == (8, 256 * 64, 128)
+    assert inst.params == {"tile_m": 256, "vectors_per_thread": 32}
+    for sparsity in (0.5, 0.7, 0.9):
+        counts = mod.tile_vector_counts(sparsity)
+        mean = sum(counts) / len(counts)
+        assert abs(mean - (1 - sparsity) * 2048) < 0.02 * 2048 + 2  # padding adds < 1 vector
+        assert mod.SPEC.trip_counts(sparsity, inst) == []
+        probs = [mod.slot_probability(sparsity, inst, i) for i in range(32)]
+        assert probs[0] == 1.0 and probs == sorted(probs, reverse=True)
+        # expected issued slots per warp ~ vectors per tile / 64 threads per tile
+        assert abs(sum(probs) - mean / 64) < 1.0
