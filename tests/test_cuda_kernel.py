@@ -796,7 +796,7 @@ def test_gpu_raw_op_validates_every_tensor():
         op(x, words[:-1], offsets, m, k, b)
     with pytest.raises(RuntimeError, match="bias must be"):
         op(x, words, offsets, m, k, b.float())
-    with pytest.raises(RuntimeError, match="tile_offsets must be int32"):
+    with pytest.raises(RuntimeError, match="tile_offsets must be Int"):
         op(x, words, offsets.long(), m, k, b)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         op(x.cpu(), words, offsets, m, k, b)
