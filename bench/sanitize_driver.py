@@ -102,7 +102,31 @@ def _x(n: int, k: int, unaligned: bool, dtype: torch.dtype, g: torch.Generator) 
         return values.view(n, k)
     buf = torch.empty(n * k + 1, device="cuda", dtype=dtype)
     buf[1:] = values
-    return buf[1:].view(n, k)  # 2 bytes past a 16-byte boundary: the scalar-load path
+    return buf[1:].view(n, k)  # 2 bytes past a 16-byte boundary: the aligned-vector path
+
+
+def _tiled_csl_workspace_and_malformed_offsets(g: torch.Generator) -> int:
+    """Tiled-CSL split-K through one explicit workspace, reused three times (its counters must
+    come back to zero), and malformed TileOffsets (clamped in the kernel: memcheck must stay
+    clean; the data is garbage). Returns the number of mismatches."""
+    failures = 0
+    op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    w = _weight(257, 1000, g).to(device="cuda", dtype=torch.float16)
+    x = torch.randn(5, 1000, generator=g).to(device="cuda", dtype=torch.float16)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    ws = torch.zeros(
+        _cuda.tiled_csl_workspace_elems(257, 5, 8, 7), dtype=torch.int32, device="cuda"
+    )
+    ref = x.double() @ w.double().T
+    for _ in range(3):
+        y = op(x, words, offsets, 257, 1000, None, 7, 8, ws)
+        err = float((y.double() - ref).norm() / ref.norm())
+        ok = err < RTOL[torch.float16]
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} reused split-K workspace: rel err {err:.2e}")
+    op(x, words, offsets + 5, 257, 1000, None, 3, 8)
+    op(x, words, offsets.flip(0).contiguous(), 257, 1000, None, 1, 8)
+    return failures
 
 
 def main() -> int:
@@ -113,6 +137,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     failures = 0
     op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    failures += _tiled_csl_workspace_and_malformed_offsets(g)
     for m, k, n, tile_n, split_k, unaligned in CASES:
         w32 = _weight(m, k, g)
         for dtype in (torch.float16, torch.bfloat16):

@@ -6,8 +6,12 @@ Without a GPU:
   .ci/compile_kernels.sh (no warnings, zero spill bytes);
 * csrc/kernels/tiled_csl_emulator.cu replays the kernel block by block with the kernel's own
   index functions (tiled_csl_layout.cuh) and PTX models of ldmatrix/mma, on weights from the
-  real encoder, checking bounds, alignment and shared-memory races on the way;
-* the launch plan (block tile by N, split-K by wave efficiency) and the provider's reasons.
+  real encoder, checking bounds, alignment and shared-memory races on the way: per-tile word
+  staging, the aligned-vector x path for any K, the in-kernel split-K reduction (blocks in a
+  shuffled order), clamped malformed TileOffsets, and the scatter's bank conflicts (the
+  encoder's word order against row-major);
+* the launch plan (block tile by N, split-K until every SM has two blocks) for the benchmark
+  shapes, and the provider's reasons.
 The ``gpu`` tests run the compiled kernel (FLASHSPARSE_BACKEND=cuda and the internal op).
 """
 
@@ -72,10 +76,8 @@ def test_kernels_compile_for_sm80_and_sm90a_without_warnings_or_spills(compile_r
                     == 1
                 )
         assert len(spmm) == 2 * len(_cuda.TILE_CONFIGS)
-        assert {
-            "tiled_csl_splitk_reduce_kernel<false>",
-            "tiled_csl_splitk_reduce_kernel<true>",
-        } <= set(kernels)
+        # split-K reduces inside the SpMM kernel: no second kernel exists
+        assert not any("reduce" in name for name in kernels)
         for name, (_, _, regs, stores, loads, _) in kernels.items():
             assert (stores, loads) == ("0", "0"), f"{name} spills on {arch}"
             assert 0 < int(regs) <= 255, name
@@ -246,16 +248,122 @@ def test_emulated_kernel_random_shapes(emulator, tmp_path):
         _check_exact(y, x, w, bias)
 
 
-def test_emulator_catches_reads_past_the_words(emulator, tmp_path):
-    """The bounds checks are live: offsets claiming more words than exist are reported."""
+def test_emulator_bounds_checks_are_live(emulator, tmp_path):
+    """A problem whose words array is shorter than a well-formed TileOffsets claims: the kernel
+    clamps every tile range to the words it is given (no read past them), and the emulator's
+    checks would report a read past them (checked by truncating the words' vector count in
+    the file header only, so the clamp sees the full count)."""
     w, x, _ = _problem(130, 70, 3, 0.5, "uniform", torch.float16, seed=3)
     words, offsets = TiledCSL.encode(w).tensors
-    bad = offsets.clone()
-    bad[-2:] += 1  # the last tile claims one more vector than the words hold
-    path = tmp_path / "bad.bin"
-    _write_problem(path, words, bad, x, None, 130, 70)
+    path = tmp_path / "short.bin"
+    _write_problem(path, words[:-4], offsets, x, None, 130, 70)
     proc = subprocess.run([str(emulator), str(path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "words read" in proc.stderr
+    # The last tile loses its last vector: clamped, so no out-of-bounds read and exit 0 ...
+    assert proc.returncode == 0, proc.stderr
+    y = torch.frombuffer(bytearray((tmp_path / "short.bin.out").read_bytes()), dtype=torch.float32)
+    # ... but the result differs from the full weight's (the clamp really dropped words).
+    full = _emulate(emulator, tmp_path, w, x)
+    assert not torch.equal(y.view(3, 130), full)
+
+
+def test_emulator_clamps_malformed_tile_offsets(emulator, tmp_path):
+    """Offsets past the words, negative, decreasing or huge read nothing outside the words."""
+    w, x, _ = _problem(300, 200, 5, 0.6, "uniform", torch.bfloat16, seed=4)
+    words, offsets = TiledCSL.encode(w).tensors
+    for case, bad in enumerate(
+        [
+            offsets + 1,
+            offsets - 3,
+            torch.full_like(offsets, 2**30),
+            offsets.flip(0),
+            torch.where(torch.arange(offsets.numel()) % 2 == 0, offsets, -offsets),
+        ]
+    ):
+        path = tmp_path / f"bad{case}.bin"
+        _write_problem(path, words, bad, x, None, 300, 200, split_k=2, misaligned_x=True)
+        # overlapping ranges scatter to the same element twice: wrong data, not a memory error
+        env = {**os.environ, "TCSL_EMU_ALLOW_RACES": "1"}
+        proc = subprocess.run([str(emulator), str(path)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, (case, proc.stderr)
+
+
+def _emulate_many(exe: Path, tmp_path: Path, cases) -> list[tuple[torch.Tensor, dict[str, int]]]:
+    """Run several problems in one emulator process: [(y, scatter stats)]."""
+    paths = []
+    for i, (w, x, bias, launch) in enumerate(cases):
+        words, offsets = TiledCSL.encode(w).tensors
+        path = tmp_path / f"p{i}.bin"
+        _write_problem(path, words, offsets, x, bias, *w.shape, **launch)
+        paths.append(path)
+    proc = subprocess.run([str(exe), *map(str, paths)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = []
+    for (w, x, _, _), path in zip(cases, paths, strict=True):
+        y = torch.frombuffer(bytearray(Path(f"{path}.out").read_bytes()), dtype=torch.float32)
+        fields = Path(f"{path}.stats").read_text().split()
+        stats = {fields[i]: int(fields[i + 1]) for i in range(0, len(fields), 2)}
+        out.append((y.view(x.shape[0], w.shape[0]), stats))
+    return out
+
+
+def test_emulated_kernel_fuzz(emulator, tmp_path):
+    """Random tile densities 0-100 %, N 1-300, odd M/K, fp16/bf16, split-K, both x paths."""
+    rng = random.Random(20261123)
+    cases = []
+    for case in range(10):
+        m, k = rng.randint(1, 400), rng.randint(1, 300)
+        n = rng.choice([1, 2, 7, 8, 9, 16, 17, 31, 32, 33, 64, 65, 128, 129, 300])
+        dtype = rng.choice(HALF)
+        g = torch.Generator().manual_seed(case)
+        w = torch.randn(m, k, generator=g)
+        # every 128 x 64 storage tile gets its own density in [0, 1]
+        tiles_m, tiles_k = -(-m // 128), -(-k // 64)
+        density = torch.rand(tiles_m, tiles_k, generator=g)
+        density[torch.rand(tiles_m, tiles_k, generator=g) < 0.2] = 1.0
+        per_elem = density.repeat_interleave(128, 0).repeat_interleave(64, 1)[:m, :k]
+        w = (w * (torch.rand(m, k, generator=g) < per_elem)).to(dtype)
+        x = torch.randn(n, k, generator=g).to(dtype)
+        bias = torch.randn(m, generator=g).to(dtype) if rng.random() < 0.5 else None
+        launch = {
+            "tile_n": rng.choice((0, *TILE_NS)),
+            "split_k": rng.choice([1, 1, 2, 3, 5, 1000]),
+            "misaligned_x": rng.random() < 0.4,
+        }
+        cases.append((w, x, bias, launch))
+    for (w, x, bias, _), (y, _) in zip(cases, _emulate_many(emulator, tmp_path, cases), strict=True):
+        _check_exact(y, x, w, bias)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
+def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, sparsity):
+    """Shared-memory wavefronts per warp-wide 16-bit scatter store, as the emulator counts them
+    for the encoder's word order, against the same words in row-major order (the old layout,
+    which the kernel still reads correctly)."""
+    w, x, _ = _problem(512, 256, 8, sparsity, "uniform", torch.float16, seed=11)
+    sw = TiledCSL.encode(w)
+    words, offsets = sw.tensors
+    # row-major order within each tile: sort each tile's words by unswizzled location
+    loc = (words >> 16) & 0xFFFF
+    row = loc >> 6
+    natural = (loc & ~63) | ((loc & 63) ^ ((row & 7) << 3))
+    tile = torch.repeat_interleave(
+        torch.arange(offsets.numel() - 2), (offsets[1:-1] - offsets[:-2]).long() * 4
+    )
+    row_major = words[torch.argsort(tile * 8192 + natural, stable=True)]
+    results = []
+    for i, wd in enumerate((words, row_major)):
+        path = tmp_path / f"order{i}.bin"
+        _write_problem(path, wd, offsets, x, None, 512, 256)
+        proc = subprocess.run([str(emulator), str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        y = torch.frombuffer(bytearray(Path(f"{path}.out").read_bytes()), dtype=torch.float32)
+        _check_exact(y.view(8, 512), x, w)
+        fields = Path(f"{path}.stats").read_text().split()
+        results.append(int(fields[3]) / int(fields[1]))
+    ordered, natural_order = results
+    print(f"sparsity {sparsity}: {ordered:.2f} wavefronts per scatter store (row-major: {natural_order:.2f})")
+    assert ordered < 0.45 * natural_order
+    assert ordered <= {0.5: 1.05, 0.7: 1.05, 0.9: 1.35}[sparsity]
 
 
 @pytest.mark.parametrize(
@@ -301,6 +409,63 @@ def test_python_plan_mirrors_the_cuda_layout(emulator, n, k, split):
 )
 def test_tile_config_by_n(n, expected):
     assert _cuda.tile_config(n) == expected
+
+
+_PLAN_SHAPES = [  # (m = out_features, k = in_features)
+    (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),  # Llama-3-8B
+    (27648, 9216), (9216, 9216), (36864, 9216), (9216, 36864),  # OPT-66B
+]
+
+
+@pytest.mark.parametrize(("m", "k"), _PLAN_SHAPES)
+def test_launch_plan_gives_every_sm_two_blocks(m, k):
+    for n in (1, 2, 8, 9, 16, 17, 32):
+        for sparsity in (0.5, 0.7, 0.9):
+            weight_bytes = int(m * k * (1 - sparsity)) * 4
+            plan = _cuda.tiled_csl_launch_plan(m, k, n, num_sms=132, weight_bytes=weight_bytes)
+            tile_m, tile_n = _cuda.tile_config(n)
+            assert (plan["tile_m"], plan["tile_n"]) == (tile_m, tile_n)
+            blocks = -(-n // tile_n) * -(-m // tile_m)
+            k_tiles = -(-k // 64)
+            split = plan["split_k"]
+            assert plan["ctas"] == blocks * split >= 2 * 132
+            assert plan["persistent"] is False
+            assert _cuda.effective_split(k_tiles, split) == split  # what the kernel runs
+            # the smallest split reaching two blocks per SM is at most 1.5x smaller
+            smallest = min(
+                s for s in range(1, k_tiles + 1)
+                if blocks * _cuda.effective_split(k_tiles, s) >= 264
+            )
+            assert _cuda.effective_split(k_tiles, smallest) <= split <= 2 * smallest
+
+
+def test_launch_plan_edge_cases():
+    # enough blocks already: no split
+    assert _cuda.tiled_csl_launch_plan(36864, 9216, 128)["split_k"] == 1
+    # k shorter than the splits wanted: one k tile per split
+    assert _cuda.tiled_csl_launch_plan(256, 200, 1)["split_k"] == 4
+    assert _cuda.tiled_csl_launch_plan(1, 1, 1) == {
+        "ctas": 1, "split_k": 1, "persistent": False, "tile_m": 256, "tile_n": 8,
+    }
+    # n > 32: the partial sums may not cost more traffic than the weight
+    plan = _cuda.tiled_csl_launch_plan(4096, 4096, 128, weight_bytes=4 * 4096 * 4096 // 10)
+    assert 8 * 128 * 4096 * plan["split_k"] <= 4 * 4096 * 4096 // 10
+    for bad in ({"m": 0}, {"k": -1}, {"n": 0}, {"num_sms": 0}, {"ctas_per_sm": 0}):
+        args = {"m": 64, "k": 64, "n": 1, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _cuda.tiled_csl_launch_plan(
+                args.pop("m"), args.pop("k"), args.pop("n"), **args
+            )
+    with pytest.raises(ValueError, match="weight_bytes"):
+        _cuda.tiled_csl_launch_plan(64, 64, 1, weight_bytes=-1)
+
+
+def test_workspace_elems():
+    assert _cuda.tiled_csl_workspace_elems(4096, 1, 8, 1) == 0
+    # 16 counters (one per 256-row block), then 22 x 1 x 4096 floats
+    assert _cuda.tiled_csl_workspace_elems(4096, 1, 8, 22) == 16 + 22 * 4096
+    # 3 x 3 output tiles (130 / 64, 300 / 128) -> 9 counters, rounded up to 12
+    assert _cuda.tiled_csl_workspace_elems(300, 130, 64, 2) == 12 + 2 * 130 * 300
 
 
 def test_tile_config_rejects_n_below_one():
@@ -609,3 +774,122 @@ def test_gpu_torch_compile_fullgraph(backend):
     y = torch.compile(model, fullgraph=True)(x)
     assert y.shape == (3, 7, 64) and y.dtype == torch.bfloat16
     assert rel_err(y, ref) < RTOL[torch.bfloat16]
+
+
+@gpu
+def test_gpu_raw_op_validates_every_tensor():
+    m, k, n = 200, 130, 3
+    w, x, b = _gpu_problem(m, k, n, 0.6, "uniform", torch.float16)
+    words, offsets = fs.encode(w, "tiled_csl").tensors
+    op = torch.ops.flashsparse._tiled_csl_spmm_cuda
+    words64 = fs.encode(w.float(), "tiled_csl").tensors[0]
+    with pytest.raises(RuntimeError, match="words are int64"):
+        op(x, words64, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="tile_offsets must have"):
+        op(x, words, offsets[:-1].contiguous(), m, k, b)
+    with pytest.raises(RuntimeError, match="words must be contiguous"):
+        op(x, torch.stack([words, words], 1).view(-1)[::2], offsets, m, k, b)
+    shifted = torch.empty(words.numel() + 4, dtype=torch.int32, device="cuda")[1 : 1 + words.numel()]
+    shifted.copy_(words)
+    with pytest.raises(RuntimeError, match="16 bytes aligned"):
+        op(x, shifted, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="whole 4-word vectors"):
+        op(x, words[:-1], offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(x, words, offsets, m, k, b.float())
+    with pytest.raises(RuntimeError, match="tile_offsets must be Int"):
+        op(x, words, offsets.long(), m, k, b)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        op(x.cpu(), words, offsets, m, k, b)
+    with pytest.raises(RuntimeError, match="words is on cpu"):
+        op(x, words.cpu(), offsets, m, k, b)
+    small = torch.zeros(8, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="workspace must hold at least"):
+        op(x, words, offsets, m, k, b, 2, 0, small)
+
+
+@gpu
+def test_gpu_split_k_workspace_is_cached_and_left_zeroed(backend):
+    backend("cuda")
+    m, k, n = 4096, 4096, 8
+    w, x, b = _gpu_problem(m, k, n, 0.7, "uniform", torch.float16)
+    sw = fs.encode(w, "tiled_csl")
+    ys = [fs.linear(x, sw, b) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(ys[0], y) for y in ys[1:])  # deterministic split-K
+    _assert_close(ys[0], x, w, b)
+    key = (x.device.index, torch.cuda.current_stream().cuda_stream, False)
+    ws = _cuda._workspaces[key]
+    ptr = ws.data_ptr()
+    fs.linear(x, sw, b)
+    assert _cuda._workspaces[key].data_ptr() == ptr  # reused, not reallocated
+    torch.cuda.synchronize()
+    counters = -(-n // 8) * -(-m // 256)
+    assert int(ws[:counters].abs().sum()) == 0  # every counter back at zero
+
+
+@gpu
+def test_gpu_first_call_inside_a_capture_raises_clearly():
+    code = (
+        "import torch, flashsparse as fs\n"
+        "w = (torch.randn(256, 512) * (torch.rand(256, 512) > 0.7)).half().cuda()\n"
+        "sw = fs.encode(w, 'tiled_csl')\n"
+        "x = torch.randn(1, 512, device='cuda', dtype=torch.float16)\n"
+        "g = torch.cuda.CUDAGraph()\n"
+        "try:\n"
+        "    with torch.cuda.graph(g):\n"
+        "        fs.linear(x, sw)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {**os.environ, "FLASHSPARSE_BACKEND": "cuda"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert "RAISED" in proc.stdout and "CUDA-graph capture" in proc.stdout, proc.stdout + proc.stderr
+
+
+@gpu
+def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend):
+    """Only the build/self-check needs a warm-up: a shape never run eagerly captures too (its
+    workspace comes from the graph's pool, counters zeroed inside the graph)."""
+    backend("cuda")
+    assert _cuda._available() is None
+    m, k = 1536, 3072
+    w, x, b = _gpu_problem(m, k, 2, 0.8, "uniform", torch.bfloat16)
+    sw = fs.encode(w, "tiled_csl")
+    graphs, outs = [], []
+    for _ in range(2):  # two graphs sharing the capture stream's workspace
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(fs.linear(x, sw, b))
+        graphs.append(g)
+    for g in (graphs[1], graphs[0], graphs[1]):
+        g.replay()
+    torch.cuda.synchronize()
+    for y in outs:
+        _assert_close(y, x, w, b)
+
+
+def test_kernel_report_spec_follows_the_random_mask():
+    """bench/kernel_specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
+    no nested loop, and slot probabilities from the real encoder's tile sizes."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import kernel_specs.tiled_csl_cuda as mod
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    inst = mod.SPEC.match(
+        "_ZN11flashsparse4tcsl21tiled_csl_spmm_kernelINS0_10TileConfigILi256ELi8ELi4ELi1ELi32EEELb0EEEvNS0_12KernelParamsE"
+    )
+    assert inst is not None and (inst.n_tile, inst.elements, inst.threads) == (8, 256 * 64, 128)
+    assert inst.params == {"tile_m": 256, "vectors_per_thread": 32}
+    for sparsity in (0.5, 0.7, 0.9):
+        counts = mod.tile_vector_counts(sparsity)
+        mean = sum(counts) / len(counts)
+        assert abs(mean - (1 - sparsity) * 2048) < 0.02 * 2048 + 2  # padding adds < 1 vector
+        assert mod.SPEC.trip_counts(sparsity, inst) == []
+        probs = [mod.slot_probability(sparsity, inst, i) for i in range(32)]
+        assert probs[0] == 1.0 and probs == sorted(probs, reverse=True)
+        # expected issued slots per warp ~ vectors per tile / 64 threads per tile
+        assert abs(sum(probs) - mean / 64) < 1.0

@@ -264,27 +264,6 @@ def test_new_plan_functions_are_preferred(monkeypatch):
     assert calls == [(4096, 4096, 8, 132, None), (4096, 4096, 8, 132, 3)]
 
 
-def test_tiled_csl_spec_hooks_follow_the_random_mask():
-    spec = kr.load_spec("tiled_csl_cuda")
-    inst = spec.match("_ZN11flashsparse4tcsl21tiled_csl_spmm_kernelINS0_10TileConfigILi256ELi16ELi4ELi1ELi16EEELb0EEEvNS0_12KernelParamsE")
-    assert inst is not None and inst.n_tile == 16 and inst.params["tile_m"] == 256 and inst.dtype == "fp16"
-    assert spec.match("_ZN11flashsparse4tcsl30tiled_csl_splitk_reduce_kernelILb0EEEvPKfimiPKtPt") is None
-    trips = [spec.trip_counts(s, inst)[0] for s in (0.0, 0.5, 0.7, 0.9)]
-    # A dense 256 x 64 block is 4096 vectors = two chunks of 2048: one extra chunk per k step;
-    # at 70 % and above one chunk always suffices.
-    assert trips[0] == 1.0 and 0.0 < trips[1] < 1.0 and trips[2] == trips[3] == 0.0
-    # Vector-slot weights: the fraction of (k step, warp) pairs with a lane that has a vector.
-    pairs = [(c1 + c2) for c1, c2 in spec_counts(spec, 0.7, 256)]
-    mean_vectors = sum(pairs) / len(pairs)
-    assert 0.28 * 4096 < mean_vectors < 0.32 * 4096
-
-
-def spec_counts(spec, sparsity, tile_m):
-    import kernel_specs.tiled_csl_cuda as mod
-
-    return mod._vector_counts(sparsity, tile_m)
-
-
 def test_non_primary_variants_are_reported_but_not_planned():
     primary = _fake_result("bitmap_cuda", 16, ctas=3)
     primary.instance = Instance("fp16", 16, 128, 4096)

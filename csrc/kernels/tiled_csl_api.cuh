@@ -22,9 +22,11 @@ struct TiledCslProblem {
     const void* bias = nullptr;          // [m] in x's type, or nullptr
     void* y = nullptr;                   // [n, m] row-major, x's type
     float* workspace = nullptr;          // [effective split, n, m] fp32 when split > 1
+    int* counters = nullptr;             // split > 1: tiled_csl_counter_count() ints, all zero
     int m = 0;
     int k = 0;
     int n = 0;
+    int num_vectors = 0;  // words / 4; tile ranges are clamped to it
     int split_k = 1;  // requested; the kernel runs tiled_csl_effective_split(k, split_k) splits
     int tile_n = 0;   // block tile width (8, 16, 32, 64, 128), or 0 to choose by n
 };
@@ -40,10 +42,16 @@ inline int tiled_csl_effective_split(int k, int split_k) {
     if (split > tcsl::kMaxSplitK) split = tcsl::kMaxSplitK;
     return tcsl::effective_split(k_tiles, split);
 }
+// Split-K arrival counters a launch needs (one per output tile of the block grid). They must be
+// zero before the first launch; every launch leaves them zero again.
+inline int tiled_csl_counter_count(int m, int n, int tile_n) {
+    const int tn = tile_n == 0 ? tcsl::default_tile_n(n) : tile_n;
+    return tcsl::ceil_div(n, tn) * tcsl::ceil_div(m, tcsl::tile_m_for(tn));
+}
 // Dynamic shared memory of one block for a tile width (0 for an unknown width).
 int tiled_csl_smem_bytes(int tile_n);
 
-// Launches the SpMM (and, for split > 1, the reduction) on `stream`. Returns
+// Launches the SpMM (one kernel; split > 1 reduces in the kernel) on `stream`. Returns
 // cudaErrorInvalidValue for a malformed problem (the caller checks inputs with messages).
 cudaError_t tiled_csl_spmm(ElemType type, const TiledCslProblem& problem, cudaStream_t stream);
 

@@ -1,14 +1,17 @@
 // Host emulator of the Tiled-CSL SpMM kernel (tiled_csl_kernel.cuh), for machines without a GPU.
 //
 // Plain C++ (build: g++ -std=c++17 -O2 -x c++ tiled_csl_emulator.cu; nvcc compiles it too, as
-// host code). It replays the kernel's block schedule -- zeroing, chunked word staging and
-// scatter, the x tile copy (cp.async and scalar paths), ldmatrix + mma.m16n8k16, the shared
-// memory epilogue, split-K and its reduction -- with the index functions of
+// host code). It replays the kernel's block schedule -- zeroing, per-storage-tile word staging
+// and scatter, the x tile copy (cp.async and the aligned-vector path for unaligned rows),
+// ldmatrix + mma.m16n8k16, the shared memory epilogue, split-K with its in-kernel reduction by
+// the last block to arrive (blocks run in a shuffled order) -- with the index functions of
 // tiled_csl_layout.cuh, while ldmatrix and mma are modelled from the PTX ISA's fragment
 // definitions (written independently of the layout helpers). On top of the arithmetic it
 // checks what compute-sanitizer would: every global access in bounds (TileOffsets included),
 // cp.async/ldmatrix alignment, shared-memory accesses in bounds, no two threads touching the
-// same shared element between two barriers unless both only read, every output written once.
+// same shared element between two barriers unless both only read, every output written once,
+// the split-K counters back at zero. It also counts the shared-memory wavefronts of every
+// warp-wide 16-bit scatter store (PROBLEM.stats: "scatter_stores N wavefronts W").
 //
 // Usage: tiled_csl_emulator --configs
 //        tiled_csl_emulator --plan N K SPLIT   (prints "tile_n tile_m effective_split")
@@ -46,6 +49,7 @@ struct U4 {
 
 struct Problem {
     int m = 0, k = 0, n = 0, tile_n = 0, split_k = 1, misaligned_x = 0, bf16 = 1, has_bias = 0;
+    unsigned order_seed = 0;  // block execution order (split-K arrival order)
     std::vector<int32_t> offsets;
     std::vector<uint32_t> words;
     std::vector<uint16_t> x, bias;
@@ -79,6 +83,10 @@ struct Global {
 };
 
 // --- shared memory with a barrier-phase race check ---------------------------------------------
+// TCSL_EMU_ALLOW_RACES=1: malformed inputs (e.g. overlapping tile ranges) make threads write
+// the same element; that is wrong data, not a memory error, so bounds checks can go on.
+const bool g_allow_races = std::getenv("TCSL_EMU_ALLOW_RACES") != nullptr;
+
 struct Shared {
     std::vector<uint16_t> mem;  // 16-bit elements
     std::vector<int> w_phase, w_tid, r_phase, r_tid;
@@ -91,6 +99,7 @@ struct Shared {
     }
     void note_write(int e, int tid) {
         check(e);
+        if (g_allow_races) return;
         if (w_phase[e] == phase && w_tid[e] != tid)
             fail("shared write-write race at element %d (threads %d, %d, phase %d)", e, w_tid[e], tid, phase);
         if (r_phase[e] == phase && r_tid[e] != tid)
@@ -100,6 +109,7 @@ struct Shared {
     }
     void note_read(int e, int tid) {
         check(e);
+        if (g_allow_races) return;
         if (w_phase[e] == phase && w_tid[e] != tid)
             fail("shared write-read race at element %d (threads %d, %d, phase %d)", e, w_tid[e], tid, phase);
         r_tid[e] = (r_phase[e] == phase && r_tid[e] != tid) ? -2 : tid;
@@ -184,11 +194,15 @@ void mma(float d[32][4], const uint32_t a[32][4], const uint32_t b[32][2], bool 
 }
 
 // --- the kernel, block by block ----------------------------------------------------------------
-struct Tw {
-    int start1 = 0, count1 = 0, start2 = 0, count2 = 0;
+
+struct Slice {  // TileSlice: this thread's first vector (index into the words, in vectors), rem
+    long long vec = 0;
+    int rem = 0;
 };
 
-int clamp_count(int c) { return c < 0 ? 0 : (c > kMaxTileVectors ? kMaxTileVectors : c); }
+struct ScatterStats {
+    long long stores = 0, wavefronts = 0;
+};
 
 template <class Cfg>
 struct BlockEmu {
@@ -197,36 +211,44 @@ struct BlockEmu {
     Global<int32_t> offsets;
     Global<uint32_t> words;
     Global<uint16_t> x, bias;
-    std::vector<float>* out;  // y (pre-rounding floats) or workspace
+    std::vector<float>* y;  // pre-rounding floats
+    std::vector<float>* ws;  // split-K partial sums
+    std::vector<int>* counters;
     std::vector<int>* written;
-    bool to_workspace;
-    int k_tiles, m_tiles, tiles_per, x_aligned;
+    ScatterStats* stats;
+    int split, k_tiles, m_tiles, tiles_per, x_aligned, x_base;
 
     Shared sm{Cfg::kSmemBytes};
     std::vector<PendingCopy> pending;
     U4 regs[kThreads][V];
+    uint32_t xw[kThreads][Cfg::kXIters][8];
+    int xshift[kThreads][Cfg::kXIters];
 
-    BlockEmu(const Problem& p, std::vector<float>* o, std::vector<int>* wr, bool ws, int per)
+    BlockEmu(const Problem& p, std::vector<float>* y_, std::vector<float>* ws_, std::vector<int>* cnt,
+             std::vector<int>* wr, ScatterStats* st, int split_, int per)
         : pr(p),
           offsets{"tile_offsets", &p.offsets},
           words{"words", &p.words},
           x{"x", &p.x},
           bias{"bias", &p.bias},
-          out(o), written(wr), to_workspace(ws), k_tiles(k_tiles_of(p.k)), m_tiles(ceil_div(p.m, kStorageTileM)),
-          tiles_per(per), x_aligned(p.k % 8 == 0 && !p.misaligned_x) {}
+          y(y_), ws(ws_), counters(cnt), written(wr), stats(st), split(split_), k_tiles(k_tiles_of(p.k)),
+          m_tiles(ceil_div(p.m, kStorageTileM)), tiles_per(per),
+          // An unaligned x starts one element (2 bytes) past a 16-byte boundary.
+          x_aligned(p.k % 8 == 0 && !p.misaligned_x), x_base(p.misaligned_x ? 1 : 0) {}
 
-    Tw tile_words(size_t base, bool has2, int i) {
-        Tw tw;
-        tw.start1 = offsets.load(base + i);
-        tw.count1 = clamp_count(offsets.load(base + i + 1) - tw.start1);
-        if (Cfg::kStorageTiles == 2 && has2) {
-            tw.start2 = offsets.load(base + k_tiles + i);
-            tw.count2 = clamp_count(offsets.load(base + k_tiles + i + 1) - tw.start2);
-        }
-        return tw;
+    Slice tile_slice(size_t offs, bool valid, int i, int htid) {
+        int start = 0, count = 0;
+        if (valid)
+            tile_range(offsets.load(offs + i), offsets.load(offs + i + 1),
+                       static_cast<int>(pr.words.size() / 4), &start, &count);
+        Slice s;
+        s.vec = static_cast<long long>(start) + htid;
+        s.rem = count - htid;
+        return s;
     }
 
-    U4 load_vec(size_t vec) {
+    U4 load_vec(long long vec) {
+        if (vec < 0) fail("words read at vector %lld", vec);
         U4 v;
         v.x = words.load(4 * vec);
         v.y = words.load(4 * vec + 1);
@@ -235,40 +257,52 @@ struct BlockEmu {
         return v;
     }
 
-    void load_chunk(int tid, const Tw& tw, int base) {
+    void load_chunk(int tid, const Slice& s, int base) {
         for (int i = 0; i < V; ++i) {
-            const int j = chunk_vector(base, i, tid);
-            U4 v;
-            if (j < tw.count1) {
-                v = load_vec(static_cast<size_t>(tw.start1) + j);
-            } else if (Cfg::kStorageTiles == 2 && j < tw.count1 + tw.count2) {
-                v = load_vec(static_cast<size_t>(tw.start2) + (j - tw.count1));
-                v.x |= kSecondTileFlag;
-                v.y |= kSecondTileFlag;
-                v.z |= kSecondTileFlag;
-                v.w |= kSecondTileFlag;
-            }
-            regs[tid][i] = v;
+            if (base + i * Cfg::kThreadsPerTile >= s.rem) break;
+            regs[tid][i] = load_vec(s.vec + base + i * Cfg::kThreadsPerTile);
         }
     }
 
-    void scatter_chunk(int a_base, int tid, int total, int base) {
+    // Slot i of a chunk for every thread, word by word, as the warps issue them (for the
+    // wavefront count); rem[tid] is the thread's remaining vector count from the chunk start.
+    void scatter_chunk(int a_base, const int rem[kThreads]) {
         for (int i = 0; i < V; ++i) {
-            if (chunk_vector(base, i, tid) < total) {
-                const uint32_t ws[4] = {regs[tid][i].x, regs[tid][i].y, regs[tid][i].z, regs[tid][i].w};
-                for (uint32_t w : ws)
-                    sm.write16(a_base + static_cast<int>(word_location(w, Cfg::kLocationMask)), word_value(w), tid);
+            for (int e = 0; e < 4; ++e) {
+                for (int warp = 0; warp < kWarps; ++warp) {
+                    int words_in_bank[32] = {0};
+                    int seen[32][32];
+                    bool any = false;
+                    for (int lane = 0; lane < 32; ++lane) {
+                        const int tid = warp * 32 + lane;
+                        if (i * Cfg::kThreadsPerTile >= rem[tid]) continue;
+                        const U4& r = regs[tid][i];
+                        const uint32_t w = e == 0 ? r.x : e == 1 ? r.y : e == 2 ? r.z : r.w;
+                        const uint32_t loc = word_location(w);
+                        if (loc >= static_cast<uint32_t>(kStorageTileElems)) fail("word location %u past the storage tile", loc);
+                        const int el = a_base + tile_of_thread<Cfg>(tid) * kStorageTileElems + static_cast<int>(loc);
+                        sm.write16(el, word_value(w), tid);
+                        const int word32 = el >> 1, bank = word32 & 31;
+                        bool dup = false;
+                        for (int q = 0; q < words_in_bank[bank]; ++q) dup |= seen[bank][q] == word32;
+                        if (!dup) seen[bank][words_in_bank[bank]++] = word32;
+                        any = true;
+                    }
+                    if (!any) continue;
+                    int wf = 0;
+                    for (int b = 0; b < 32; ++b) wf = words_in_bank[b] > wf ? words_in_bank[b] : wf;
+                    stats->stores += 1;
+                    stats->wavefronts += wf;
+                }
             }
         }
     }
 
-    void scatter_tile(int a_base, int tid, const Tw& tw) {
-        const int total = tw.count1 + tw.count2;
-        scatter_chunk(a_base, tid, total, 0);
-        for (int base = Cfg::kChunkVectors; base < total; base += Cfg::kChunkVectors) {
-            load_chunk(tid, tw, base);
-            scatter_chunk(a_base, tid, total, base);
-        }
+    void scatter_tile(int a_base, const Slice (&sl)[kThreads]) {
+        static_assert(Cfg::kOneChunk, "a dense storage tile fits in one chunk of registers");
+        int rem[kThreads];
+        for (int tid = 0; tid < kThreads; ++tid) rem[tid] = sl[tid].rem;
+        scatter_chunk(a_base, rem);
     }
 
     void zero_a(int a_base, int tid) {
@@ -277,20 +311,33 @@ struct BlockEmu {
             for (int e = 0; e < 8; ++e) sm.write16(a_base + (i * kThreads + tid) * 8 + e, 0, tid);
     }
 
+    // An aligned 16-byte block of x (8 elements from element 8 * blk - x_base): legal only if it
+    // holds an element of x, i.e. it lies inside x's allocation; elements outside x read as a
+    // NaN pattern, which must never reach the output.
+    void load_block(long long blk, uint32_t out[4]) {
+        const long long first = 8 * blk - x_base, total = static_cast<long long>(pr.n) * pr.k;
+        if (first + 7 < 0 || first >= total) fail("x vector load outside x (block %lld)", blk);
+        uint16_t h[8];
+        for (int e = 0; e < 8; ++e) {
+            const long long el = first + e;
+            h[e] = (el >= 0 && el < total) ? x.load(static_cast<size_t>(el)) : 0x7E00;
+        }
+        for (int q = 0; q < 4; ++q) out[q] = h[2 * q] | (static_cast<uint32_t>(h[2 * q + 1]) << 16);
+    }
+
     void load_x_tile(int b_base, int n0, int kcol0, int tid) {
-        constexpr int kIters = ceil_div(Cfg::kXChunks, kThreads);
-        for (int it = 0; it < kIters; ++it) {
+        for (int it = 0; it < Cfg::kXIters; ++it) {
             const int q = it * kThreads + tid;
             if (Cfg::kXChunks % kThreads != 0 && q >= Cfg::kXChunks) break;
             const int n = n0 + x_chunk_row(q);
             const int kcol = kcol0 + x_chunk_col(q);
             const int dst = b_base + x_chunk_dst(q);
             if (dst % 8 != 0) fail("x tile destination not 16-byte aligned");
-            PendingCopy c;
-            c.dst = dst;
-            c.tid = tid;
+            const bool valid = n < pr.n && kcol < pr.k;
             if (x_aligned) {
-                const bool valid = n < pr.n && kcol < pr.k;
+                PendingCopy c;
+                c.dst = dst;
+                c.tid = tid;
                 for (int e = 0; e < 8; ++e) c.data[e] = 0;
                 if (valid) {
                     const size_t src = static_cast<size_t>(n) * pr.k + kcol;
@@ -300,14 +347,31 @@ struct BlockEmu {
                 for (int e = 0; e < 8; ++e) sm.note_write(dst + e, tid);  // in flight from now
                 pending.push_back(c);
             } else {
-                const size_t row = static_cast<size_t>(n < pr.n ? n : 0) * pr.k;
-                for (int e = 0; e < 8; ++e) {
-                    const int col = kcol + e;
-                    const uint16_t v = (n < pr.n && col < pr.k) ? x.load(row + col) : 0;
-                    sm.write16(dst + e, v, tid);
-                }
+                const long long addr = x_base + static_cast<long long>(n) * pr.k + kcol;  // elements
+                const long long blk = addr >> 3;
+                const int shift = static_cast<int>(addr & 7);
+                uint32_t* w = xw[tid][it];
+                for (int e = 0; e < 8; ++e) w[e] = 0;
+                if (valid) load_block(blk, w);
+                if (valid && shift > 0 && kcol + 8 - shift < pr.k) load_block(blk + 1, w + 4);
+                xshift[tid][it] = shift;
+                if (!Cfg::kXRegsAcrossCompute) store_x_chunk(b_base, kcol0, tid, it);
             }
         }
+    }
+
+    void store_x_chunk(int b_base, int kcol0, int tid, int it) {
+        const int q = it * kThreads + tid;
+        if (Cfg::kXChunks % kThreads != 0 && q >= Cfg::kXChunks) return;
+        uint32_t out[4];
+        shift_halves(xw[tid][it], xshift[tid][it], pr.k - (kcol0 + x_chunk_col(q)), out);
+        const int dst = b_base + x_chunk_dst(q);
+        for (int e = 0; e < 8; ++e) sm.write16(dst + e, static_cast<uint16_t>(out[e / 2] >> (16 * (e & 1))), tid);
+    }
+
+    void store_x_tile(int b_base, int kcol0, int tid) {
+        if (Cfg::kXRegsAcrossCompute && !x_aligned)
+            for (int it = 0; it < Cfg::kXIters; ++it) store_x_chunk(b_base, kcol0, tid, it);
     }
 
     void cp_async_wait_all() {  // every thread waits for its own copies; they land now
@@ -357,14 +421,23 @@ struct BlockEmu {
         }
     }
 
-    void run(int bx, int by, int bz) {
+    void run(int bx, int by, int bz, int grid_x) {
         constexpr int TM = Cfg::kTileM, TN = Cfg::kTileN;
         const int n0 = bx * TN, m0 = by * TM, kt0 = bz * tiles_per;
         const int rest = k_tiles - kt0;
         const int num_iter = rest < tiles_per ? (rest > 0 ? rest : 0) : tiles_per;
-        const int mt1 = by * Cfg::kStorageTiles;
-        const bool has2 = Cfg::kStorageTiles == 2 && mt1 + 1 < m_tiles;
-        const size_t offs1 = static_cast<size_t>(mt1) * k_tiles + kt0;
+
+        size_t offs[kThreads];
+        bool tile_valid[kThreads];
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int mt = by * Cfg::kStorageTiles + tile_of_thread<Cfg>(tid);
+            tile_valid[tid] = mt < m_tiles;
+            offs[tid] = static_cast<size_t>(tile_valid[tid] ? mt : 0) * k_tiles + kt0;
+        }
+        auto slices = [&](Slice (&sl)[kThreads], int i) {
+            for (int tid = 0; tid < kThreads; ++tid)
+                sl[tid] = tile_slice(offs[tid], tile_valid[tid], i, thread_in_tile<Cfg>(tid));
+        };
 
         bool active[kWarps];
         for (int w = 0; w < kWarps; ++w) active[w] = m0 + warp_row0<Cfg>(w) < pr.m && n0 + warp_col0<Cfg>(w) < pr.n;
@@ -372,14 +445,16 @@ struct BlockEmu {
         std::memset(acc, 0, sizeof(acc));
 
         if (num_iter > 0) {
-            Tw tw = tile_words(offs1, has2, 0);
+            static Slice ts[kThreads], ts_next[kThreads];
+            slices(ts, 0);
             for (int tid = 0; tid < kThreads; ++tid) zero_a(0, tid);
             for (int tid = 0; tid < kThreads; ++tid) load_x_tile(Cfg::kAElems, n0, kt0 * kTileK, tid);
-            for (int tid = 0; tid < kThreads; ++tid) load_chunk(tid, tw, 0);
-            Tw tw_next = tw;
-            if (num_iter > 1) tw_next = tile_words(offs1, has2, 1);
+            for (int tid = 0; tid < kThreads; ++tid) load_chunk(tid, ts[tid], 0);
+            for (int tid = 0; tid < kThreads; ++tid) ts_next[tid] = ts[tid];
+            if (num_iter > 1) slices(ts_next, 1);
             sm.barrier();
-            for (int tid = 0; tid < kThreads; ++tid) scatter_tile(0, tid, tw);
+            scatter_tile(0, ts);
+            for (int tid = 0; tid < kThreads; ++tid) store_x_tile(Cfg::kAElems, kt0 * kTileK, tid);
             cp_async_wait_all();
             sm.barrier();
             for (int i = 0; i < num_iter; ++i) {
@@ -387,16 +462,17 @@ struct BlockEmu {
                 const int nxt = ((i + 1) & 1) * Cfg::kStageElems;
                 const bool has_next = i + 1 < num_iter;
                 if (has_next) {
-                    tw = tw_next;
+                    for (int tid = 0; tid < kThreads; ++tid) ts[tid] = ts_next[tid];
                     for (int tid = 0; tid < kThreads; ++tid) zero_a(nxt, tid);
                     for (int tid = 0; tid < kThreads; ++tid) load_x_tile(nxt + Cfg::kAElems, n0, (kt0 + i + 1) * kTileK, tid);
-                    for (int tid = 0; tid < kThreads; ++tid) load_chunk(tid, tw, 0);
-                    if (i + 2 < num_iter) tw_next = tile_words(offs1, has2, i + 2);
+                    for (int tid = 0; tid < kThreads; ++tid) load_chunk(tid, ts[tid], 0);
+                    if (i + 2 < num_iter) slices(ts_next, i + 2);
                 }
                 compute(acc, cur, cur + Cfg::kAElems, active);
                 if (has_next) {
                     sm.barrier();
-                    for (int tid = 0; tid < kThreads; ++tid) scatter_tile(nxt, tid, tw);
+                    scatter_tile(nxt, ts);
+                    for (int tid = 0; tid < kThreads; ++tid) store_x_tile(nxt + Cfg::kAElems, (kt0 + i + 1) * kTileK, tid);
                 }
                 cp_async_wait_all();
                 sm.barrier();
@@ -417,31 +493,61 @@ struct BlockEmu {
         sm.barrier();
         const int rows = pr.m - m0 < TM ? pr.m - m0 : TM;
         const int cols = pr.n - n0 < TN ? pr.n - n0 : TN;
-        for (int tid = 0; tid < kThreads; ++tid) {
-            for (int idx = tid; idx < cols * TM; idx += kThreads) {
-                const int n_l = idx / TM, m_l = idx % TM;
-                if (m_l >= rows) continue;
-                float v = sm.read_f32(n_l * Cfg::kCStride + m_l, tid);
-                size_t o;
-                if (to_workspace) {
-                    o = (static_cast<size_t>(bz) * pr.n + n0 + n_l) * pr.m + m0 + m_l;
-                } else {
-                    if (pr.has_bias) {
-                        const uint16_t bb = bias.load(m0 + m_l);
-                        v += pr.bf16 ? bf16_to_float(bb) : f16_to_float(bb);
-                    }
-                    o = static_cast<size_t>(n0 + n_l) * pr.m + m0 + m_l;
+        const size_t mn = static_cast<size_t>(pr.n) * pr.m;
+        auto bias_of = [&](int m_l) {
+            const uint16_t bb = bias.load(m0 + m_l);
+            return pr.bf16 ? bf16_to_float(bb) : f16_to_float(bb);
+        };
+        auto store = [&](std::vector<float>& dst, size_t o, float v, size_t written_base) {
+            if (o >= dst.size()) fail("output write at %zu, size %zu", o, dst.size());
+            dst[o] = v;
+            (*written)[written_base + o] += 1;
+        };
+        if (split > 1) {
+            for (int tid = 0; tid < kThreads; ++tid)
+                for (int idx = tid; idx < cols * TM; idx += kThreads) {
+                    const int n_l = idx / TM, m_l = idx % TM;
+                    if (m_l >= rows) continue;
+                    const size_t o = bz * mn + static_cast<size_t>(n0 + n_l) * pr.m + m0 + m_l;
+                    store(*ws, o, sm.read_f32(n_l * Cfg::kCStride + m_l, tid), mn);
                 }
-                if (o >= out->size()) fail("output write at %zu, size %zu", o, out->size());
-                (*out)[o] = v;
-                (*written)[o] += 1;
+            // __threadfence; barrier; thread 0's atomicAdd on the tile's counter.
+            const size_t c = static_cast<size_t>(by) * grid_x + bx;
+            if (c >= counters->size()) fail("split-K counter %zu out of range", c);
+            const int prev = (*counters)[c]++;
+            if (prev != split - 1) return;  // not the last to arrive
+            for (int tid = 0; tid < kThreads; ++tid)
+                for (int idx = tid; idx < cols * TM; idx += kThreads) {
+                    const int n_l = idx / TM, m_l = idx % TM;
+                    if (m_l >= rows) continue;
+                    const size_t o = static_cast<size_t>(n0 + n_l) * pr.m + m0 + m_l;
+                    float v = 0.f;
+                    for (int z = 0; z < split; ++z) {
+                        const float part = (*ws)[z * mn + o];
+                        if (std::isnan(part) && (*written)[mn + z * mn + o] != 1)
+                            fail("split %d's partial sum read before it was written", z);
+                        v += part;
+                    }
+                    if (pr.has_bias) v += bias_of(m_l);
+                    store(*y, o, v, 0);
+                }
+            (*counters)[c] = 0;
+        } else {
+            for (int tid = 0; tid < kThreads; ++tid) {
+                for (int idx = tid; idx < cols * TM; idx += kThreads) {
+                    const int n_l = idx / TM, m_l = idx % TM;
+                    if (m_l >= rows) continue;
+                    float v = sm.read_f32(n_l * Cfg::kCStride + m_l, tid);
+                    if (pr.has_bias) v += bias_of(m_l);
+                    store(*y, static_cast<size_t>(n0 + n_l) * pr.m + m0 + m_l, v, 0);
+                }
             }
         }
     }
 };
 
 template <class Cfg>
-std::vector<float> run_problem(const Problem& pr) {
+std::vector<float> run_problem(const Problem& pr, ScatterStats* stats) {
     const int k_tiles = k_tiles_of(pr.k);
     int split = pr.split_k < 1 ? 1 : pr.split_k;
     if (split > kMaxSplitK) split = kMaxSplitK;
@@ -449,29 +555,31 @@ std::vector<float> run_problem(const Problem& pr) {
     const int per = tiles_per_split(k_tiles, split);
     if (split < 1 || split > k_tiles || (split - 1) * per >= k_tiles) fail("bad effective split %d", split);
     const size_t mn = static_cast<size_t>(pr.n) * pr.m;
-    std::vector<float> y(mn, NAN), ws(split > 1 ? split * mn : 0, NAN);
-    std::vector<int> written(split > 1 ? ws.size() : mn, 0);
     const int gx = ceil_div(pr.n, Cfg::kTileN), gy = ceil_div(pr.m, Cfg::kTileM);
+    std::vector<float> y(mn, NAN), ws(split > 1 ? split * mn : 0, NAN);
+    std::vector<int> counters(static_cast<size_t>(gx) * gy, 0);  // zero before the launch
+    // written[0 .. mn): y; written[mn ..): workspace
+    std::vector<int> written(mn + ws.size(), 0);
+    // Blocks run in a shuffled order: the last split to arrive differs from tile to tile.
+    std::vector<long long> order;
     for (int bz = 0; bz < split; ++bz)
         for (int by = 0; by < gy; ++by)
-            for (int bx = 0; bx < gx; ++bx) {
-                auto* block = new BlockEmu<Cfg>(pr, split > 1 ? &ws : &y, &written, split > 1, per);
-                block->run(bx, by, bz);
-                delete block;
-            }
-    for (size_t i = 0; i < written.size(); ++i)
-        if (written[i] != 1) fail("output element %zu written %d times", i, written[i]);
-    if (split > 1) {  // the reduction kernel, same order
-        for (size_t i = 0; i < mn; ++i) {
-            float s = 0.f;
-            for (int z = 0; z < split; ++z) s += ws[static_cast<size_t>(z) * mn + i];
-            if (pr.has_bias) {
-                const uint16_t bb = pr.bias[i % pr.m];
-                s += pr.bf16 ? bf16_to_float(bb) : f16_to_float(bb);
-            }
-            y[i] = s;
-        }
+            for (int bx = 0; bx < gx; ++bx) order.push_back((static_cast<long long>(bz) * gy + by) * gx + bx);
+    unsigned state = 0x9E3779B9u ^ static_cast<unsigned>(pr.m * 131 + pr.k * 7 + pr.n);
+    for (size_t i = order.size(); i > 1; --i) {
+        state = state * 1664525u + 1013904223u;
+        std::swap(order[i - 1], order[(state >> 8) % i]);
     }
+    for (long long b : order) {
+        const int bx = static_cast<int>(b % gx), by = static_cast<int>((b / gx) % gy), bz = static_cast<int>(b / (static_cast<long long>(gx) * gy));
+        auto* block = new BlockEmu<Cfg>(pr, &y, &ws, &counters, &written, stats, split, per);
+        block->run(bx, by, bz, gx);
+        delete block;
+    }
+    for (size_t i = 0; i < written.size(); ++i)
+        if (written[i] != 1) fail("%s element %zu written %d times", i < mn ? "output" : "workspace", i < mn ? i : i - mn, written[i]);
+    for (size_t c = 0; c < counters.size(); ++c)
+        if (counters[c] != 0) fail("split-K counter %zu left at %d", c, counters[c]);
     return y;
 }
 
@@ -537,17 +645,23 @@ int main(int argc, char** argv) {
         const Problem p = read_problem(argv[i]);
         const int tile_n = p.tile_n == 0 ? default_tile_n(p.n) : p.tile_n;
         std::vector<float> y;
+        ScatterStats stats;
         switch (tile_n) {
-            case 8: y = run_problem<Config256x8>(p); break;
-            case 16: y = run_problem<Config256x16>(p); break;
-            case 32: y = run_problem<Config256x32>(p); break;
-            case 64: y = run_problem<Config128x64>(p); break;
-            case 128: y = run_problem<Config128x128>(p); break;
+            case 8: y = run_problem<Config256x8>(p, &stats); break;
+            case 16: y = run_problem<Config256x16>(p, &stats); break;
+            case 32: y = run_problem<Config256x32>(p, &stats); break;
+            case 64: y = run_problem<Config128x64>(p, &stats); break;
+            case 128: y = run_problem<Config128x128>(p, &stats); break;
             default: fail("%s: tile_n %d is not a kernel configuration", argv[i], tile_n);
         }
         const std::string out = std::string(argv[i]) + ".out";
         FILE* f = std::fopen(out.c_str(), "wb");
         if (!f || std::fwrite(y.data(), 4, y.size(), f) != y.size()) fail("cannot write %s", out.c_str());
+        std::fclose(f);
+        const std::string st = std::string(argv[i]) + ".stats";
+        f = std::fopen(st.c_str(), "w");
+        if (!f) fail("cannot write %s", st.c_str());
+        std::fprintf(f, "scatter_stores %lld wavefronts %lld\n", stats.stores, stats.wavefronts);
         std::fclose(f);
     }
     return 0;

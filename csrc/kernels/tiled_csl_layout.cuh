@@ -28,16 +28,21 @@ constexpr int kStorageTileM = 128;  // rows of a Tiled-CSL storage tile
 constexpr int kTileK = 64;          // k extent of a storage tile and of one pipeline step
 constexpr int kStorageTileElems = kStorageTileM * kTileK;      // 8192
 constexpr int kMaxTileVectors = kStorageTileElems / 4;          // a 100 %-dense tile
-constexpr uint32_t kSecondTileFlag = 1u << 29;  // location + 8192: the lower storage tile of
-                                                // a 256-row block (location bits are 16..28)
+// A warp's 16-bit shared store instruction covers 32 consecutive 16-byte vectors of one storage
+// tile, starting at a multiple of 32 from the tile's first vector; the encoder orders each
+// such group's words so that these stores are bank-conflict free.
+constexpr int kWarpVectors = 32;
 constexpr int kMaxGridY = 65535;
 constexpr int kMaxSplitK = 65535;
 
 FS_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Block tile configuration: TM x TN outputs per block, warps arranged BR x BC, each warp
-// computing 64 rows (four m16 tiles) x TN/BC columns (n8 tiles); V 16-byte word vectors per
-// thread are staged in registers per chunk (a chunk is 128 * V vectors of the block's tiles).
+// computing 64 rows (four m16 tiles) x TN/BC columns (n8 tiles). The block's threads are split
+// evenly over its storage tiles (all 128 threads for a 128-row block, 64 per tile for a 256-row
+// block); each thread stages V 16-byte word vectors of its tile in registers per chunk, so a
+// chunk is kThreadsPerTile * V vectors of each storage tile. The kernel requires a whole dense
+// tile to fit in one chunk (kOneChunk), so the scatter never waits for a second load.
 template <int TM, int TN, int BR, int BC, int V>
 struct TileConfig {
     static constexpr int kTileM = TM;
@@ -48,34 +53,41 @@ struct TileConfig {
     static constexpr int kWarpN = TN / BC;
     static constexpr int kWarpMTiles = kWarpM / 16;
     static constexpr int kWarpNTiles = kWarpN / 8;
-    static constexpr int kVectorsPerThread = V;
-    static constexpr int kChunkVectors = kThreads * V;
     static constexpr int kStorageTiles = TM / kStorageTileM;
+    static constexpr int kThreadsPerTile = kThreads / kStorageTiles;
+    static constexpr int kVectorsPerThread = V;
+    static constexpr int kChunkVectors = kThreadsPerTile * V;  // per storage tile
+    static constexpr bool kOneChunk = kChunkVectors >= kMaxTileVectors;
     static constexpr int kAElems = TM * kTileK;
     static constexpr int kBElems = TN * kTileK;
     static constexpr int kStageElems = kAElems + kBElems;
-    static constexpr int kLocationMask = kAElems - 1;
     static constexpr int kCStride = TM + 4;  // floats; +4 makes fragment stores conflict free
     static constexpr int kPipelineBytes = 2 * kStageElems * 2;
     static constexpr int kCStageBytes = TN * kCStride * 4;
     static constexpr int kSmemBytes = kPipelineBytes > kCStageBytes ? kPipelineBytes : kCStageBytes;
     static constexpr int kXChunks = TN * (kTileK / 8);  // 16-byte chunks of one x tile
+    static constexpr int kXIters = (kXChunks + kThreads - 1) / kThreads;
+    // Unaligned x rows: hold the raw loads across the compute (latency hidden) when that costs
+    // 9 registers (one chunk per thread, tile_n <= 16); wider tiles, whose accumulators leave
+    // no room (256x32 would spill on sm_80), store them before the compute.
+    static constexpr bool kXRegsAcrossCompute = kXIters <= 1;
 
     static_assert(BR * BC == kWarps, "4 warps per block");
     static_assert(kWarpM == 64, "each warp computes four m16 tiles");
     static_assert(kWarpN % 8 == 0 && (kWarpNTiles == 1 || kWarpNTiles % 2 == 0),
                   "warp columns are one n8 tile or pairs of them (ldmatrix.x4)");
     static_assert(TM == 128 || TM == 256, "a block covers one or two storage tiles");
-    static_assert((TM & (TM - 1)) == 0, "TM is a power of two");
+    static_assert(kThreadsPerTile % kWarpVectors == 0, "a warp stages one storage tile");
+    static_assert(kChunkVectors % kWarpVectors == 0, "chunks start at warp-group boundaries");
 };
 
 // Block tiles chosen by N (as in Flash-LLM, plus 256x8 for N <= 8, which halves the x traffic
 // and tensor-core work of single-token decode). Index = config id used across the host API.
-using Config256x8 = TileConfig<256, 8, 4, 1, 16>;
-using Config256x16 = TileConfig<256, 16, 4, 1, 16>;
-using Config256x32 = TileConfig<256, 32, 4, 1, 16>;
-using Config128x64 = TileConfig<128, 64, 2, 2, 8>;
-using Config128x128 = TileConfig<128, 128, 2, 2, 8>;
+using Config256x8 = TileConfig<256, 8, 4, 1, 32>;
+using Config256x16 = TileConfig<256, 16, 4, 1, 32>;
+using Config256x32 = TileConfig<256, 32, 4, 1, 32>;
+using Config128x64 = TileConfig<128, 64, 2, 2, 16>;
+using Config128x128 = TileConfig<128, 128, 2, 2, 16>;
 
 FS_HD constexpr int default_tile_n(int n) {
     return n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : n <= 64 ? 64 : 128;
@@ -100,14 +112,48 @@ FS_HD constexpr int swizzle(int row, int col) {
     return row * kTileK + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
 }
 
-// Where a stored word goes in the block's A tile (with the second-tile flag already applied).
-FS_HD constexpr uint32_t word_location(uint32_t word, uint32_t location_mask) {
-    return (word >> 16) & location_mask;
-}
+// Where a stored word goes in its storage tile's 128 x 64 part of the A tile (a 256-row block's
+// second storage tile starts kStorageTileElems further). The encoder writes locations below
+// 8192, so no mask is needed; the emulator checks the bound.
+FS_HD constexpr uint32_t word_location(uint32_t word) { return word >> 16; }
 FS_HD constexpr uint16_t word_value(uint32_t word) { return static_cast<uint16_t>(word & 0xFFFFu); }
 
-// Vector index a thread handles at slot i of the chunk starting at vector `base`.
-FS_HD constexpr int chunk_vector(int base, int i, int tid) { return base + i * kThreads + tid; }
+// A tile's vector range [start, start + count) from its TileOffsets entries, clamped to the
+// words (num_vectors) and to a dense tile, so malformed offsets never read out of bounds.
+FS_HD void tile_range(int begin, int end, int num_vectors, int* start, int* count) {
+    begin = begin < 0 ? 0 : (begin > num_vectors ? num_vectors : begin);
+    end = end < begin ? begin : (end > num_vectors ? num_vectors : end);
+    *start = begin;
+    *count = end - begin > kMaxTileVectors ? kMaxTileVectors : end - begin;
+}
+
+// Which storage tile of the block a thread stages, and its index among that tile's threads.
+template <class Cfg>
+FS_HD constexpr int tile_of_thread(int tid) { return tid / Cfg::kThreadsPerTile; }
+template <class Cfg>
+FS_HD constexpr int thread_in_tile(int tid) { return tid % Cfg::kThreadsPerTile; }
+
+// Vector of its storage tile a thread handles at slot i of the chunk starting at vector `base`.
+template <class Cfg>
+FS_HD constexpr int chunk_vector(int base, int i, int htid) {
+    return base + i * Cfg::kThreadsPerTile + htid;
+}
+
+// 8 halves starting `shift` (0..7) halves into the 16 halves of two consecutive aligned 16-byte
+// blocks w[0..3], w[4..7]; halves at or past `limit` (the row's end) are zeroed. Selects only,
+// so the registers stay registers (no dynamic indexing).
+FS_HD void shift_halves(const uint32_t (&w)[8], int shift, int limit, uint32_t (&out)[4]) {
+    uint32_t a[6], b[5];
+    const bool s4 = (shift & 4) != 0, s2 = (shift & 2) != 0, s1 = (shift & 1) != 0;
+    for (int q = 0; q < 6; ++q) a[q] = s4 ? w[q + 2] : w[q];
+    for (int q = 0; q < 5; ++q) b[q] = s2 ? a[q + 1] : a[q];
+    for (int q = 0; q < 4; ++q) {
+        uint32_t v = s1 ? ((b[q] >> 16) | (b[q + 1] << 16)) : b[q];
+        if (2 * q >= limit) v = 0u;
+        else if (2 * q + 1 >= limit) v &= 0xFFFFu;
+        out[q] = v;
+    }
+}
 
 // ldmatrix.x4 of the A tile (m16 x k16 at rows row0.., k step kk): the element whose address
 // this lane supplies. Lanes 0-15 give rows 0-15 of k 0-7, lanes 16-31 rows 0-15 of k 8-15, so

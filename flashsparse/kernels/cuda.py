@@ -18,8 +18,15 @@ GPU), plus the builder's (``FLASHSPARSE_VERBOSE_BUILD``, ``FLASHSPARSE_CACHE_DIR
 ``FLASHSPARSE_JIT``).
 
 The launch plan is decided here, in Python (unit-tested on CPU): the block tile by N
-(:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor by wave
-efficiency (:func:`choose_split_k`) from the SM count and the kernel's measured occupancy.
+(:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor
+(:func:`tiled_csl_launch_plan`): enough splits that every SM gets at least two blocks, reduced
+inside the kernel in split order (deterministic) through a workspace cached per device and
+stream (:func:`_workspace`; allocated only when it must grow).
+
+CUDA graphs: the first call in a process builds/loads the extension and self-checks it (device
+syncs), which must happen before a capture; a first call made during a capture raises a
+RuntimeError saying so instead of breaking the capture. After that, calls capture normally
+(a captured split-K call uses a workspace from the graph's memory pool).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from . import build
 from .build import gencode_flags
 
 __all__ = [
+    "CTAS_PER_SM",
     "KERNEL_DTYPES",
     "TILE_CONFIGS",
     "choose_split_k",
@@ -44,6 +52,8 @@ __all__ = [
     "gencode_flags",
     "kernel_sources",
     "tile_config",
+    "tiled_csl_launch_plan",
+    "tiled_csl_workspace_elems",
     "unavailable_reason",
     "wave_efficiency",
 ]
@@ -66,6 +76,11 @@ WAVE_TARGET = 0.8
 # below this fraction of the weight's bytes so splitting never costs more traffic than it saves.
 MAX_WORKSPACE_TRAFFIC = 0.25
 MAX_SPLIT_K = 65535
+# Resident blocks per SM of each block tile on sm_90a (H100): ptxas gives every configuration
+# 206-254 registers x 128 threads, so the register file (64 Ki) holds two blocks; shared memory
+# (66-74 KiB per block) would allow three. The provider queries the real value at run time.
+CTAS_PER_SM = 2
+MIN_CTAS_PER_SM = 2  # the plan splits K until every SM has at least this many blocks
 
 
 _lock = threading.Lock()
@@ -145,6 +160,96 @@ def choose_split_k(
     return best
 
 
+def tiled_csl_launch_plan(
+    m: int,
+    k: int,
+    n: int,
+    *,
+    num_sms: int = 132,
+    ctas_per_sm: int = CTAS_PER_SM,
+    weight_bytes: int = 0,
+) -> dict[str, int | bool]:
+    """Launch plan of the CUDA Tiled-CSL kernel for ``y[n, m] = x[n, k] @ W[m, k]^T``.
+
+    The block tile comes from :func:`tile_config`. Split-K: the smallest effective split that
+    gives every SM at least ``MIN_CTAS_PER_SM`` blocks (or every k tile its own split, if K is
+    too short for that); among the splits up to one full wave of ``num_sms * ctas_per_sm``
+    blocks, it then takes the one with the best wave efficiency. For n > 32 (where the x and
+    output tiles dominate) the fp32 partial sums may not cost more traffic than the weight
+    (``8 * n * m * split <= weight_bytes``, when ``weight_bytes`` is given). The reduction runs
+    inside the kernel, so the plan never adds a launch. Returns ``dict(ctas, split_k,
+    persistent, tile_m, tile_n)``; ``persistent`` is always False (a split-K grid).
+    """
+    for name, value in (("m", m), ("k", k), ("n", n), ("num_sms", num_sms), ("ctas_per_sm", ctas_per_sm)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if weight_bytes < 0:
+        raise ValueError(f"weight_bytes must be >= 0, got {weight_bytes}")
+    tile_m, tile_n = tile_config(n)
+    blocks = -(-n // tile_n) * -(-m // tile_m)
+    k_tiles = -(-k // TILE_K)
+    target = MIN_CTAS_PER_SM * num_sms
+    slots = num_sms * max(ctas_per_sm, MIN_CTAS_PER_SM)
+    max_split = min(k_tiles, MAX_SPLIT_K)
+    if n > 32 and weight_bytes > 0:
+        max_split = max(1, min(max_split, weight_bytes // (8 * n * m)))
+    candidates = sorted({effective_split(k_tiles, s) for s in range(1, max_split + 1)})
+    enough = [s for s in candidates if blocks * s >= target]
+    split = enough[0] if enough else candidates[-1]
+    if enough:
+        # A tail wave of a few blocks is as slow as a full one: prefer the best-filled split
+        # among those that still fit in the first full wave.
+        in_wave = [s for s in enough if blocks * s <= slots]
+        if in_wave:
+            split = max(in_wave, key=lambda s: (wave_efficiency(blocks * s, slots), -s))
+    return {
+        "ctas": blocks * split,
+        "split_k": split,
+        "persistent": False,
+        "tile_m": tile_m,
+        "tile_n": tile_n,
+    }
+
+
+def tiled_csl_workspace_elems(m: int, n: int, tile_n: int, split: int) -> int:
+    """int32 elements of the split-K workspace: one arrival counter per output tile (rounded up
+    to 16 bytes), then ``split * n * m`` fp32 partial sums; 0 without a split. Mirrors
+    ``workspace_elems`` in ``csrc/bindings/tiled_csl_cuda.cpp``."""
+    if split <= 1:
+        return 0
+    tile_m = 256 if tile_n <= 32 else 128
+    counters = -(-n // tile_n) * -(-m // tile_m)
+    return -(-counters // 4) * 4 + split * n * m
+
+
+# (device index, stream, capturing) -> int32 workspace. Eager buffers are zeroed once; the kernel
+# leaves its counters at zero.
+_workspaces: dict[tuple[int, int, bool], torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, elems: int, counters: int) -> torch.Tensor:
+    """The split-K workspace of the current stream, grown (not per call) when too small.
+
+    Under CUDA-graph capture a separate buffer comes from the graph's private memory pool, and
+    its counters are zeroed by a captured memset before each use: nothing runs during capture,
+    so the buffer is only valid inside the graph, and a buffer shared by several graphs must
+    not depend on which of them ran last.
+    """
+    stream = torch.cuda.current_stream(device)
+    capturing = torch.cuda.is_current_stream_capturing()
+    key = (device.index, stream.cuda_stream, capturing)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < elems:
+        size = max(elems, 2 * buf.numel() if buf is not None else 0)
+        # Kernels still using an old buffer ran on this stream: the caching allocator only
+        # reuses its memory after them.
+        buf = torch.zeros(size, dtype=torch.int32, device=device)
+        _workspaces[key] = buf
+    elif capturing:
+        buf[:counters].zero_()
+    return buf
+
+
 @functools.lru_cache(maxsize=64)
 def _slots(device_index: int, tile_n: int, bf16: bool) -> int:
     props = torch.cuda.get_device_properties(device_index)
@@ -153,19 +258,19 @@ def _slots(device_index: int, tile_n: int, bf16: bool) -> int:
     return props.multi_processor_count * max(1, per_sm)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(device_index: int, bf16: bool, n: int, m: int, k: int, num_words: int) -> tuple[int, int]:
     """``(split_k, tile_n)`` for one call shape."""
-    tile_m, tile_n = tile_config(n)
-    blocks = -(-n // tile_n) * -(-m // tile_m)
-    split = choose_split_k(
-        blocks,
-        -(-k // TILE_K),
-        _slots(device_index, tile_n, bf16),
-        workspace_bytes_per_split=8 * n * m,
-        weight_bytes=4 * num_words,
-    )
-    return split, tile_n
+    _, tile_n = tile_config(n)
+    sms = _device_sms(device_index)
+    per_sm = max(1, _slots(device_index, tile_n, bf16) // sms)
+    plan = tiled_csl_launch_plan(m, k, n, num_sms=sms, ctas_per_sm=per_sm, weight_bytes=4 * num_words)
+    return int(plan["split_k"]), tile_n
 
 
 # --- build ---------------------------------------------------------------------------------------
@@ -189,7 +294,7 @@ def _jit_arch_list() -> str:
 
 def _register_fake() -> None:
     @torch.library.register_fake("flashsparse::_tiled_csl_spmm_cuda")
-    def _(x, words, tile_offsets, m, k, bias=None, split_k=1, tile_n=0):
+    def _(x, words, tile_offsets, m, k, bias=None, split_k=1, tile_n=0, workspace=None):
         return x.new_empty((x.shape[0], m))
 
 
@@ -292,6 +397,13 @@ def _available() -> str | None:
     reason = unavailable_reason()
     if reason or _loaded:
         return reason
+    if torch.cuda.is_current_stream_capturing():
+        # Building, self-checking (device syncs) and allocating would invalidate the capture.
+        raise RuntimeError(
+            "the first call of the CUDA Tiled-CSL kernel in this process happened inside a "
+            "CUDA-graph capture; it must build/load the extension and self-check it first, "
+            "which cannot be captured. Run the model once before capturing (a warm-up call)."
+        )
     with _lock:
         if _loaded or _load_error is not None:
             return _load_error
@@ -334,11 +446,18 @@ def tiled_csl_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``x2d @ W.T + bias`` for a contiguous ``[N, K]`` x in the weight's dtype (fp16/bf16)."""
-    split_k, tile_n = _plan(
-        x2d.device.index, x2d.dtype == torch.bfloat16, x2d.shape[0], m, k, words.numel()
-    )
+    n = x2d.shape[0]
+    split_k, tile_n = _plan(x2d.device.index, x2d.dtype == torch.bfloat16, n, m, k, words.numel())
+    split_k = effective_split(-(-k // TILE_K), split_k)
+    workspace = None
+    if split_k > 1:
+        tile_m = 256 if tile_n <= 32 else 128
+        counters = -(-n // tile_n) * -(-m // tile_m)
+        workspace = _workspace(
+            x2d.device, tiled_csl_workspace_elems(m, n, tile_n, split_k), counters
+        )
     return torch.ops.flashsparse._tiled_csl_spmm_cuda(
-        x2d, words, tile_offsets, m, k, bias, split_k, tile_n
+        x2d, words, tile_offsets, m, k, bias, split_k, tile_n, workspace
     )
 
 
