@@ -4,6 +4,8 @@
 //   flashsparse::_bitmap_decode_cpu(masks, values, tile_offsets, m, k, isa) -> W [M, K]
 //   flashsparse::_bitmap_cpu_isa_supported(isa) -> bool   (0 scalar, 1 avx2, 2 avx512)
 // Threads follow torch.get_num_threads() (at::parallel_for over 64-row tile rows).
+#include <Python.h>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -225,4 +227,12 @@ TORCH_LIBRARY_FRAGMENT(flashsparse, m) {
 TORCH_LIBRARY_IMPL(flashsparse, CPU, m) {
     m.impl("_bitmap_spmm_cpu", &bitmap_spmm_cpu);
     m.impl("_bitmap_decode_cpu", &bitmap_decode_cpu);
+}
+
+// Lets a prebuilt copy (FLASHSPARSE_CPU=1 pip install --no-build-isolation -e .) be imported as
+// flashsparse._C_cpu; the JIT build loads the library without importing it.
+extern "C" PyObject* PyInit__C_cpu(void) {
+    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr,
+                                        nullptr, nullptr, nullptr, nullptr};
+    return PyModule_Create(&module);
 }

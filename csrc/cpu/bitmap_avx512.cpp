@@ -16,6 +16,10 @@ namespace flashsparse {
 namespace cpu {
 namespace {
 
+// Software prefetch distance in the values stream (the masks stream is 8 bytes per row and
+// the hardware prefetcher keeps up with it).
+constexpr int kPrefetchBytes = 1024;
+
 inline __mmask32 low_mask32(unsigned count) { return _bzhi_u32(0xffffffffu, count); }
 inline __mmask16 low_mask16(unsigned count) { return static_cast<__mmask16>(_bzhi_u32(0xffffu, count)); }
 
@@ -33,7 +37,7 @@ inline unsigned expand32(uint64_t mask, const float* p, __m512 w[4]) {
     for (int q = 0; q < 4; ++q) {
         const __mmask16 mq = static_cast<__mmask16>(mask >> (16 * q));
         const unsigned cq = _mm_popcnt_u32(mq);
-        w[q] = _mm512_maskz_expand_ps(mq, _mm512_maskz_loadu_ps(low_mask16(cq), p + used));
+        w[q] = _mm512_maskz_expandloadu_ps(mq, p + used);
         used += cq;
     }
     return used;
@@ -64,6 +68,7 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                     const uint64_t mask = masks[r];
                     if (!mask) continue;  // x is finite (see bitmap_cpu.h)
                     __m512 wv[4];
+                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
                     p += expand32(mask, p, wv);
                     for (int64_t i = 0; i < n; ++i) {
                         const float* xi = x + i * ldx;
@@ -81,6 +86,7 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                     const uint64_t mask = masks[r];
                     if (!mask) continue;
                     __m512i lo, hi;
+                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
                     p += expand16(mask, p, lo, hi);
                     for (int64_t i = 0; i < n; ++i) {
                         const uint16_t* xi = x + i * ldx;
@@ -94,6 +100,7 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                     const uint64_t mask = masks[r];
                     if (!mask) continue;
                     __m512i lo, hi;
+                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
                     p += expand16(mask, p, lo, hi);
                     const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(lo));
                     const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1));

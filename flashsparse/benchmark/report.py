@@ -83,7 +83,8 @@ def numbers_notice(device_type: str, backends_ran: list[str], device: str) -> st
     if device_type != "cuda":
         if set(backends_ran) <= {"reference"}:
             return CPU_NOTICE
-        names = ["Triton interpreter" if b == "triton" else f"{b} path" for b in backends_ran]
+        label = {"triton": "Triton interpreter", "cpu": "C++ CPU kernel"}
+        names = [label.get(b, f"{b} path") for b in backends_ran]
         return f"CPU numbers: {' and '.join(names)}, not representative of GPU kernels"
     return f"GPU numbers measured on {device}"
 

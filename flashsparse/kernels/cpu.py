@@ -4,7 +4,9 @@ kernel and the fast CPU decode behind ``Bitmap.to_dense`` and the backward pass.
 Imported lazily by :mod:`flashsparse.backends`; importing it builds nothing. The first call
 that needs the kernels JIT-builds ``csrc/bindings/*_cpu.cpp`` + ``csrc/cpu/*.cpp`` with the
 system C++ compiler through :mod:`flashsparse.kernels.build` (cached; ~1 minute once), then
-checks every SIMD path this CPU has against the vectorised torch decode. Without a compiler
+checks every SIMD path this CPU has against the vectorised torch decode (a prebuilt
+``flashsparse._C_cpu`` from ``FLASHSPARSE_CPU=1 pip install --no-build-isolation -e .`` is
+used instead when present, unless ``FLASHSPARSE_JIT=1``). Without a compiler
 (or ninja), or if the build fails, :func:`unavailable_reason` says why:
 ``FLASHSPARSE_BACKEND=auto`` then warns once and runs the reference path, and
 ``FLASHSPARSE_BACKEND=cpu`` raises.
@@ -32,7 +34,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISA_ENV = "FLASHSPARSE_CPU_ISA"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # op argument values, in order of preference (last best)
 
-EXTENSION = build.Extension(device="cpu", kernel_dir="cpu", kernel_suffix=".cpp")
+EXTENSION = build.Extension(
+    device="cpu", kernel_dir="cpu", kernel_suffix=".cpp", prebuilt="flashsparse._C_cpu"
+)
 
 _lock = threading.Lock()
 _loaded = False
@@ -44,7 +48,7 @@ def unavailable_reason() -> str | None:
     """Why the CPU kernels cannot run in this process (None: they can). Builds nothing."""
     if _load_error is not None:
         return _load_error
-    if _loaded:
+    if _loaded or EXTENSION.prebuilt_available():
         return None
     missing = EXTENSION.missing_sources()
     if missing:
