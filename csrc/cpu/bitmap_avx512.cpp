@@ -71,12 +71,13 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                     _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
                     p += expand32(mask, p, wv);
                     for (int64_t i = 0; i < n; ++i) {
+                        // One chain per row; rows are independent, so out-of-order execution
+                        // overlaps their latencies.
                         const float* xi = x + i * ldx;
-                        __m512 s = _mm512_mul_ps(wv[0], _mm512_loadu_ps(xi));
-                        __m512 u = _mm512_mul_ps(wv[1], _mm512_loadu_ps(xi + 16));
-                        s = _mm512_fmadd_ps(wv[2], _mm512_loadu_ps(xi + 32), s);
-                        u = _mm512_fmadd_ps(wv[3], _mm512_loadu_ps(xi + 48), u);
-                        acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_add_ps(s, u));
+                        __m512 a = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xi), acc[r][i]);
+                        a = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xi + 16), a);
+                        a = _mm512_fmadd_ps(wv[2], _mm512_loadu_ps(xi + 32), a);
+                        acc[r][i] = _mm512_fmadd_ps(wv[3], _mm512_loadu_ps(xi + 48), a);
                     }
                 }
             } else if (D == static_cast<int>(Dtype::BF16)) {
@@ -108,11 +109,10 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                     const __m512 w3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1));
                     for (int64_t i = 0; i < n; ++i) {
                         const float* xi = x + i * ldx;
-                        __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(xi));
-                        __m512 u = _mm512_mul_ps(w1, _mm512_loadu_ps(xi + 16));
-                        s = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xi + 32), s);
-                        u = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xi + 48), u);
-                        acc[r][i] = _mm512_add_ps(acc[r][i], _mm512_add_ps(s, u));
+                        __m512 a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[r][i]);
+                        a = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a);
+                        a = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xi + 32), a);
+                        acc[r][i] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xi + 48), a);
                     }
                 }
             }
