@@ -1,8 +1,10 @@
 """Pure-Python install by default; FLASHSPARSE_CUDA=1 (with --no-build-isolation) also builds
-the CUDA extension ``flashsparse._C`` from csrc/. Without it, the first CUDA call JIT-builds the
-same sources (flashsparse/kernels/build.py).
+the CUDA extension ``flashsparse._C`` from csrc/, and FLASHSPARSE_CPU=1 the CPU extension
+``flashsparse._C_cpu`` (csrc/bindings/*_cpu.cpp + csrc/cpu/*.cpp). Without them, the first call
+JIT-builds the same sources (flashsparse/kernels/build.py).
 
     FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .
+    FLASHSPARSE_CPU=1 pip install --no-build-isolation -e .
     FLASHSPARSE_CUDA=1 FLASHSPARSE_CUDA_ARCH_LIST="8.0;8.6;9.0a" pip install --no-build-isolation -e .
 
 Arch list: FLASHSPARSE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else "8.0;9.0a" (sm_80 or newer
@@ -45,6 +47,35 @@ def _gencode_flags(arch_list: str) -> list:
     if not flags:
         _fail("the CUDA arch list is empty")
     return flags
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cpu_extension() -> dict:
+    if not _flag("FLASHSPARSE_CPU"):
+        return {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit(
+            "flashsparse setup.py (FLASHSPARSE_CPU=1): torch is not importable in the build "
+            "environment; install torch first and pass --no-build-isolation"
+        )
+    # The same list as flashsparse.kernels.build.Extension.sources for device "cpu".
+    glue = sorted((ROOT / "csrc" / "bindings").glob("*_cpu.cpp"))
+    kernels = sorted(p for p in (ROOT / "csrc" / "cpu").glob("*.cpp") if not p.stem.endswith("_emulator"))
+    extension = cpp_extension.CppExtension(
+        name="flashsparse._C_cpu",
+        sources=[str(p.relative_to(ROOT)) for p in [*glue, *kernels]],
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=["-O3"],
+    )
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    }
 
 
 def _cuda_extension() -> dict:
@@ -92,4 +123,12 @@ def _cuda_extension() -> dict:
     }
 
 
-setup(**_cuda_extension())
+def _extensions() -> dict:
+    cuda, cpu = _cuda_extension(), _cpu_extension()
+    if cuda and cpu:
+        cuda["ext_modules"] += cpu["ext_modules"]
+        return cuda
+    return cuda or cpu
+
+
+setup(**_extensions())

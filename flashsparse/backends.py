@@ -8,9 +8,9 @@ at import time.
 ``FLASHSPARSE_BACKEND`` is read on every call so tests and users can switch at run time:
 
 * ``auto`` (default): the CUDA kernel where built and the format supports it, else Triton for
-  CUDA tensors, else the reference path. A failing CUDA build under ``auto`` warns once and
-  falls back.
-* ``reference`` | ``triton`` | ``cuda``: that backend or a :class:`BackendUnavailableError`;
+  CUDA tensors; the C++ CPU kernel for CPU tensors (bitmap); else the reference path. A failing
+  CUDA or CPU build under ``auto`` warns once and falls back.
+* ``reference`` | ``triton`` | ``cuda`` | ``cpu``: that backend or a :class:`BackendUnavailableError`;
   a forced backend never silently falls back.
 """
 
@@ -24,11 +24,19 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "FLASHSPARSE_BACKEND"
 
 # Modules that register the kernels of a backend when imported.
-_PROVIDERS = {"triton": "flashsparse.kernels.triton", "cuda": "flashsparse.kernels.cuda"}
+_PROVIDERS = {
+    "triton": "flashsparse.kernels.triton",
+    "cuda": "flashsparse.kernels.cuda",
+    "cpu": "flashsparse.kernels.cpu",
+}
+# Backends tried in order by ``auto`` for a device type; a failing build of a "warn" backend is
+# reported once before falling back.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+_WARN_ON_FAILURE = ("cuda", "cpu")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -141,19 +149,19 @@ def _select(
                 f"{dtype} input: {reason}"
             )
         return kernel
-    if device.type == "cuda":
-        for backend in ("cuda", "triton"):
-            kernel, reason, broken = _resolve(format, backend, device, dtype, build=build)
-            if kernel is not None:
-                return kernel
-            if broken and backend == "cuda" and backend not in _warned:
-                _warned.add(backend)
-                warnings.warn(
-                    f"flashsparse: {reason}; falling back to the next backend "
-                    f"(set {ENV_VAR}=cuda to make this an error)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+    for backend in _AUTO_ORDER.get(device.type, ()):
+        kernel, reason, broken = _resolve(format, backend, device, dtype, build=build)
+        if kernel is not None:
+            return kernel
+        if broken and backend in _WARN_ON_FAILURE and backend not in _warned:
+            _warned.add(backend)
+            fallback = "the next backend" if device.type == "cuda" else "the slow reference path"
+            warnings.warn(
+                f"flashsparse: {reason}; falling back to {fallback} "
+                f"(set {ENV_VAR}={backend} to make this an error)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return _KERNELS[(format, "reference")]
 
 
@@ -161,9 +169,9 @@ def has_fast_kernel(format: str, device: torch.device, dtype: torch.dtype) -> bo
     """Whether the current backend setting would run ``format`` on ``device``/``dtype`` with a
     kernel that reads the compressed weight (used by ``format="auto"``). Builds nothing."""
     name = requested_backend()
-    if name == "reference" or device.type != "cuda":
+    if name == "reference" or device.type not in _AUTO_ORDER:
         return True  # every format runs alike there
-    candidates = ("cuda", "triton") if name == "auto" else (name,)
+    candidates = _AUTO_ORDER[device.type] if name == "auto" else (name,)
     return any(_resolve(format, b, device, dtype, build=False)[0] for b in candidates)
 
 
@@ -175,7 +183,7 @@ def available_backends() -> list[str]:
 def backend_report() -> dict[str, str | None]:
     """``{backend: None if usable else the reason it is not}``, without building anything."""
     report: dict[str, str | None] = {"reference": None}
-    for backend in ("triton", "cuda"):
+    for backend in ("triton", "cuda", "cpu"):
         reason = _load_provider(backend)
         if reason:
             report[backend] = reason

@@ -60,7 +60,13 @@ def reference_path_reason(format: str, device: torch.device, dtype: torch.dtype)
     if torch.device(device).type == "cuda":
         return (f"no {format} kernel runs {dtype} weights on this GPU "
                 f"(`flashsparse info` says which backends are available and why not)")
-    return (f"flashsparse's kernels run on CUDA GPUs; on {torch.device(device).type} "
+    if torch.device(device).type == "cpu" and format != "bitmap":
+        return ("on a CPU only the bitmap format has a kernel (the C++ CPU backend): encode "
+                "with format='bitmap' or 'auto'")
+    if torch.device(device).type == "cpu":
+        return ("the C++ CPU kernel is not available here (`flashsparse info` says why: usually "
+                "no C++ compiler)")
+    return (f"flashsparse's kernels run on CUDA GPUs and CPUs; on {torch.device(device).type} "
             "every format runs the reference path")
 
 
@@ -77,7 +83,7 @@ def warn_reference_path(layers: dict[tuple[str, torch.device, torch.dtype], int]
             f"flashsparse: {count} {format} layer(s) with {str(dtype).replace('torch.', '')} "
             f"weights on {device} will run the reference path (each call decodes the weight to "
             f"dense, then F.linear: slower than nn.Linear): {reason}. "
-            "On a CUDA GPU the Triton (bitmap) and CUDA (tiled_csl, fp16/bf16) kernels run them.",
+            "On a CUDA GPU the CUDA kernels (fp16/bf16) and Triton (bitmap) run them.",
             ReferencePathWarning,
             stacklevel=stacklevel + 1,
         )

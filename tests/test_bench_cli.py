@@ -21,6 +21,10 @@ from flashsparse.benchmark.masks import OUTLIER_COLUMNS, make_weight, prune_2_4
 from flashsparse.benchmark.shapes import PRESETS, expand_presets, parse_shape
 from flashsparse.benchmark.timing import CpuTimer, Rotation, make_timer, quantile, rotation_count
 from flashsparse.cli import main
+from flashsparse.kernels import cpu as cpu_kernels
+
+# Whether bitmap rows run the C++ CPU kernel here (else the reference path).
+CPU_KERNEL = not torch.cuda.is_available() and cpu_kernels._available() is None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Fast settings for a CPU run: one thread (steady on a shared machine), short timing.
@@ -106,7 +110,11 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_succeeds_and_says_cpu_numbers(tiny_run):
     rc, out, _ = tiny_run
     assert rc == 0
-    assert "CPU numbers: reference path, not representative of GPU kernels" in out
+    if CPU_KERNEL:  # the notice names what ran: the C++ kernel (bitmap) and the reference path
+        assert "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels" in out
+        assert "CPU numbers: reference path" not in out
+    else:
+        assert "CPU numbers: reference path, not representative of GPU kernels" in out
     assert "tiny  M=200 K=136  fp32  mask=uniform" in out
     assert "median ms" in out and "vs dense" in out and "ceiling" in out
     assert "skipped: 2:4 (torch-2:4): torch's 2:4 semi-structured kernels need a CUDA GPU" in out
@@ -130,8 +138,12 @@ def test_tiny_run_json(tiny_run):
         assert key in meta, key
     assert meta["torch"] == torch.__version__
     assert meta["device_type"] == "cpu" and meta["device"].startswith("CPU")
-    assert meta["notice"] == report.CPU_NOTICE
-    assert meta["backends_ran"] == ["reference"]
+    if CPU_KERNEL:
+        assert meta["backends_ran"] == ["cpu", "reference"]
+        assert meta["notice"] == "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
+    else:
+        assert meta["notice"] == report.CPU_NOTICE
+        assert meta["backends_ran"] == ["reference"]
     assert dt.datetime.fromisoformat(meta["date"]).tzinfo is not None
     assert meta["copy_bandwidth_gbps"] > 0
     assert meta["settings"]["dtype"] == ["fp32", "fp16"]
@@ -151,7 +163,8 @@ def test_tiny_run_json(tiny_run):
                 for fmt in ("tiled_csl", "bitmap"):
                     r = by[(dtype, n, sp, fmt)]
                     assert r["status"] == "ok", r
-                    assert r["backend"] == "reference" and r["requested_backend"] == "auto"
+                    ran = "cpu" if CPU_KERNEL and fmt == "bitmap" else "reference"
+                    assert r["backend"] == ran and r["requested_backend"] == "auto"
                     assert math.isclose(r["speedup"], dense["median_ms"] / r["median_ms"])
                     assert abs(r["actual_sparsity"] - sp) < 0.05
     csr16 = by[("fp16", 1, 0.5, "csr")]
@@ -272,9 +285,11 @@ def test_backend_all_reports_each_backend(capsys, tmp_path):
     assert rc == 0
     rows = json.loads(path.read_text())["rows"]
     sparse = {r["requested_backend"]: r for r in rows if r["method"] == "bitmap"}
-    assert set(sparse) == {"reference", "triton", "cuda"}
+    assert set(sparse) == {"reference", "triton", "cuda", "cpu"}
     assert sparse["reference"]["status"] == "ok" and sparse["reference"]["backend"] == "reference"
-    for name in ("triton", "cuda"):
+    if CPU_KERNEL:
+        assert sparse["cpu"]["status"] == "ok" and sparse["cpu"]["backend"] == "cpu"
+    for name in ("triton", "cuda", "cpu"):
         r = sparse[name]
         # The triton row may run in the interpreter (TRITON_INTERPRET=1); otherwise it says why not.
         assert (r["status"] == "ok" and r["backend"] == name) or (

@@ -14,7 +14,7 @@ from flashsparse.cli import main
 def test_info_json_lists_every_backend(capsys):
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["backends"]) == {"reference", "triton", "cuda"}
+    assert set(report["backends"]) == {"reference", "triton", "cuda", "cpu"}
     assert report["backends"]["reference"] is None
     assert report["torch"] and report["flashsparse"]
     for name, reason in report["backends"].items():

@@ -129,6 +129,6 @@ def test_forced_cuda_backend_refuses_cpu_tensors(monkeypatch, format):
 def test_available_backends_lists_reference():
     backends = fs.available_backends()
     assert backends[0] == "reference"
-    assert set(backends) <= {"reference", "triton", "cuda"}
+    assert set(backends) <= {"reference", "triton", "cuda", "cpu"}
     if not torch.cuda.is_available():
         assert "cuda" not in backends

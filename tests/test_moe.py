@@ -179,7 +179,7 @@ def test_grouped_linear_matches_float64_reference(format, dtype):
 # -- fused MoE experts -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("model_type", EXACT)
-def test_moe_experts_converted_and_exact(model_type, dtype):
+def test_moe_experts_converted_and_exact(model_type, dtype, monkeypatch):
     model = tiny_moe(model_type, dtype)
     ids = input_ids()
     with torch.no_grad():
@@ -195,6 +195,10 @@ def test_moe_experts_converted_and_exact(model_type, dtype):
     assert left == [*routers(model), "lm_head"] and len(routers(model)) == 2
     assert len(messages) == 1 and all(name in messages[0] for name in routers(model))
     assert "lm_head" not in messages[0]
+    with torch.no_grad():  # the default backend: the C++ kernel on a CPU (its own summation order)
+        got = model(ids).logits
+    assert rel_err(got, expected.double()) < {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "reference")
     with torch.no_grad():
         got = model(ids).logits
     assert torch.equal(got, expected)  # same products, same order: bit for bit
@@ -345,7 +349,7 @@ def test_torch_compile_no_new_graph_breaks():
     torch._dynamo.reset()
 
 
-def test_cli_sparsify_prunes_experts(tmp_path):
+def test_cli_sparsify_prunes_experts(tmp_path, monkeypatch):
     model = tiny_moe("mixtral", sparsity=0.0)
     src = tmp_path / "src"
     model.save_pretrained(src)
@@ -372,5 +376,6 @@ def test_cli_sparsify_prunes_experts(tmp_path):
                     for e in range(weight.shape[0]):
                         weight[e].copy_(fs.prune(weight[e], 0.5))
     ids = input_ids()
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "reference")  # the same products as the dense model
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -215,7 +215,8 @@ def test_backend_registration_and_reasons():
 def test_auto_never_picks_the_interpreter_for_cpu_tensors(backend):
     backend("auto")
     x = torch.randn(2, 12, dtype=torch.float16)
-    assert backends.select("bitmap", x) is backends._KERNELS[("bitmap", "reference")]
+    # The C++ CPU kernel where it builds, else the reference path; never the Triton interpreter.
+    assert backends.select("bitmap", x).backend in ("cpu", "reference")
 
 
 # --- errors --------------------------------------------------------------------------------------

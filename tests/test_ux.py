@@ -116,13 +116,13 @@ def test_info_reports_a_bogus_backend_and_exits_1():
     assert "FLASHSPARSE_BACKEND: 'bogus'" in out and "reference  available" in out
     assert error_lines(err) == [
         "flashsparse info: error: FLASHSPARSE_BACKEND must be one of auto, reference, triton, "
-        "cuda; got 'bogus'"
+        "cuda, cpu; got 'bogus'"
     ]
     rc, out, _ = cli("info", "--json", env={"FLASHSPARSE_BACKEND": "bogus"})
     report_ = json.loads(out)
     assert rc == 1 and report_["FLASHSPARSE_BACKEND"] == "bogus"
     assert report_["problems"] == [
-        "FLASHSPARSE_BACKEND must be one of auto, reference, triton, cuda; got 'bogus'"
+        "FLASHSPARSE_BACKEND must be one of auto, reference, triton, cuda, cpu; got 'bogus'"
     ]
 
 
@@ -137,7 +137,7 @@ def test_other_commands_refuse_a_bogus_backend_in_one_line(model_dir, tmp_path, 
     assert rc == 2 and out == ""
     assert error_lines(err) == [
         f"flashsparse {command}: error: FLASHSPARSE_BACKEND must be one of auto, reference, "
-        "triton, cuda; got 'bogus' (`flashsparse info` shows the setup)"
+        "triton, cuda, cpu; got 'bogus' (`flashsparse info` shows the setup)"
     ]
     assert list(tmp_path.iterdir()) == []
 
@@ -151,7 +151,7 @@ def test_bench_with_forced_cuda_backend_on_cpu_refuses(tmp_path):
     (line,) = error_lines(err)
     assert line.startswith("flashsparse bench: error: FLASHSPARSE_BACKEND=cuda cannot run here: ")
     assert "tiled_csl fp32: the CUDA Tiled-CSL kernel runs on CUDA tensors" in line
-    assert "bitmap fp32: the cuda backend has no kernel for the 'bitmap' format" in line
+    assert "bitmap fp32: the CUDA bitmap kernel runs on CUDA tensors" in line
     assert "unset FLASHSPARSE_BACKEND" in line
     assert not out.exists()
 
@@ -296,15 +296,16 @@ def test_reference_path_notice_once_per_kind(fresh_notices, monkeypatch):
                 model[i].weight.copy_(fs.prune(model[i].weight, 0.7))
         return model
 
-    _, caught = record(fs.sparsify_, pruned(), format="bitmap")
+    # tiled_csl has no CPU kernel (bitmap runs the C++ CPU backend where it builds).
+    _, caught = record(fs.sparsify_, pruned(), format="tiled_csl")
     (message,) = messages(caught, fs.ReferencePathWarning)
     assert message.startswith(
-        "flashsparse: 2 bitmap layer(s) with float32 weights on cpu will run the reference path"
+        "flashsparse: 2 tiled_csl layer(s) with float32 weights on cpu will run the reference path"
     )
-    assert "On a CUDA GPU" in message
-    _, caught = record(fs.sparsify_, pruned(), format="bitmap")
+    assert "format='bitmap'" in message and "On a CUDA GPU" in message
+    _, caught = record(fs.sparsify_, pruned(), format="tiled_csl")
     assert messages(caught, fs.ReferencePathWarning) == []  # said once per process
-    _, caught = record(fs.sparsify_, pruned(torch.bfloat16), format="bitmap")
+    _, caught = record(fs.sparsify_, pruned(torch.bfloat16), format="tiled_csl")
     assert len(messages(caught, fs.ReferencePathWarning)) == 1  # another dtype: said again
     monkeypatch.setenv("FLASHSPARSE_BACKEND", "reference")  # asked for: nothing to tell
     _, caught = record(fs.sparsify_, pruned(torch.float16), format="tiled_csl")
@@ -312,13 +313,13 @@ def test_reference_path_notice_once_per_kind(fresh_notices, monkeypatch):
 
 
 def test_reference_path_notice_follows_the_backend_selection(monkeypatch):
-    """A kernel backend that the selection picks (a future CPU one, say) silences the notice."""
-    ref = backends._KERNELS[("bitmap", "reference")]
-    fake = backends.Kernel("cpu-kernel", ref.fn, ref.supports, ref.available)
+    """A kernel backend that the selection picks silences the notice."""
+    ref = backends._KERNELS[("tiled_csl", "reference")]
+    fake = backends.Kernel("some-kernel", ref.fn, ref.supports, ref.available)
     monkeypatch.delenv("FLASHSPARSE_BACKEND", raising=False)
-    assert notices.reference_path_reason("bitmap", torch.device("cpu"), torch.float32)
+    assert notices.reference_path_reason("tiled_csl", torch.device("cpu"), torch.float32)
     monkeypatch.setattr(backends, "_select", lambda *a, **k: fake)
-    assert notices.reference_path_reason("bitmap", torch.device("cpu"), torch.float32) is None
+    assert notices.reference_path_reason("tiled_csl", torch.device("cpu"), torch.float32) is None
 
 
 def test_load_sparse_gives_the_reference_path_notice(fresh_notices, tmp_path):
@@ -332,13 +333,13 @@ def test_load_sparse_gives_the_reference_path_notice(fresh_notices, tmp_path):
         for fqn, m in model.named_modules():
             if isinstance(m, nn.Linear) and fqn != "lm_head":
                 m.weight.copy_(fs.prune(m.weight, 0.7))
-    fs.sparsify_(model)
+    fs.sparsify_(model, format="tiled_csl")  # no CPU kernel for tiled_csl
     fs.save_sparse(model, tmp_path)
     notices._given.clear()
     loaded = transformers.AutoModelForCausalLM.from_config(config)
     _, caught = record(fs.load_sparse, loaded, tmp_path)
     (message,) = messages(caught, fs.ReferencePathWarning)
-    assert "7 bitmap layer(s) with float32 weights on cpu" in message
+    assert "7 tiled_csl layer(s) with float32 weights on cpu" in message
 
 
 # -- 9. sparsity ranges ------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def build_metadata(
 def planned_notice(requested_backends: list[str]) -> str:
     """The CPU notice printed before a run, from the ``--backend`` values asked for (which
     backends really ran is known only after: :func:`numbers_notice`)."""
-    only_reference = set(requested_backends) <= {"auto", "reference"}
+    # ("auto" runs the C++ CPU kernel for bitmap weights on a CPU where it builds.)
+    only_reference = set(requested_backends) <= {"reference"}
     return CPU_NOTICE if only_reference else CPU_NOTICE_GENERIC
 
 
@@ -104,7 +105,8 @@ def numbers_notice(device_type: str, backends_ran: list[str], device: str) -> st
     if device_type != "cuda":
         if set(backends_ran) <= {"reference"}:
             return CPU_NOTICE
-        names = ["Triton interpreter" if b == "triton" else f"{b} path" for b in backends_ran]
+        label = {"triton": "Triton interpreter", "cpu": "C++ CPU kernel"}
+        names = [label.get(b, f"{b} path") for b in backends_ran]
         return f"CPU numbers: {' and '.join(names)}, not representative of GPU kernels"
     return f"GPU numbers measured on {device}"
 

@@ -39,7 +39,7 @@ from .timing import Rotation, Timer, rotation_count
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BASELINES = ("csr", "2:4", "sliced")
-KERNEL_BACKENDS = ("reference", "triton", "cuda")
+KERNEL_BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 ROW_KEYS = (
     "layer",

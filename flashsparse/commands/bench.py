@@ -23,13 +23,14 @@ DTYPES = {
     "float32": "float32",
     "float": "float32",
 }
-BACKEND_CHOICES = ("auto", "reference", "triton", "cuda", "all")
+BACKEND_CHOICES = ("auto", "reference", "triton", "cuda", "cpu", "all")
 FORMAT_CHOICES = ("tiled_csl", "bitmap", "auto", "all")
 BASELINE_CHOICES = ("csr", "2:4", "sliced", "none")
 
 EPILOG = """\
 defaults: on a GPU, llama3-8b shapes, N 1,8,16,32, sparsity 0.5,0.7,0.9, fp16; on a CPU,
-the small cpu-small shapes, N 1,16, fp32, 1 thread (reference path, seconds). --quick: one
+the small cpu-small shapes, N 1,16, fp32, 1 thread (the C++ CPU kernel for bitmap where it
+builds, else the reference path; seconds). --quick: one
 tiny shape.
 examples:
   flashsparse bench --preset llama3-8b --n 1,8,16,32 --json out.json --plot out.png

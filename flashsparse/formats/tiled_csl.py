@@ -24,18 +24,18 @@ instruction of a warp writes word ``e`` of 32 consecutive vectors ``32g .. 32g+3
 The shared-memory bank of a location is ``(location >> 1) % 32`` (a 64-element row is 128 bytes
 = 32 banks; the two halves of one 32-bit word share it without a conflict). The encoder
 
-1. builds the tile's sequence window by window -- 32 entries per window, or ``L`` in the
-   tile's last 4 windows when its last group has ``L < 32`` vectors -- taking one 32-bit word
-   (both of its entries if both are stored) from each of the banks with the most words left,
-   most first (ties: lower bank), going round again only if the window is not full yet;
+1. builds the tile's sequence in rounds: round ``j`` takes the ``j``-th stored 32-bit word
+   (both of its entries if both are stored; words of a bank in row order) of every bank that
+   has one, banks with the most words first (ties: lower bank), so consecutive entries come
+   from distinct banks until fewer than 32 banks have words left;
 2. deals the sequence out group by group: entry ``q`` (group ``g = q // 128``, ``u = q % 128``,
    ``L`` = the group's vector count) is stored as word ``u // L`` of vector ``32g + u % L``, so
    the 32 words one store instruction writes are exactly one window.
 
-A window then holds each bank at most once unless a bank has more words than the tile has
-windows (measured with the emulator's count on uniform random masks: about 1.00 / 1.01 / 1.2
-shared-memory wavefronts per warp store at 50 / 70 / 90 % sparsity, against 3.0-3.3 in
-row-major order).
+A window of 32 consecutive entries then holds each bank at most once except where rounds run
+short at the end of a tile: the emulator counts 1.07 / 1.14 / 1.38 shared-memory wavefronts per
+warp store at 50 / 70 / 90 % sparsity on uniform random masks, against 3.0-3.3 in row-major
+order (``tests/test_cuda_kernel.py``).
 
 Worked example: a 2x3 fp16 weight ``[[0, 1.5, 0], [0, 0, -2]]`` is one tile with two nonzeros
 plus two padding zeros at the first zero positions (0,0) and (0,2):
@@ -112,87 +112,35 @@ def _bank_permutation() -> torch.Tensor:
     return (r * TILE_K + 2 * p + h).reshape(-1)
 
 
-def _greedy_order(kc: torch.Tensor) -> torch.Tensor:
+def _round_order(kc: torch.Tensor) -> torch.Tensor:
     """Sequence of in-tile positions per tile (``[tiles, 8192]`` int16, -1 past the tile's
-    entries): windows of 32 entries (``L`` in a tile's last 4 windows) filled with one 32-bit
-    word from each of the banks with the most words left, most first."""
+    entries), built in rounds: round ``j`` holds the ``j``-th stored 32-bit word (one or both of
+    its entries) of every bank that has one, banks with more words first (ties: lower bank).
+    Vectorised: no loop over windows or rounds."""
     tc = kc.shape[0]
     dev = kc.device
-    by_bank = kc.index_select(1, _bank_permutation().to(dev)).view(tc, _BANKS, 256)
-    count = by_bank.sum(2, dtype=torch.int32)  # entries per bank
-    # Compact each bank's entries (row order); column 256 collects the dropped slots.
-    idx = torch.cumsum(by_bank, 2, dtype=torch.int32) - 1
-    idx = torch.where(by_bank, idx, 256).long()
-    slot = torch.arange(256, device=dev, dtype=torch.int32).expand(tc, _BANKS, 256)
-    entries = torch.full((tc, _BANKS, 257), -1, dtype=torch.int32, device=dev)
-    entries.scatter_(2, idx, slot)
-    entries = entries[:, :, :256]  # [tc, 32, 256]: slot (2r + h) of the bank's j-th entry
-    # A 32-bit word is both halves of one row: slot pairs (2r, 2r + 1).
-    pair_next = torch.zeros_like(entries, dtype=torch.bool)
-    pair_next[:, :, :-1] = (entries[:, :, :-1] >= 0) & (entries[:, :, 1:] == entries[:, :, :-1] + 1) & (
-        entries[:, :, :-1] % 2 == 0
-    )
-    base = _bank_permutation().to(dev).view(_BANKS, 256)
-    positions = torch.where(
-        entries >= 0, torch.gather(base.expand(tc, -1, -1), 2, entries.clamp(min=0).long()), -1
-    )
-    total = count.sum(1)
-    full_windows = (total >> 7) * 4
-    last_cap = (total & 127) >> 2
+    perm = _bank_permutation().to(dev)
+    by_bank = kc.index_select(1, perm).view(tc, _BANKS, TILE_M, 2)  # [tile, bank, row, half]
+    size = by_bank.sum(3, dtype=torch.int32)  # entries of word (bank, row): 0, 1 or 2
+    present = size > 0
+    rank = torch.cumsum(present, 2, dtype=torch.int32) - 1  # the word's round
+    count = present.sum(2, dtype=torch.int32)
+    # A bank present in round j + 1 is then among the first banks of round j, so a window that
+    # straddles two rounds repeats a bank only once fewer than 32 banks have words left.
+    banks = torch.arange(_BANKS, device=dev)
+    order = torch.argsort(count * _BANKS + (_BANKS - 1 - banks), dim=1, descending=True)
+    slot = torch.empty_like(order).scatter_(1, order, banks.expand(tc, -1))  # bank -> place in a round
+    cell = (torch.where(present, rank, TILE_M).long() * _BANKS + slot.unsqueeze(2)).view(tc, -1)
+    grid = torch.zeros(tc, (TILE_M + 1) * _BANKS, dtype=torch.int32, device=dev)  # last round: absent
+    grid.scatter_(1, cell, size.view(tc, -1))
+    grid = grid[:, : TILE_M * _BANKS]
+    start = torch.cumsum(grid, 1, dtype=torch.int32) - grid  # each word's first sequence index
+    word_start = torch.gather(start, 1, cell.clamp(max=TILE_M * _BANKS - 1)).view(tc, _BANKS, TILE_M)
+    dest = torch.stack([word_start, word_start + by_bank[..., 0].to(torch.int32)], 3)
+    flat = by_bank.reshape(-1).nonzero().squeeze(1)  # stored entries, bank-major within a tile
+    target = ((flat >> 13) << 13) + dest.reshape(-1).index_select(0, flat).long()
     seq = torch.full((tc, TILE_M * TILE_K), -1, dtype=torch.int16, device=dev)
-    seq_flat = seq.view(-1)
-    positions_flat = positions.to(torch.int16).reshape(-1)
-    ptr = torch.zeros_like(count)
-    start = torch.zeros(tc, dtype=torch.int32, device=dev)
-    banks = torch.arange(_BANKS, device=dev, dtype=torch.int32)
-    window = 0
-    last_window = int((full_windows + 4).max()) if tc else 0
-    # Every tile's entries fit its windows (its entry count is a multiple of 4), so this ends.
-    while window < last_window and bool((ptr < count).any()):
-        cap = torch.where(
-            window < full_windows, 32, torch.where(window < full_windows + 4, last_cap, 0)
-        ).to(torch.int32)
-        filled = torch.zeros_like(start)
-        while True:
-            rem = count - ptr
-            space = cap - filled
-            if not bool(((space > 0) & (rem.sum(1) > 0)).any()):
-                break
-            at = ptr.clamp(max=255).long().unsqueeze(2)
-            two = torch.gather(pair_next, 2, at).squeeze(2) & (rem >= 2)
-            size = torch.where(rem > 0, 1 + two.to(torch.int32), 0)
-            order = torch.argsort(rem * _BANKS + (_BANKS - 1 - banks), dim=1, descending=True)
-            s_sorted = torch.gather(size, 1, order)
-            cs = torch.cumsum(s_sorted, 1, dtype=torch.int32)
-            before = cs - s_sorted
-            sp = space.unsqueeze(1)
-            take = torch.where(cs <= sp, s_sorted, torch.where(before < sp, sp - before, 0))
-            take = take.clamp(min=0)
-            for e in range(2):
-                # index_select/index_copy_: plain advanced indexing is far slower on CPU
-                fi = (take > e).view(-1).nonzero().squeeze(1)
-                if fi.numel() == 0:
-                    continue
-                t_sel = fi >> 5
-                b_sel = order.view(-1).index_select(0, fi)
-                tb = t_sel * _BANKS + b_sel
-                j = ptr.view(-1).index_select(0, tb).long() + e
-                dest = (
-                    start.index_select(0, t_sel)
-                    + filled.index_select(0, t_sel)
-                    + before.view(-1).index_select(0, fi)
-                    + e
-                )
-                seq_flat.index_copy_(
-                    0,
-                    t_sel * (TILE_M * TILE_K) + dest.long(),
-                    positions_flat.index_select(0, tb * 256 + j),
-                )
-            taken = torch.zeros_like(ptr).scatter_(1, order, take)
-            ptr += taken
-            filled += take.sum(1, dtype=torch.int32)
-        start += cap
-        window += 1
+    seq.view(-1).index_copy_(0, target, perm.to(torch.int16).index_select(0, flat & (TILE_M * TILE_K - 1)))
     return seq
 
 
@@ -203,7 +151,7 @@ def _conflict_free_order(keep: torch.Tensor) -> torch.Tensor:
     device = keep.device
     parts = []
     for t0 in range(0, num_tiles, _ORDER_CHUNK):
-        seq = _greedy_order(keep[t0 : t0 + _ORDER_CHUNK]).view(-1)
+        seq = _round_order(keep[t0 : t0 + _ORDER_CHUNK]).view(-1)
         flat = (seq >= 0).nonzero().squeeze(1)
         parts.append((flat & ~(TILE_M * TILE_K - 1)) + t0 * (TILE_M * TILE_K) + seq.index_select(0, flat).long())
     ordered = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)

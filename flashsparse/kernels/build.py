@@ -4,7 +4,8 @@ An extension is a set of torch-glue sources (``csrc/bindings/<kernel>_<device>.c
 torch-free kernel sources (``csrc/kernels/*.cu`` for CUDA, ``csrc/cpu/*.cpp`` for CPUs). It
 comes from, in order:
 
-1. a prebuilt module inside the package (``flashsparse._C`` for CUDA, built by
+1. a prebuilt module inside the package (``flashsparse._C`` for CUDA, ``flashsparse._C_cpu`` for
+   the CPU kernels with ``FLASHSPARSE_CPU=1``; CUDA built by
    ``FLASHSPARSE_CUDA=1 pip install --no-build-isolation -e .``), unless
    ``FLASHSPARSE_JIT=1`` (or the older ``FLASHSPARSE_CUDA_JIT=1``) asks to ignore it;
 2. a JIT build with :func:`torch.utils.cpp_extension.load` (ninja + the system compiler, and

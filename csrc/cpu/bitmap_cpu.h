@@ -1,0 +1,68 @@
+// Torch-free CPU kernels for the bitmap format (layout version 2, see
+// flashsparse/formats/bitmap.py): one 64-bit mask per row of a 64x64 tile, the nonzeros of
+// each tile packed row-major from values[tile_offsets[t] * 8].
+//
+// One translation unit per instruction set (bitmap_avx512.cpp, bitmap_avx2.cpp,
+// bitmap_scalar.cpp), each compiled for its own ISA with `#pragma GCC target`, so one
+// extension holds every path and the caller picks one at run time (bitmap_cpu_isa_supported).
+// ISA files must not instantiate std:: templates or other inline functions shared with other
+// translation units: the linker keeps one copy of each, which could be the AVX-512 one.
+#pragma once
+
+#include <cstdint>
+
+namespace flashsparse {
+namespace cpu {
+
+enum class Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct BitmapWeight {
+    const uint64_t* masks;    // [#tiles * 64]
+    const void* values;       // [num_values] in `dtype`
+    const int32_t* offsets;   // [#tiles + 1], units of 8 values
+    int64_t num_values;
+    int64_t m, k;
+    Dtype dtype;
+    int64_t k_tiles() const { return (k + 63) / 64; }
+    int64_t m_tiles() const { return (m + 63) / 64; }
+};
+
+// Rows of x processed by one spmm pass (accumulators for all of them stay in L1).
+constexpr int64_t kMaxSpmmRows = 8;
+
+// y[i, r] (fp32, row stride ldy) = bias[r] + sum_c W[r, c] * x[i, c] for the weight rows of
+// tile rows [tr0, tr1) and i < n <= kMaxSpmmRows. x is zero-padded to k_tiles * 64 columns
+// (row stride ldx) and is fp32, except bf16 when `bitmap_x_is_bf16(isa, dtype)`. The caller
+// guarantees x is finite: zero weights are skipped or multiplied, so 0 * Inf is not defined
+// here (the glue sends non-finite x to the dense path, which matches F.linear).
+using SpmmFn = void (*)(const BitmapWeight& w, const void* x, int64_t n, int64_t ldx,
+                        const float* bias, float* y, int64_t ldy, int64_t tr0, int64_t tr1);
+// out rows [tr0 * 64, min(tr1 * 64, m)) of the dense [m, k] weight in its dtype; `out` points at
+// row tr0 * 64, row stride ldo.
+using DecodeFn = void (*)(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, int64_t tr1);
+
+void spmm_scalar(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
+                 int64_t, int64_t);
+void decode_scalar(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
+void spmm_avx2(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
+               int64_t, int64_t);
+void decode_avx2(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
+void spmm_avx512(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
+                 int64_t, int64_t);
+// Any n (for larger batches): decodes a 64 x kBlockK block of the weight at a time into
+// `scratch` (bitmap_blocked_scratch_bytes(n) bytes, 64-byte aligned) and runs a
+// register-blocked dense micro-kernel on it for every row of x. Same contract as SpmmFn.
+void spmm_blocked_avx512(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*,
+                         int64_t, int64_t, int64_t, void* scratch);
+constexpr int64_t kBlockK = 2048;
+inline int64_t bitmap_blocked_scratch_bytes(int64_t n) { return 64 * n * 4 + 64 * kBlockK * 4 + 128; }
+void decode_avx512(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
+
+// Whether this CPU (and OS) runs the path: avx512 needs AVX-512 F/BW/VL/VBMI2/BF16 + F16C,
+// avx2 needs AVX2/FMA/F16C/BMI2/POPCNT; scalar always runs.
+bool bitmap_cpu_isa_supported(int isa);
+inline bool bitmap_x_is_bf16(int isa, Dtype dtype) { return isa == kAvx512 && dtype == Dtype::BF16; }
+
+}  // namespace cpu
+}  // namespace flashsparse

@@ -1,0 +1,247 @@
+"""The C++ CPU bitmap kernel (flashsparse.kernels.cpu) against a float64 reference.
+
+Every SIMD path this CPU has (FLASHSPARSE_CPU_ISA) x every dtype, on odd shapes and skewed
+masks, both the fused path (few rows of x) and the blocked path (more rows), plus the C++
+decode behind ``to_dense``. If the extension cannot be built here, the tests that need it are
+replaced by checks of the warning / error a user then gets.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RTOL, reference_linear, rel_err
+from helpers import MASK_KINDS, random_weight
+
+import flashsparse as fs
+from flashsparse import backends
+from flashsparse.formats import Bitmap
+from flashsparse.kernels import build
+from flashsparse.kernels import cpu as cpu_kernels
+
+REASON = cpu_kernels._available()
+needs_ext = pytest.mark.skipif(REASON is not None, reason=f"CPU extension unavailable: {REASON}")
+ISAS = cpu_kernels.available_isas() if REASON is None else []
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _op(x, sw, bias=None, isa="scalar"):
+    m, k = sw.shape
+    return torch.ops.flashsparse._bitmap_spmm_cpu(x, *sw.tensors, m, k, bias, cpu_kernels.ISAS[isa])
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "cpu")
+    backends._selected.clear()
+    yield
+    backends._selected.clear()
+
+
+@needs_ext
+def test_every_path_this_machine_should_have_is_there():
+    assert ISAS[0] == "scalar"
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    if " avx2 " in flags and " f16c " in flags and " fma " in flags:
+        assert "avx2" in ISAS
+    if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16")):
+        assert "avx512" in ISAS
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m,k,n,sparsity,kind",
+    [
+        (1, 1, 1, 0.0, "uniform"),
+        (77, 1, 3, 0.3, "uniform"),
+        (1, 77, 2, 0.3, "uniform"),
+        (70, 130, 1, 0.5, "uniform"),
+        (130, 200, 3, 0.7, "dense_tiles"),
+        (129, 67, 4, 0.9, "row_skewed"),
+        (65, 129, 5, 0.6, "dense_column"),  # first size on the blocked path
+        (200, 2100, 9, 0.7, "empty_tiles"),  # several K blocks, odd n tail
+        (64, 64, 17, 0.0, "uniform"),  # one fully dense tile
+        (96, 4, 33, 0.8, "dense_rows"),
+    ],
+)
+def test_matches_float64(isa, dtype, m, k, n, sparsity, kind):
+    assert kind in MASK_KINDS
+    w = random_weight(m, k, sparsity, dtype, kind, seed=m * 7 + k + n)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(m, generator=g).to(dtype)
+    sw = fs.encode(w, "bitmap")
+    for bias in (None, b):
+        y = _op(x, sw, bias, isa)
+        assert y.shape == (n, m) and y.dtype == dtype
+        ref = reference_linear(x, w, bias)
+        assert rel_err(y, ref) < RTOL[dtype], (isa, dtype, bias is not None)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_is_bit_exact(isa, dtype, monkeypatch):
+    monkeypatch.setenv("FLASHSPARSE_CPU_ISA", isa)
+    w = random_weight(131, 197, 0.6, dtype, "empty_tiles", seed=5)
+    w[0, 0], w[70, 130], w[130, 196] = float("nan"), float("inf"), -float("inf")
+    w[1, 1] = -0.0
+    sw = fs.encode(w, "bitmap")
+    ours = torch.ops.flashsparse._bitmap_decode_cpu(*sw.tensors, 131, 197, cpu_kernels.ISAS[isa])
+    ref = Bitmap.decode_reference(*sw.tensors, m=131, k=197, dtype=dtype)
+    assert torch.equal(ours.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(sw.to_dense().view(torch.uint8), ref.view(torch.uint8))  # to_dense uses it
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
+def test_empty_and_dense_tiles(isa):
+    m, k = 130, 200
+    w = torch.randn(m, k)
+    w[:64, 64:128] = 0  # empty tile
+    w[64:128, :] = 0  # empty tile row
+    w[:, 150] = 0
+    sw = fs.encode(w, "bitmap")
+    for n in (1, 7):
+        x = torch.randn(n, k)
+        assert rel_err(_op(x, sw, isa=isa), reference_linear(x, w)) < RTOL[torch.float32]
+    zero = fs.encode(torch.zeros(m, k), "bitmap")
+    b = torch.randn(m)
+    assert torch.equal(_op(torch.randn(3, k), zero, b, isa), b.expand(3, m))
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 6])
+def test_nan_and_inf_propagate_like_f_linear(isa, dtype, n):
+    w = random_weight(70, 130, 0.5, torch.float32, seed=3)
+    w[3, 5] = float("nan")
+    w[10, 7] = float("inf")
+    x = torch.randn(n, 130)
+    x[0, 7] = 0.0  # inf * 0 = nan in row 0, column 10
+    if n > 1:
+        x[1, 20] = float("nan")
+        x[n - 1, 100] = float("-inf")  # meets zero weights: NaN, as in F.linear
+    w, x = w.to(dtype), x.to(dtype)
+    y = _op(x, fs.encode(w, "bitmap"), isa=isa).float()
+    expected = F.linear(x.float(), w.float())
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert rel_err(y[finite], expected[finite]) < RTOL[dtype]
+
+
+@needs_ext
+def test_linear_dispatches_to_the_cpu_kernel(cpu_backend):
+    w = random_weight(70, 66, 0.7, torch.bfloat16, seed=1)
+    sw = fs.encode(w, "bitmap")
+    kernel = backends.select("bitmap", torch.empty(1, 66, dtype=torch.bfloat16))
+    assert kernel.backend == "cpu"
+    x = torch.randn(2, 3, 66, dtype=torch.bfloat16)  # 3-D x
+    b = torch.randn(70, dtype=torch.bfloat16)
+    y = fs.linear(x, sw, b)
+    assert y.shape == (2, 3, 70)
+    assert rel_err(y, reference_linear(x.reshape(6, 66), w, b).view(2, 3, 70)) < RTOL[torch.bfloat16]
+    assert fs.linear(torch.randn(0, 66, dtype=torch.bfloat16), sw).shape == (0, 70)
+    wide = torch.randn(4, 100, dtype=torch.bfloat16)[:, 10:76]  # strided rows
+    assert rel_err(fs.linear(wide, sw), reference_linear(wide, w)) < RTOL[torch.bfloat16]
+
+
+@needs_ext
+def test_auto_uses_the_cpu_kernel_and_chooses_bitmap(monkeypatch):
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "auto")
+    backends._selected.clear()
+    for dtype in DTYPES:
+        assert backends.select("bitmap", torch.empty(1, 8, dtype=dtype)).backend == "cpu"
+        w = random_weight(128, 128, 0.5, dtype, seed=2)
+        assert fs.encode(w).format == "bitmap"
+    backends._selected.clear()
+
+
+@needs_ext
+def test_isa_env_var(monkeypatch):
+    for name in ISAS:
+        monkeypatch.setenv("FLASHSPARSE_CPU_ISA", name)
+        assert cpu_kernels.isa() == cpu_kernels.ISAS[name]
+    monkeypatch.setenv("FLASHSPARSE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="FLASHSPARSE_CPU_ISA must be one of"):
+        cpu_kernels.isa()
+    missing = [name for name in cpu_kernels.ISAS if name not in ISAS]
+    if missing:
+        monkeypatch.setenv("FLASHSPARSE_CPU_ISA", missing[0])
+        with pytest.raises(ValueError, match="lacks"):
+            cpu_kernels.isa()
+
+
+@needs_ext
+def test_autograd_and_backward_decode(cpu_backend):
+    w = random_weight(70, 66, 0.6, torch.float32, seed=4)
+    sw = fs.encode(w, "bitmap")
+    x = torch.randn(5, 66, requires_grad=True)
+    b = torch.randn(70, requires_grad=True)
+    fs.linear(x, sw, b).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    br = b.detach().clone().requires_grad_()
+    F.linear(xr, w, br).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5) and torch.allclose(b.grad, br.grad, atol=1e-5)
+
+
+@needs_ext
+def test_bad_input_is_a_clear_error():
+    sw = fs.encode(random_weight(70, 66, 0.5, seed=1), "bitmap")
+    with pytest.raises(RuntimeError, match="x must have the weight's dtype"):
+        _op(torch.randn(2, 66, dtype=torch.float16), sw)
+    with pytest.raises(RuntimeError, match=r"x must be 2-D \[N, k=66\]"):
+        _op(torch.randn(2, 65), sw)
+    with pytest.raises(RuntimeError, match=r"isa must be"):
+        torch.ops.flashsparse._bitmap_spmm_cpu(torch.randn(2, 66), *sw.tensors, 70, 66, None, 7)
+
+
+@needs_ext
+def test_opcheck():
+    from torch.library import opcheck
+
+    sw = fs.encode(random_weight(70, 66, 0.5, torch.bfloat16, seed=1), "bitmap")
+    x = torch.randn(3, 66, dtype=torch.bfloat16)
+    b = torch.randn(70, dtype=torch.bfloat16)
+    isa = cpu_kernels.isa()
+    opcheck(torch.ops.flashsparse._bitmap_spmm_cpu.default, (x, *sw.tensors, 70, 66, b, isa))
+    opcheck(torch.ops.flashsparse._bitmap_decode_cpu.default, (*sw.tensors, 70, 66, isa))
+
+
+def test_no_compiler_warns_once_and_forced_backend_raises(monkeypatch):
+    """Without a compiler: auto runs the reference path after one clear warning; cpu raises."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("FLASHSPARSE_JIT", "1")  # ignore a prebuilt flashsparse._C_cpu
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "_load_error", None)
+    monkeypatch.setattr(backends, "_warned", set())
+    backends._selected.clear()
+    assert build.find_cxx() is None
+    reason = cpu_kernels.unavailable_reason()
+    assert reason and "no C++ compiler" in reason
+    w = random_weight(70, 66, 0.5, seed=1)
+    sw = fs.encode(w, "bitmap")
+    x = torch.randn(3, 66)
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "auto")
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler.*reference path") as record:
+        y = fs.linear(x, sw)
+        fs.linear(x, sw)
+    assert len([r for r in record if "compiler" in str(r.message)]) == 1
+    assert rel_err(y, reference_linear(x, w)) < RTOL[torch.float32]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sw.to_dense(), w)  # the torch decode, silently
+    monkeypatch.setenv("FLASHSPARSE_BACKEND", "cpu")
+    backends._selected.clear()
+    with pytest.raises(backends.BackendUnavailableError, match=r"FLASHSPARSE_BACKEND=cpu.*no C\+\+ compiler"):
+        fs.linear(x, sw)
+    backends._selected.clear()
