@@ -100,29 +100,33 @@ _BANKS = 32
 
 
 @functools.cache
-def _bank_permutation() -> torch.Tensor:
-    """In-tile positions (row-major, unswizzled) grouped by shared-memory bank: entry
-    ``b * 256 + 2 * r + h`` is column ``2p + h`` of row ``r``, where ``p`` is the 32-bit word of
-    row ``r`` that the swizzle puts in bank ``b``."""
-    r = torch.arange(TILE_M).view(1, TILE_M, 1)
-    b = torch.arange(_BANKS).view(_BANKS, 1, 1)
-    h = torch.arange(2).view(1, 1, 2)
+def _bank_words(device: torch.device) -> torch.Tensor:
+    """Word indices (``row * 32 + p``, ``p`` the 32-bit word of the 64-column row) in bank-major
+    order: entry ``b * 128 + r`` is the word of row ``r`` that the swizzle puts in bank ``b``."""
+    r = torch.arange(TILE_M, device=device).view(1, TILE_M)
+    b = torch.arange(_BANKS, device=device).view(_BANKS, 1)
     # bank(r, p) = ((p // 4) ^ (r % 8)) * 4 + p % 4, so p = ((b // 4) ^ (r % 8)) * 4 + b % 4
     p = (((b >> 2) ^ (r & 7)) << 2) | (b & 3)
-    return (r * TILE_K + 2 * p + h).reshape(-1)
+    return (r * _BANKS + p).reshape(-1)
 
 
-def _round_order(kc: torch.Tensor) -> torch.Tensor:
-    """Sequence of in-tile positions per tile (``[tiles, 8192]`` int16, -1 past the tile's
-    entries), built in rounds: round ``j`` holds the ``j``-th stored 32-bit word (one or both of
-    its entries) of every bank that has one, banks with more words first (ties: lower bank).
-    Vectorised: no loop over windows or rounds."""
+def _round_order(kc: torch.Tensor, tile_starts: torch.Tensor, first_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(storage index, flat weight index)`` of every stored entry of the tiles in ``kc``
+    (``[tiles, 8192]`` bool, tile ``first_tile`` first; ``tile_starts``: each tile's first word).
+
+    Step 1 of the module docstring builds each tile's sequence in rounds: round ``j`` holds the
+    ``j``-th stored 32-bit word (one or both of its entries) of every bank that has one, banks
+    with more words first (ties: lower bank). Step 2 deals the sequence out over the tile's
+    128-word groups. Vectorised: no loop over windows or rounds."""
     tc = kc.shape[0]
     dev = kc.device
-    perm = _bank_permutation().to(dev)
-    by_bank = kc.index_select(1, perm).view(tc, _BANKS, TILE_M, 2)  # [tile, bank, row, half]
-    size = by_bank.sum(3, dtype=torch.int32)  # entries of word (bank, row): 0, 1 or 2
-    present = size > 0
+    words = TILE_M * _BANKS
+    halves = kc.view(tc, words, 2)
+    first_half = halves[..., 0]
+    size = first_half.to(torch.int32) + halves[..., 1]  # entries of each 32-bit word: 0, 1, 2
+    bank_words = _bank_words(dev)
+    size_bm = size.index_select(1, bank_words).view(tc, _BANKS, TILE_M)  # [tile, bank, row]
+    present = size_bm > 0
     rank = torch.cumsum(present, 2, dtype=torch.int32) - 1  # the word's round
     count = present.sum(2, dtype=torch.int32)
     # A bank present in round j + 1 is then among the first banks of round j, so a window that
@@ -132,40 +136,43 @@ def _round_order(kc: torch.Tensor) -> torch.Tensor:
     slot = torch.empty_like(order).scatter_(1, order, banks.expand(tc, -1))  # bank -> place in a round
     cell = (torch.where(present, rank, TILE_M).long() * _BANKS + slot.unsqueeze(2)).view(tc, -1)
     grid = torch.zeros(tc, (TILE_M + 1) * _BANKS, dtype=torch.int32, device=dev)  # last round: absent
-    grid.scatter_(1, cell, size.view(tc, -1))
-    grid = grid[:, : TILE_M * _BANKS]
+    grid.scatter_(1, cell, size_bm.view(tc, -1))
+    grid = grid[:, :words]
     start = torch.cumsum(grid, 1, dtype=torch.int32) - grid  # each word's first sequence index
-    word_start = torch.gather(start, 1, cell.clamp(max=TILE_M * _BANKS - 1)).view(tc, _BANKS, TILE_M)
-    dest = torch.stack([word_start, word_start + by_bank[..., 0].to(torch.int32)], 3)
-    flat = by_bank.reshape(-1).nonzero().squeeze(1)  # stored entries, bank-major within a tile
-    target = ((flat >> 13) << 13) + dest.reshape(-1).index_select(0, flat).long()
-    seq = torch.full((tc, TILE_M * TILE_K), -1, dtype=torch.int16, device=dev)
-    seq.view(-1).index_copy_(0, target, perm.to(torch.int16).index_select(0, flat & (TILE_M * TILE_K - 1)))
-    return seq
+    start_bm = torch.gather(start, 1, cell.clamp(max=words - 1))
+    word_start = torch.empty_like(start_bm).index_copy_(1, bank_words, start_bm).view(-1)
+    flat = kc.view(-1).nonzero().squeeze(1)  # stored entries in natural order, tile by tile
+    f32 = flat.to(torch.int32)  # (int32 arithmetic: half the memory traffic of int64)
+    tile = f32 >> 13
+    word = f32 >> 1
+    # The high half of a word goes after its low half when that is stored too.
+    q = word_start.index_select(0, word) + (f32 & 1) * first_half.reshape(-1).index_select(0, word)
+    n = grid.sum(1, dtype=torch.int32).index_select(0, tile)  # the tile's entry count (multiple of 4)
+    # Entry q goes to word u // L of vector 32 g + u % L (g = q // 128, u = q % 128), L = 32 but
+    # in a tile's last group, which has L = (n - 128 g) / 4 < 32 vectors.
+    g = q & ~127
+    u = q & 127
+    dealt = g + ((u & 31) << 2) + (u >> 5)
+    last = ((n - g) < 128).nonzero().squeeze(1)
+    if last.numel():
+        lanes = (n.index_select(0, last) - g.index_select(0, last)) >> 2
+        ul = u.index_select(0, last)
+        dealt.index_copy_(0, last, g.index_select(0, last) + (ul % lanes) * 4 + ul // lanes)
+    storage = tile_starts.index_select(0, tile + first_tile) + dealt
+    return storage, flat + (first_tile << 13)
 
 
 def _conflict_free_order(keep: torch.Tensor) -> torch.Tensor:
     """Flat indices into the ``[tiles, 8192]`` padded weight of the stored entries, grouped by
     tile, in the bank-conflict-free word order described in the module docstring."""
     num_tiles = keep.shape[0]
-    device = keep.device
-    parts = []
-    for t0 in range(0, num_tiles, _ORDER_CHUNK):
-        seq = _round_order(keep[t0 : t0 + _ORDER_CHUNK]).view(-1)
-        flat = (seq >= 0).nonzero().squeeze(1)
-        parts.append((flat & ~(TILE_M * TILE_K - 1)) + t0 * (TILE_M * TILE_K) + seq.index_select(0, flat).long())
-    ordered = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-    # Deal each tile's sequence out over its 128-word groups (module docstring, step 2).
-    tiles_of = ordered >> 13
-    counts = torch.bincount(tiles_of, minlength=num_tiles)
+    counts = keep.sum(1)
     starts = torch.cumsum(counts, 0) - counts
-    first = starts.index_select(0, tiles_of)
-    q = torch.arange(ordered.numel(), device=device) - first
-    group = q >> 7
-    lanes = torch.clamp((counts.index_select(0, tiles_of) - (group << 7)) >> 2, max=32)
-    u = q & 127
-    dest = first + (group << 7) + (u % lanes) * 4 + u // lanes
-    return torch.empty_like(ordered).index_copy_(0, dest, ordered)
+    ordered = torch.empty(int(counts.sum()), dtype=torch.long, device=keep.device)
+    for t0 in range(0, num_tiles, _ORDER_CHUNK):
+        storage, source = _round_order(keep[t0 : t0 + _ORDER_CHUNK], starts, t0)
+        ordered.index_copy_(0, storage, source)
+    return ordered
 
 
 class TiledCSL(SparseWeight):
