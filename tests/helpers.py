@@ -47,3 +47,27 @@ def random_weight(
     else:
         raise ValueError(f"unknown mask kind {kind!r}")
     return (w * keep).to(dtype=dtype, device=device)
+
+
+def check_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """An emulated kernel's output: fp32 accumulation of exact 16-bit products, so every
+    output is within 1e-5 of its magnitude scale of the float64 reference."""
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        ref = ref + bias.double()
+        scale = scale + bias.double().abs()
+    assert torch.isfinite(y).all(), "NaN/Inf in the emulated output (a poisoned byte was selected)"
+    bad = (y.double() - ref).abs() > 1e-5 * scale + 1e-30
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} outputs wrong, first at {bad.nonzero()[0].tolist()}"
+    )
+
+
+def linear_problem(m: int, k: int, n: int, sparsity: float, kind: str, dtype: torch.dtype, seed: int):
+    """``(w, x, bias)`` for one kernel test: a pruned weight of ``kind`` and random x and bias."""
+    w = random_weight(m, k, sparsity, dtype, kind, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(m, generator=g).to(dtype)
+    return w, x, bias

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RTOL, reference_linear, rel_err
-from helpers import random_weight
+from helpers import check_exact, linear_problem
 
 from flashsparse.formats import Bitmap
 from flashsparse.kernels import cuda as _cuda
@@ -82,27 +82,6 @@ def _emulate(exe: Path, tmp_path: Path, w, x, bias=None, **launch) -> torch.Tens
     return y.view(x.shape[0], w.shape[0])
 
 
-def _check_exact(y: torch.Tensor, x, w, bias=None) -> None:
-    """fp32 accumulation of exact 16-bit products: every output within 1e-5 of its scale."""
-    ref = reference_linear(x, w, bias)
-    scale = x.double().abs() @ w.double().abs().T
-    if bias is not None:
-        scale = scale + bias.double().abs()
-    assert torch.isfinite(y).all(), "NaN/Inf in the emulated output (a poisoned byte was selected)"
-    bad = (y.double() - ref).abs() > 1e-5 * scale + 1e-30
-    assert not bad.any(), (
-        f"{int(bad.sum())} of {bad.numel()} outputs wrong, first at {bad.nonzero()[0].tolist()}"
-    )
-
-
-def _problem(m, k, n, sparsity, kind, dtype, seed):
-    w = random_weight(m, k, sparsity, dtype, kind, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(n, k, generator=g).to(dtype)
-    bias = torch.randn(m, generator=g).to(dtype)
-    return w, x, bias
-
-
 # (m, k, n, sparsity, kind, tile_n (0: by N), split_k, misaligned x, bias)
 _EMULATED = [
     (130, 200, 1, 0.5, "dense_tiles", 0, 1, False, True),  # N=1, a 100 %-dense tile
@@ -127,10 +106,10 @@ _EMULATED = [
 def test_emulated_kernel_matches_float64(
     emulator, tmp_path, m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype
 ):
-    w, x, bias = _problem(m, k, n, sparsity, kind, dtype, seed=m + 3 * k + n)
+    w, x, bias = linear_problem(m, k, n, sparsity, kind, dtype, seed=m + 3 * k + n)
     bias = bias if with_bias else None
     y = _emulate(emulator, tmp_path, w, x, bias, tile_n=tile_n, split_k=split_k, misaligned_x=misaligned)
-    _check_exact(y, x, w, bias)
+    check_exact(y, x, w, bias)
 
 
 def test_emulated_kernel_every_nibble_and_row_density(emulator, tmp_path):
@@ -147,7 +126,7 @@ def test_emulated_kernel_every_nibble_and_row_density(emulator, tmp_path):
     for dtype in HALF:
         w = (torch.randn(m, k, generator=g) * keep).to(dtype)
         x = torch.randn(9, k, generator=g).to(dtype)
-        _check_exact(_emulate(emulator, tmp_path, w, x, split_k=2), x, w)
+        check_exact(_emulate(emulator, tmp_path, w, x, split_k=2), x, w)
 
 
 def test_emulated_kernel_random_shapes(emulator, tmp_path):
@@ -156,15 +135,15 @@ def test_emulated_kernel_random_shapes(emulator, tmp_path):
     for case in range(10):
         m, k, n = rng.randint(1, 200), rng.randint(1, 300), rng.choice([1, 2, 5, 8, 13, 16, 31, 64, 300])
         dtype = HALF[case % 2]
-        w, x, bias = _problem(m, k, n, rng.random(), rng.choice(kinds), dtype, seed=case)
+        w, x, bias = linear_problem(m, k, n, rng.random(), rng.choice(kinds), dtype, seed=case)
         y = _emulate(emulator, tmp_path, w, x, bias if case % 3 else None,
                      split_k=rng.randint(1, 6), misaligned_x=bool(case % 4 == 1))
-        _check_exact(y, x, w, bias if case % 3 else None)
+        check_exact(y, x, w, bias if case % 3 else None)
 
 
 def test_emulator_catches_a_wrong_value_count(emulator, tmp_path):
     """A truncated values array (offsets promise more) must fail, not read past the end."""
-    w, x, _ = _problem(70, 130, 3, 0.5, "uniform", torch.float16, seed=3)
+    w, x, _ = linear_problem(70, 130, 3, 0.5, "uniform", torch.float16, seed=3)
     t = Bitmap.encode(w).tensors
     path = tmp_path / "bad.bin"
     _write_problem(path, t[0], t[1][:-8], t[2], x, None, 70, 130)
@@ -230,7 +209,7 @@ def test_bitmap_kernel_is_registered_for_cuda():
 
 # --- GPU ------------------------------------------------------------------------------------------
 def _gpu_case(m, k, n, sparsity, kind, dtype, seed=0):
-    w, x, bias = _problem(m, k, n, sparsity, kind, dtype, seed)
+    w, x, bias = linear_problem(m, k, n, sparsity, kind, dtype, seed)
     return w.cuda(), x.cuda(), bias.cuda()
 
 

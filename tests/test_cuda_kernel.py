@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import RTOL, reference_linear, rel_err
-from helpers import random_weight
+from helpers import check_exact, linear_problem, random_weight
 
 import flashsparse as fs
 from flashsparse import backends
@@ -149,27 +149,6 @@ def _emulate(exe: Path, tmp_path: Path, w, x, bias=None, **launch) -> torch.Tens
     return y.view(x.shape[0], w.shape[0])
 
 
-def _check_exact(y: torch.Tensor, x, w, bias=None) -> None:
-    """fp32 accumulation of 16-bit products: every element within 1e-5 of its magnitude scale."""
-    ref = reference_linear(x, w, bias)
-    scale = x.double().abs() @ w.double().abs().T
-    if bias is not None:
-        scale = scale + bias.double().abs()
-    assert torch.isfinite(y).all()
-    bad = (y.double() - ref).abs() > 1e-5 * scale + 1e-30
-    assert not bad.any(), (
-        f"{int(bad.sum())} of {bad.numel()} outputs wrong, first at {bad.nonzero()[0].tolist()}"
-    )
-
-
-def _problem(m, k, n, sparsity, kind, dtype, seed):
-    w = random_weight(m, k, sparsity, dtype, kind, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(n, k, generator=g).to(dtype)
-    bias = torch.randn(m, generator=g).to(dtype)
-    return w, x, bias
-
-
 # (m, k, n, sparsity, mask kind, tile_n (0: by N), split_k, misaligned x rows, bias)
 _EMULATED = [
     (130, 200, 1, 0.5, "dense_tiles", 0, 1, False, True),  # N=1, 100 %-dense tile, half-empty block
@@ -198,12 +177,12 @@ _EMULATED = [
 def test_emulated_kernel_matches_float64(
     emulator, tmp_path, m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype
 ):
-    w, x, bias = _problem(m, k, n, sparsity, kind, dtype, seed=m + k + n)
+    w, x, bias = linear_problem(m, k, n, sparsity, kind, dtype, seed=m + k + n)
     bias = bias if with_bias else None
     y = _emulate(
         emulator, tmp_path, w, x, bias, tile_n=tile_n, split_k=split_k, misaligned_x=misaligned
     )
-    _check_exact(y, x, w, bias)
+    check_exact(y, x, w, bias)
 
 
 def test_emulated_kernel_every_tile_density(emulator, tmp_path):
@@ -219,14 +198,14 @@ def test_emulated_kernel_every_tile_density(emulator, tmp_path):
     w = w.to(torch.bfloat16)
     x = torch.randn(9, k, generator=g).to(torch.bfloat16)
     for tile_n, split_k in ((16, 1), (64, 2)):
-        _check_exact(_emulate(emulator, tmp_path, w, x, tile_n=tile_n, split_k=split_k), x, w)
+        check_exact(_emulate(emulator, tmp_path, w, x, tile_n=tile_n, split_k=split_k), x, w)
 
 
 def test_emulated_kernel_random_shapes(emulator, tmp_path):
     rng = random.Random(1234)
     for case in range(6):
         m, k, n = rng.randint(1, 300), rng.randint(1, 260), rng.randint(1, 140)
-        w, x, bias = _problem(
+        w, x, bias = linear_problem(
             m,
             k,
             n,
@@ -245,7 +224,7 @@ def test_emulated_kernel_random_shapes(emulator, tmp_path):
             split_k=rng.randint(1, 5),
             misaligned_x=rng.random() < 0.5,
         )
-        _check_exact(y, x, w, bias)
+        check_exact(y, x, w, bias)
 
 
 def test_emulator_bounds_checks_are_live(emulator, tmp_path):
@@ -253,7 +232,7 @@ def test_emulator_bounds_checks_are_live(emulator, tmp_path):
     clamps every tile range to the words it is given (no read past them), and the emulator's
     checks would report a read past them (checked by truncating the words' vector count in
     the file header only, so the clamp sees the full count)."""
-    w, x, _ = _problem(130, 70, 3, 0.5, "uniform", torch.float16, seed=3)
+    w, x, _ = linear_problem(130, 70, 3, 0.5, "uniform", torch.float16, seed=3)
     words, offsets = TiledCSL.encode(w).tensors
     path = tmp_path / "short.bin"
     _write_problem(path, words[:-4], offsets, x, None, 130, 70)
@@ -268,7 +247,7 @@ def test_emulator_bounds_checks_are_live(emulator, tmp_path):
 
 def test_emulator_clamps_malformed_tile_offsets(emulator, tmp_path):
     """Offsets past the words, negative, decreasing or huge read nothing outside the words."""
-    w, x, _ = _problem(300, 200, 5, 0.6, "uniform", torch.bfloat16, seed=4)
+    w, x, _ = linear_problem(300, 200, 5, 0.6, "uniform", torch.bfloat16, seed=4)
     words, offsets = TiledCSL.encode(w).tensors
     for case, bad in enumerate(
         [
@@ -331,7 +310,7 @@ def test_emulated_kernel_fuzz(emulator, tmp_path):
         }
         cases.append((w, x, bias, launch))
     for (w, x, bias, _), (y, _) in zip(cases, _emulate_many(emulator, tmp_path, cases), strict=True):
-        _check_exact(y, x, w, bias)
+        check_exact(y, x, w, bias)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
@@ -339,7 +318,7 @@ def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, 
     """Shared-memory wavefronts per warp-wide 16-bit scatter store, as the emulator counts them
     for the encoder's word order, against the same words in row-major order (the old layout,
     which the kernel still reads correctly)."""
-    w, x, _ = _problem(512, 256, 8, sparsity, "uniform", torch.float16, seed=11)
+    w, x, _ = linear_problem(512, 256, 8, sparsity, "uniform", torch.float16, seed=11)
     sw = TiledCSL.encode(w)
     words, offsets = sw.tensors
     # row-major order within each tile: sort each tile's words by unswizzled location
@@ -357,7 +336,7 @@ def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, 
         proc = subprocess.run([str(emulator), str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         y = torch.frombuffer(bytearray(Path(f"{path}.out").read_bytes()), dtype=torch.float32)
-        _check_exact(y.view(8, 512), x, w)
+        check_exact(y.view(8, 512), x, w)
         fields = Path(f"{path}.stats").read_text().split()
         results.append(int(fields[3]) / int(fields[1]))
     ordered, natural_order = results
@@ -605,7 +584,7 @@ gpu = pytest.mark.gpu
 _N_VALUES = (1, 7, 8, 16, 33, 64, 128, 300)
 
 
-def _gpu_problem(m, k, n, sparsity, kind, dtype, seed=0, bias=True):
+def _gpulinear_problem(m, k, n, sparsity, kind, dtype, seed=0, bias=True):
     w = random_weight(m, k, sparsity, dtype, kind, seed=seed, device="cuda")
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, k, generator=g).to(device="cuda", dtype=dtype)
@@ -636,7 +615,7 @@ def test_gpu_backend_is_available_and_self_checked():
 @pytest.mark.parametrize("kind", ["dense_tiles", "empty_tiles", "dense_column"])
 def test_gpu_flashsparse_linear_matches_float64(backend, kind, m, k, n, dtype):
     backend("cuda")
-    w, x, b = _gpu_problem(m, k, n, 0.7, kind, dtype, seed=n)
+    w, x, b = _gpulinear_problem(m, k, n, 0.7, kind, dtype, seed=n)
     _assert_close(fs.linear(x, fs.encode(w, "tiled_csl"), b), x, w, b)
 
 
@@ -646,7 +625,7 @@ def test_gpu_flashsparse_linear_matches_float64(backend, kind, m, k, n, dtype):
 @pytest.mark.parametrize("split_k", [1, 2, 3, 7, 1000])
 def test_gpu_forced_tile_and_split_are_correct_and_deterministic(tile_n, split_k, dtype):
     m, k, n = 333, 1000, 45
-    w, x, b = _gpu_problem(m, k, n, 0.8, "row_skewed", dtype, seed=tile_n + split_k)
+    w, x, b = _gpulinear_problem(m, k, n, 0.8, "row_skewed", dtype, seed=tile_n + split_k)
     words, offsets = fs.encode(w, "tiled_csl").tensors
     op = torch.ops.flashsparse._tiled_csl_spmm_cuda
     y = op(x, words, offsets, m, k, b, split_k, tile_n)
@@ -681,7 +660,7 @@ def test_gpu_every_tile_density(dtype):
 @gpu
 def test_gpu_unaligned_x_pointer():
     m, k, n = 200, 96, 5  # k % 8 == 0, but x starts 2 bytes into its storage
-    w, _, b = _gpu_problem(m, k, n, 0.5, "dense_tiles", torch.float16)
+    w, _, b = _gpulinear_problem(m, k, n, 0.5, "dense_tiles", torch.float16)
     x = torch.randn(n * k + 1, device="cuda", dtype=torch.float16)[1:].view(n, k)
     assert x.data_ptr() % 16 != 0
     words, offsets = fs.encode(w, "tiled_csl").tensors
@@ -695,7 +674,7 @@ def test_gpu_unaligned_x_pointer():
 def test_gpu_llama_shape_uses_split_k(backend, n, dtype):
     backend("cuda")
     m = k = 4096
-    w, x, b = _gpu_problem(m, k, n, 0.7, "row_skewed", dtype)
+    w, x, b = _gpulinear_problem(m, k, n, 0.7, "row_skewed", dtype)
     sw = fs.encode(w, "tiled_csl")
     split, tile_n = _cuda._plan(
         torch.cuda.current_device(), dtype == torch.bfloat16, n, m, k, sw.tensors[0].numel()
@@ -707,7 +686,7 @@ def test_gpu_llama_shape_uses_split_k(backend, n, dtype):
 @gpu
 def test_gpu_nan_and_inf_propagate_like_f_linear(backend):
     backend("cuda")
-    w, x, _ = _gpu_problem(150, 100, 6, 0.5, "uniform", torch.float16, bias=False)
+    w, x, _ = _gpulinear_problem(150, 100, 6, 0.5, "uniform", torch.float16, bias=False)
     w[3, 10] = float("nan")
     x[2, 50] = float("inf")
     y = fs.linear(x, fs.encode(w, "tiled_csl"))
@@ -719,7 +698,7 @@ def test_gpu_nan_and_inf_propagate_like_f_linear(backend):
 @gpu
 def test_gpu_three_d_and_strided_x(backend):
     backend("cuda")
-    w, _, b = _gpu_problem(130, 72, 1, 0.6, "dense_rows", torch.bfloat16)
+    w, _, b = _gpulinear_problem(130, 72, 1, 0.6, "dense_rows", torch.bfloat16)
     x = torch.randn(2, 5, 144, device="cuda", dtype=torch.bfloat16)[..., ::2]
     y = fs.linear(x, fs.encode(w, "tiled_csl"), b)
     assert y.shape == (2, 5, 130)
@@ -728,7 +707,7 @@ def test_gpu_three_d_and_strided_x(backend):
 
 @gpu
 def test_gpu_opcheck():
-    w, x, b = _gpu_problem(130, 200, 3, 0.6, "dense_tiles", torch.float16)
+    w, x, b = _gpulinear_problem(130, 200, 3, 0.6, "dense_tiles", torch.float16)
     words, offsets = fs.encode(w, "tiled_csl").tensors
     torch.library.opcheck(
         torch.ops.flashsparse._tiled_csl_spmm_cuda.default, (x, words, offsets, 130, 200, b, 2, 0)
@@ -739,7 +718,7 @@ def test_gpu_opcheck():
 def test_gpu_cuda_graph_capture_with_split_k(backend):
     backend("cuda")
     m, k, n = 1024, 4096, 1
-    w, x, b = _gpu_problem(m, k, n, 0.8, "uniform", torch.float16)
+    w, x, b = _gpulinear_problem(m, k, n, 0.8, "uniform", torch.float16)
     sw = fs.encode(w, "tiled_csl")
     assert _cuda._plan(torch.cuda.current_device(), False, n, m, k, sw.tensors[0].numel())[0] > 1
     static_x = x.clone()
@@ -781,7 +760,7 @@ def test_gpu_torch_compile_fullgraph(backend):
 @gpu
 def test_gpu_raw_op_validates_every_tensor():
     m, k, n = 200, 130, 3
-    w, x, b = _gpu_problem(m, k, n, 0.6, "uniform", torch.float16)
+    w, x, b = _gpulinear_problem(m, k, n, 0.6, "uniform", torch.float16)
     words, offsets = fs.encode(w, "tiled_csl").tensors
     op = torch.ops.flashsparse._tiled_csl_spmm_cuda
     words64 = fs.encode(w.float(), "tiled_csl").tensors[0]
@@ -814,7 +793,7 @@ def test_gpu_raw_op_validates_every_tensor():
 def test_gpu_split_k_workspace_is_cached_and_left_zeroed(backend):
     backend("cuda")
     m, k, n = 4096, 4096, 8
-    w, x, b = _gpu_problem(m, k, n, 0.7, "uniform", torch.float16)
+    w, x, b = _gpulinear_problem(m, k, n, 0.7, "uniform", torch.float16)
     sw = fs.encode(w, "tiled_csl")
     ys = [fs.linear(x, sw, b) for _ in range(3)]
     torch.cuda.synchronize()
@@ -858,7 +837,7 @@ def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend)
     backend("cuda")
     assert _cuda._available() is None
     m, k = 1536, 3072
-    w, x, b = _gpu_problem(m, k, 2, 0.8, "uniform", torch.bfloat16)
+    w, x, b = _gpulinear_problem(m, k, 2, 0.8, "uniform", torch.bfloat16)
     sw = fs.encode(w, "tiled_csl")
     graphs, outs = [], []
     for _ in range(2):  # two graphs sharing the capture stream's workspace

@@ -24,6 +24,7 @@
 
 #include "bitmap_api.cuh"
 #include "bitmap_layout.cuh"
+#include "ptx.cuh"
 
 namespace flashsparse {
 namespace bmp {
@@ -42,70 +43,19 @@ struct Params {
     int value_chunks;  // 16-byte chunks in `values`: malformed offsets are clamped to it
 };
 
-template <bool kBF16>
-struct Elem;
-template <>
-struct Elem<false> {
-    static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-    static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-template <>
-struct Elem<true> {
-    static __device__ __forceinline__ float to_float(uint16_t b) {
-        return __bfloat162float(__ushort_as_bfloat16(b));
-    }
-    static __device__ __forceinline__ uint16_t from_float(float f) {
-        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-    }
-};
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-// src-size 0 when !valid: nothing is read and the 16 bytes are zero-filled.
-__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-template <bool kBF16>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (kBF16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-}
+using ptx::cp_async_16;
+using ptx::cp_async_16_zfill;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::Elem;
+using ptx::mma_16816;
+using ptx::pin;
+using ptx::smem_addr;
 
 // Per-thread copy state of a CTA, set up once; loading the stage of the CTA's k tile s only
 // adds constant strides (pointers advance 512 mask bytes and 64 x columns per k tile), and the
 // end offset of tile s is carried over as the start of tile s + 1 (one offsets load per tile).
 // kXAligned: x rows 16-byte aligned and k % 8 == 0 (cp.async x); else 16-bit loads.
-// Keeps a value in a register: ptxas would otherwise recompute loop-invariant addresses from
-// the kernel parameters in every main-loop iteration.
-template <class T>
-__device__ __forceinline__ void pin(T*& ptr) {
-    asm volatile("" : "+l"(ptr));
-}
-__device__ __forceinline__ void pin(uint32_t& v) { asm volatile("" : "+r"(v)); }
-
 template <int TN, bool kXAligned>
 struct StageLoader {
     static constexpr int kXChunks = TN * 8;
@@ -311,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     const int num = rest < p.tiles_per_split ? rest : p.tiles_per_split;  // >= 1 (effective split)
 
     if (tid < 16) table[tid] = nibble_entry(static_cast<uint32_t>(tid));
-    uint32_t smem_base = smem_u32(smem);
+    uint32_t smem_base = smem_addr(smem);
     pin(smem_base);
     StageLoader<TN, kXAligned> loader;
     loader.init(p, mt, kt0, n0, tid);

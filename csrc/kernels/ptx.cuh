@@ -1,6 +1,9 @@
-// Thin wrappers over the sm_80 PTX instructions the Tiled-CSL kernel uses.
+// Thin wrappers over the sm_80 PTX instructions the CUDA kernels use, and the 16-bit element
+// conversions they share.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -22,6 +25,10 @@ __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src,
                  : "memory");
 }
 
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -29,6 +36,20 @@ __device__ __forceinline__ void cp_async_commit() {
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
+
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps a value in a register: ptxas would otherwise recompute loop-invariant addresses from
+// the kernel parameters in every main-loop iteration.
+template <class T>
+__device__ __forceinline__ void pin(T*& ptr) {
+    asm volatile("" : "+l"(ptr));
+}
+__device__ __forceinline__ void pin(uint32_t& v) { asm volatile("" : "+r"(v)); }
 
 // Streaming 128-bit load of compressed weight words: read once per kernel, so keep them out of
 // L1 and ask L2 for 256-byte prefetches (a tile's words are contiguous).
@@ -75,6 +96,35 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
 }
+
+template <bool kBF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+    const uint32_t b[2] = {b0, b1};
+    mma_16816<kBF16>(d, a, b);
+}
+
+// fp16 (kBF16 = false) or bf16 bits <-> float.
+template <bool kBF16>
+struct Elem;
+template <>
+struct Elem<false> {
+    static __device__ __forceinline__ float to_float(uint16_t b) {
+        return __half2float(__ushort_as_half(b));
+    }
+    static __device__ __forceinline__ uint16_t from_float(float f) {
+        return __half_as_ushort(__float2half_rn(f));
+    }
+};
+template <>
+struct Elem<true> {
+    static __device__ __forceinline__ float to_float(uint16_t b) {
+        return __bfloat162float(__ushort_as_bfloat16(b));
+    }
+    static __device__ __forceinline__ uint16_t from_float(float f) {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+    }
+};
 
 }  // namespace ptx
 }  // namespace flashsparse

@@ -51,27 +51,7 @@ struct KernelParams {
     int x_aligned;  // x rows 16-byte aligned and k % 8 == 0: cp.async fast path
 };
 
-template <bool kBF16>
-struct Elem;
-template <>
-struct Elem<false> {
-    static __device__ __forceinline__ float to_float(uint16_t b) {
-        return __half2float(__ushort_as_half(b));
-    }
-    static __device__ __forceinline__ uint16_t from_float(float f) {
-        return __half_as_ushort(__float2half_rn(f));
-    }
-};
-template <>
-struct Elem<true> {
-    static __device__ __forceinline__ float to_float(uint16_t b) {
-        return __bfloat162float(__ushort_as_bfloat16(b));
-    }
-    static __device__ __forceinline__ uint16_t from_float(float f) {
-        return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-    }
-};
-
+using ptx::Elem;
 
 // This thread's share of one storage tile: its first vector and how many vectors of the tile
 // lie at or after it (slot i is valid while i * kThreadsPerTile < rem).
