@@ -221,8 +221,8 @@ def test_no_compiler_warns_once_and_forced_backend_raises(monkeypatch):
     """Without a compiler: auto runs the reference path after one clear warning; cpu raises."""
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("FLASHSPARSE_JIT", "1")  # ignore a prebuilt flashsparse._C_cpu
-    monkeypatch.setattr(cpu_kernels, "_loaded", False)
-    monkeypatch.setattr(cpu_kernels, "_load_error", None)
+    monkeypatch.setattr(cpu_kernels._state, "loaded", False)
+    monkeypatch.setattr(cpu_kernels._state, "error", None)
     monkeypatch.setattr(backends, "_warned", set())
     backends._selected.clear()
     assert build.find_cxx() is None

@@ -27,7 +27,8 @@ import importlib.util
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,3 +216,38 @@ class Extension:
             is_python_module=False,
             **kwargs,
         )
+
+
+class LoadOnce:
+    """Load (or JIT-build) an extension and self-check its kernel once per process. The outcome,
+    ``None`` or why the backend cannot run, is kept: a failed build is reported on every later
+    call, never retried (``flashsparse.backends`` warns once under ``auto``, raises when forced)."""
+
+    def __init__(self, extension: str, kernel: str, load: Callable[[], None],
+                 self_check: Callable[[], str | None]) -> None:
+        self.extension, self.kernel = extension, kernel
+        self._load, self._self_check = load, self_check
+        self.loaded = False
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        if self.loaded or self.error is not None:
+            return self.error
+        with self._lock:
+            if self.loaded or self.error is not None:
+                return self.error
+            try:
+                self._load()
+            except Exception as exc:  # a build error must not take the process down under auto
+                self.error = (
+                    f"building or loading the {self.extension} failed ({type(exc).__name__}): "
+                    f"{tail(str(exc))}"
+                )
+                return self.error
+            try:
+                self.error = self._self_check()
+            except Exception as exc:
+                self.error = f"the {self.kernel} failed to run its self-check ({type(exc).__name__}: {exc})"
+            self.loaded = self.error is None
+        return self.error

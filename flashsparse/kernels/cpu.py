@@ -21,7 +21,6 @@ follow ``torch.get_num_threads()``.
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
@@ -38,17 +37,14 @@ EXTENSION = build.Extension(
     device="cpu", kernel_dir="cpu", kernel_suffix=".cpp", prebuilt="flashsparse._C_cpu"
 )
 
-_lock = threading.Lock()
-_loaded = False
-_load_error: str | None = None
 _isa_by_env: dict[str, int] = {}
 
 
 def unavailable_reason() -> str | None:
     """Why the CPU kernels cannot run in this process (None: they can). Builds nothing."""
-    if _load_error is not None:
-        return _load_error
-    if _loaded or EXTENSION.prebuilt_available():
+    if _state.error is not None:
+        return _state.error
+    if _state.loaded or EXTENSION.prebuilt_available():
         return None
     missing = EXTENSION.missing_sources()
     if missing:
@@ -126,30 +122,20 @@ def _register_fake() -> None:
         return values.new_empty((m, k))
 
 
+def _load() -> None:
+    EXTENSION.load()
+    _register_fake()
+
+
 def _available() -> str | None:
     """Load or JIT-build the extension and self-check it, once per process."""
-    global _loaded, _load_error
     reason = unavailable_reason()
-    if reason or _loaded:
+    if reason or _state.loaded:
         return reason
-    with _lock:
-        if _loaded or _load_error is not None:
-            return _load_error
-        try:
-            EXTENSION.load()
-            _register_fake()
-        except Exception as exc:  # a build error must not take the process down under auto
-            _load_error = (
-                f"building or loading the flashsparse CPU extension failed ({type(exc).__name__}): "
-                f"{build.tail(str(exc))}"
-            )
-            return _load_error
-        try:
-            _load_error = _self_check()
-        except Exception as exc:
-            _load_error = f"the CPU bitmap kernel failed to run its self-check ({type(exc).__name__}: {exc})"
-        _loaded = _load_error is None
-    return _load_error
+    return _state()
+
+
+_state = build.LoadOnce("flashsparse CPU extension", "CPU bitmap kernel", _load, _self_check)
 
 
 def _supports(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -83,9 +83,7 @@ CTAS_PER_SM = 2
 MIN_CTAS_PER_SM = 2  # the plan splits K until every SM has at least this many blocks
 
 
-_lock = threading.Lock()
-_loaded = False
-_load_error: str | None = None  # build failure or failed self-check, cached for the process
+_bitmap_lock = threading.Lock()
 
 
 # --- launch plan (pure functions) --------------------------------------------------------------
@@ -356,11 +354,14 @@ def _run_self_check() -> str | None:
     return None
 
 
+_state = build.LoadOnce("flashsparse CUDA extension", "CUDA Tiled-CSL kernel", _load, _run_self_check)
+
+
 # --- provider interface ------------------------------------------------------------------------
 def unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run in this process (None: it can). Builds nothing."""
-    if _load_error is not None:
-        return _load_error
+    if _state.error is not None:
+        return _state.error
     if torch.version.cuda is None:
         return (
             "torch is a CPU-only build (torch.version.cuda is None); install a CUDA build of torch"
@@ -373,7 +374,7 @@ def unavailable_reason() -> str | None:
             f"the CUDA Tiled-CSL kernel needs compute capability 8.0 or newer (sm_80); "
             f"{torch.cuda.get_device_name()} is sm_{capability[0]}{capability[1]}"
         )
-    if _loaded or EXTENSION.prebuilt_available():
+    if _state.loaded or EXTENSION.prebuilt_available():
         return None
     missing = EXTENSION.missing_sources()
     if missing:
@@ -393,9 +394,8 @@ def unavailable_reason() -> str | None:
 
 def _available() -> str | None:
     """Load or JIT-build the extension and self-check it, once per process."""
-    global _loaded, _load_error
     reason = unavailable_reason()
-    if reason or _loaded:
+    if reason or _state.loaded:
         return reason
     if torch.cuda.is_current_stream_capturing():
         # Building, self-checking (device syncs) and allocating would invalidate the capture.
@@ -404,24 +404,7 @@ def _available() -> str | None:
             "CUDA-graph capture; it must build/load the extension and self-check it first, "
             "which cannot be captured. Run the model once before capturing (a warm-up call)."
         )
-    with _lock:
-        if _loaded or _load_error is not None:
-            return _load_error
-        try:
-            _load()
-        except Exception as exc:  # a build error must not take the process down under auto
-            _load_error = (
-                "building or loading the flashsparse CUDA extension failed "
-                f"({type(exc).__name__}): {build.tail(str(exc))}"
-            )
-            return _load_error
-        try:
-            _load_error = _run_self_check()
-        except Exception as exc:
-            _load_error = f"the CUDA Tiled-CSL kernel failed to run its self-check ({type(exc).__name__}: {exc})"
-        # flashsparse.backends warns once (auto) or raises (cuda) with this reason.
-        _loaded = _load_error is None
-    return _load_error
+    return _state()
 
 
 def _supports(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -652,7 +635,7 @@ def _bitmap_available() -> str | None:
     if reason:
         return reason
     if _bitmap_checked is False:
-        with _lock:
+        with _bitmap_lock:
             if _bitmap_checked is False:
                 try:
                     _bitmap_checked = _bitmap_self_check()
