@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 5 if args.quick else args.rounds
     meta = dict(device=cpu_name(), threads=args.threads, isa=isa, torch=torch.__version__,
                 date=datetime.date.today().isoformat(),
-                note="shared machine: other processes load the same cores; ratios are medians of "
-                     "interleaved rounds in one process")
+                note=f"load average {os.getloadavg()[0]:.2f} at the start (other processes on the "
+                     "same cores show here); ratios are medians of interleaved rounds in one process")
     print(f"{meta['device']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}")
     result = dict(meta=meta, linear=linear_rows(shapes, SPARSITIES, cases, rounds))
     if not args.no_decode:
