@@ -61,6 +61,9 @@ class Kernel:
 
 
 _KERNELS: dict[tuple[str, str], Kernel] = {}
+# Grouped kernels (all experts' products in one launch) by (format, backend):
+# ``fn(x2d, counts: list[int], weights: list[tuple of components], m, k, bias [E, m] | None)``.
+_GROUPED: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
 # select() results by (format, FLASHSPARSE_BACKEND value, device type, dtype): the decision
 # is made once, so the per-call cost is one environment read and one dict lookup.
 _selected: dict[tuple, Kernel] = {}
@@ -80,6 +83,27 @@ def register_kernel(
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _KERNELS[(format, backend)] = Kernel(backend, fn, supports, available)
     _selected.clear()
+
+
+def register_grouped_kernel(format: str, backend: str, fn: Callable[..., torch.Tensor]) -> None:
+    """A kernel that runs E weights of one format and shape in one launch (MoE experts); the
+    backend's plain kernel for ``format`` must be registered too (it decides availability)."""
+    _GROUPED[(format, backend)] = fn
+
+
+def select_grouped(format: str, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The grouped kernel for ``format`` and input ``x`` under the current ``FLASHSPARSE_BACKEND``,
+    or None (then the caller runs the groups one by one through :func:`select`). The selected
+    backend's own grouped kernel if it has one; under ``auto`` on a GPU, also any available
+    backend's (one launch beats one launch per expert at decode-time token counts)."""
+    kernel = select(format, x)
+    fn = _GROUPED.get((format, kernel.backend))
+    if fn is not None or requested_backend() != "auto" or x.device.type != "cuda":
+        return fn
+    for backend in _AUTO_ORDER.get(x.device.type, ()):
+        if (format, backend) in _GROUPED and _resolve(format, backend, x.device, x.dtype)[0] is not None:
+            return _GROUPED[(format, backend)]
+    return None
 
 
 def _load_provider(backend: str) -> str | None:

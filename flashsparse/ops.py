@@ -172,9 +172,10 @@ def grouped_linear(
     many; ``tensors``: the E weights' component tensors, weight by weight (``E * C`` tensors
     for a format of C components); ``bias``: ``[E, m]`` or None. Returns ``[S, m]``.
 
-    This reference implementation reads the counts once (one device sync) and runs each
-    non-empty group through the format's kernel selection, one launch per group; a backend
-    with a grouped kernel does all (group, row-block) work items in one launch.
+    The counts are read once (one device sync). A backend with a grouped kernel
+    (:func:`flashsparse.backends.select_grouped`: Triton for bitmap, on GPUs and under the
+    interpreter) does every (group, row block) work item in one launch; otherwise each
+    non-empty group runs through the format's kernel selection, one launch per group.
     """
     from .formats import FORMATS
 
@@ -185,9 +186,20 @@ def grouped_linear(
             f"tensors must hold {n_comp} {format} components for each of the {n_groups} groups, "
             f"got {len(tensors)} tensors"
         )
+    counts_list = counts.tolist()  # one device sync
+    if any(c < 0 for c in counts_list):
+        raise ValueError(f"counts must be >= 0, got {counts_list}")
+    if sum(counts_list) != x.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts_list)} but x has {x.shape[0]} rows")
+    grouped = backends.select_grouped(format, x) if x.shape[0] else None
+    if grouped is not None:  # every (group, row block) work item in one launch
+        if x.shape[-1] != k:
+            raise ValueError(f"x must have {k} features in its last dim, got shape {tuple(x.shape)}")
+        weights = [tuple(tensors[g * n_comp:(g + 1) * n_comp]) for g in range(n_groups)]
+        return grouped(x.contiguous(), counts_list, weights, m, k, bias)
     out = x.new_empty((x.shape[0], m))
     start = 0
-    for g, n in enumerate(counts.tolist()):
+    for g, n in enumerate(counts_list):
         if n == 0:
             continue
         out[start:start + n] = _run(
@@ -195,8 +207,6 @@ def grouped_linear(
             None if bias is None else bias[g],
         )
         start += n
-    if start != x.shape[0]:
-        raise ValueError(f"counts sum to {start} but x has {x.shape[0]} rows")
     return out
 
 

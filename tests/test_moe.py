@@ -176,6 +176,84 @@ def test_grouped_linear_matches_float64_reference(format, dtype):
         grouped_linear(format, x, counts, tensors[:-1], m, k, None)
 
 
+def test_grouped_linear_runs_every_expert_in_one_triton_launch(backend, monkeypatch):
+    """Under the Triton backend (the interpreter on a CPU) the bitmap grouped op is one launch of
+    the grouped kernel, never a per-expert launch; outputs poisoned first, checked in float64."""
+    from flashsparse import backends
+    from flashsparse.kernels.triton import bitmap_spmm as bs
+
+    backend("triton")
+    m, k = 70, 130
+    counts = [2, 0, 9, 1]
+    calls = []
+
+    def grouped(x2d, counts_, weights_, m_, k_, bias_):
+        out = torch.full((x2d.shape[0], m_), float("nan"), dtype=x2d.dtype)  # poisoned
+        calls.append(counts_)
+        return bs.launch_grouped(x2d, counts_, weights_, m_, k_, bias_, out=out)
+
+    monkeypatch.setitem(backends._GROUPED, ("bitmap", "triton"), grouped)
+    monkeypatch.setattr(bs, "launch", lambda *a, **kw: pytest.fail("a per-expert launch ran"))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        weights = [random_weight(m, k, s, dtype, kind, seed=g) for g, (s, kind) in
+                   enumerate([(0.5, "uniform"), (0.9, "empty_tiles"), (0.7, "dense_tiles"), (0.0, "uniform")])]
+        tensors = [t for w in weights for t in fs.encode(w, "bitmap").tensors]
+        x = torch.randn(sum(counts), k).to(dtype)
+        bias = torch.randn(len(weights), m).to(dtype)
+        calls.clear()
+        got = grouped_linear("bitmap", x, torch.tensor(counts), tensors, m, k, bias)
+        assert calls == [counts]
+        rows = torch.repeat_interleave(torch.arange(len(weights)), torch.tensor(counts))
+        expected = torch.stack([x[i].double() @ weights[g].double().T + bias[g].double()
+                                for i, g in enumerate(rows.tolist())])
+        assert rel_err(got, expected) < RTOL[dtype], dtype
+    assert backends.select_grouped("bitmap", x) is grouped
+    backend("reference")
+    assert backends.select_grouped("bitmap", x) is None
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        grouped_linear("bitmap", x, torch.tensor([2, -1, 9, 2]), tensors, m, k, None)
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_linear_under_auto_is_one_triton_launch(backend):
+    """On a GPU, auto picks the CUDA bitmap kernel for single weights but the Triton grouped
+    kernel for experts (CUDA has no grouped kernel yet)."""
+    from flashsparse import backends
+    from flashsparse.kernels.triton import bitmap_spmm as bs
+
+    backend("auto")
+    m, k, counts = 130, 200, [3, 0, 17, 1]
+    weights = [random_weight(m, k, 0.7, torch.float16, seed=g).cuda() for g in range(4)]
+    tensors = [t for w in weights for t in fs.encode(w, "bitmap").tensors]
+    x = torch.randn(sum(counts), k, device="cuda").half()
+    assert backends.select_grouped("bitmap", x) is bs.launch_grouped
+    got = grouped_linear("bitmap", x, torch.tensor(counts, device="cuda"), tensors, m, k, None)
+    rows = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).tolist()
+    expected = torch.stack([x[i].double() @ weights[g].double().T for i, g in enumerate(rows)])
+    assert rel_err(got, expected) < RTOL[torch.float16]
+
+
+def test_moe_model_runs_the_grouped_triton_kernel(backend, monkeypatch):
+    """A whole sparse MoE model (transformers' grouped_mm experts) on the Triton grouped kernel:
+    one launch per projection and layer."""
+    from flashsparse import backends
+
+    model = tiny_moe("qwen3_moe", impl="grouped_mm")
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    sparsify_quietly(model, format="bitmap")
+    backend("triton")
+    real = backends._GROUPED[("bitmap", "triton")]
+    launches = []
+    monkeypatch.setitem(backends._GROUPED, ("bitmap", "triton"),
+                        lambda *a: launches.append(a[1]) or real(*a))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert len(launches) == 2 * 2  # 2 layers x (gate_up, down)
+    assert rel_err(got, expected.double()) < 1e-5
+
+
 # -- fused MoE experts -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("model_type", EXACT)

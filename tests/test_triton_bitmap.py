@@ -453,6 +453,14 @@ src = ASTSource(bs._splitk_reduce_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*bf16
     "numel": "i32", "m": "i32", "split": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
     constexprs=dict(HAS_BIAS=True, BLOCK=bs.REDUCE_BLOCK))
 triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+for arch, dt in ((90, "fp16"), (90, "bf16"), (80, "fp16")):  # the grouped (MoE) kernel
+    sig = {"x_ptr": f"*{dt}", **dict.fromkeys(("row_starts_ptr", "mask_table_ptr", "value_table_ptr",
+           "offset_table_ptr"), "*i64"), "values_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+           **{a: "i32" for a in ("m", "k", "stride_xn", "k_tiles")}}
+    consts = dict(BLOCK_M=64, BLOCK_N=16, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", OFFSETS_64=False)
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    triton.compile(ASTSource(bs._bitmap_grouped_kernel, sig, constexprs=consts),
+                   target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
 print(json.dumps(results))
 """
 

@@ -29,6 +29,7 @@ from .bitmap_spmm import (
     bitmap_linear,
     choose_config,
     launch,
+    launch_grouped,
 )
 
 __all__ = ["INTERPRET", "KernelConfig", "bitmap_linear", "choose_config", "unavailable_reason"]
@@ -107,3 +108,4 @@ def _available() -> str | None:
 
 
 backends.register_kernel("bitmap", "triton", launch, supports=_supports, available=_available)
+backends.register_grouped_kernel("bitmap", "triton", launch_grouped)

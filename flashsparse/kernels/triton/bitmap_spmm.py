@@ -58,51 +58,35 @@ def _nibble_ranks(b):
     return (inclusive << 4) | (s << 3), count
 
 
-@triton.jit(do_not_specialize=["n"])
-def _bitmap_linear_kernel(
-    x_ptr,
+@triton.jit
+def _accumulate_tiles(
+    acc,
+    x_rows,
+    n_ok,
     mask_bytes_ptr,
     values_ptr,
     tile_offsets_ptr,
-    bias_ptr,
-    out_ptr,
-    ws_ptr,
-    n,
-    m,
+    tile_row,
+    row_ok,
     k,
-    stride_xn,
     k_tiles,
-    tiles_per_split,
+    kt_begin,
+    kt_end,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
 ):
+    """``acc += W[rows, k tiles kt_begin..kt_end) @ x[.., same k].T``: the main loop, shared by
+    the plain and the grouped kernel."""
     TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-
-    # Per (row, mask byte) quantities: [BLOCK_M, 8].
     rows = tl.arange(0, BLOCK_M)
-    tile_row = pid_m * TM + rows // 64
-    row_ok = tile_row < tl.cdiv(m, 64)
     r_in = rows % 64
     sc = tl.arange(0, 8)
-    # Byte sc of row r's mask, relative to the tile's first mask byte.
+    # Byte sc of row r's mask, relative to the tile's first mask byte: [BLOCK_M, 8].
     mask_byte = (r_in * 8)[:, None] + sc[None, :]
     nibble_shift = ((tl.arange(0, 64) % 8) * 4).to(tl.uint32)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n
     offs_k = tl.arange(0, 64)
-    x_rows = x_ptr + offs_n.to(tl.int64)[None, :] * stride_xn  # [1, BLOCK_N]
-
-    kt_begin = pid_s * tiles_per_split
-    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
     # The mask bytes and value offset of tile kt + 1 are loaded while tile kt is decoded, so
     # each k step waits for one round trip to memory (values and x) instead of two.
     t = tile_row.to(tl.int64) * k_tiles + kt_begin  # [BLOCK_M] tile index of each row
@@ -111,7 +95,6 @@ def _bitmap_linear_kernel(
         mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
     )
     next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in range(kt_begin, kt_end):
         bytes_ = next_bytes.to(tl.uint32)
         tile_start = next_start.to(tl.int64) * 8 if OFFSETS_64 else next_start * 8
@@ -142,10 +125,56 @@ def _bitmap_linear_kernel(
         kk = kt * 64 + offs_k
         xt = tl.load(x_rows + kk[:, None], mask=n_ok[None, :] & (kk < k)[:, None], other=0.0)
         if UPCAST:
-            # The interpreter's bf16 tl.dot is wrong (DESIGN §2); fp32 operands are exact.
+            # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact.
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+
+    return acc
+
+
+@triton.jit(do_not_specialize=["n"])
+def _bitmap_linear_kernel(
+    x_ptr,
+    mask_bytes_ptr,
+    values_ptr,
+    tile_offsets_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    n,
+    m,
+    k,
+    stride_xn,
+    k_tiles,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
+):
+    TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+
+    rows = tl.arange(0, BLOCK_M)
+    tile_row = pid_m * TM + rows // 64
+    row_ok = tile_row < tl.cdiv(m, 64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n
+    x_rows = x_ptr + offs_n.to(tl.int64)[None, :] * stride_xn  # [1, BLOCK_N]
+
+    kt_begin = pid_s * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _accumulate_tiles(
+        acc, x_rows, n_ok, mask_bytes_ptr, values_ptr, tile_offsets_ptr, tile_row, row_ok, k,
+        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+    )
 
     offs_m = pid_m * BLOCK_M + rows
     m_ok = offs_m < m
@@ -158,6 +187,60 @@ def _bitmap_linear_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["m"])
+def _bitmap_grouped_kernel(
+    x_ptr,
+    row_starts_ptr,
+    mask_table_ptr,
+    value_table_ptr,
+    offset_table_ptr,
+    values_ptr,
+    bias_ptr,
+    out_ptr,
+    m,
+    k,
+    stride_xn,
+    k_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
+):
+    """One launch for E weights of one shape: program ``(i, j, g)`` computes rows ``i`` of
+    ``x[group g's rows, block j] @ W_g.T``. The groups' component tensors are reached through
+    tables of their addresses (no copy of the weights); ``values_ptr`` (group 0's values) only
+    gives the value type."""
+    TM: tl.constexpr = BLOCK_M // 64
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    row0 = tl.load(row_starts_ptr + g)
+    n = tl.load(row_starts_ptr + g + 1) - row0
+    if pid_n * BLOCK_N < n:  # blocks past this group's rows have nothing to do
+        masks = tl.load(mask_table_ptr + g).to(tl.pointer_type(tl.uint8))
+        values = tl.load(value_table_ptr + g).to(values_ptr.dtype)
+        offsets = tl.load(offset_table_ptr + g).to(tl.pointer_type(tl.int32))
+        rows = tl.arange(0, BLOCK_M)
+        tile_row = pid_m * TM + rows // 64
+        row_ok = tile_row < tl.cdiv(m, 64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n
+        x_rows = x_ptr + (row0 + offs_n.to(tl.int64))[None, :] * stride_xn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = _accumulate_tiles(
+            acc, x_rows, n_ok, masks, values, offsets, tile_row, row_ok, k, k_tiles, 0, k_tiles,
+            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+        )
+        offs_m = pid_m * BLOCK_M + rows
+        m_ok = offs_m < m
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + g.to(tl.int64) * m + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        out_offs = (row0 + offs_n.to(tl.int64))[None, :] * m + offs_m[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -437,6 +520,75 @@ def launch(
                 BLOCK=REDUCE_BLOCK,
                 num_warps=4,
             )
+    return out
+
+
+def launch_grouped(
+    x: torch.Tensor,
+    counts: list[int],
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    m: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[rows of g] = x[rows of g] @ W_g.T (+ bias[g])`` for E bitmap weights ``weights[g] =
+    (masks, values, tile_offsets)`` of one shape ``[m, k]``, in ONE launch over (row block,
+    token block, group). ``x [S, k]`` holds group 0's rows, then group 1's, ...; ``counts`` how
+    many (host ints); ``bias`` ``[E, m]``. The caller has checked shapes, dtypes and devices."""
+    if len(counts) != len(weights) or sum(counts) != x.shape[0]:
+        raise ValueError(
+            f"counts ({len(counts)} groups, {sum(counts)} rows) must match weights "
+            f"({len(weights)}) and x ({x.shape[0]} rows)"
+        )
+    for w in weights:
+        _check(x, *w, m, k, None, None)
+        if not w[1].is_contiguous() or not w[0].is_contiguous() or not w[2].is_contiguous():
+            raise ValueError("every group's masks, values and tile_offsets must be contiguous")
+    if bias is not None and (bias.shape != (len(weights), m) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be {x.dtype} of shape ({len(weights)}, {m}) on {x.device}, got {bias.dtype} {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty((x.shape[0], m), dtype=x.dtype, device=x.device)
+    elif out.shape != (x.shape[0], m) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({x.shape[0]}, {m}) on {x.device}")
+    n_max = max(counts, default=0)
+    if n_max == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+
+    def table(i: int) -> torch.Tensor:
+        return torch.tensor([w[i].data_ptr() for w in weights], dtype=torch.int64, device=x.device)
+
+    config = _choose_config(m, k, n_max, _num_sms(x.device), x.dtype == torch.float32)
+    grid = (-(-m // config.block_m), -(-n_max // config.block_n), len(weights))
+    with _device_guard(x.device):
+        _bitmap_grouped_kernel[grid](
+            x,
+            torch.tensor(starts, dtype=torch.int64, device=x.device),
+            table(0),
+            table(1),
+            table(2),
+            weights[0][1],
+            bias if bias is not None else out,
+            out,
+            m,
+            k,
+            x.stride(0),
+            -(-k // TILE),
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            HAS_BIAS=bias is not None,
+            UPCAST=INTERPRET,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            OFFSETS_64=max(w[1].numel() for w in weights) >= _INT32_OFFSET_LIMIT,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return out
 
 
