@@ -250,7 +250,8 @@ def _(format, grad, counts, tensors, m, k):
 
 
 def _grouped_setup(ctx, inputs, output):
-    format, _, counts, tensors, m, k, bias = inputs
+    format, _, counts, tensors, m, k, *rest = inputs
+    bias = rest[0] if rest else None
     ctx.save_for_backward(counts, *tensors)
     ctx.format, ctx.m, ctx.k, ctx.has_bias = format, m, k, bias is not None
 
@@ -259,7 +260,10 @@ def _grouped_backward(ctx, grad):
     counts, *tensors = ctx.saved_tensors
     grad_x, grad_bias = grouped_linear_backward(ctx.format, grad.contiguous(), counts, tensors, ctx.m, ctx.k)
     no_grads = [None] * len(tensors)
-    return None, grad_x, None, no_grads, None, None, grad_bias if ctx.has_bias else None
+    # A bias of None is not among the inputs torch matches the gradients against.
+    if not ctx.has_bias:
+        return None, grad_x, None, no_grads, None, None
+    return None, grad_x, None, no_grads, None, None, grad_bias
 
 
 grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)

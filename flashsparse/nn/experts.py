@@ -224,14 +224,22 @@ class SparseExperts(nn.Module):
             mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         up, down = self._projection(0), self._projection(1)
+        up_flat, down_flat = self._flat(up), self._flat(down)
+        up_bias, down_bias = self._bias(up), self._bias(down)
         for expert_idx in hit:
-            e = int(expert_idx[0])
+            e = expert_idx[0]
             if e == self.num_experts:
                 continue
             top_k_pos, token_idx = torch.where(mask[e])
-            h = up[e](hidden_states[token_idx])
+            # One expert's product as a grouped call whose only non-empty group is e: the expert
+            # is chosen by a tensor, so torch.compile needs no Python int (no extra graph break).
+            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=e.device)
+            counts = counts.index_fill(0, e.view(1), token_idx.shape[0])
+            h = grouped_linear(up[0].format, hidden_states[token_idx], counts, up_flat,
+                               up[0].out_features, up[0].in_features, up_bias)
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = down[e](h)
+            h = grouped_linear(down[0].format, h, counts, down_flat, down[0].out_features,
+                               down[0].in_features, down_bias)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
