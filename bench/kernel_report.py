@@ -847,7 +847,8 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
         lines.append(
             f"{e['kernel']:15} {e['arch']:6} {e['dtype']:5} {e['n_tile']:>6} {e['registers']:>4} "
             f"{e['spill_bytes']:>5} {e['smem_bytes']:>7} {e['ctas_per_sm_h100']:>6}  "
-            f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['int_pipe_per_element']['0.7']:.2f})")
+            f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['int_pipe_per_element']['0.7']:.2f})"
+            + ("" if e["detail"].get("primary", True) else "  variant (not planned)"))
     if report["plans"]:
         floor = 2 * gpu.sms
         lines.append("")
