@@ -47,9 +47,10 @@ inline __m512 bh_dot(__m512 acc, __m512i w, const uint16_t* x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
 }
 
-template <int D>  // Dtype
-void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, const float* bias,
+template <int D, int NB>  // Dtype; NB > 0: n == NB known at compile time (unrolled row loops)
+void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n_rt, int64_t ldx, const float* bias,
                float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
+    const int64_t n = NB > 0 ? NB : n_rt;
     const int64_t kt_count = (w.k + 63) / 64;
     alignas(64) __m512 acc[64][kMaxSpmmRows];
     for (int64_t tr = tr0; tr < tr1; ++tr) {
@@ -301,9 +302,16 @@ void spmm_blocked_avx512(const BitmapWeight& w, const void* x, int64_t n, int64_
 void spmm_avx512(const BitmapWeight& w, const void* x, int64_t n, int64_t ldx, const float* bias,
                  float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
     switch (w.dtype) {
-        case Dtype::F32: return spmm_impl<0>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
-        case Dtype::BF16: return spmm_impl<1>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
-        default: return spmm_impl<2>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
+        // Decode (N = 1) is the case that matters most: its row loop is unrolled away.
+        case Dtype::F32:
+            return n == 1 ? spmm_impl<0, 1>(w, x, n, ldx, bias, y, ldy, tr0, tr1)
+                          : spmm_impl<0, 0>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
+        case Dtype::BF16:
+            return n == 1 ? spmm_impl<1, 1>(w, x, n, ldx, bias, y, ldy, tr0, tr1)
+                          : spmm_impl<1, 0>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
+        default:
+            return n == 1 ? spmm_impl<2, 1>(w, x, n, ldx, bias, y, ldy, tr0, tr1)
+                          : spmm_impl<2, 0>(w, x, n, ldx, bias, y, ldy, tr0, tr1);
     }
 }
 
