@@ -70,7 +70,9 @@ def _cpu_extension() -> dict:
         name="flashsparse._C_cpu",
         sources=[str(p.relative_to(ROOT)) for p in [*glue, *kernels]],
         include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args=["-O3"],
+        # See flashsparse/kernels/cpu.py (OPENMP_FLAGS): at::parallel_for needs it.
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
     return {
         "ext_modules": [extension],

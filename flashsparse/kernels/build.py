@@ -132,6 +132,7 @@ class Extension:
     kernel_suffix: str  # ".cu" | ".cpp"
     prebuilt: str | None = None  # importable module name of a prebuilt build, if any
     cflags: tuple[str, ...] = ("-O3",)
+    ldflags: tuple[str, ...] = ()
     headers: tuple[str, ...] = field(default=(".cuh", ".h"))
 
     def sources(self, csrc: Path = CSRC) -> list[Path]:
@@ -188,7 +189,7 @@ class Extension:
         for path in [*sources, *headers]:
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-        digest.update(" ".join([*self.cflags, *cuda_cflags, tag]).encode())
+        digest.update(" ".join([*self.cflags, *self.ldflags, *cuda_cflags, tag]).encode())
         name = f"flashsparse_{self.device}_{digest.hexdigest()[:16]}"
         device_tag = tag or self.device
         build_dir = cache_root() / torch.__version__ / device_tag / digest.hexdigest()[:16]
@@ -211,6 +212,7 @@ class Extension:
             sources=[str(p) for p in sources],
             extra_include_paths=[str(CSRC)],
             extra_cflags=list(self.cflags),
+            extra_ldflags=list(self.ldflags),
             build_directory=str(build_dir),
             verbose=env_flag("FLASHSPARSE_VERBOSE_BUILD"),
             is_python_module=False,

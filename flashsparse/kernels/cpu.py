@@ -33,8 +33,17 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISA_ENV = "FLASHSPARSE_CPU_ISA"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # op argument values, in order of preference (last best)
 
+# -fopenmp: at::parallel_for is inline in ATen's headers and runs serially in a translation unit
+# built without it. The libgomp it links resolves (by soname) to the copy torch has loaded, so
+# the kernel shares torch's thread pool and follows torch.set_num_threads.
+OPENMP_FLAGS = ("-fopenmp",)
 EXTENSION = build.Extension(
-    device="cpu", kernel_dir="cpu", kernel_suffix=".cpp", prebuilt="flashsparse._C_cpu"
+    device="cpu",
+    kernel_dir="cpu",
+    kernel_suffix=".cpp",
+    prebuilt="flashsparse._C_cpu",
+    cflags=("-O3", *OPENMP_FLAGS),
+    ldflags=OPENMP_FLAGS,
 )
 
 _isa_by_env: dict[str, int] = {}
