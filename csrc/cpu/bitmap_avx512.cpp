@@ -16,10 +16,6 @@ namespace flashsparse {
 namespace cpu {
 namespace {
 
-// Software prefetch distance in the values stream (the masks stream is 8 bytes per row and
-// the hardware prefetcher keeps up with it).
-constexpr int kPrefetchBytes = 1024;
-
 inline __mmask32 low_mask32(unsigned count) { return _bzhi_u32(0xffffffffu, count); }
 inline __mmask16 low_mask16(unsigned count) { return static_cast<__mmask16>(_bzhi_u32(0xffffu, count)); }
 
@@ -52,68 +48,73 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n_rt, int64_t ldx,
                float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
     const int64_t n = NB > 0 ? NB : n_rt;
     const int64_t kt_count = (w.k + 63) / 64;
-    alignas(64) __m512 acc[64][kMaxSpmmRows];
+    // acc[r * n + i]: packed, so that at n = 1 the 64 accumulators take 4 KiB of L1, not 32.
+    alignas(64) __m512 acc[64 * kMaxSpmmRows];
     for (int64_t tr = tr0; tr < tr1; ++tr) {
         const int64_t row0 = tr * 64;
         const int64_t rows = (w.m - row0) < 64 ? (w.m - row0) : 64;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i) acc[r][i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < rows * n; ++j) acc[j] = _mm512_setzero_ps();
         for (int64_t kt = 0; kt < kt_count; ++kt) {
             const int64_t t = tr * kt_count + kt;
             const uint64_t* masks = w.masks + t * 64;
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
-            if (D == static_cast<int>(Dtype::F32)) {
-                const float* p = static_cast<const float*>(w.values) + start;
+            if (D == static_cast<int>(Dtype::F32) || D == static_cast<int>(Dtype::F16)) {
                 const float* x = static_cast<const float*>(xv) + kt * 64;
+                // n = 1: x stays in registers for the whole tile (the __m512 stores into acc may
+                // alias it, so the compiler would reload it for every row).
+                __m512 x1[4];
+                if (NB == 1)
+                    for (int q = 0; q < 4; ++q) x1[q] = _mm512_loadu_ps(x + 16 * q);
+                const float* p32 = static_cast<const float*>(w.values) + start;
+                const uint16_t* p16 = static_cast<const uint16_t*>(w.values) + start;
                 for (int64_t r = 0; r < rows; ++r) {
                     const uint64_t mask = masks[r];
-                    if (!mask) continue;  // x is finite (see bitmap_cpu.h)
                     __m512 wv[4];
-                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-                    p += expand32(mask, p, wv);
+                    if (D == static_cast<int>(Dtype::F32)) {
+                        p32 += expand32(mask, p32, wv);
+                    } else {
+                        __m512i lo, hi;
+                        p16 += expand16(mask, p16, lo, hi);
+                        wv[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(lo));
+                        wv[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1));
+                        wv[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(hi));
+                        wv[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1));
+                    }
+                    if (NB == 1) {
+                        __m512 a = _mm512_fmadd_ps(wv[0], x1[0], acc[r]);
+                        a = _mm512_fmadd_ps(wv[1], x1[1], a);
+                        a = _mm512_fmadd_ps(wv[2], x1[2], a);
+                        acc[r] = _mm512_fmadd_ps(wv[3], x1[3], a);
+                        continue;
+                    }
                     for (int64_t i = 0; i < n; ++i) {
                         // One chain per row; rows are independent, so out-of-order execution
                         // overlaps their latencies.
                         const float* xi = x + i * ldx;
-                        __m512 a = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xi), acc[r][i]);
+                        __m512 a = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xi), acc[r * n + i]);
                         a = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xi + 16), a);
                         a = _mm512_fmadd_ps(wv[2], _mm512_loadu_ps(xi + 32), a);
-                        acc[r][i] = _mm512_fmadd_ps(wv[3], _mm512_loadu_ps(xi + 48), a);
-                    }
-                }
-            } else if (D == static_cast<int>(Dtype::BF16)) {
-                const uint16_t* p = static_cast<const uint16_t*>(w.values) + start;
-                const uint16_t* x = static_cast<const uint16_t*>(xv) + kt * 64;
-                for (int64_t r = 0; r < rows; ++r) {
-                    const uint64_t mask = masks[r];
-                    if (!mask) continue;
-                    __m512i lo, hi;
-                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-                    p += expand16(mask, p, lo, hi);
-                    for (int64_t i = 0; i < n; ++i) {
-                        const uint16_t* xi = x + i * ldx;
-                        acc[r][i] = bh_dot(bh_dot(acc[r][i], lo, xi), hi, xi + 32);
+                        acc[r * n + i] = _mm512_fmadd_ps(wv[3], _mm512_loadu_ps(xi + 48), a);
                     }
                 }
             } else {
                 const uint16_t* p = static_cast<const uint16_t*>(w.values) + start;
-                const float* x = static_cast<const float*>(xv) + kt * 64;
+                const uint16_t* x = static_cast<const uint16_t*>(xv) + kt * 64;
+                __m512bh x1[2];
+                if (NB == 1) {
+                    x1[0] = (__m512bh)_mm512_loadu_si512(x);
+                    x1[1] = (__m512bh)_mm512_loadu_si512(x + 32);
+                }
                 for (int64_t r = 0; r < rows; ++r) {
-                    const uint64_t mask = masks[r];
-                    if (!mask) continue;
                     __m512i lo, hi;
-                    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-                    p += expand16(mask, p, lo, hi);
-                    const __m512 w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(lo));
-                    const __m512 w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1));
-                    const __m512 w2 = _mm512_cvtph_ps(_mm512_castsi512_si256(hi));
-                    const __m512 w3 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1));
+                    p += expand16(masks[r], p, lo, hi);
+                    if (NB == 1) {
+                        acc[r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r], (__m512bh)lo, x1[0]), (__m512bh)hi, x1[1]);
+                        continue;
+                    }
                     for (int64_t i = 0; i < n; ++i) {
-                        const float* xi = x + i * ldx;
-                        __m512 a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[r][i]);
-                        a = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a);
-                        a = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xi + 32), a);
-                        acc[r][i] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xi + 48), a);
+                        const uint16_t* xi = x + i * ldx;
+                        acc[r * n + i] = bh_dot(bh_dot(acc[r * n + i], lo, xi), hi, xi + 32);
                     }
                 }
             }
@@ -121,7 +122,7 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n_rt, int64_t ldx,
         for (int64_t i = 0; i < n; ++i)
             for (int64_t r = 0; r < rows; ++r)
                 y[i * ldy + row0 + r] =
-                    _mm512_reduce_add_ps(acc[r][i]) + (bias ? bias[row0 + r] : 0.0f);
+                    _mm512_reduce_add_ps(acc[r * n + i]) + (bias ? bias[row0 + r] : 0.0f);
     }
 }
 
