@@ -87,6 +87,27 @@ def test_matches_float64(isa, dtype, m, k, n, sparsity, kind):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS or ["scalar"])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_same_result_on_one_and_two_threads(isa, n):
+    """Tile rows are split across torch's threads (at::parallel_for, built with OpenMP); every
+    row is still summed by one thread in one order, so the thread count changes nothing."""
+    w = random_weight(300, 190, 0.7, torch.bfloat16, "row_skewed", seed=n)
+    x = torch.randn(n, 190, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    sw = fs.encode(w, "bitmap")
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_op(x, sw, isa=isa))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], reference_linear(x, w)) < RTOL[torch.bfloat16]
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_is_bit_exact(isa, dtype, monkeypatch):
     monkeypatch.setenv("FLASHSPARSE_CPU_ISA", isa)

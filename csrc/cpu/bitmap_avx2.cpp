@@ -124,12 +124,12 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
     const int64_t esize = D == static_cast<int>(Dtype::F32) ? 4 : 2;
     const char* values = static_cast<const char*>(w.values);
     const char* end = values + w.num_values * esize;
-    alignas(32) __m256 acc[64][kMaxSpmmRows];
+    // acc[r * n + i]: packed, so that small n keeps the accumulators in few cache lines.
+    alignas(32) __m256 acc[64 * kMaxSpmmRows];
     for (int64_t tr = tr0; tr < tr1; ++tr) {
         const int64_t row0 = tr * 64;
         const int64_t rows = (w.m - row0) < 64 ? (w.m - row0) : 64;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i) acc[r][i] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < rows * n; ++j) acc[j] = _mm256_setzero_ps();
         for (int64_t kt = 0; kt < kt_count; ++kt) {
             const int64_t t = tr * kt_count + kt;
             const uint64_t* masks = w.masks + t * 64;
@@ -148,13 +148,13 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, co
                         s = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xi + 8 * q), s);
                         u = _mm256_fmadd_ps(wv[q + 1], _mm256_loadu_ps(xi + 8 * q + 8), u);
                     }
-                    acc[r][i] = _mm256_add_ps(acc[r][i], _mm256_add_ps(s, u));
+                    acc[r * n + i] = _mm256_add_ps(acc[r * n + i], _mm256_add_ps(s, u));
                 }
             }
         }
         for (int64_t i = 0; i < n; ++i)
             for (int64_t r = 0; r < rows; ++r)
-                y[i * ldy + row0 + r] = hsum(acc[r][i]) + (bias ? bias[row0 + r] : 0.0f);
+                y[i * ldy + row0 + r] = hsum(acc[r * n + i]) + (bias ? bias[row0 + r] : 0.0f);
     }
 }
 
