@@ -67,6 +67,7 @@ def test_every_path_this_machine_should_have_is_there():
         (129, 67, 4, 0.9, "row_skewed"),
         (65, 129, 5, 0.6, "dense_column"),  # first size on the blocked path
         (200, 2100, 9, 0.7, "empty_tiles"),  # several K blocks, odd n tail
+        (70, 300, 16, 0.8, "row_skewed"),  # widest batch of the fp32/fp16 column path
         (64, 64, 17, 0.0, "uniform"),  # one fully dense tile
         (96, 4, 33, 0.8, "dense_rows"),
     ],

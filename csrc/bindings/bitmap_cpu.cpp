@@ -27,8 +27,9 @@ namespace {
 namespace fc = flashsparse::cpu;
 
 // Up to this many x rows the fused kernel reads the weight once for all of them; above it (on
-// the AVX-512 path) the weight is decoded a block at a time into a cache-sized buffer that a
-// dense micro-kernel reuses across the batch. Other paths run the fused kernel on groups of
+// the AVX-512 path) fp32/fp16 weights take the column kernel up to kColumnsMaxRows rows, and
+// otherwise the weight is decoded a block at a time into a cache-sized buffer that a dense
+// micro-kernel reuses across the batch. Other paths run the fused kernel on groups of
 // kMaxSpmmRows rows.
 constexpr int64_t kFusedMaxRows = 4;
 
@@ -178,9 +179,22 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
     const fc::SpmmFn fn = spmm_fn(isa);
     const at::ScalarType dtype = x.scalar_type();
     const float* b32 = bias32.empty() ? nullptr : bias32.data();
-    const bool blocked = n > kFusedMaxRows && isa == fc::kAvx512;
+    const bool columns = n > kFusedMaxRows && n <= fc::kColumnsMaxRows && isa == fc::kAvx512 &&
+                         c.w.dtype != fc::Dtype::BF16;
+    const bool blocked = n > kFusedMaxRows && isa == fc::kAvx512 && !columns;
+    std::vector<float> xt_store;
+    float* xt = nullptr;
+    if (columns) {
+        // x transposed, 16 lanes per column (zero past n), 64-byte aligned for aligned loads.
+        xt_store.assign(kp * 16 + 16, 0.0f);
+        xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xt_store.data()) + 63) & ~uintptr_t(63));
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t col = 0; col < kp; ++col) xt[col * 16 + i] = xpack[i * kp + col];
+    }
     at::parallel_for(0, mt, 1, [&](int64_t b, int64_t e) {
-        if (blocked) {
+        if (columns) {
+            fc::spmm_columns_avx512(c.w, xt, n, b32, y32.data(), m, b, e);
+        } else if (blocked) {
             // Larger batches: decode a cache-sized block once, reuse it for every row of x.
             thread_local std::vector<char> scratch;
             scratch.resize(std::max<size_t>(scratch.size(), fc::bitmap_blocked_scratch_bytes(n)));

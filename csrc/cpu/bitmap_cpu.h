@@ -57,6 +57,14 @@ void spmm_blocked_avx512(const BitmapWeight&, const void*, int64_t, int64_t, con
                          int64_t, int64_t, int64_t, void* scratch);
 constexpr int64_t kBlockK = 2048;
 inline int64_t bitmap_blocked_scratch_bytes(int64_t n) { return 64 * n * 4 + 64 * kBlockK * 4 + 128; }
+// fp32 and fp16 weights, n <= kColumnsMaxRows (the glue uses it above the fused path's rows): one FMA per nonzero of its
+// value with the 16 x values of its column, so the work follows the nonzeros (the blocked path
+// multiplies every weight). xt is x transposed, [k_tiles * 64][16] fp32, zero past n and k,
+// 64-byte aligned. bf16 keeps the blocked path: vdpbf16ps does 32 products per instruction,
+// more than one FMA per nonzero gains at the sparsities that matter. Same y/bias contract.
+constexpr int64_t kColumnsMaxRows = 16;
+void spmm_columns_avx512(const BitmapWeight&, const float* xt, int64_t n, const float* bias, float* y,
+                         int64_t ldy, int64_t tr0, int64_t tr1);
 void decode_avx512(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 
 // Whether this CPU (and OS) runs the path: avx512 needs AVX-512 F/BW/VL/VBMI2/BF16 + F16C,
