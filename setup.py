@@ -63,6 +63,9 @@ def _cpu_extension() -> dict:
             "flashsparse setup.py (FLASHSPARSE_CPU=1): torch is not importable in the build "
             "environment; install torch first and pass --no-build-isolation"
         )
+    import torch
+
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
     # The same list as flashsparse.kernels.build.Extension.sources for device "cpu".
     glue = sorted((ROOT / "csrc" / "bindings").glob("*_cpu.cpp"))
     kernels = sorted(p for p in (ROOT / "csrc" / "cpu").glob("*.cpp") if not p.stem.endswith("_emulator"))
@@ -70,9 +73,9 @@ def _cpu_extension() -> dict:
         name="flashsparse._C_cpu",
         sources=[str(p.relative_to(ROOT)) for p in [*glue, *kernels]],
         include_dirs=[str(ROOT / "csrc")],
-        # See flashsparse/kernels/cpu.py (OPENMP_FLAGS): at::parallel_for needs it.
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
+        # See flashsparse/kernels/cpu.py (openmp_flags): at::parallel_for needs it.
+        extra_compile_args=["-O3", *openmp],
+        extra_link_args=list(openmp),
     )
     return {
         "ext_modules": [extension],

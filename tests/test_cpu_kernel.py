@@ -86,6 +86,16 @@ def test_matches_float64(isa, dtype, m, k, n, sparsity, kind):
         assert rel_err(y, ref) < RTOL[dtype], (isa, dtype, bias is not None)
 
 
+def test_extension_builds_with_openmp_where_torch_uses_it():
+    """Without -fopenmp, at::parallel_for (inline under torch's OpenMP backend) runs on one
+    thread: the kernel silently ignored torch.set_num_threads before this was set."""
+    import sys
+
+    uses_openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    assert ("-fopenmp" in cpu_kernels.EXTENSION.cflags) == uses_openmp
+    assert ("-fopenmp" in cpu_kernels.EXTENSION.ldflags) == uses_openmp
+
+
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS or ["scalar"])
 @pytest.mark.parametrize("n", [1, 3, 9])

@@ -21,6 +21,7 @@ follow ``torch.get_num_threads()``.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -33,10 +34,22 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISA_ENV = "FLASHSPARSE_CPU_ISA"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # op argument values, in order of preference (last best)
 
-# -fopenmp: at::parallel_for is inline in ATen's headers and runs serially in a translation unit
-# built without it. The libgomp it links resolves (by soname) to the copy torch has loaded, so
-# the kernel shares torch's thread pool and follows torch.set_num_threads.
-OPENMP_FLAGS = ("-fopenmp",)
+
+
+def openmp_flags() -> tuple[str, ...]:
+    """Compiler and linker flags the CPU extension needs to run on torch's threads.
+
+    Under torch's OpenMP backend, ``at::parallel_for`` is inline in ATen's headers and runs
+    serially in a translation unit built without ``-fopenmp``. The libgomp it links resolves
+    (by soname) to the copy torch has loaded, so the kernel shares torch's thread pool and
+    follows ``torch.set_num_threads``. Other platforms/backends build without it (still correct).
+    """
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ("-fopenmp",)
+    return ()
+
+
+OPENMP_FLAGS = openmp_flags()
 EXTENSION = build.Extension(
     device="cpu",
     kernel_dir="cpu",
