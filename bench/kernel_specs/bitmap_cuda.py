@@ -25,12 +25,14 @@ from . import CudaSpec, Instance
 _NAME = re.compile(r"bitmap_spmm_kernelILb([01])ELi(\d+)ELb([01])E")
 THREADS = 128
 TILE = 64
-STAGES = 3
+STAGES = 2
+TILES_PER_STAGE = 4
+COPY_CHUNKS = 1024  # value chunks per trip of the copy loop (8 per thread)
 
 
 def smem_bytes(n_tile: int) -> int:
     """``bmp::smem_bytes``: nibble table + 3 stages of (masks, values + slack, x tile)."""
-    return 256 + STAGES * (512 + 8192 + 16 + n_tile * 72 * 2)
+    return STAGES * (2048 + 32768 + 16 + n_tile * 264 * 2)
 
 
 def _match(mangled: str) -> Instance | None:
@@ -39,13 +41,14 @@ def _match(mangled: str) -> Instance | None:
         return None
     bf16, nt, aligned = m.group(1) == "1", int(m.group(2)), m.group(3) == "1"
     return Instance(dtype="bf16" if bf16 else "fp16", n_tile=8 * nt, threads=THREADS,
-                    elements=TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
+                    elements=TILES_PER_STAGE * TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
                     params={"tile_m": TILE, "x_aligned": aligned}, primary=aligned)
 
 
 @functools.lru_cache(maxsize=16)
-def value_copy_trips(sparsity: float, tiles: int = 64, seed: int = 0) -> float:
-    """Mean warp-issued trips of the value-copy loop per k tile, from an encoded random weight."""
+def value_copy_trips(sparsity: float, tiles: int = 256, seed: int = 0) -> float:
+    """Mean warp-issued trips of the value-copy loop per stage (4 consecutive k tiles of one tile
+    row, their values contiguous), from an encoded random weight."""
     import torch
 
     from flashsparse.formats import Bitmap
@@ -54,9 +57,9 @@ def value_copy_trips(sparsity: float, tiles: int = 64, seed: int = 0) -> float:
     w = torch.randn(TILE, TILE * tiles, generator=g) + 0.1
     w = w * (torch.rand(w.shape, generator=g) >= sparsity)
     offsets = Bitmap.encode(w.half()).tensors[2].long()
-    chunks = offsets[1:] - offsets[:-1]  # 16-byte chunks per tile
-    warps = torch.arange(THREADS // 32) * 32
-    trips = ((chunks[:, None] - warps[None, :]).clamp(min=0) + THREADS - 1) // THREADS
+    chunks = offsets[TILES_PER_STAGE::TILES_PER_STAGE] - offsets[:-1:TILES_PER_STAGE]  # per stage
+    first = torch.arange(THREADS // 32) * COPY_CHUNKS // 4  # warp w's first chunk of a trip
+    trips = ((chunks[:, None] - first[None, :]).clamp(min=0) + COPY_CHUNKS - 1) // COPY_CHUNKS
     return float(trips.double().mean())
 
 
