@@ -63,6 +63,48 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t dst) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0u) : "memory");
 }
 
+// sm_90: the stage's masks and values are two contiguous runs of bytes, so ONE thread copies
+// them with two bulk copies (cp.async.bulk, completion counted in bytes on an mbarrier) instead
+// of every thread issuing 16-byte cp.async copies in a loop.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FS_BMP_BULK 1
+#else
+#define FS_BMP_BULK 0
+#endif
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+#if FS_BMP_BULK
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Orders this thread's earlier generic-proxy shared accesses (e.g. a zero store a stage got in
+// an earlier use) before its later bulk copies (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile(
+        "{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+#endif
+// Waits until phase `parity` of the mbarrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n .reg .pred p;\n"
+        "WAIT:\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        " @!p bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
 // Per-thread copy state of a CTA, set up once; each load() advances it by one stage (constant
 // strides: 2048 mask bytes, 4 offsets and 256 x columns), and the end offset of stage s is
 // carried over as the start of stage s + 1 (two offsets loads per stage: the end and the start
@@ -106,9 +148,11 @@ struct StageLoader {
         pin(x_dst);
     }
 
-    // Loads the next stage into the stage at shared address `stage`. Returns this warp's tile
-    // start (offsets units) for tile_rel_chunk, read now so its latency hides behind a compute.
-    __device__ __forceinline__ int load(uint32_t stage, const Params& p, int tid) {
+    // Loads the next stage into the stage at shared address `stage` (sm_90: masks and values
+    // complete on mbarrier `bar`; x, and everything before sm_90, through cp.async groups).
+    // Returns this warp's tile start (offsets units) for tile_rel_chunk, read now so its latency
+    // hides behind a compute.
+    __device__ __forceinline__ int load(uint32_t stage, const Params& p, int tid, uint32_t bar) {
         // The 4 tiles' masks are 2 KiB of contiguous bytes: one copy per thread (tile = warp). A
         // tile past the split's end gets all-zero masks: its warp decodes zeros instead of
         // branching around the warp-collective scan.
@@ -122,12 +166,25 @@ struct StageLoader {
             for (int u = 0; u < kXIters; ++u)
                 if (x_room <= u * x_chunk_stride(TN)) st_shared_zero16(stage + x_dst + 2 * u * x_chunk_stride(TN));
         }
+#if !FS_BMP_BULK
         if (mask_valid) cp_async_16(stage + tid * 16, mask_src);
+#endif
 
         const int end = __ldg(offs + min(kTilesPerStage, tiles_left));
         const int tile_start = __ldg(offs + min(warp, tiles_left));
         const int start = clamp_start(next_start, p.value_chunks);
         const int count = stage_value_count(next_start, end, p.value_chunks);
+#if FS_BMP_BULK
+        if (tid == 0) {
+            // Masks of the stage's tiles in the split, then its values: bytes counted on `bar`.
+            const uint32_t mask_bytes = kMaskBytes * min(kTilesPerStage, tiles_left);
+            const uint32_t value_bytes = count > 0 ? 16u * count : 0u;
+            fence_proxy_async();
+            mbar_expect_tx(bar, mask_bytes + value_bytes);
+            bulk_copy(stage, mask_src, mask_bytes, bar);
+            if (value_bytes != 0) bulk_copy(stage + kStageMaskBytes, p.values + static_cast<size_t>(start) * 16, value_bytes, bar);
+        }
+#else
         // Warp w copies chunks 256w .. 256w + 255 of every 1024 (8 x 512 contiguous bytes, lane
         // l at 16l): the 8 copies' offsets fit the load's signed 12-bit immediate from a pointer
         // 2 KiB into the warp's segment, so each costs a compare and the predicated cp.async.
@@ -141,6 +198,7 @@ struct StageLoader {
             vsrc += kCopyChunks * 16;
             vdst += kCopyChunks * 16;
         }
+#endif
 
         // x: this thread's chunks sit in one row, x_chunk_stride() columns apart.
 #pragma unroll
@@ -339,6 +397,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ __align__(16) NibbleEntry s_table[2 * kTableEntries];
     __shared__ int s_last;
+    __shared__ __align__(8) uint64_t s_bar[kStages];  // sm_90: bulk copies of stage buffer b
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -354,10 +413,18 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     for (int e = tid; e < 2 * kTableEntries; e += kThreads) s_table[e] = table_entry(e);
     uint32_t smem_base = smem_addr(smem);
     pin(smem_base);
+    const uint32_t bar0 = smem_addr(s_bar);
+#if FS_BMP_BULK
+    if (tid == 0) {
+        for (int b = 0; b < kStages; ++b) mbar_init(bar0 + 8 * b, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();  // the barriers are initialised before anyone waits on them
+#endif
     StageLoader<TN, kXAligned> loader;
     loader.init(p, mt, kt0, num, n0, tid);
     int cur_start = loader.next_start;  // offsets entry of the stage computed next
-    int tile_start = loader.load(smem_base, p, tid);
+    int tile_start = loader.load(smem_base, p, tid, bar0);
     cp_async_commit();
 
     float acc[4][NT][4];
@@ -375,13 +442,16 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     uint32_t write_stage = smem_base + kStage;
 #pragma unroll 1
     for (int i = 0; i < stages; ++i) {
+#if FS_BMP_BULK
+        mbar_wait(bar0 + 8 * (i & 1), (i >> 1) & 1);  // stage i's masks and values have landed
+#endif
         cp_async_wait<0>();  // this thread's copies of stage i have landed
         __syncthreads();     // everyone's have; the other stage is free
         const int my_start = tile_start;
         const int my_stage_start = cur_start;
         if (i + 1 < stages) {
             cur_start = loader.next_start;
-            tile_start = loader.load(write_stage, p, tid);
+            tile_start = loader.load(write_stage, p, tid, bar0 + 8 * ((i + 1) & 1));
         }
         cp_async_commit();
         const uint32_t values = read_stage + kStageMaskBytes + 16 * tile_rel_chunk(my_start, my_stage_start);
