@@ -42,6 +42,7 @@ THREADS = 128
 TILE = 64
 STAGES = 2
 TILES_PER_STAGE = 4
+STAGES_PER_ITERATION = 2  # the main loop runs two pipeline steps per trip (static buffers)
 COPY_CHUNKS = 1024  # value chunks per trip of the sm_80 copy loop (8 per thread)
 ELECTED_WEIGHT = 1 / 4  # a block only warp 0 (of 4) issues
 
@@ -58,8 +59,9 @@ def _match(mangled: str) -> Instance | None:
         return None
     bf16, nt, aligned = m.group(1) == "1", int(m.group(2)), m.group(3) == "1"
     return Instance(dtype="bf16" if bf16 else "fp16", n_tile=8 * nt, threads=THREADS,
-                    elements=TILES_PER_STAGE * TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
-                    params={"tile_m": TILE, "tiles_per_iteration": TILES_PER_STAGE, "x_aligned": aligned},
+                    elements=STAGES_PER_ITERATION * TILES_PER_STAGE * TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
+                    params={"tile_m": TILE, "tiles_per_iteration": STAGES_PER_ITERATION * TILES_PER_STAGE,
+                            "x_aligned": aligned},
                     primary=aligned)
 
 
@@ -81,6 +83,32 @@ def value_copy_trips(sparsity: float, tiles: int = 256, seed: int = 0) -> float:
     return float(trips.double().mean())
 
 
+@functools.lru_cache(maxsize=8)
+def checked_stage_fraction(n_tile: int) -> float:
+    """The largest fraction, over the benchmark shapes' launch plans with this tile width, of
+    (CTA, stage) pairs whose 256 x columns reach past K (the checked x-copy path)."""
+    from kernel_report import NS, SHAPES
+
+    from flashsparse.kernels import cuda
+
+    worst = 0.0
+    for _, m, k in SHAPES:
+        for n in NS:
+            plan = cuda.bitmap_launch_plan(m, k, n)
+            if plan["tile_n"] != n_tile:
+                continue
+            k_tiles = -(-k // TILE)
+            per = -(-k_tiles // plan["split_k"])
+            stages = checked = 0
+            for z in range(plan["split_k"]):
+                num = min(per, k_tiles - z * per)
+                for s in range(-(-num // TILES_PER_STAGE)):
+                    stages += 1
+                    checked += k - TILE * (z * per + TILES_PER_STAGE * s) < TILES_PER_STAGE * TILE
+            worst = max(worst, checked / stages)
+    return worst
+
+
 def block_weights(loop, sparsity: float, inst: Instance) -> dict[int, float]:
     """Per-iteration weights of the data-dependent and single-warp blocks (module docstring)."""
     weights: dict[int, float] = {}
@@ -90,13 +118,33 @@ def block_weights(loop, sparsity: float, inst: Instance) -> dict[int, float]:
         return [i.opcode for i in by_addr[addr].instrs]
 
     bulk = [b.addr for b in loop.blocks if any(op.startswith("UBLKCP") for op in ops(b.addr))]
-    if bulk:
-        fences = [b.addr for b in loop.blocks
-                  if any(op.startswith(("FENCE", "MEMBAR")) for op in ops(b.addr)) and b.addr < min(bulk)]
-        lo = min(fences) if fences else min(bulk)
+    fences = sorted(b.addr for b in loop.blocks if any(op.startswith(("FENCE", "MEMBAR")) for op in ops(b.addr)))
+    # One elected region per stage load: from its fence to the last UBLKCP before the next fence.
+    for k, lo in enumerate(fences):
+        nxt = fences[k + 1] if k + 1 < len(fences) else float("inf")
+        mine = [a for a in bulk if lo <= a < nxt]
+        if not mine:
+            continue
         for b in loop.blocks:
-            if lo <= b.addr <= max(bulk):
+            if lo <= b.addr <= max(mine):
                 weights[b.addr] = ELECTED_WEIGHT
+    # The x copy: a checked path (zero stores + predicated copies) for a stage reaching past K,
+    # skipped by a CTA-uniform branch to the unpredicated copies otherwise.
+    tail = checked_stage_fraction(inst.n_tile)
+    for fast in loop.blocks:
+        ins = by_addr[fast.addr].instrs
+        copies = [i for i in ins if i.opcode.startswith("LDGSTS")]
+        if len(copies) < 2 or any(i.pred for i in copies) or any(i.opcode.startswith("STS") for i in ins):
+            continue
+        target = f"0x{fast.addr:x}"
+        branch = [b.addr for b in loop.blocks
+                  if b.addr < fast.addr and b.instrs and b.instrs[-1].opcode.startswith("BRA")
+                  and b.instrs[-1].pred and target in b.instrs[-1].operands]
+        if not branch:
+            continue
+        for b in loop.blocks:
+            if max(branch) < b.addr < fast.addr:
+                weights[b.addr] = tail
     trips = value_copy_trips(round(float(sparsity), 6))
     for lp in loop.nested:
         if any(op.startswith("LDGSTS") for a in lp.body for op in ops(a)):

@@ -196,13 +196,21 @@ struct Emulator {
                 }
         }
         const int x_aligned = (p.k % 8 == 0) && !p.misaligned_x;
+        // StageLoader: a stage whose 256 columns are all inside K copies without checks, and a row
+        // past N reads x row 0 (its columns of y are never written); otherwise zeros past N and K.
+        const int col0 = (kt0 + s * kTilesPerStage) * kTile;
+        const bool full = x_aligned && p.k - col0 >= kXCols;
         for (int tid = 0; tid < kThreads; ++tid) {
             const int r = x_chunk_row(tn, tid), nn = n0 + r;
             for (int u = 0; u < x_chunks_per_thread(tn); ++u) {
                 const int c = x_chunk_col(tn, tid, u);
-                const int kk = (kt0 + s * kTilesPerStage) * kTile + c;
+                const int kk = col0 + c;
                 uint16_t chunk[8];
                 for (int e = 0; e < 8; ++e) {
+                    if (full) {
+                        chunk[e] = p.x[static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk + e];
+                        continue;
+                    }
                     const bool valid = x_aligned ? (nn < p.n && kk < p.k) : (nn < p.n && kk + e < p.k);
                     if (x_aligned && valid && kk + e >= p.k) fail("x chunk straddles K on the aligned path");
                     chunk[e] = valid ? p.x[static_cast<size_t>(nn) * p.k + kk + e] : 0;

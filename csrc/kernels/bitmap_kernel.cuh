@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bitmap_api.cuh"
 #include "bitmap_layout.cuh"
@@ -125,6 +126,7 @@ struct StageLoader {
     int warp;
     const uint16_t* x_src;      // x row of this thread's chunks, first chunk column, next stage
     int x_room;                 // x columns left from that chunk (<= 0: row past N)
+    int cols_left;              // x columns inside K from the next stage's first column
     uint32_t x_dst;             // shared byte offset of the first chunk in a stage
 
     __device__ __forceinline__ void init(const Params& p, int mt, int kt0, int num_tiles, int n0, int tid) {
@@ -141,6 +143,7 @@ struct StageLoader {
         const int nn = n0 + row;
         const int kk = kt0 * kTile + x_chunk_col(TN, tid, 0);
         x_room = nn < p.n ? p.k - kk : 0;
+        cols_left = p.k - kt0 * kTile;
         x_src = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk;
         x_dst = stage_x_byte() + 2 * x_elem_offset(row, x_chunk_col(TN, tid, 0));
         pin(value_src);
@@ -150,22 +153,14 @@ struct StageLoader {
 
     // Loads the next stage into the stage at shared address `stage` (sm_90: masks and values
     // complete on mbarrier `bar`; x, and everything before sm_90, through cp.async groups).
-    // Returns this warp's tile start (offsets units) for tile_rel_chunk, read now so its latency
-    // hides behind a compute.
+    // Returns where this warp's tile's values start in the stage (bytes), from offsets read now
+    // so their latency hides behind a compute.
     __device__ __forceinline__ int load(uint32_t stage, const Params& p, int tid, uint32_t bar) {
         // The 4 tiles' masks are 2 KiB of contiguous bytes: one copy per thread (tile = warp). A
         // tile past the split's end gets all-zero masks: its warp decodes zeros instead of
         // branching around the warp-collective scan.
-        // (Zero stores first, then the copies back to back: ptxas pads every cp.async that follows
-        // another kind of memory instruction with filler instructions.)
         const bool mask_valid = warp < tiles_left;
         if (!mask_valid) st_shared_zero16(stage + tid * 16);
-        if constexpr (kXAligned) {
-            // k % 8 == 0: an x chunk is wholly inside or wholly past K.
-#pragma unroll
-            for (int u = 0; u < kXIters; ++u)
-                if (x_room <= u * x_chunk_stride(TN)) st_shared_zero16(stage + x_dst + 2 * u * x_chunk_stride(TN));
-        }
 #if !FS_BMP_BULK
         if (mask_valid) cp_async_16(stage + tid * 16, mask_src);
 #endif
@@ -200,14 +195,35 @@ struct StageLoader {
         }
 #endif
 
-        // x: this thread's chunks sit in one row, x_chunk_stride() columns apart.
+        // x: this thread's chunks sit in one row, x_chunk_stride() columns apart. (Zero stores
+        // first, then the copies back to back: ptxas pads every cp.async that follows another
+        // kind of memory instruction with filler instructions.)
+        uint32_t x_stage = stage + x_dst;
+        pin(x_stage);  // one address, the chunks at immediate offsets
+        // Every stage but one whose 256 columns reach past K (the same for the whole CTA) copies
+        // x without predicates or zero stores; columns past the split's end are real x, which the
+        // all-zero masks of its absent tiles multiply by zero.
+        const bool full = kXAligned && cols_left >= kXCols;
+        if (full) {
+            // A row past N reads x row 0 (x_src points there): its columns of y are never written.
+#pragma unroll
+            for (int u = 0; u < kXIters; ++u)
+                cp_async_16(x_stage + 2 * u * x_chunk_stride(TN), x_src + u * x_chunk_stride(TN));
+        } else if constexpr (kXAligned) {
+            // k % 8 == 0: an x chunk is wholly inside or wholly past K (rows past N: x_room 0).
+#pragma unroll
+            for (int u = 0; u < kXIters; ++u)
+                if (x_room <= u * x_chunk_stride(TN)) st_shared_zero16(x_stage + 2 * u * x_chunk_stride(TN));
+#pragma unroll
+            for (int u = 0; u < kXIters; ++u)
+                if (x_room > u * x_chunk_stride(TN))
+                    cp_async_16(x_stage + 2 * u * x_chunk_stride(TN), x_src + u * x_chunk_stride(TN));
+        }
 #pragma unroll
         for (int u = 0; u < kXIters; ++u) {
             const int off = u * x_chunk_stride(TN);
-            const uint32_t dst = stage + x_dst + 2 * off;
-            if constexpr (kXAligned) {
-                if (x_room > off) cp_async_16(dst, x_src + off);
-            } else {
+            const uint32_t dst = x_stage + 2 * off;
+            if constexpr (!kXAligned) {
                 const uint16_t* src = x_src + off;
                 uint32_t w[4];
 #pragma unroll
@@ -221,6 +237,8 @@ struct StageLoader {
                              : "memory");
             }
         }
+        // This warp's tile's values in the stage (bytes from the stage start).
+        const int values_off = kStageMaskBytes + 16 * tile_rel_chunk(tile_start, next_start);
         // Advance to the next stage.
         next_start = end;
         tiles_left -= kTilesPerStage;
@@ -228,7 +246,8 @@ struct StageLoader {
         offs += kTilesPerStage;
         x_src += kXCols;
         x_room -= kXCols;
-        return tile_start;
+        cols_left -= kXCols;
+        return values_off;
     }
 };
 
@@ -397,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     extern __shared__ __align__(16) uint8_t smem[];
     __shared__ __align__(16) NibbleEntry s_table[2 * kTableEntries];
     __shared__ int s_last;
-    __shared__ __align__(8) uint64_t s_bar[kStages];  // sm_90: bulk copies of stage buffer b
+    __shared__ __align__(16) uint64_t s_bar[kStages];  // sm_90: bulk copies of stage buffer b
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -423,8 +442,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
 #endif
     StageLoader<TN, kXAligned> loader;
     loader.init(p, mt, kt0, num, n0, tid);
-    int cur_start = loader.next_start;  // offsets entry of the stage computed next
-    int tile_start = loader.load(smem_base, p, tid, bar0);
+    int values_off = loader.load(smem_base, p, tid, bar0);  // stage 0 into buffer 0
     cp_async_commit();
 
     float acc[4][NT][4];
@@ -437,28 +455,28 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
 
     const ThreadConsts tc = thread_consts(warp, lane);
     const uint8_t* const table = reinterpret_cast<const uint8_t*>(s_table);
-    // Shared-window addresses of the stage read (stage i) and written (stage i + 1).
-    uint32_t read_stage = smem_base;
-    uint32_t write_stage = smem_base + kStage;
-#pragma unroll 1
-    for (int i = 0; i < stages; ++i) {
+    // Stage i lives in buffer i % 2. One step: wait for stage i, load stage i + 1 into the other
+    // buffer, decode stage i. The loop runs two steps per trip so that the buffers, their
+    // barriers and their addresses are compile-time constants.
+    uint32_t parity = 0;  // phase of both barriers in this trip
+    auto step = [&](int i, auto buffer) {
+        constexpr int kB = decltype(buffer)::value;
 #if FS_BMP_BULK
-        mbar_wait(bar0 + 8 * (i & 1), (i >> 1) & 1);  // stage i's masks and values have landed
+        mbar_wait(bar0 + 8 * kB, parity);  // stage i's masks and values have landed
 #endif
         cp_async_wait<0>();  // this thread's copies of stage i have landed
-        __syncthreads();     // everyone's have; the other stage is free
-        const int my_start = tile_start;
-        const int my_stage_start = cur_start;
-        if (i + 1 < stages) {
-            cur_start = loader.next_start;
-            tile_start = loader.load(write_stage, p, tid, bar0 + 8 * ((i + 1) & 1));
-        }
+        __syncthreads();     // everyone's have; the other buffer is free
+        const int my_values = values_off;
+        if (i + 1 < stages) values_off = loader.load(smem_base + (1 - kB) * kStage, p, tid, bar0 + 8 * (1 - kB));
         cp_async_commit();
-        const uint32_t values = read_stage + kStageMaskBytes + 16 * tile_rel_chunk(my_start, my_stage_start);
-        compute_tile<kBF16, NT>(acc, table, read_stage, values, tc);
-        const uint32_t t = read_stage;
-        read_stage = write_stage;
-        write_stage = t;
+        compute_tile<kBF16, NT>(acc, table, smem_base + kB * kStage, smem_base + kB * kStage + my_values, tc);
+    };
+#pragma unroll 1
+    for (int i = 0; i < stages; i += 2) {
+        step(i, std::integral_constant<int, 0>());
+        if (i + 1 == stages) break;
+        step(i + 1, std::integral_constant<int, 1>());
+        parity ^= 1;
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages: reuse them for the reduction

@@ -113,6 +113,17 @@ FS_BHD int tile_rel_chunk(int tile_start, int stage_start) {
 }
 
 // --- bit helpers with host fallbacks --------------------------------------------------------------
+// lo + (hi << 16) as one multiply-add (ptxas otherwise emits a shift and an OR).
+FS_BHD uint32_t pack_halves(uint32_t lo, uint32_t hi) {
+#if defined(__CUDA_ARCH__)
+    uint32_t r;
+    asm("mad.lo.u32 %0, %1, 65536, %2;" : "=r"(r) : "r"(hi), "r"(lo));
+    return r;
+#else
+    return lo + (hi << 16);
+#endif
+}
+
 FS_BHD uint32_t popc32(uint32_t v) {
 #if defined(__CUDA_ARCH__)
     return static_cast<uint32_t>(__popc(v));
@@ -160,7 +171,7 @@ FS_BHD uint32_t byte_funnel(uint32_t a, uint32_t b, uint32_t c) {
 FS_BHD uint32_t row_count(uint32_t lo, uint32_t hi) { return popc32(lo) + popc32(hi); }
 FS_BHD uint32_t pack_row_starts(uint32_t inclusive, uint32_t pair_count, uint32_t first_row_count) {
     const uint32_t start_even = inclusive - pair_count;
-    return start_even | ((start_even + first_row_count) << 16);
+    return pack_halves(start_even, start_even + first_row_count);
 }
 FS_BHD uint32_t unpack_row_start(uint32_t packed, int row) {
     return (packed >> ((row & 1) * 16)) & 0xFFFFu;
@@ -182,7 +193,7 @@ FS_BHD constexpr int chunk_byte(int row, int t) { return row * 8 + 2 * t; }
 // hold chunks 0..3 of the same rows) of both popcounts packed in one word (each half stays
 // < 2^16, so the halves never carry into each other).
 FS_BHD uint32_t pack_chunk_counts(uint32_t chunk0, uint32_t chunk1) {
-    return popc32(chunk0) + (popc32(chunk1) << 16);  // + (not |): one LEA
+    return pack_halves(popc32(chunk0), popc32(chunk1));
 }
 // Nonzeros of the row left of column 16t (the chunk's rank within its row), from the full mask
 // (the emulator's cross-check of the scan).
@@ -196,7 +207,7 @@ FS_BHD uint32_t chunk_rank(uint32_t lo, uint32_t hi, uint32_t mlo, uint32_t mhi)
 FS_BHD uint32_t chunk_first_byte(uint32_t values_byte, uint32_t first_value) { return values_byte + 2u * first_value; }
 // The same for both chunks of a row pair from the packed firsts (halves < 2^13): the high half
 // as firsts >> 15 (bit 15 is clear) folds the scaling into one shift-add.
-FS_BHD uint32_t first_byte_lo(uint32_t values_byte, uint32_t firsts) { return values_byte + ((firsts << 1) & 0x1FFFEu); }
+FS_BHD uint32_t first_byte_lo(uint32_t values_byte, uint32_t firsts) { return values_byte + 2u * (firsts & 0xFFFFu); }
 FS_BHD uint32_t first_byte_hi(uint32_t values_byte, uint32_t firsts) { return values_byte + (firsts >> 15); }
 
 // --- per thread, per chunk, per k-step j: one nibble -> two A fragment registers -----------------------
