@@ -4,30 +4,38 @@ Instantiations: ``bitmap_spmm_kernel<kBF16, NT, kXAligned>``; ``kXAligned = true
 16-byte aligned and K % 8 == 0, the path every benchmark shape takes) is primary; the 16-bit
 load x fallback is reported as a non-primary variant (``params["x_aligned"] = False``).
 
-One main-loop iteration is one pipeline stage: the CTA's 4 warps each decode one whole 64x64
-weight tile (4 consecutive k tiles of the same tile row), so it consumes 4 x 4096 = 16384 dense
+A pipeline stage is 4 consecutive k tiles of one tile row, one whole 64x64 tile per warp. The
+main loop runs TWO stages per trip (so that the double buffer's addresses and mbarriers are
+compile-time constants), so one main-loop iteration consumes 2 x 4 x 4096 = 32768 dense weight
 elements with 128 threads, for a block tile of 64 rows x 8*NT tokens.
 
-Data-dependent control flow in the main loop, per arch (:func:`block_weights`; weights are
-issue counts per iteration and per warp, averaged over the CTA's 4 warps):
+Data-dependent control flow in the main loop (:func:`block_weights`; every weight is an issue
+count per iteration, averaged over the CTA's 4 warps):
 
-* sm_80 (and any arch without bulk copies): the cp.async copy of the stage's packed values,
+* sm_80 (and any arch without bulk copies): the cp.async copy of a stage's packed values,
   ``for (rem = chunks - (256 w + lane); rem > 0; rem -= 1024)`` with 8 predicated copies per
   trip: warp w issues ``ceil((chunks - 256 w) / 1024)`` trips (0 when non-positive); a trip is
   issued when any lane of the warp takes it. The blocks of that loop get the mean trips over
   the 4 warps and over the stages of a uniformly random weight at the given sparsity, encoded
   with the real encoder (fixed seed) -- :func:`value_copy_trips`.
-* sm_90: one thread (tid 0) copies the stage's masks and values with two ``cp.async.bulk``
+* sm_90: one thread (tid 0) copies a stage's masks and values with two ``cp.async.bulk``
   (SASS ``UBLKCP``) on an mbarrier. Only warp 0 issues that code, so its blocks -- from the
-  first block holding the proxy fence (``FENCE``/``MEMBAR``) to the last block holding a
-  ``UBLKCP``, including the waterfall loops ptxas wraps around each ``UBLKCP`` (one trip: one
-  active thread) -- count 1/4 of a whole-CTA block. The mbarrier wait is
-  ``SYNCS.PHASECHK.TRYWAIT`` in the loop head plus an out-of-line retry loop; the retry block is
-  counted once per iteration (a conservative bound: in the steady state the stage has landed
-  by the time the barrier is reached and the retry never runs).
+  block holding the proxy fence (``FENCE``/``MEMBAR``) to the last block holding a ``UBLKCP``
+  before the next fence, including the waterfall loops ptxas wraps around each ``UBLKCP``
+  (one trip: one active thread) -- count 1/4 of a whole-CTA block (``ELECTED_WEIGHT``). The
+  mbarrier wait is ``SYNCS.PHASECHK.TRANS64.TRYWAIT`` in line plus an out-of-line retry loop;
+  the retry blocks are counted once per stage (a conservative bound: in the steady state the
+  stage has landed by the time the barrier is reached and the retry never runs).
+* x copy: a stage whose 256 x columns are all inside K (CTA-uniform) copies with
+  unpredicated cp.async; otherwise a checked path (zero stores, predicated copies) runs. Its
+  blocks -- between the predicated branch to the unpredicated-copy block and that block -- get
+  :func:`checked_stage_fraction`: the largest fraction of (CTA, stage) pairs taking it over the
+  benchmark shapes' launch plans for the tile width (0 for all of them today: every benchmark K
+  is a multiple of 256, and a split's partial last stage still lies inside K).
 
-The stage load guarded by ``i + 1 < stages`` is skipped only in a split's last iteration; it is
-counted every iteration (the steady state). Everything else in the loop body is branch-free.
+The stage load guarded by ``i + 1 < stages`` is skipped only in a split's last stage, and the
+second step of a trip only when a split has an odd number of stages; both are counted every
+iteration (the steady state). Everything else in the loop body is branch-free.
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@
 //
 // Block: 4 warps, a 64-row tile row of the weight x tile_n (8/16/32) tokens, over the k tiles
 // of its split (blockIdx.z). A pipeline stage holds FOUR consecutive k tiles -- warp w decodes
-// tile 4s + w -- staged by a cp.async double buffer: the 4 tiles' 64 row masks each (2 KiB,
-// one 16-byte copy per thread), their packed values (contiguous in memory: one copy loop over
-// the chunks tile_offsets[4s] .. tile_offsets[4s + 4]) and the x tile [tile_n][256] (zero-filled
-// past N and K). Per stage, each warp
+// tile 4s + w, so the 64-row scan is paid once per 4096 elements -- in a double buffer: the 4
+// tiles' row masks (2 KiB) and packed values (contiguous in memory: tile_offsets[4s] ..
+// tile_offsets[4s + 4]), copied on sm_90 by ONE thread as two cp.async.bulk on the buffer's
+// mbarrier and before sm_90 by all threads with cp.async, and the x tile [tile_n][256]
+// (cp.async by all threads; zeros past K, masks of tiles past the split's end zeroed). The
+// main loop runs two stages per trip so buffers and barriers are compile-time constants.
+// Shared memory: 85-109 KiB dynamic (opt-in above 48 KiB) + 8 KiB static decode tables: two
+// CTAs (8 warps) per H100 SM. Per stage, each warp
 //   1. scans its tile's 64 row popcounts (lane l: rows 2l, 2l+1) -> packed row starts;
 //   2. per thread (g, t): rows 8g .. 8g+7, chunk t (columns 16t..16t+15) of each mask, the row
 //      starts of lane 4g + b (one in-group shuffle per row pair) and the chunks' ranks (a 4-lane
