@@ -57,7 +57,7 @@ ELECTED_WEIGHT = 1 / 4  # a block only warp 0 (of 4) issues
 
 def smem_bytes(n_tile: int) -> int:
     """``bmp::smem_bytes`` (dynamic): 2 stages of (masks of 4 tiles, values of 4 tiles + slack,
-    x tile ``n_tile`` x 264 halfwords). The 8 KiB decode tables are static (ptxas reports them)."""
+    x tile ``n_tile`` x 264 halfwords). The 4 KiB decode tables are static (ptxas reports them)."""
     return STAGES * (2048 + 32768 + 16 + n_tile * 264 * 2)
 
 

@@ -321,8 +321,8 @@ struct Emulator {
                         for (int r = 0; r < 8; ++r) {
                             const uint32_t c = chunks[lane][r];
                             const uint32_t eb = table_byte(chunk_addr01(c), chunk_addr23(c), j);
-                            if (eb % 16 != 0 || eb >= static_cast<uint32_t>(kTableBytes)) fail("table read at byte %u", eb);
-                            const NibbleEntry e = table[eb / 16];
+                            if (eb % 8 != 0 || eb >= static_cast<uint32_t>(kTableBytes)) fail("table read at byte %u", eb);
+                            const NibbleEntry e = table[eb / 8];
                             const NibbleEntry want = nibble_entry((c >> (4 * j)) & 15u);
                             if (std::memcmp(&e, &want, sizeof e) != 0) fail("table entry of nibble %d", j);
                             // The kernel's running byte offset vs the rank from the mask.
@@ -332,7 +332,8 @@ struct Emulator {
                             expand_nibble(e, lds32(st, stage_base, w, vb, ve), lds32(st, stage_base, w + 4, vb, ve),
                                           lds32(st, stage_base, w + 8, vb, ve), fb[r], a[j][r / 2][lane][r % 2],
                                           a[j][r / 2][lane][r % 2 + 2]);
-                            fb[r] += e.bytes;
+                            if (entry_bytes(e) != 2 * popc32((c >> (4 * j)) & 15u)) fail("entry byte count");
+                            fb[r] += entry_bytes(e);
                         }
                 }
                 for (int j = 0; j < 4; ++j)

@@ -10,7 +10,7 @@
 // mbarrier and before sm_90 by all threads with cp.async, and the x tile [tile_n][256]
 // (cp.async by all threads; zeros past K, masks of tiles past the split's end zeroed). The
 // main loop runs two stages per trip so buffers and barriers are compile-time constants.
-// Shared memory: 85-109 KiB dynamic (opt-in above 48 KiB) + 8 KiB static decode tables: two
+// Shared memory: 85-109 KiB dynamic (opt-in above 48 KiB) + 4 KiB static decode tables: two
 // CTAs (8 warps) per H100 SM. Per stage, each warp
 //   1. scans its tile's 64 row popcounts (lane l: rows 2l, 2l+1) -> packed row starts;
 //   2. per thread (g, t): rows 8g .. 8g+7, chunk t (columns 16t..16t+15) of each mask, the row
@@ -404,8 +404,8 @@ __device__ __forceinline__ void compute_tile(float (&acc)[4][NT][4], const uint8
             const NibbleEntry e1 =
                 decode_nibble(table, table_byte(a01[2 * b + 1], a23[2 * b + 1], j), fb[2 * b + 1], a[1], a[3]);
             if (j < 3) {
-                fb[2 * b] += e0.bytes;
-                fb[2 * b + 1] += e1.bytes;
+                fb[2 * b] += entry_bytes(e0);
+                fb[2 * b + 1] += entry_bytes(e1);
             }
 #pragma unroll
             for (int nb = 0; nb < NT; ++nb) mma_16816<kBF16>(acc[b][nb], a, bx[nb][0], bx[nb][1]);
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
     constexpr int TN = NT * 8;
     constexpr int kStage = stage_bytes(TN);
     extern __shared__ __align__(16) uint8_t smem[];
-    __shared__ __align__(16) NibbleEntry s_table[2 * kTableEntries];
+    __shared__ __align__(16) NibbleEntry s_table[2 * kTableEntries];  // 8-byte entries
     __shared__ int s_last;
     __shared__ __align__(16) uint64_t s_bar[kStages];  // sm_90: bulk copies of stage buffer b
 

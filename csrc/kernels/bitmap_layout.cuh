@@ -54,12 +54,12 @@ FS_BHD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 FS_BHD constexpr bool valid_tile_n(int tile_n) { return tile_n == 8 || tile_n == 16 || tile_n == 32; }
 FS_BHD constexpr int default_tile_n(int n) { return n <= 8 ? 8 : (n <= 16 ? 16 : 32); }
 
-// Shared memory: the two nibble decode tables (static, 8 KiB: their base is a link-time
+// Shared memory: the two nibble decode tables (static, 4 KiB: their base is a link-time
 // constant the loads fold in), and dynamic: kStages stages of (masks of 4 tiles, values of 4
 // tiles + slack, x tile [tile_n][256 (+8 pad)]). Above 48 KiB: the launch opts in.
 constexpr int kTableEntries = 256;    // one entry per mask byte
-constexpr int kTableBytes = 2 * kTableEntries * 16;  // low-nibble table, then high-nibble table
-constexpr int kHighTable = kTableEntries * 16;       // byte offset of the high-nibble table
+constexpr int kTableBytes = 2 * kTableEntries * 8;  // low-nibble table, then high-nibble table
+constexpr int kHighTable = kTableEntries * 8;       // byte offset of the high-nibble table
 FS_BHD constexpr int stage_bytes(int tile_n) {
     return kStageMaskBytes + kValueBytes + kValueSlack + tile_n * kXStride * 2;
 }
@@ -211,12 +211,15 @@ FS_BHD uint32_t first_byte_lo(uint32_t values_byte, uint32_t firsts) { return va
 FS_BHD uint32_t first_byte_hi(uint32_t values_byte, uint32_t firsts) { return values_byte + (firsts >> 15); }
 
 // --- per thread, per chunk, per k-step j: one nibble -> two A fragment registers -----------------------
-// Decode table entry of a nibble: prmt selectors for the halfword slots 0,1 (sel_lo) and 2,3
-// (sel_hi), and the mask that keeps value 3 only when all four bits are set. Slot s takes
-// value v = popcount(nibble below bit s) (bytes 2v, 2v+1 of {V01, V23}) when bit s is set;
-// otherwise "value 3", which the mask has zeroed (a nibble with a clear bit has <= 3 values).
+// Decode table entry of a nibble (8 bytes, one LDS.64): prmt selectors for the halfword slots
+// 0,1 (low half of `lo_bytes`) and 2,3 (low half of `hi_keep`; prmt reads only a selector's low
+// 16 bits), 2 * popcount(nibble) -- the bytes to the next nibble -- in the high half of
+// `lo_bytes`, and in the high half of `hi_keep` the mask that keeps value 3 only when all four
+// bits are set. Slot s takes value v = popcount(nibble below bit s) (bytes 2v, 2v+1 of
+// {V01, V23}) when bit s is set; otherwise "value 3", which the mask has zeroed (a nibble with
+// a clear bit has <= 3 values).
 struct NibbleEntry {
-    uint32_t sel_lo, sel_hi, keep23, bytes;  // bytes: 2 * popcount(nibble), to the next nibble
+    uint32_t lo_bytes, hi_keep;
 };
 FS_BHD uint32_t slot_selector(uint32_t nib, int s) {
     const uint32_t v = ((nib >> s) & 1u) ? popc32(nib & ((1u << s) - 1u)) : 3u;
@@ -224,21 +227,20 @@ FS_BHD uint32_t slot_selector(uint32_t nib, int s) {
 }
 FS_BHD NibbleEntry nibble_entry(uint32_t nib) {
     NibbleEntry e;
-    e.sel_lo = slot_selector(nib, 0) | (slot_selector(nib, 1) << 8);
-    e.sel_hi = slot_selector(nib, 2) | (slot_selector(nib, 3) << 8);
-    e.keep23 = nib == 15u ? 0xFFFFFFFFu : 0x0000FFFFu;
-    e.bytes = 2u * popc32(nib);
+    e.lo_bytes = slot_selector(nib, 0) | (slot_selector(nib, 1) << 8) | ((2u * popc32(nib)) << 16);
+    e.hi_keep = slot_selector(nib, 2) | (slot_selector(nib, 3) << 8) | (nib == 15u ? 0xFFFF0000u : 0u);
     return e;
 }
+FS_BHD uint32_t entry_bytes(const NibbleEntry& e) { return e.lo_bytes >> 16; }
 // Two tables indexed by a mask BYTE: entry e of the low table decodes nibble e & 15, of the high
-// table nibble e >> 4. Nibbles 0, 1 of a chunk c share the address (c << 4) & 0xFF0 (byte 0 x
-// 16), nibbles 2, 3 share (c >> 4) & 0xFF0 (byte 1 x 16): two ALU ops per chunk address all four.
+// table nibble e >> 4. Nibbles 0, 1 of a chunk c share the address (c << 3) & 0x7F8 (byte 0 x
+// 8), nibbles 2, 3 share (c >> 5) & 0x7F8 (byte 1 x 8): two ALU ops per chunk address all four.
 FS_BHD NibbleEntry table_entry(int index) {  // index 0 .. 511: low table, then high table
     const uint32_t byte = static_cast<uint32_t>(index) & 0xFFu;
     return nibble_entry(index < kTableEntries ? (byte & 15u) : (byte >> 4));
 }
-FS_BHD uint32_t chunk_addr01(uint32_t chunk) { return (chunk << 4) & 0xFF0u; }
-FS_BHD uint32_t chunk_addr23(uint32_t chunk) { return (chunk >> 4) & 0xFF0u; }
+FS_BHD uint32_t chunk_addr01(uint32_t chunk) { return (chunk << 3) & 0x7F8u; }
+FS_BHD uint32_t chunk_addr23(uint32_t chunk) { return (chunk >> 5) & 0x7F8u; }
 // Table byte of nibble j's entry from the chunk's two addresses.
 FS_BHD uint32_t table_byte(uint32_t addr01, uint32_t addr23, int j) {
     return (j < 2 ? addr01 : addr23) + (j & 1) * kHighTable;
@@ -256,9 +258,9 @@ FS_BHD uint32_t value_byte(uint32_t fb) { return fb & ~3u; }
 FS_BHD void expand_nibble(const NibbleEntry& e, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t fb, uint32_t& lo,
                           uint32_t& hi) {
     const uint32_t v01 = byte_funnel(w0, w1, fb);
-    const uint32_t v23 = byte_funnel(w1, w2, fb) & e.keep23;
-    lo = byte_perm(v01, v23, e.sel_lo);
-    hi = byte_perm(v01, v23, e.sel_hi);
+    const uint32_t v23 = byte_funnel(w1, w2, fb) & (e.hi_keep | 0xFFFFu);  // one LOP3
+    lo = byte_perm(v01, v23, e.lo_bytes);
+    hi = byte_perm(v01, v23, e.hi_keep);
 }
 
 // --- B fragment and accumulators ---------------------------------------------------------------

@@ -456,9 +456,9 @@ backends.register_kernel(
 BITMAP_TILE_M = 64
 BITMAP_THREADS = 128
 BITMAP_STAGES = 2  # each stage: 4 consecutive k tiles, one per warp
-BITMAP_TABLE_BYTES = 8192 + 16  # static: the two nibble decode tables (+ the split-K flag)
+BITMAP_TABLE_BYTES = 4096 + 32  # static: the two nibble decode tables, the split-K flag, 2 mbarriers
 # ptxas registers per thread by tile_n (sm_90a; fp16 and bf16 alike), for the occupancy model.
-BITMAP_REGISTERS = {8: 95, 16: 119, 32: 151}
+BITMAP_REGISTERS = {8: 80, 16: 100, 32: 135}
 H100_SMS = 132
 
 
