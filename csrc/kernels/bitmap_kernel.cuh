@@ -10,7 +10,7 @@
 // mbarrier and before sm_90 by all threads with cp.async, and the x tile [tile_n][256]
 // (cp.async by all threads; zeros past K, masks of tiles past the split's end zeroed). The
 // main loop runs two stages per trip so buffers and barriers are compile-time constants.
-// Shared memory: 85-109 KiB dynamic (opt-in above 48 KiB) + 4 KiB static decode tables: two
+// Shared memory: 76-101 KiB dynamic (opt-in above 48 KiB) + 4 KiB static decode tables: two
 // CTAs (8 warps) per H100 SM. Per stage, each warp
 //   1. scans its tile's 64 row popcounts (lane l: rows 2l, 2l+1) -> packed row starts;
 //   2. per thread (g, t): rows 8g .. 8g+7, chunk t (columns 16t..16t+15) of each mask, the row
