@@ -54,7 +54,6 @@ struct Params {
 };
 
 using ptx::cp_async_16;
-using ptx::cp_async_16_zfill;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
 using ptx::Elem;
