@@ -96,6 +96,10 @@ _EMULATED = [
     (150, 100, 21, 0.6, "dense_tiles", 8, 2, False, True),  # every tile width on one shape
     (150, 100, 21, 0.6, "row_skewed", 16, 1, True, False),
     (150, 333, 21, 0.7, "empty_tiles", 32, 5, False, True),
+    # K % 8 == 0 and >= 256: unchecked x stages (rows past N read x row 0), then a stage past K
+    (100, 520, 9, 0.7, "row_skewed", 0, 1, False, True),
+    # split-K with a partial last stage inside K: absent tiles see the next split's x
+    (70, 1024, 5, 0.6, "dense_tiles", 0, 3, False, False),
 ]
 
 

@@ -1,19 +1,24 @@
 // Host emulator of the CUDA bitmap SpMM kernel (bitmap_kernel.cuh), for machines without a GPU.
 //
 // Plain C++ (build: g++ -std=c++17 -O2 -x c++ bitmap_emulator.cu). It replays every CTA of the
-// launch -- the stage copies (masks, clamped value chunks, x with zero-fill or the scalar path),
-// the per-warp row-start scan, the per-thread nibble decode, the B loads, mma.m16n8k16 and the
-// split-K epilogue with its arrival counters -- calling the kernel's own functions from
-// bitmap_layout.cuh. The mma fragment layouts are modelled from the PTX ISA (written here,
-// independently of the layout helpers):
+// launch -- per pipeline stage the 128 threads' copies (masks of the stage's 4 k tiles or zeros
+// past the split, the stage's clamped value chunks in the kernel's per-warp copy order, x with
+// zero stores past K or the scalar path), then per warp its tile's row-start scan, the per-thread
+// chunk scan and nibble decode, the B loads, mma.m16n8k16, and at the end the cross-warp
+// reduction in warp order and the split-K epilogue with its arrival counters -- calling the
+// kernel's own functions from bitmap_layout.cuh. The mma fragment layouts are modelled from the
+// PTX ISA (written here, independently of the layout helpers):
 //   A (row): lane = 4g + t; reg0 = (row g, k 2t, 2t+1), reg1 = (g+8, 2t..), reg2 = (g, 2t+8..),
 //            reg3 = (g+8, 2t+8..); low halfword first.
 //   B (col): reg0 = (k 2t, 2t+1; col g), reg1 = (k 2t+8, 2t+9; col g).
 //   C: c0, c1 = (row g, cols 2t, 2t+1); c2, c3 = (row g+8, same cols).
 // Every stage buffer is poisoned with NaN before each refill, so a decode that selected a byte
-// it should not (stale data, the slack past a run) turns the result into NaN. It also checks
-// global reads in bounds, shared reads inside the stage, every output written exactly once and
-// the split-K counters back at zero.
+// it should not (stale data, the slack past a run, the values of an absent tile) turns the
+// result into NaN. It also checks global reads in bounds, every stage byte the kernel reads
+// written by this stage's copies (each exactly once), shared reads inside their regions, every
+// output written exactly once and the split-K counters back at zero. Shared addresses are
+// modelled as the kernel forms them (absolute, from a 16-byte aligned dynamic base that is not
+// 0, stages back to back, the decode tables elsewhere).
 //
 // Usage: bitmap_emulator --plan N K SPLIT   (prints "tile_n effective_split tiles_per_split")
 //        bitmap_emulator PROBLEM...  (PROBLEM.out: float32 y[n][m], the kernel's fp32 value
@@ -112,6 +117,7 @@ struct Emulator {
     std::vector<int> writes;
     std::vector<int32_t> counters;
     std::vector<NibbleEntry> table;
+    static constexpr uint32_t kDynBase = 0x410;  // a 16-byte aligned, non-zero dynamic smem base
 
     explicit Emulator(const Problem& pr) : p(pr) {
         tn = p.tile_n == 0 ? default_tile_n(p.n) : p.tile_n;
@@ -128,50 +134,110 @@ struct Emulator {
         writes.assign(y.size(), 0);
         if (split > 1) partial.assign(static_cast<size_t>(split) * y.size(), NAN);
         counters.assign(static_cast<size_t>(grid_x) * grid_y, 0);
-        for (uint32_t v = 0; v < 16; ++v) table.push_back(nibble_entry(v));
+        for (int e = 0; e < 2 * kTableEntries; ++e) table.push_back(table_entry(e));
+        if (x_chunks_per_thread(tn) * kThreads * 8 != tn * kXCols) fail("x chunks do not cover the x tile");
     }
 
     float elem(uint16_t b) const { return p.bf16 ? bf16_to_float(b) : half_to_float(b); }
-
-    // load_stage(): what the 128 threads' copies leave in the stage.
-    void load_stage(std::vector<uint8_t>& stage, int mt, int kt, int n0) const {
-        std::fill(stage.begin(), stage.end(), kPoison);
-        const size_t tile = static_cast<size_t>(mt) * k_tiles + kt;
-        if (tile + 1 >= p.offsets.size()) fail("tile_offsets read past the end (tile %zu)", tile);
-        for (int tid = 0; tid < kMaskBytes / 16; ++tid) {
-            const size_t src = tile * kMaskBytes + tid * 16;
-            if (src + 16 > p.masks.size() * 8) fail("mask read past the end");
-            std::memcpy(&stage[tid * 16], reinterpret_cast<const uint8_t*>(p.masks.data()) + src, 16);
-        }
-        // StageLoader::load: the previous tile's end is this tile's start.
-        const int next_start = p.offsets[tile], end = p.offsets[tile + 1];
-        const int start = std::min(std::max(next_start, 0), p.value_chunks);
-        const int count = std::min(std::min(end - next_start, kMaxValueChunks), p.value_chunks - start);
-        for (int c = 0; c < count; ++c) {
-            const size_t src = (static_cast<size_t>(start) + c) * 16;
-            if (src + 16 > p.values.size() * 2) fail("value read past the end");
-            std::memcpy(&stage[kMaskBytes + c * 16], reinterpret_cast<const uint8_t*>(p.values.data()) + src, 16);
-        }
-        const int x_aligned = (p.k % 8 == 0) && !p.misaligned_x;
-        uint8_t* xs = &stage[kMaskBytes + kValueBytes + kValueSlack];
-        for (int q = 0; q < tn * 8; ++q) {
-            const int r = x_chunk_row(q), c = x_chunk_col(q), nn = n0 + r, kk = kt * kTile + c;
-            uint16_t chunk[8];
-            for (int e = 0; e < 8; ++e) {
-                const bool valid = x_aligned ? (nn < p.n && kk < p.k) : (nn < p.n && kk + e < p.k);
-                if (x_aligned && valid && kk + e >= p.k) fail("x chunk straddles K on the aligned path");
-                chunk[e] = valid ? p.x[static_cast<size_t>(nn) * p.k + kk + e] : 0;
-            }
-            const int off = x_elem_offset(r, c) * 2;
-            if (off % 16 != 0) fail("x chunk destination not 16-byte aligned");
-            std::memcpy(xs + off, chunk, 16);
-        }
+    int32_t offset(size_t i) const {
+        if (i >= p.offsets.size()) fail("tile_offsets read past the end (entry %zu)", i);
+        return p.offsets[i];
     }
 
-    uint32_t lds32(const std::vector<uint8_t>& stage, size_t byte, size_t lo, size_t hi) const {
-        if (byte % 4 != 0 || byte < lo || byte + 4 > hi) fail("shared 32-bit read at %zu outside [%zu, %zu)", byte, lo, hi);
+    struct Stage {
+        std::vector<uint8_t> bytes;
+        std::vector<uint8_t> written;  // per byte: copies that wrote it
+        int start = 0;                 // value chunk of the stage's first tile (offsets units)
+        int tile_start[kWarps] = {};   // per warp: its tile's start as StageLoader::load read it
+    };
+
+    void write16(Stage& st, size_t byte, const uint8_t* src) const {
+        if (byte % 16 != 0 || byte + 16 > st.bytes.size()) fail("16-byte stage write at %zu", byte);
+        std::memcpy(&st.bytes[byte], src, 16);
+        for (int i = 0; i < 16; ++i) ++st.written[byte + i];
+    }
+
+    // StageLoader::load of stage s (tiles 4s .. 4s + 3 of the split starting at tile0) by the 128
+    // threads, into a poisoned stage.
+    void load_stage(Stage& st, size_t tile0, int num, int s, int n0, int kt0) const {
+        std::fill(st.bytes.begin(), st.bytes.end(), kPoison);
+        std::fill(st.written.begin(), st.written.end(), 0);
+        const int tiles_left = num - s * kTilesPerStage;
+        const size_t first = tile0 + static_cast<size_t>(s) * kTilesPerStage;  // offsets index
+        static const uint8_t zero[16] = {};
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int warp = tid >> 5;
+            if (warp < tiles_left) {
+                const size_t src = first * kMaskBytes + tid * 16;
+                if (src + 16 > p.masks.size() * 8) fail("mask read past the end");
+                write16(st, tid * 16, reinterpret_cast<const uint8_t*>(p.masks.data()) + src);
+            } else {
+                write16(st, tid * 16, zero);
+            }
+        }
+        const int next_start = offset(first);
+        const int end = offset(first + std::min(kTilesPerStage, tiles_left));
+        for (int w = 0; w < kWarps; ++w) st.tile_start[w] = offset(first + std::min(w, tiles_left));
+        st.start = next_start;
+        const int start = clamp_start(next_start, p.value_chunks);
+        const int count = stage_value_count(next_start, end, p.value_chunks);
+        if (count > kStageValueChunks) fail("stage value count %d over the buffer", count);
+        // The kernel's copy loop: thread f = 256 warp + lane copies chunks f + 32u + 1024 trip.
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int f = (tid >> 5) * (kThreads * 8 / kWarps) + (tid & 31);
+            for (int trip = 0, rem = count - f; rem > 0; ++trip, rem -= kThreads * 8)
+                for (int u = 0; u < 8; ++u) {
+                    if (rem <= 32 * u) continue;
+                    const int c = f + 32 * u + kThreads * 8 * trip;
+                    const size_t src = (static_cast<size_t>(start) + c) * 16;
+                    if (src + 16 > p.values.size() * 2) fail("value read past the end");
+                    write16(st, kStageMaskBytes + static_cast<size_t>(c) * 16,
+                            reinterpret_cast<const uint8_t*>(p.values.data()) + src);
+                }
+        }
+        const int x_aligned = (p.k % 8 == 0) && !p.misaligned_x;
+        // StageLoader: a stage whose 256 columns are all inside K copies without checks, and a row
+        // past N reads x row 0 (its columns of y are never written); otherwise zeros past N and K.
+        const int col0 = (kt0 + s * kTilesPerStage) * kTile;
+        const bool full = x_aligned && p.k - col0 >= kXCols;
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int r = x_chunk_row(tn, tid), nn = n0 + r;
+            for (int u = 0; u < x_chunks_per_thread(tn); ++u) {
+                const int c = x_chunk_col(tn, tid, u);
+                const int kk = col0 + c;
+                uint16_t chunk[8];
+                for (int e = 0; e < 8; ++e) {
+                    if (full) {
+                        chunk[e] = p.x[static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk + e];
+                        continue;
+                    }
+                    const bool valid = x_aligned ? (nn < p.n && kk < p.k) : (nn < p.n && kk + e < p.k);
+                    if (x_aligned && valid && kk + e >= p.k) fail("x chunk straddles K on the aligned path");
+                    chunk[e] = valid ? p.x[static_cast<size_t>(nn) * p.k + kk + e] : 0;
+                }
+                write16(st, stage_x_byte() + 2 * static_cast<size_t>(x_elem_offset(r, c)),
+                        reinterpret_cast<const uint8_t*>(chunk));
+            }
+        }
+        // Coverage: masks and the x tile fully written once; values: exactly the copied chunks.
+        for (size_t b = 0; b < static_cast<size_t>(kStageMaskBytes); ++b)
+            if (st.written[b] != 1) fail("mask byte %zu written %d times", b, st.written[b]);
+        for (int r = 0; r < tn; ++r)
+            for (int c = 0; c < kXCols * 2; ++c) {
+                const size_t b = stage_x_byte() + 2 * static_cast<size_t>(x_elem_offset(r, 0)) + c;
+                if (st.written[b] != 1) fail("x byte %zu written %d times", b, st.written[b]);
+            }
+        for (int c = 0; c < kStageValueChunks; ++c)
+            if (st.written[kStageMaskBytes + 16 * c] != (c < count ? 1 : 0)) fail("value chunk %d copy count", c);
+    }
+
+    // A shared read the kernel does: `addr` is absolute (kDynBase + stage offset).
+    uint32_t lds32(const Stage& st, uint32_t stage_base, uint32_t addr, size_t lo, size_t hi) const {
+        if (addr % 4 != 0 || addr < stage_base) fail("shared 32-bit read at %u", addr);
+        const size_t byte = addr - stage_base;
+        if (byte < lo || byte + 4 > hi) fail("shared 32-bit read at stage byte %zu outside [%zu, %zu)", byte, lo, hi);
         uint32_t v;
-        std::memcpy(&v, &stage[byte], 4);
+        std::memcpy(&v, &st.bytes[byte], 4);
         return v;
     }
 
@@ -179,135 +245,181 @@ struct Emulator {
         const int n0 = bx * tn, mt = by, kt0 = bz * per_split;
         const int num = std::min(per_split, k_tiles - kt0);
         if (num < 1) fail("empty split %d", bz);
-        std::vector<float> acc(static_cast<size_t>(kThreads) * nt * 4, 0.f);
-        std::vector<uint8_t> stage(stage_bytes(tn));
-        const size_t xbase = kMaskBytes + kValueBytes + kValueSlack;
-        for (int i = 0; i < num; ++i) {
-            load_stage(stage, mt, kt0 + i, n0);
+        const size_t tile0 = static_cast<size_t>(mt) * k_tiles + kt0;
+        // acc[warp][lane][b][nb][r]
+        std::vector<float> acc(static_cast<size_t>(kThreads) * 4 * nt * 4, 0.f);
+        auto A_ = [&](int warp, int lane, int b, int nb, int r) -> float& {
+            return acc[((((warp * 32 + lane) * 4 + b) * nt + nb) * 4) + r];
+        };
+        Stage st;
+        st.bytes.resize(stage_bytes(tn));
+        st.written.resize(stage_bytes(tn));
+        const size_t vb = kStageMaskBytes, ve = kStageMaskBytes + kValueBytes + kValueSlack;
+        for (int s = 0; s < stages_of(num); ++s) {
+            load_stage(st, tile0, num, s, n0, kt0);
+            const uint32_t stage_base = kDynBase + static_cast<uint32_t>((s % kStages) * stage_bytes(tn));
             for (int warp = 0; warp < kWarps; ++warp) {
-                // Step 1: lanes' pair counts and the warp's inclusive scan.
+                const bool present = s * kTilesPerStage + warp < num;
+                const uint32_t values = stage_base + kStageMaskBytes + 16u * tile_rel_chunk(st.tile_start[warp], st.start);
+                if (present && st.tile_start[warp] - st.start != tile_rel_chunk(st.tile_start[warp], st.start) &&
+                    p.offsets.back() == p.value_chunks)
+                    fail("a well-formed tile start was clamped");
+                const size_t mbase = static_cast<size_t>(warp) * kMaskBytes;
+                auto mask_word = [&](int row, int h) {
+                    return lds32(st, stage_base, stage_base + static_cast<uint32_t>(mbase + row * 8 + 4 * h), mbase,
+                                 mbase + kMaskBytes);
+                };
+                // Step 1: lanes' pair counts and the warp's inclusive scan (lane l: rows 2l, 2l+1).
                 uint32_t packed[32];
                 uint32_t running = 0;
                 for (int lane = 0; lane < 32; ++lane) {
-                    const uint32_t* pr = reinterpret_cast<const uint32_t*>(&stage[lane * 16]);
-                    const uint32_t c_even = row_count(pr[0], pr[1]);
-                    const uint32_t c_pair = c_even + row_count(pr[2], pr[3]);
+                    const uint32_t c_even = row_count(mask_word(2 * lane, 0), mask_word(2 * lane, 1));
+                    const uint32_t c_pair = c_even + row_count(mask_word(2 * lane + 1, 0), mask_word(2 * lane + 1, 1));
                     running += c_pair;
                     packed[lane] = pack_row_starts(running, c_pair, c_even);
                 }
-                // Step 2: per lane, the two rows' chunks; the 4-lane exclusive scan of their packed
-                // popcounts (lanes 4g .. 4g+3) gives the chunk ranks.
-                uint32_t chunks[32][2], counts[32];
+                uint32_t row_start[kTile + 1] = {0};  // independent: from the full masks
+                for (int q = 0; q < kTile; ++q) row_start[q + 1] = row_start[q] + row_count(mask_word(q, 0), mask_word(q, 1));
+                // Step 2: per lane, chunk t of rows 8g .. 8g+7; packed popcounts per row pair.
+                uint32_t chunks[32][8], counts[32][4];
                 for (int lane = 0; lane < 32; ++lane) {
-                    const int g = lane >> 2, t = lane & 3, r0 = 16 * warp + g;
-                    for (int h = 0; h < 2; ++h) {
-                        const int cb = chunk_byte(r0 + 8 * h, t);
+                    const int g = lane >> 2, t = lane & 3;
+                    for (int r = 0; r < 8; ++r) {
+                        const int cb = chunk_byte(thread_row(g, r), t);
                         if (cb % 2 != 0 || cb < 0 || cb + 2 > kMaskBytes) fail("chunk read at byte %d", cb);
                         uint16_t c;
-                        std::memcpy(&c, &stage[cb], 2);
-                        chunks[lane][h] = c;
+                        std::memcpy(&c, &st.bytes[mbase + cb], 2);
+                        chunks[lane][r] = c;
                     }
-                    counts[lane] = pack_chunk_counts(chunks[lane][0], chunks[lane][1]);
+                    for (int b = 0; b < 4; ++b) counts[lane][b] = pack_chunk_counts(chunks[lane][2 * b], chunks[lane][2 * b + 1]);
                 }
-                // Step 3 per lane: A registers per k-step.
-                uint32_t a[4][32][4];
+                // Step 3 per lane: A registers per k-step and m16 block.
+                uint32_t a[4][4][32][4];  // [j][b][lane][reg]
                 for (int lane = 0; lane < 32; ++lane) {
-                    const int g = lane >> 2, t = lane & 3, r0 = 16 * warp + g;
-                    uint32_t ranks = 0;
-                    for (int u = 4 * g; u < lane; ++u) ranks += counts[u];
-                    const uint32_t starts = byte_perm(packed[r0 >> 1], packed[(r0 + 8) >> 1], row_start_selector(r0));
-                    const uint32_t start0 = starts & 0xFFFFu, start1 = starts >> 16;
-                    if (start0 != unpack_row_start(packed[r0 >> 1], r0) || start1 != unpack_row_start(packed[(r0 + 8) >> 1], r0 + 8))
-                        fail("packed row starts disagree");
-                    const uint32_t m0x = lds32(stage, r0 * 8, 0, kMaskBytes), m0y = lds32(stage, r0 * 8 + 4, 0, kMaskBytes);
-                    const uint32_t m1x = lds32(stage, (r0 + 8) * 8, 0, kMaskBytes),
-                                   m1y = lds32(stage, (r0 + 8) * 8 + 4, 0, kMaskBytes);
-                    const uint32_t mlo = below_lo_mask(t), mhi = below_hi_mask(t);
-                    const uint32_t chunk[2] = {chunks[lane][0], chunks[lane][1]};
-                    // Independent cross-checks of the chunk loads and of the scan against the full masks.
-                    if (chunk[0] != chunk_bits(m0x, m0y, t) || chunk[1] != chunk_bits(m1x, m1y, t))
-                        fail("chunk load disagrees with the row mask");
-                    if ((ranks & 0xFFFFu) != chunk_rank(m0x, m0y, mlo, mhi) || (ranks >> 16) != chunk_rank(m1x, m1y, mlo, mhi))
-                        fail("chunk rank scan disagrees with the row mask");
-                    const uint32_t first[2] = {start0 + (ranks & 0xFFFFu), start1 + (ranks >> 16)};
-                    // fb counts from the start of the CTA's shared memory (table, then stages).
-                    const uint32_t values_byte = kNibbleTableBytes + (i % kStages) * stage_bytes(tn) + kMaskBytes;
-                    const uint32_t firsts = starts + ranks;
-                    uint32_t fb[2] = {chunk_first_byte(values_byte, firsts & 0xFFFFu, 0),
-                                      chunk_first_byte(values_byte, firsts >> 16, 0)};
-                    for (int j = 0; j < 4; ++j)
+                    const int g = lane >> 2, t = lane & 3;
+                    uint32_t fb[8], first[8];
+                    for (int b = 0; b < 4; ++b) {
+                        uint32_t ranks = 0;  // the 4-lane exclusive scan
+                        for (int u = 4 * g; u < lane; ++u) ranks += counts[u][b];
+                        const uint32_t starts = packed[row_pair_lane(g, b)];
+                        const uint32_t firsts = starts + ranks;
+                        fb[2 * b] = first_byte_lo(values, firsts);
+                        fb[2 * b + 1] = first_byte_hi(values, firsts);
                         for (int h = 0; h < 2; ++h) {
-                            const uint32_t eb = nibble_entry_byte(chunk[h], j);
-                            if (eb % 16 != 0 || eb >= kNibbleTableBytes) fail("nibble table read at byte %u", eb);
-                            const NibbleEntry e = table[eb / 16];
+                            const int row = thread_row(g, 2 * b + h);
+                            // Independent cross-checks against the full masks.
+                            if (unpack_row_start(starts, h) != row_start[row]) fail("row start of row %d", row);
+                            const uint32_t lo = mask_word(row, 0), hi = mask_word(row, 1);
+                            if (chunks[lane][2 * b + h] != chunk_bits(lo, hi, t)) fail("chunk load disagrees with the mask");
+                            const uint32_t rank = chunk_rank(lo, hi, below_lo_mask(t), below_hi_mask(t));
+                            if (((ranks >> (16 * h)) & 0xFFFFu) != rank) fail("chunk rank scan disagrees with the mask");
+                            first[2 * b + h] = row_start[row] + rank;
+                            if (fb[2 * b + h] != chunk_first_byte(values, first[2 * b + h])) fail("first value byte");
+                        }
+                    }
+                    for (int j = 0; j < 4; ++j)
+                        for (int r = 0; r < 8; ++r) {
+                            const uint32_t c = chunks[lane][r];
+                            const uint32_t eb = table_byte(chunk_addr01(c), chunk_addr23(c), j);
+                            if (eb % 8 != 0 || eb >= static_cast<uint32_t>(kTableBytes)) fail("table read at byte %u", eb);
+                            const NibbleEntry e = table[eb / 8];
+                            const NibbleEntry want = nibble_entry((c >> (4 * j)) & 15u);
+                            if (std::memcmp(&e, &want, sizeof e) != 0) fail("table entry of nibble %d", j);
                             // The kernel's running byte offset vs the rank from the mask.
-                            if (fb[h] != values_byte + 2 * (first[h] + nibble_rank(chunk[h], j)))
-                                fail("running value offset drifted");
-                            const size_t vb = kMaskBytes, ve = kMaskBytes + kValueBytes + kValueSlack;
-                            const size_t w = vb + value_byte(fb[h]) - values_byte;
-                            expand_nibble(e, lds32(stage, w, vb, ve), lds32(stage, w + 4, vb, ve), lds32(stage, w + 8, vb, ve),
-                                          value_shift(fb[h]), a[j][lane][h], a[j][lane][h + 2]);
-                            fb[h] += e.bytes;
+                            if (fb[r] != values + 2 * (first[r] + nibble_rank(c, j))) fail("running value offset drifted");
+                            const uint32_t w = value_byte(fb[r]);
+                            // Chunk r: block b = r / 2, A row g (+8 for odd r): regs (r%2) and (r%2)+2.
+                            expand_nibble(e, lds32(st, stage_base, w, vb, ve), lds32(st, stage_base, w + 4, vb, ve),
+                                          lds32(st, stage_base, w + 8, vb, ve), fb[r], a[j][r / 2][lane][r % 2],
+                                          a[j][r / 2][lane][r % 2 + 2]);
+                            if (entry_bytes(e) != 2 * popc32((c >> (4 * j)) & 15u)) fail("entry byte count");
+                            fb[r] += entry_bytes(e);
                         }
                 }
                 for (int j = 0; j < 4; ++j)
                     for (int nb = 0; nb < nt; ++nb) {
-                        // PTX fragments -> 16x16 A, 16x8 B (k = mma k-slot).
-                        float A[16][16], B[16][8];
+                        float B[16][8];
                         for (int lane = 0; lane < 32; ++lane) {
                             const int g = lane >> 2, t = lane & 3;
-                            const int rows[4] = {g, g + 8, g, g + 8}, ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-                            for (int r = 0; r < 4; ++r) {
-                                A[rows[r]][ks[r]] = elem(a[j][lane][r] & 0xFFFFu);
-                                A[rows[r]][ks[r] + 1] = elem(a[j][lane][r] >> 16);
-                            }
                             // The kernel's split: per-thread b_byte + per-(nb, j) constant.
-                            const size_t bb = kMaskBytes + kValueBytes + kValueSlack + 2 * x_elem_offset(g, b_col(t, 0)) +
+                            const size_t bb = stage_x_byte() + 2 * x_elem_offset(g, b_col(warp, t, 0)) +
                                               2 * x_elem_offset(nb * 8, 4 * j);
-                            if (bb != xbase + 2 * static_cast<size_t>(x_elem_offset(nb * 8 + g, b_col(t, j))))
+                            if (bb != stage_x_byte() + 2 * static_cast<size_t>(x_elem_offset(nb * 8 + g, b_col(warp, t, j))))
                                 fail("B address split is wrong");
                             if (bb % 8 != 0) fail("B load not 8-byte aligned");
-                            const uint32_t b0 = lds32(stage, bb, xbase, stage.size());
-                            const uint32_t b1 = lds32(stage, bb + 4, xbase, stage.size());
+                            const uint32_t b0 = lds32(st, stage_base, stage_base + bb, stage_x_byte(), st.bytes.size());
+                            const uint32_t b1 = lds32(st, stage_base, stage_base + bb + 4, stage_x_byte(), st.bytes.size());
                             B[2 * t][g] = elem(b0 & 0xFFFFu);
                             B[2 * t + 1][g] = elem(b0 >> 16);
                             B[2 * t + 8][g] = elem(b1 & 0xFFFFu);
                             B[2 * t + 9][g] = elem(b1 >> 16);
                         }
-                        for (int lane = 0; lane < 32; ++lane) {
-                            const int g = lane >> 2, t = lane & 3;
-                            for (int r = 0; r < 4; ++r) {
-                                const int row = g + 8 * (r >> 1), col = 2 * t + (r & 1);
-                                double s = 0.0;
-                                for (int kk = 0; kk < 16; ++kk) s += static_cast<double>(A[row][kk]) * B[kk][col];
-                                float& c = acc[((warp * 32 + lane) * nt + nb) * 4 + r];
-                                c = static_cast<float>(c + s);
+                        for (int b = 0; b < 4; ++b) {
+                            // PTX fragments -> 16x16 A (k = mma k-slot).
+                            float Am[16][16];
+                            for (int lane = 0; lane < 32; ++lane) {
+                                const int g = lane >> 2, t = lane & 3;
+                                const int rows[4] = {g, g + 8, g, g + 8}, ks[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+                                for (int r = 0; r < 4; ++r) {
+                                    Am[rows[r]][ks[r]] = elem(a[j][b][lane][r] & 0xFFFFu);
+                                    Am[rows[r]][ks[r] + 1] = elem(a[j][b][lane][r] >> 16);
+                                }
+                            }
+                            for (int lane = 0; lane < 32; ++lane) {
+                                const int g = lane >> 2, t = lane & 3;
+                                for (int r = 0; r < 4; ++r) {
+                                    const int row = g + 8 * (r >> 1), col = 2 * t + (r & 1);
+                                    double sum = 0.0;
+                                    for (int kk = 0; kk < 16; ++kk) sum += static_cast<double>(Am[row][kk]) * B[kk][col];
+                                    float& c = A_(warp, lane, b, nb, r);
+                                    c = static_cast<float>(c + sum);
+                                }
                             }
                         }
                     }
             }
         }
-        // Epilogue.
+        // Cross-warp reduction through the (poisoned) stage memory, then the epilogue.
+        std::vector<float> red(static_cast<size_t>(kStages) * stage_bytes(tn) / 4, NAN);
+        std::vector<int> red_writes(red.size(), 0);
+        for (int warp = 0; warp < kWarps; ++warp)
+            for (int lane = 0; lane < 32; ++lane) {
+                const int g = lane >> 2, t = lane & 3;
+                for (int b = 0; b < 4; ++b)
+                    for (int nb = 0; nb < nt; ++nb)
+                        for (int r = 0; r < 4; ++r) {
+                            const size_t i = red_index(warp, tn, c_row(g, b, r), c_col(nb, t, r));
+                            if (i >= red.size()) fail("reduction write out of the stages");
+                            red[i] = A_(warp, lane, b, nb, r);
+                            ++red_writes[i];
+                        }
+            }
+        for (int warp = 0; warp < kWarps; ++warp)
+            for (int row = 0; row < kTileM; ++row)
+                for (int col = 0; col < tn; ++col)
+                    if (red_writes[red_index(warp, tn, row, col)] != 1) fail("reduction slot written %d times",
+                                                                             red_writes[red_index(warp, tn, row, col)]);
         const int m0 = mt * kTileM;
         const size_t mn = static_cast<size_t>(p.n) * p.m;
         std::vector<size_t> outs;
-        for (int tid = 0; tid < kThreads; ++tid) {
-            const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-            for (int nb = 0; nb < nt; ++nb)
-                for (int r = 0; r < 4; ++r) {
-                    const int row = m0 + c_row(warp, g, r), col = n0 + c_col(nb, t, r);
-                    if (row >= p.m || col >= p.n) continue;
-                    const size_t idx = static_cast<size_t>(col) * p.m + row;
-                    const float v = acc[(tid * nt + nb) * 4 + r];
-                    if (split == 1) {
-                        ++writes[idx];
-                        y[idx] = p.has_bias ? v + elem(p.bias[row]) : v;
-                    } else {
-                        partial[bz * mn + idx] = v;
-                        outs.push_back(idx);
-                    }
+        std::vector<float> vals;
+        for (int tid = 0; tid < kThreads; ++tid)
+            for (int q = 0; q < kTileM * tn / kThreads; ++q) {
+                const int e = tid + q * kThreads;
+                const int lrow = e % kTileM, lcol = e / kTileM;
+                float v = red[red_index(0, tn, lrow, lcol)];
+                for (int w = 1; w < kWarps; ++w) v += red[red_index(w, tn, lrow, lcol)];
+                const int row = m0 + lrow, col = n0 + lcol;
+                if (row >= p.m || col >= p.n) continue;
+                const size_t idx = static_cast<size_t>(col) * p.m + row;
+                if (split == 1) {
+                    ++writes[idx];
+                    y[idx] = p.has_bias ? v + elem(p.bias[row]) : v;
+                } else {
+                    partial[bz * mn + idx] = v;
+                    outs.push_back(idx);
                 }
-        }
+            }
         if (split == 1) return;
         int32_t& counter = counters[static_cast<size_t>(by) * grid_x + bx];
         const int arrived = counter++;

@@ -455,9 +455,10 @@ backends.register_kernel(
 # workspace. Mirrors csrc/kernels/bitmap_layout.cuh (tests/test_cuda_bitmap.py checks it).
 BITMAP_TILE_M = 64
 BITMAP_THREADS = 128
-BITMAP_STAGES = 3
+BITMAP_STAGES = 2  # each stage: 4 consecutive k tiles, one per warp
+BITMAP_TABLE_BYTES = 4096 + 32  # static: the two nibble decode tables, the split-K flag, 2 mbarriers
 # ptxas registers per thread by tile_n (sm_90a; fp16 and bf16 alike), for the occupancy model.
-BITMAP_REGISTERS = {8: 40, 16: 56, 32: 80}
+BITMAP_REGISTERS = {8: 80, 16: 100, 32: 135}
 H100_SMS = 132
 
 
@@ -469,9 +470,9 @@ def bitmap_tile_n(n: int) -> int:
 
 
 def bitmap_smem_bytes(tile_n: int) -> int:
-    """Dynamic shared memory of one block (``bmp::smem_bytes``): nibble table + 3 stages of
-    (masks 512 B + values 8 KiB + 16 B slack + x tile ``tile_n`` x 72 halfwords)."""
-    return 256 + BITMAP_STAGES * (512 + 8192 + 16 + tile_n * 72 * 2)
+    """Dynamic shared memory of one block (``bmp::smem_bytes``): 2 stages of (masks of 4 tiles
+    2 KiB + values of 4 tiles 32 KiB + 16 B slack + x tile ``tile_n`` x 264 halfwords)."""
+    return BITMAP_STAGES * (2048 + 32768 + 16 + tile_n * 264 * 2)
 
 
 def bitmap_ctas_per_sm(tile_n: int, *, registers: int | None = None) -> int:
@@ -479,7 +480,7 @@ def bitmap_ctas_per_sm(tile_n: int, *, registers: int | None = None) -> int:
     regs = BITMAP_REGISTERS[tile_n] if registers is None else registers
     warp_regs = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
     by_regs = 65536 // (warp_regs * BITMAP_THREADS // 32)
-    by_smem = (228 * 1024) // (bitmap_smem_bytes(tile_n) + 1024)  # 1 KiB reserved per CTA
+    by_smem = (228 * 1024) // (bitmap_smem_bytes(tile_n) + BITMAP_TABLE_BYTES + 1024)  # 1 KiB reserved per CTA
     return max(1, min(by_regs, by_smem, 2048 // BITMAP_THREADS, 32))
 
 
