@@ -1,11 +1,21 @@
-// Host dispatch of the bitmap SpMM: problem checks and element type. The kernels live in
-// bitmap_f16.cu / bitmap_bf16.cu (one translation unit per type, built in parallel).
+// Host dispatch of the bitmap SpMM: problem checks, per-device kernel attributes, element type.
+// The kernels live in bitmap_f16.cu / bitmap_bf16.cu (one translation unit per type, built in
+// parallel).
 #include "bitmap_api.cuh"
+#include "per_device_once.cuh"
 
 namespace flashsparse {
 
 namespace {
 bool valid_type(BitmapElem type) { return type == BitmapElem::kFloat16 || type == BitmapElem::kBFloat16; }
+
+PerDeviceOnce g_prepared;
+
+cudaError_t prepare(BitmapElem type) {
+    return g_prepared.run(type == BitmapElem::kBFloat16 ? 1 : 0, [type] {
+        return type == BitmapElem::kBFloat16 ? detail::bitmap_prepare_bf16() : detail::bitmap_prepare_f16();
+    });
+}
 }  // namespace
 
 cudaError_t bitmap_spmm(BitmapElem type, const BitmapProblem& pr, cudaStream_t stream) {
@@ -15,11 +25,15 @@ cudaError_t bitmap_spmm(BitmapElem type, const BitmapProblem& pr, cudaStream_t s
         reinterpret_cast<uintptr_t>(pr.masks) % 16 != 0 || reinterpret_cast<uintptr_t>(pr.values) % 16 != 0) {
         return cudaErrorInvalidValue;
     }
+    const cudaError_t err = prepare(type);
+    if (err != cudaSuccess) return err;
     return type == BitmapElem::kBFloat16 ? detail::bitmap_spmm_bf16(pr, stream) : detail::bitmap_spmm_f16(pr, stream);
 }
 
 cudaError_t bitmap_max_active_blocks(BitmapElem type, int tile_n, int* blocks_per_sm) {
     if (!valid_type(type) || !bmp::valid_tile_n(tile_n) || blocks_per_sm == nullptr) return cudaErrorInvalidValue;
+    const cudaError_t err = prepare(type);
+    if (err != cudaSuccess) return err;
     return type == BitmapElem::kBFloat16 ? detail::bitmap_occupancy_bf16(tile_n, blocks_per_sm)
                                          : detail::bitmap_occupancy_f16(tile_n, blocks_per_sm);
 }

@@ -60,6 +60,8 @@ cudaError_t bitmap_max_active_blocks(BitmapElem type, int tile_n, int* blocks_pe
 namespace detail {
 cudaError_t bitmap_spmm_f16(const BitmapProblem& problem, cudaStream_t stream);
 cudaError_t bitmap_spmm_bf16(const BitmapProblem& problem, cudaStream_t stream);
+cudaError_t bitmap_prepare_f16();  // kernel attributes (dynamic smem) on the current device
+cudaError_t bitmap_prepare_bf16();
 cudaError_t bitmap_occupancy_f16(int tile_n, int* blocks_per_sm);
 cudaError_t bitmap_occupancy_bf16(int tile_n, int* blocks_per_sm);
 }  // namespace detail

@@ -8,6 +8,8 @@ cudaError_t bitmap_spmm_bf16(const BitmapProblem& problem, cudaStream_t stream) 
     return bmp::TypedOps<true>::run(problem, stream);
 }
 
+cudaError_t bitmap_prepare_bf16() { return bmp::TypedOps<true>::prepare(); }
+
 cudaError_t bitmap_occupancy_bf16(int tile_n, int* blocks_per_sm) {
     return bmp::TypedOps<true>::occupancy(tile_n, blocks_per_sm);
 }

@@ -591,10 +591,8 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     p.value_chunks = pr.value_chunks;
     const bool x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(split));
-    // More than the default 48 KiB of dynamic shared memory: opt in (a per-function attribute,
-    // not a stream operation, so CUDA graph capture is unaffected).
-    const cudaError_t attr = x_aligned ? opt_in_smem<kBF16, NT, true>() : opt_in_smem<kBF16, NT, false>();
-    if (attr != cudaSuccess) return attr;
+    // More than the default 48 KiB of dynamic shared memory: bitmap_spmm opted in once per device
+    // (TypedOps::prepare) before the first launch.
     if (x_aligned)
         bitmap_spmm_kernel<kBF16, NT, true><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
     else
@@ -612,10 +610,17 @@ struct TypedOps {
             default: return cudaErrorInvalidValue;
         }
     }
+    // Opts every instantiation into its dynamic shared memory on the current device.
+    static cudaError_t prepare() {
+        const cudaError_t errs[] = {opt_in_smem<kBF16, 1, true>(), opt_in_smem<kBF16, 1, false>(),
+                                    opt_in_smem<kBF16, 2, true>(), opt_in_smem<kBF16, 2, false>(),
+                                    opt_in_smem<kBF16, 4, true>(), opt_in_smem<kBF16, 4, false>()};
+        for (cudaError_t e : errs)
+            if (e != cudaSuccess) return e;
+        return cudaSuccess;
+    }
     template <int NT>
     static cudaError_t occupancy_of(int* blocks) {
-        const cudaError_t attr = opt_in_smem<kBF16, NT, true>();
-        if (attr != cudaSuccess) return attr;
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, NT, true>, kThreads,
                                                              smem_bytes(NT * 8));
     }

@@ -1,31 +1,18 @@
 // Host dispatch of the Tiled-CSL SpMM: problem checks, per-device kernel attributes, element
 // type. Host code only; the kernels live in tiled_csl_f16.cu / tiled_csl_bf16.cu.
-#include <atomic>
-#include <mutex>
-
+#include "per_device_once.cuh"
 #include "tiled_csl_api.cuh"
 
 namespace flashsparse {
 
 namespace {
 
-constexpr int kMaxDevices = 64;
-// Dynamic shared memory above 48 KiB must be opted into per kernel, once per device.
-std::atomic<bool> g_prepared[2][kMaxDevices];
-std::mutex g_prepare_mutex;
+PerDeviceOnce g_prepared;
 
 cudaError_t prepare(ElemType type) {
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-    const int t = static_cast<int>(type);
-    if (g_prepared[t][device].load(std::memory_order_acquire)) return cudaSuccess;
-    std::lock_guard<std::mutex> lock(g_prepare_mutex);
-    if (g_prepared[t][device].load(std::memory_order_relaxed)) return cudaSuccess;
-    err = type == ElemType::kBFloat16 ? detail::tiled_csl_prepare_bf16() : detail::tiled_csl_prepare_f16();
-    if (err == cudaSuccess) g_prepared[t][device].store(true, std::memory_order_release);
-    return err;
+    return g_prepared.run(static_cast<int>(type), [type] {
+        return type == ElemType::kBFloat16 ? detail::tiled_csl_prepare_bf16() : detail::tiled_csl_prepare_f16();
+    });
 }
 
 bool valid_type(ElemType type) { return type == ElemType::kFloat16 || type == ElemType::kBFloat16; }
