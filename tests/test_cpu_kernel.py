@@ -152,14 +152,16 @@ def test_empty_and_dense_tiles(isa):
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS or ["scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 6])
-def test_nan_and_inf_propagate_like_f_linear(isa, dtype, n):
+@pytest.mark.parametrize("n,x_finite", [(1, True), (6, False), (7, True)])
+def test_nan_and_inf_propagate_like_f_linear(isa, dtype, n, x_finite):
+    """Non-finite weights with finite x run the kernels themselves (fused, column and blocked
+    paths by n and dtype); a non-finite x takes the decode + F.linear path."""
     w = random_weight(70, 130, 0.5, torch.float32, seed=3)
     w[3, 5] = float("nan")
     w[10, 7] = float("inf")
     x = torch.randn(n, 130)
     x[0, 7] = 0.0  # inf * 0 = nan in row 0, column 10
-    if n > 1:
+    if not x_finite:
         x[1, 20] = float("nan")
         x[n - 1, 100] = float("-inf")  # meets zero weights: NaN, as in F.linear
     w, x = w.to(dtype), x.to(dtype)
