@@ -45,17 +45,31 @@ def _nibble_ranks(b):
 
     Nibble ``j`` of the word is ``(bit_j << 3) | popcount(b & ((1 << j) - 1))`` (the rank is at
     most 7, so it fits in three bits); bit 3 of a nibble says "nonzero", the low three bits
-    are its rank inside the byte.
+    are its rank among the byte's nonzeros.
     """
     # Spread bit j to bit 4j (a Morton-style spread in three steps).
     s = (b | (b << 12)) & 0x000F000F
     s = (s | (s << 6)) & 0x03030303
     s = (s | (s << 3)) & 0x11111111
-    # Multiplying by 0x11111111 makes nibble j the inclusive prefix count of bits 0..j; it never
-    # exceeds 8, so no nibble carries into the next and the wrap-around drops only nibbles >= 8.
-    inclusive = s * 0x11111111
-    count = (inclusive >> 28).to(tl.int32)
-    return (inclusive << 4) | (s << 3), count
+    # Multiplying by 0x11111111 makes nibble j the inclusive prefix count I_j of bits 0..j; it
+    # never exceeds 8, so no nibble carries into the next and the wrap-around drops only nibbles
+    # >= 8. The wanted nibble is 8 * bit_j + I_(j-1) = 8 * I_j - 7 * I_(j-1) (still 0..15, so no
+    # borrows either), i.e. 8 * inclusive - 7 * (inclusive << 4): one multiply by
+    # 0x11111111 * (8 - 7 * 16) = 0x11111118 (mod 2**32), which LLVM cannot see through to
+    # re-derive the flag bits from the mask byte one shift at a time.
+    count = ((s * 0x11111111) >> 28).to(tl.int32)
+    return s * 0x11111118, count
+
+
+@triton.jit
+def _gather(base8, nibbles, J: tl.constexpr):
+    """Element ``J`` of every mask byte: ``base8[8 + rank]`` where bit ``J`` is set, else 0.
+
+    ``J`` is a constant, so the nibble is a constant shift and mask of the word; its flag bit
+    makes a set element's offset ``8 + rank`` (``base8`` is the byte's first value - 8).
+    """
+    nib = (nibbles >> (4 * J)) & 15
+    return tl.load(base8 + nib.to(tl.int32), mask=nib >= 8, other=0.0)
 
 
 @triton.jit
@@ -85,7 +99,6 @@ def _accumulate_tiles(
     sc = tl.arange(0, 8)
     # Byte sc of row r's mask, relative to the tile's first mask byte: [BLOCK_M, 8].
     mask_byte = (r_in * 8)[:, None] + sc[None, :]
-    nibble_shift = ((tl.arange(0, 64) % 8) * 4).to(tl.uint32)
     offs_k = tl.arange(0, 64)
     # The mask bytes and value offset of tile kt + 1 are loaded while tile kt is decoded, so
     # each k step waits for one round trip to memory (values and x) instead of two.
@@ -114,13 +127,24 @@ def _accumulate_tiles(
         else:
             per_tile = tl.reshape(row_total, [TM, 64])
             before_row = tl.reshape(tl.cumsum(per_tile, axis=1) - per_tile, [BLOCK_M])
-        # A nonzero's nibble is 8 + its rank in the byte, hence the -8.
-        first = (tile_start + (before_row - 8))[:, None] + before_in_row  # [BM, 8]
-
-        word = tl.reshape(tl.broadcast_to(nibbles[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
-        first = tl.reshape(tl.broadcast_to(first[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
-        nib = ((word >> nibble_shift[None, :]) & 15).to(tl.int32)
-        w = tl.load(values_ptr + (first + nib), mask=nib >= 8, other=0.0)
+        # Address of each byte's first nonzero, less 8 (see _gather): [BM, 8].
+        base8 = values_ptr + ((tile_start + (before_row - 8))[:, None] + before_in_row)
+        # Element j of every byte, gathered as [BM, 8] tensors and interleaved with joins so
+        # that one thread holds a byte's 8 elements: its rank word, base address and mask
+        # byte stay in registers, and the 8 values go to shared memory as one 16-byte store.
+        e0 = _gather(base8, nibbles, 0)
+        e1 = _gather(base8, nibbles, 1)
+        e2 = _gather(base8, nibbles, 2)
+        e3 = _gather(base8, nibbles, 3)
+        e4 = _gather(base8, nibbles, 4)
+        e5 = _gather(base8, nibbles, 5)
+        e6 = _gather(base8, nibbles, 6)
+        e7 = _gather(base8, nibbles, 7)
+        # join appends a minor axis: the last join picks j's bit 0, the first its bit 2.
+        w = tl.join(
+            tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7))
+        )
+        w = tl.reshape(w, [BLOCK_M, 64])
 
         kk = kt * 64 + offs_k
         xt = tl.load(x_rows + kk[:, None], mask=n_ok[None, :] & (kk < k)[:, None], other=0.0)
