@@ -73,6 +73,30 @@ def _gather(base8, nibbles, J: tl.constexpr):
 
 
 @triton.jit
+def _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, J: tl.constexpr,
+             PART: tl.constexpr):
+    """Element ``J`` of each of a part's ``PART`` (1, 2 or 4) bytes: ``[BM, P]`` gathers
+    joined into ``[BM, P, (2, 2)]``, byte 0 first."""
+    if PART == 1:
+        e = _gather(base8_0, nib_0, J)
+    elif PART == 2:
+        e = tl.join(_gather(base8_0, nib_0, J), _gather(base8_1, nib_1, J))
+    else:
+        e = tl.join(
+            tl.join(_gather(base8_0, nib_0, J), _gather(base8_2, nib_2, J)),
+            tl.join(_gather(base8_1, nib_1, J), _gather(base8_3, nib_3, J)),
+        )
+    return e
+
+
+@triton.jit
+def _byte_nibbles(words, C: tl.constexpr, PART: tl.constexpr):
+    """Nibble word and popcount of byte ``C`` of each part (``words``: one per part)."""
+    # (For PART == 1 the word is the byte and the mask is a no-op.)
+    return _nibble_ranks((words.to(tl.uint32) >> (8 * C)) & 0xFF)
+
+
+@triton.jit
 def _accumulate_tiles(
     acc,
     x_rows,
@@ -90,56 +114,79 @@ def _accumulate_tiles(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     """``acc += W[rows, k tiles kt_begin..kt_end) @ x[.., same k].T``: the main loop, shared by
     the plain and the grouped kernel."""
     TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
+    PART: tl.constexpr = 8 // ROW_PARTS  # mask bytes per row part: 1, 2 or 4
+    if PART == 4:
+        word_ptr = mask_bytes_ptr.to(tl.pointer_type(tl.uint32))
+    elif PART == 2:
+        word_ptr = mask_bytes_ptr.to(tl.pointer_type(tl.uint16))
+    else:
+        word_ptr = mask_bytes_ptr
     rows = tl.arange(0, BLOCK_M)
     r_in = rows % 64
-    sc = tl.arange(0, 8)
-    # Byte sc of row r's mask, relative to the tile's first mask byte: [BLOCK_M, 8].
-    mask_byte = (r_in * 8)[:, None] + sc[None, :]
+    # Word (part) h of row r's mask, relative to the tile's first mask word: [BM, P]. One
+    # thread decodes one part: its bytes are split off the word in registers, so the byte
+    # prefix sums inside a part need no shuffles.
+    mask_word = (r_in * ROW_PARTS)[:, None] + tl.arange(0, ROW_PARTS)[None, :]
     offs_k = tl.arange(0, 64)
-    # The mask bytes and value offset of tile kt + 1 are loaded while tile kt is decoded, so
+    # The mask words and value offset of tile kt + 1 are loaded while tile kt is decoded, so
     # each k step waits for one round trip to memory (values and x) instead of two.
     t = tile_row.to(tl.int64) * k_tiles + kt_begin  # [BLOCK_M] tile index of each row
-    # (The host never launches an empty split, so tile kt_begin exists. 512 = mask bytes/tile.)
-    next_bytes = tl.load(
-        mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+    # (The host never launches an empty split, so tile kt_begin exists. 64 rows per tile.)
+    next_words = tl.load(
+        word_ptr + t[:, None] * (64 * ROW_PARTS) + mask_word, mask=row_ok[:, None], other=0
     )
     next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
     for kt in range(kt_begin, kt_end):
-        bytes_ = next_bytes.to(tl.uint32)
+        words = next_words
         tile_start = next_start.to(tl.int64) * 8 if OFFSETS_64 else next_start * 8
         # The last step reloads its own tile rather than predicating on kt (in bounds, and
         # the interpreter mistypes a scalar-bool & tensor-bool mask).
         t = tile_row.to(tl.int64) * k_tiles + tl.minimum(kt + 1, kt_end - 1)
-        next_bytes = tl.load(
-            mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+        next_words = tl.load(
+            word_ptr + t[:, None] * (64 * ROW_PARTS) + mask_word, mask=row_ok[:, None], other=0
         )
         next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
 
-        nibbles, count = _nibble_ranks(bytes_)
-        before_in_row = tl.cumsum(count, axis=1) - count
-        row_total = tl.sum(count, axis=1)
+        # Nibble words and popcounts of the part's bytes (unused ones for PART < 4 are
+        # dead code), then prefix sums: inside the part (in registers), over the parts of a
+        # row, then over the rows of the tile.
+        nib_0, cnt_0 = _byte_nibbles(words, 0, PART)
+        nib_1, cnt_1 = _byte_nibbles(words, 1, PART)
+        nib_2, cnt_2 = _byte_nibbles(words, 2, PART)
+        nib_3, cnt_3 = _byte_nibbles(words, 3, PART)
+        if PART == 1:
+            part_total = cnt_0
+        elif PART == 2:
+            part_total = cnt_0 + cnt_1
+        else:
+            part_total = (cnt_0 + cnt_1) + (cnt_2 + cnt_3)
+        before_part = tl.cumsum(part_total, axis=1) - part_total
+        row_total = tl.sum(part_total, axis=1)
         if TM == 1:
             before_row = tl.cumsum(row_total, axis=0) - row_total
         else:
             per_tile = tl.reshape(row_total, [TM, 64])
             before_row = tl.reshape(tl.cumsum(per_tile, axis=1) - per_tile, [BLOCK_M])
-        # Address of each byte's first nonzero, less 8 (see _gather): [BM, 8].
-        base8 = values_ptr + ((tile_start + (before_row - 8))[:, None] + before_in_row)
-        # Element j of every byte, gathered as [BM, 8] tensors and interleaved with joins so
-        # that one thread holds a byte's 8 elements: its rank word, base address and mask
-        # byte stay in registers, and the 8 values go to shared memory as one 16-byte store.
-        e0 = _gather(base8, nibbles, 0)
-        e1 = _gather(base8, nibbles, 1)
-        e2 = _gather(base8, nibbles, 2)
-        e3 = _gather(base8, nibbles, 3)
-        e4 = _gather(base8, nibbles, 4)
-        e5 = _gather(base8, nibbles, 5)
-        e6 = _gather(base8, nibbles, 6)
-        e7 = _gather(base8, nibbles, 7)
+        # Address of each byte's first nonzero, less 8 (see _gather): [BM, P] per byte.
+        base8_0 = values_ptr + ((tile_start + (before_row - 8))[:, None] + before_part)
+        base8_1 = base8_0 + cnt_0
+        base8_2 = base8_1 + cnt_1
+        base8_3 = base8_2 + cnt_2
+        # Element j of every byte, joined so that one thread holds its part's 8 * PART
+        # elements (byte-major, then j): the values go to shared memory in 16-byte stores.
+        e0 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 0, PART)
+        e1 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 1, PART)
+        e2 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 2, PART)
+        e3 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 3, PART)
+        e4 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 4, PART)
+        e5 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 5, PART)
+        e6 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 6, PART)
+        e7 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 7, PART)
         # join appends a minor axis: the last join picks j's bit 0, the first its bit 2.
         w = tl.join(
             tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7))
@@ -179,6 +226,7 @@ def _bitmap_linear_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
     pid_m = tl.program_id(0)
@@ -197,7 +245,7 @@ def _bitmap_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _accumulate_tiles(
         acc, x_rows, n_ok, mask_bytes_ptr, values_ptr, tile_offsets_ptr, tile_row, row_ok, k,
-        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
     )
 
     offs_m = pid_m * BLOCK_M + rows
@@ -233,6 +281,7 @@ def _bitmap_grouped_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     """One launch for E weights of one shape: program ``(i, j, g)`` computes rows ``i`` of
     ``x[group g's rows, block j] @ W_g.T``. The groups' component tensors are reached through
@@ -257,7 +306,7 @@ def _bitmap_grouped_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _accumulate_tiles(
             acc, x_rows, n_ok, masks, values, offsets, tile_row, row_ok, k, k_tiles, 0, k_tiles,
-            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
         )
         offs_m = pid_m * BLOCK_M + rows
         m_ok = offs_m < m
@@ -313,6 +362,14 @@ class KernelConfig:
             raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def row_parts(block_m: int, num_warps: int) -> int:
+    """Parts each weight row's 8 mask bytes are split into (``ROW_PARTS``: 2, 4 or 8): one
+    part per thread when the ``block_m x 64`` tile is spread evenly over the CTA's threads (at
+    most 4 bytes a part), so that a thread decodes whole, adjacent bytes."""
+    bytes_per_thread = block_m * 8 // (32 * num_warps)
+    return 8 // min(4, max(1, bytes_per_thread))
 
 
 def n_bucket(n: int) -> int:
@@ -528,6 +585,7 @@ def launch(
             UPCAST=INTERPRET,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             OFFSETS_64=values.numel() >= _INT32_OFFSET_LIMIT,
+            ROW_PARTS=row_parts(config.block_m, config.num_warps),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
@@ -610,6 +668,7 @@ def launch_grouped(
             UPCAST=INTERPRET,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             OFFSETS_64=max(w[1].numel() for w in weights) >= _INT32_OFFSET_LIMIT,
+            ROW_PARTS=row_parts(config.block_m, config.num_warps),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
