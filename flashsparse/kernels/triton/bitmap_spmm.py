@@ -411,8 +411,9 @@ def choose_config(
 
     * ``block_n`` = :func:`n_bucket` (N only matters through its bucket and through the number
       of N blocks beyond 128 rows);
-    * ``block_m`` = 64 while memory bound (N <= 32: many small CTAs keep more loads in
-      flight), 128 beyond (each decoded tile feeds twice the tensor-core work);
+    * ``block_m`` = 64 for N <= 16 (many small CTAs keep more loads in flight), 128 beyond
+      (each decoded tile feeds twice the tensor-core work, and 8 warps on 64 rows would
+      spend more on the per-tile decode than they save);
     * ``split_k`` = the smallest split whose :func:`split_efficiency` over
       ``num_sms * ctas_per_sm`` slots is >= 0.8 (else the most efficient one), at most the
       number of k tiles and :data:`MAX_SPLIT_K`, rounded so that no slice is empty.
@@ -430,9 +431,12 @@ def choose_config(
 def _choose_config(m: int, k: int, n: int, num_sms: int, fp32: bool) -> KernelConfig:
     block_n = min(n_bucket(n), 64) if fp32 else n_bucket(n)
     # (block_m, num_warps, resident CTAs per SM) per bucket. Register counts from ptxas for
-    # sm_90 (triton 3.9, fp16): 16 -> 128 regs (4 CTAs/SM), 32 -> 96 (2 CTAs of 8 warps),
-    # 64 and 128 -> 208 and 255 (1 CTA).
-    block_m, num_warps, ctas_per_sm = {16: (64, 4, 4), 32: (64, 8, 2), 64: (128, 8, 1)}.get(
+    # sm_90 (triton 3.9, fp16, 2026-11-23): 16 -> 96 regs (5 CTAs/SM), 32 and 64 -> 128 and
+    # 168 (2 and 1 CTAs of 8 warps), 128 -> 254 (1). The decode's per-tile work (mask words,
+    # prefix sums, row scan) is per thread, so a 64-row tile on 8 warps costs 18.2 SASS
+    # instructions per weight element against 12.7 for a 128-row one (bench/kernel_report.py):
+    # 32 takes 128 rows and leaves the CTA count to split-K.
+    block_m, num_warps, ctas_per_sm = {16: (64, 4, 5), 32: (128, 8, 2), 64: (128, 8, 1)}.get(
         block_n, (128, 8, 1)
     )
     num_stages = 2
