@@ -153,8 +153,8 @@ def _accumulate_tiles(
         next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
 
         # Nibble words and popcounts of the part's bytes (unused ones for PART < 4 are
-        # dead code), then prefix sums: inside the part (in registers), over the parts of a
-        # row, then over the rows of the tile.
+        # dead code), then prefix sums: inside the part (in registers), then over the parts
+        # of the tile.
         nib_0, cnt_0 = _byte_nibbles(words, 0, PART)
         nib_1, cnt_1 = _byte_nibbles(words, 1, PART)
         nib_2, cnt_2 = _byte_nibbles(words, 2, PART)
@@ -165,15 +165,12 @@ def _accumulate_tiles(
             part_total = cnt_0 + cnt_1
         else:
             part_total = (cnt_0 + cnt_1) + (cnt_2 + cnt_3)
-        before_part = tl.cumsum(part_total, axis=1) - part_total
-        row_total = tl.sum(part_total, axis=1)
-        if TM == 1:
-            before_row = tl.cumsum(row_total, axis=0) - row_total
-        else:
-            per_tile = tl.reshape(row_total, [TM, 64])
-            before_row = tl.reshape(tl.cumsum(per_tile, axis=1) - per_tile, [BLOCK_M])
+        # Row-major over (row, part), the parts of a tile are one sequence: a single scan
+        # gives both the rows before and the parts before in the row.
+        flat = tl.reshape(part_total, [TM, 64 * ROW_PARTS])
+        before_part = tl.reshape(tl.cumsum(flat, axis=1) - flat, [BLOCK_M, ROW_PARTS])
         # Address of each byte's first nonzero, less 8 (see _gather): [BM, P] per byte.
-        base8_0 = values_ptr + ((tile_start + (before_row - 8))[:, None] + before_part)
+        base8_0 = values_ptr + ((tile_start - 8)[:, None] + before_part)
         base8_1 = base8_0 + cnt_0
         base8_2 = base8_1 + cnt_1
         base8_3 = base8_2 + cnt_2
