@@ -516,5 +516,8 @@ def test_kernel_compiles_to_cubin_for_sm80_and_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(builds)
     for r in results:
-        if r["block_n"] <= 32:  # the decode configs must not spill (128 and 96 regs with 3.9)
+        if r["block_n"] <= 32:  # the decode configs must not spill (96 and 124 regs with 3.9)
             assert r["stack"] == 0, r
+        if (r["arch"], r["block_m"], r["block_n"]) == (90, 64, 16):
+            # choose_config counts 5 resident CTAs of 4 warps for this bucket: <= 96 registers.
+            assert r["regs"] <= 96, r
