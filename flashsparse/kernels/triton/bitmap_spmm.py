@@ -3,15 +3,20 @@
 Each program owns ``BLOCK_M`` weight rows (whole 64-row tiles), ``BLOCK_N`` rows of x and a
 contiguous range of 64-wide k tiles (its split-K slice). Per k tile it
 
-1. loads the tile's 512 mask bytes as ``[BLOCK_M, 8]`` (row ``r``, byte ``j`` of its row mask),
+1. loads the tile's row masks as ``[BLOCK_M, ROW_PARTS]`` words of ``8 // ROW_PARTS`` bytes
+   (one word per thread: :func:`row_parts`), and splits each word into its bytes in
+   registers,
 2. turns every mask byte into a 32-bit word of eight nibbles, nibble ``j`` = (bit ``j`` << 3)
-   | (set bits below ``j``), with a few shifts and one multiply (see :func:`_nibble_ranks`),
-   which also yields the byte's popcount,
-3. adds the exclusive prefix sums of those popcounts (along the row, then over the rows of the
-   tile) to the tile's value offset: the packed-value address of each byte's first nonzero,
-4. broadcasts those per-byte words and addresses to ``[BLOCK_M, 64]``: one shift + mask per
-   weight element gives "is nonzero" and its rank inside the byte, and gathers ``values[...]``
-   under that predicate,
+   | (set bits below ``j``): a shift-and-mask spread of the bits and ONE multiply (see
+   :func:`_nibble_ranks`), which also yields the byte's popcount,
+3. adds prefix sums of those popcounts (inside the word in registers, then one scan over the
+   tile's (row, word) sequence) to the tile's value offset: the packed-value address of each
+   byte's first nonzero,
+4. gathers element ``j`` of every byte as its own tensor: ``j`` is a constant, so its nibble
+   is one constant shift and mask, "nonzero" is ``nibble >= 8`` and the address is the
+   byte's address - 8 + nibble (one 64-bit add); joins interleave the 8 ``j`` (and the bytes
+   of a word) so that one thread holds its word's 8 to 32 consecutive weights, which go to
+   shared memory in 16-byte stores,
 5. multiplies the rebuilt dense ``[BLOCK_M, 64]`` tile with the ``[64, BLOCK_N]`` x tile on
    the tensor cores (``tl.dot``), accumulating in fp32.
 
@@ -428,11 +433,11 @@ def choose_config(
 def _choose_config(m: int, k: int, n: int, num_sms: int, fp32: bool) -> KernelConfig:
     block_n = min(n_bucket(n), 64) if fp32 else n_bucket(n)
     # (block_m, num_warps, resident CTAs per SM) per bucket. Register counts from ptxas for
-    # sm_90 (triton 3.9, fp16, 2026-11-23): 16 -> 96 regs (5 CTAs/SM), 32 and 64 -> 128 and
-    # 168 (2 and 1 CTAs of 8 warps), 128 -> 254 (1). The decode's per-tile work (mask words,
-    # prefix sums, row scan) is per thread, so a 64-row tile on 8 warps costs 18.2 SASS
-    # instructions per weight element against 12.7 for a 128-row one (bench/kernel_report.py):
-    # 32 takes 128 rows and leaves the CTA count to split-K.
+    # sm_90 (triton 3.9, fp16, 2026-11-23): 16 -> 96 regs (5 CTAs/SM), 32 and 64 -> 124 and
+    # 184 (2 and 1 CTAs of 8 warps), 128 -> 254 (1). The decode's per-tile work (mask words,
+    # prefix scan) is per thread, so a 64-row tile on 8 warps costs 17.5 SASS instructions
+    # per weight element against 12.5 for a 128-row one (bench/kernel_report.py; 13.8 for 64
+    # rows on 4 warps): 32 takes 128 rows and leaves the CTA count to split-K.
     block_m, num_warps, ctas_per_sm = {16: (64, 4, 5), 32: (128, 8, 2), 64: (128, 8, 1)}.get(
         block_n, (128, 8, 1)
     )
