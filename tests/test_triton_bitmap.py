@@ -104,7 +104,9 @@ def test_every_position_of_a_dense_tile_decodes(dtype):
     assert torch.equal(y, w.T)
 
 
-@pytest.mark.parametrize(("block_m", "warps", "parts"), [(64, 16, 8), (64, 8, 4), (64, 4, 2), (128, 4, 2), (128, 8, 2)])
+@pytest.mark.parametrize(
+    ("block_m", "warps", "parts"), [(64, 16, 8), (64, 8, 4), (64, 4, 2), (64, 1, 2), (128, 8, 2), (256, 4, 2)]
+)
 def test_every_row_split_of_the_decode(block_m, warps, parts):
     # num_warps sets how many parts (one per thread) a row's 8 mask bytes are decoded in: 1, 2
     # or 4 bytes each. Distinct values at every position of two tile rows and columns, with
