@@ -104,6 +104,31 @@ def test_every_position_of_a_dense_tile_decodes(dtype):
     assert torch.equal(y, w.T)
 
 
+@pytest.mark.parametrize(
+    ("block_m", "warps", "parts"), [(64, 16, 8), (64, 8, 4), (64, 4, 2), (64, 1, 2), (128, 8, 2), (256, 4, 2)]
+)
+def test_every_row_split_of_the_decode(block_m, warps, parts):
+    # num_warps sets how many parts (one per thread) a row's 8 mask bytes are decoded in: 1, 2
+    # or 4 bytes each. Distinct values at every position of two tile rows and columns, with
+    # holes that shift later ranks, must come back exactly through y = x @ W.T with x = I.
+    assert bs.row_parts(block_m, warps) == parts
+    m, k = 130, 128
+    w = (torch.arange(m * k, dtype=torch.float32).view(m, k) % 241 + 1) / 32
+    w[::3, ::5] = 0
+    w[70:, 64:][torch.rand(60, 64, generator=torch.Generator().manual_seed(parts)) < 0.6] = 0
+    w = w.to(torch.float16).to(DEVICE)
+    sw = fs.encode(w, "bitmap")
+    eye = torch.eye(k, dtype=torch.float16, device=DEVICE)
+    config = bs.KernelConfig(block_m, 16, 1, warps, 2)
+    assert torch.equal(bs.bitmap_linear(eye, *sw.tensors, m, k, config=config), w.T)
+
+
+def test_row_parts():
+    # One part per thread when the tile spreads evenly, never more than 4 bytes a part.
+    assert [bs.row_parts(64, w) for w in (1, 2, 4, 8, 16)] == [2, 2, 2, 4, 8]
+    assert [bs.row_parts(128, w) for w in (4, 8, 16)] == [2, 2, 4]
+
+
 @pytest.mark.parametrize("split", [2, 3, 7])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_forced_split_k_matches_and_is_deterministic(split, with_bias):
@@ -295,7 +320,7 @@ def test_split_k_heuristic(m, k, n, num_sms):
     assert 1 <= c.split_k <= min(k_tiles, bs.MAX_SPLIT_K)
     per = -(-k_tiles // c.split_k)
     assert -(-k_tiles // per) == c.split_k  # no empty slice
-    slots = num_sms * {16: 4, 32: 2}.get(c.block_n, 1)
+    slots = num_sms * {16: 5, 32: 2}.get(c.block_n, 1)
     base = -(-m // c.block_m) * -(-n // c.block_n)
     top = min(k_tiles, bs.MAX_SPLIT_K)
     effs = {s: bs.split_efficiency(base, s, k_tiles, slots) for s in range(1, top + 1)}
@@ -316,8 +341,9 @@ def test_split_efficiency():
 
 
 def test_heuristic_examples():
-    # Llama o_proj decode on an H100: 64 CTAs of 64 rows fill 528 slots only with split 8.
-    assert bs.choose_config(4096, 4096, 1, 132) == bs.KernelConfig(64, 16, 8, 4, 2)
+    # Llama o_proj decode on an H100: 64 CTAs of 64 rows fill 660 slots (5 per SM) only with
+    # split 10 (slices of 7 tiles: 640 CTAs, 64 / 70 of them busy).
+    assert bs.choose_config(4096, 4096, 1, 132) == bs.KernelConfig(64, 16, 10, 4, 2)
     # One k tile: no split whatever the occupancy.
     assert bs.choose_config(4096, 64, 1, 132).split_k == 1
     # Enough CTAs already: no split.
@@ -430,7 +456,7 @@ from triton.compiler import ASTSource
 from flashsparse.kernels.triton import bitmap_spmm as bs
 assert not bs.INTERPRET
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-consts = ("BLOCK_M", "BLOCK_N", "HAS_BIAS", "SPLIT", "UPCAST", "DOT_PRECISION", "OFFSETS_64")
+consts = ("BLOCK_M", "BLOCK_N", "HAS_BIAS", "SPLIT", "UPCAST", "DOT_PRECISION", "OFFSETS_64", "ROW_PARTS")
 results = []
 for arch, dt, bm, bn, warps, split in json.loads(sys.argv[1]):
     sig = {"x_ptr": f"*{dt}", "mask_bytes_ptr": "*u8", "values_ptr": f"*{dt}",
@@ -439,7 +465,8 @@ for arch, dt, bm, bn, warps, split in json.loads(sys.argv[1]):
            **{c: "constexpr" for c in consts}}
     src = ASTSource(bs._bitmap_linear_kernel, sig, constexprs=dict(
         BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=not split, SPLIT=split, UPCAST=False,
-        DOT_PRECISION="ieee" if dt == "fp32" else "tf32", OFFSETS_64=False))
+        DOT_PRECISION="ieee" if dt == "fp32" else "tf32", OFFSETS_64=False,
+        ROW_PARTS=bs.row_parts(bm, warps)))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=warps, num_stages=2))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -457,7 +484,8 @@ for arch, dt in ((90, "fp16"), (90, "bf16"), (80, "fp16")):  # the grouped (MoE)
     sig = {"x_ptr": f"*{dt}", **dict.fromkeys(("row_starts_ptr", "mask_table_ptr", "value_table_ptr",
            "offset_table_ptr"), "*i64"), "values_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}",
            **{a: "i32" for a in ("m", "k", "stride_xn", "k_tiles")}}
-    consts = dict(BLOCK_M=64, BLOCK_N=16, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", OFFSETS_64=False)
+    consts = dict(BLOCK_M=64, BLOCK_N=16, HAS_BIAS=True, UPCAST=False, DOT_PRECISION="tf32", OFFSETS_64=False,
+                  ROW_PARTS=bs.row_parts(64, 4))
     sig.update(dict.fromkeys(consts, "constexpr"))
     triton.compile(ASTSource(bs._bitmap_grouped_kernel, sig, constexprs=consts),
                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
@@ -479,7 +507,7 @@ def test_kernel_compiles_to_cubin_for_sm80_and_sm90():
     import sys
 
     builds = [
-        (90, "fp16", 64, 16, 4, False), (90, "bf16", 64, 16, 4, True), (90, "fp16", 64, 32, 8, False),
+        (90, "fp16", 64, 16, 4, False), (90, "bf16", 64, 16, 4, True), (90, "fp16", 128, 32, 8, False),
         (90, "bf16", 128, 64, 8, False), (90, "fp16", 128, 128, 8, True), (90, "fp32", 128, 64, 8, False),
         (80, "fp16", 64, 16, 4, True), (80, "bf16", 128, 128, 8, False),
     ]
@@ -490,5 +518,8 @@ def test_kernel_compiles_to_cubin_for_sm80_and_sm90():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(builds)
     for r in results:
-        if r["block_n"] <= 32:  # the decode configs must not spill (128 and 96 regs with 3.9)
+        if r["block_n"] <= 32:  # the decode configs must not spill (96 and 124 regs with 3.9)
             assert r["stack"] == 0, r
+        if (r["arch"], r["block_m"], r["block_n"]) == (90, 64, 16):
+            # choose_config counts 5 resident CTAs of 4 warps for this bucket: <= 96 registers.
+            assert r["regs"] <= 96, r

@@ -16,7 +16,7 @@ _SCALARS = ("n", "m", "k", "stride_xn", "k_tiles", "tiles_per_split")
 
 
 def _instances() -> list[tuple[Instance, dict, dict, dict]]:
-    from flashsparse.kernels.triton.bitmap_spmm import choose_config
+    from flashsparse.kernels.triton.bitmap_spmm import choose_config, row_parts
 
     out = []
     for dtype, ty in (("fp16", "fp16"), ("bf16", "bf16")):
@@ -29,7 +29,8 @@ def _instances() -> list[tuple[Instance, dict, dict, dict]]:
             sig["ws_ptr"] = "*fp32"
             sig.update(dict.fromkeys(_SCALARS, "i32"))
             constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_BIAS": False,
-                          "SPLIT": False, "UPCAST": False, "DOT_PRECISION": "tf32", "OFFSETS_64": False}
+                          "SPLIT": False, "UPCAST": False, "DOT_PRECISION": "tf32", "OFFSETS_64": False,
+                          "ROW_PARTS": row_parts(cfg.block_m, cfg.num_warps)}
             sig.update(dict.fromkeys(constexprs, "constexpr"))
             inst = Instance(dtype=dtype, n_tile=cfg.block_n, threads=32 * cfg.num_warps,
                             elements=cfg.block_m * 64,

@@ -3,15 +3,20 @@
 Each program owns ``BLOCK_M`` weight rows (whole 64-row tiles), ``BLOCK_N`` rows of x and a
 contiguous range of 64-wide k tiles (its split-K slice). Per k tile it
 
-1. loads the tile's 512 mask bytes as ``[BLOCK_M, 8]`` (row ``r``, byte ``j`` of its row mask),
+1. loads the tile's row masks as ``[BLOCK_M, ROW_PARTS]`` words of ``8 // ROW_PARTS`` bytes
+   (one word per thread: :func:`row_parts`), and splits each word into its bytes in
+   registers,
 2. turns every mask byte into a 32-bit word of eight nibbles, nibble ``j`` = (bit ``j`` << 3)
-   | (set bits below ``j``), with a few shifts and one multiply (see :func:`_nibble_ranks`),
-   which also yields the byte's popcount,
-3. adds the exclusive prefix sums of those popcounts (along the row, then over the rows of the
-   tile) to the tile's value offset: the packed-value address of each byte's first nonzero,
-4. broadcasts those per-byte words and addresses to ``[BLOCK_M, 64]``: one shift + mask per
-   weight element gives "is nonzero" and its rank inside the byte, and gathers ``values[...]``
-   under that predicate,
+   | (set bits below ``j``): a shift-and-mask spread of the bits and ONE multiply (see
+   :func:`_nibble_ranks`), which also yields the byte's popcount,
+3. adds prefix sums of those popcounts (inside the word in registers, then one scan over the
+   tile's (row, word) sequence) to the tile's value offset: the packed-value address of each
+   byte's first nonzero,
+4. gathers element ``j`` of every byte as its own tensor: ``j`` is a constant, so its nibble
+   is one constant shift and mask, "nonzero" is ``nibble >= 8`` and the address is the
+   byte's address - 8 + nibble (one 64-bit add); joins interleave the 8 ``j`` (and the bytes
+   of a word) so that one thread holds its word's 8 to 32 consecutive weights, which go to
+   shared memory in 16-byte stores,
 5. multiplies the rebuilt dense ``[BLOCK_M, 64]`` tile with the ``[64, BLOCK_N]`` x tile on
    the tensor cores (``tl.dot``), accumulating in fp32.
 
@@ -45,17 +50,55 @@ def _nibble_ranks(b):
 
     Nibble ``j`` of the word is ``(bit_j << 3) | popcount(b & ((1 << j) - 1))`` (the rank is at
     most 7, so it fits in three bits); bit 3 of a nibble says "nonzero", the low three bits
-    are its rank inside the byte.
+    are its rank among the byte's nonzeros.
     """
     # Spread bit j to bit 4j (a Morton-style spread in three steps).
     s = (b | (b << 12)) & 0x000F000F
     s = (s | (s << 6)) & 0x03030303
     s = (s | (s << 3)) & 0x11111111
-    # Multiplying by 0x11111111 makes nibble j the inclusive prefix count of bits 0..j; it never
-    # exceeds 8, so no nibble carries into the next and the wrap-around drops only nibbles >= 8.
-    inclusive = s * 0x11111111
-    count = (inclusive >> 28).to(tl.int32)
-    return (inclusive << 4) | (s << 3), count
+    # Multiplying by 0x11111111 makes nibble j the inclusive prefix count I_j of bits 0..j; it
+    # never exceeds 8, so no nibble carries into the next and the wrap-around drops only nibbles
+    # >= 8. The wanted nibble is 8 * bit_j + I_(j-1) = 8 * I_j - 7 * I_(j-1) (still 0..15, so no
+    # borrows either), i.e. 8 * inclusive - 7 * (inclusive << 4): one multiply by
+    # 0x11111111 * (8 - 7 * 16) = 0x11111118 (mod 2**32), which LLVM cannot see through to
+    # re-derive the flag bits from the mask byte one shift at a time.
+    count = ((s * 0x11111111) >> 28).to(tl.int32)
+    return s * 0x11111118, count
+
+
+@triton.jit
+def _gather(base8, nibbles, J: tl.constexpr):
+    """Element ``J`` of every mask byte: ``base8[8 + rank]`` where bit ``J`` is set, else 0.
+
+    ``J`` is a constant, so the nibble is a constant shift and mask of the word; its flag bit
+    makes a set element's offset ``8 + rank`` (``base8`` is the byte's first value - 8).
+    """
+    nib = (nibbles >> (4 * J)) & 15
+    return tl.load(base8 + nib.to(tl.int32), mask=nib >= 8, other=0.0)
+
+
+@triton.jit
+def _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, J: tl.constexpr,
+             PART: tl.constexpr):
+    """Element ``J`` of each of a part's ``PART`` (1, 2 or 4) bytes: ``[BM, P]`` gathers
+    joined into ``[BM, P, (2, 2)]``, byte 0 first."""
+    if PART == 1:
+        e = _gather(base8_0, nib_0, J)
+    elif PART == 2:
+        e = tl.join(_gather(base8_0, nib_0, J), _gather(base8_1, nib_1, J))
+    else:
+        e = tl.join(
+            tl.join(_gather(base8_0, nib_0, J), _gather(base8_2, nib_2, J)),
+            tl.join(_gather(base8_1, nib_1, J), _gather(base8_3, nib_3, J)),
+        )
+    return e
+
+
+@triton.jit
+def _byte_nibbles(words, C: tl.constexpr, PART: tl.constexpr):
+    """Nibble word and popcount of byte ``C`` of each part (``words``: one per part)."""
+    # (For PART == 1 the word is the byte and the mask is a no-op.)
+    return _nibble_ranks((words.to(tl.uint32) >> (8 * C)) & 0xFF)
 
 
 @triton.jit
@@ -76,51 +119,81 @@ def _accumulate_tiles(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     """``acc += W[rows, k tiles kt_begin..kt_end) @ x[.., same k].T``: the main loop, shared by
     the plain and the grouped kernel."""
     TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
+    PART: tl.constexpr = 8 // ROW_PARTS  # mask bytes per row part: 1, 2 or 4
+    if PART == 4:
+        word_ptr = mask_bytes_ptr.to(tl.pointer_type(tl.uint32))
+    elif PART == 2:
+        word_ptr = mask_bytes_ptr.to(tl.pointer_type(tl.uint16))
+    else:
+        word_ptr = mask_bytes_ptr
     rows = tl.arange(0, BLOCK_M)
     r_in = rows % 64
-    sc = tl.arange(0, 8)
-    # Byte sc of row r's mask, relative to the tile's first mask byte: [BLOCK_M, 8].
-    mask_byte = (r_in * 8)[:, None] + sc[None, :]
-    nibble_shift = ((tl.arange(0, 64) % 8) * 4).to(tl.uint32)
+    # Word (part) h of row r's mask, relative to the tile's first mask word: [BM, P]. One
+    # thread decodes one part: its bytes are split off the word in registers, so the byte
+    # prefix sums inside a part need no shuffles.
+    mask_word = (r_in * ROW_PARTS)[:, None] + tl.arange(0, ROW_PARTS)[None, :]
     offs_k = tl.arange(0, 64)
-    # The mask bytes and value offset of tile kt + 1 are loaded while tile kt is decoded, so
+    # The mask words and value offset of tile kt + 1 are loaded while tile kt is decoded, so
     # each k step waits for one round trip to memory (values and x) instead of two.
     t = tile_row.to(tl.int64) * k_tiles + kt_begin  # [BLOCK_M] tile index of each row
-    # (The host never launches an empty split, so tile kt_begin exists. 512 = mask bytes/tile.)
-    next_bytes = tl.load(
-        mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+    # (The host never launches an empty split, so tile kt_begin exists. 64 rows per tile.)
+    next_words = tl.load(
+        word_ptr + t[:, None] * (64 * ROW_PARTS) + mask_word, mask=row_ok[:, None], other=0
     )
     next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
     for kt in range(kt_begin, kt_end):
-        bytes_ = next_bytes.to(tl.uint32)
+        words = next_words
         tile_start = next_start.to(tl.int64) * 8 if OFFSETS_64 else next_start * 8
         # The last step reloads its own tile rather than predicating on kt (in bounds, and
         # the interpreter mistypes a scalar-bool & tensor-bool mask).
         t = tile_row.to(tl.int64) * k_tiles + tl.minimum(kt + 1, kt_end - 1)
-        next_bytes = tl.load(
-            mask_bytes_ptr + t[:, None] * 512 + mask_byte, mask=row_ok[:, None], other=0
+        next_words = tl.load(
+            word_ptr + t[:, None] * (64 * ROW_PARTS) + mask_word, mask=row_ok[:, None], other=0
         )
         next_start = tl.load(tile_offsets_ptr + t, mask=row_ok, other=0)
 
-        nibbles, count = _nibble_ranks(bytes_)
-        before_in_row = tl.cumsum(count, axis=1) - count
-        row_total = tl.sum(count, axis=1)
-        if TM == 1:
-            before_row = tl.cumsum(row_total, axis=0) - row_total
+        # Nibble words and popcounts of the part's bytes (unused ones for PART < 4 are
+        # dead code), then prefix sums: inside the part (in registers), then over the parts
+        # of the tile.
+        nib_0, cnt_0 = _byte_nibbles(words, 0, PART)
+        nib_1, cnt_1 = _byte_nibbles(words, 1, PART)
+        nib_2, cnt_2 = _byte_nibbles(words, 2, PART)
+        nib_3, cnt_3 = _byte_nibbles(words, 3, PART)
+        if PART == 1:
+            part_total = cnt_0
+        elif PART == 2:
+            part_total = cnt_0 + cnt_1
         else:
-            per_tile = tl.reshape(row_total, [TM, 64])
-            before_row = tl.reshape(tl.cumsum(per_tile, axis=1) - per_tile, [BLOCK_M])
-        # A nonzero's nibble is 8 + its rank in the byte, hence the -8.
-        first = (tile_start + (before_row - 8))[:, None] + before_in_row  # [BM, 8]
-
-        word = tl.reshape(tl.broadcast_to(nibbles[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
-        first = tl.reshape(tl.broadcast_to(first[:, :, None], [BLOCK_M, 8, 8]), [BLOCK_M, 64])
-        nib = ((word >> nibble_shift[None, :]) & 15).to(tl.int32)
-        w = tl.load(values_ptr + (first + nib), mask=nib >= 8, other=0.0)
+            part_total = (cnt_0 + cnt_1) + (cnt_2 + cnt_3)
+        # Row-major over (row, part), the parts of a tile are one sequence: a single scan
+        # gives both the rows before and the parts before in the row.
+        flat = tl.reshape(part_total, [TM, 64 * ROW_PARTS])
+        before_part = tl.reshape(tl.cumsum(flat, axis=1) - flat, [BLOCK_M, ROW_PARTS])
+        # Address of each byte's first nonzero, less 8 (see _gather): [BM, P] per byte.
+        base8_0 = values_ptr + ((tile_start - 8)[:, None] + before_part)
+        base8_1 = base8_0 + cnt_0
+        base8_2 = base8_1 + cnt_1
+        base8_3 = base8_2 + cnt_2
+        # Element j of every byte, joined so that one thread holds its part's 8 * PART
+        # elements (byte-major, then j): the values go to shared memory in 16-byte stores.
+        e0 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 0, PART)
+        e1 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 1, PART)
+        e2 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 2, PART)
+        e3 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 3, PART)
+        e4 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 4, PART)
+        e5 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 5, PART)
+        e6 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 6, PART)
+        e7 = _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, 7, PART)
+        # join appends a minor axis: the last join picks j's bit 0, the first its bit 2.
+        w = tl.join(
+            tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7))
+        )
+        w = tl.reshape(w, [BLOCK_M, 64])
 
         kk = kt * 64 + offs_k
         xt = tl.load(x_rows + kk[:, None], mask=n_ok[None, :] & (kk < k)[:, None], other=0.0)
@@ -155,6 +228,7 @@ def _bitmap_linear_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     TM: tl.constexpr = BLOCK_M // 64  # 64-row tiles per program
     pid_m = tl.program_id(0)
@@ -173,7 +247,7 @@ def _bitmap_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _accumulate_tiles(
         acc, x_rows, n_ok, mask_bytes_ptr, values_ptr, tile_offsets_ptr, tile_row, row_ok, k,
-        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
     )
 
     offs_m = pid_m * BLOCK_M + rows
@@ -209,6 +283,7 @@ def _bitmap_grouped_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
+    ROW_PARTS: tl.constexpr,
 ):
     """One launch for E weights of one shape: program ``(i, j, g)`` computes rows ``i`` of
     ``x[group g's rows, block j] @ W_g.T``. The groups' component tensors are reached through
@@ -233,7 +308,7 @@ def _bitmap_grouped_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _accumulate_tiles(
             acc, x_rows, n_ok, masks, values, offsets, tile_row, row_ok, k, k_tiles, 0, k_tiles,
-            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64,
+            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
         )
         offs_m = pid_m * BLOCK_M + rows
         m_ok = offs_m < m
@@ -291,6 +366,14 @@ class KernelConfig:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
+def row_parts(block_m: int, num_warps: int) -> int:
+    """Parts each weight row's 8 mask bytes are split into (``ROW_PARTS``: 2, 4 or 8): one
+    part per thread when the ``block_m x 64`` tile is spread evenly over the CTA's threads (at
+    most 4 bytes a part), so that a thread decodes whole, adjacent bytes."""
+    bytes_per_thread = block_m * 8 // (32 * num_warps)
+    return 8 // min(4, max(1, bytes_per_thread))
+
+
 def n_bucket(n: int) -> int:
     """``BLOCK_N`` for ``n`` rows of x: the next power of two in [16, 128]."""
     if n < 1:
@@ -330,8 +413,9 @@ def choose_config(
 
     * ``block_n`` = :func:`n_bucket` (N only matters through its bucket and through the number
       of N blocks beyond 128 rows);
-    * ``block_m`` = 64 while memory bound (N <= 32: many small CTAs keep more loads in
-      flight), 128 beyond (each decoded tile feeds twice the tensor-core work);
+    * ``block_m`` = 64 for N <= 16 (many small CTAs keep more loads in flight), 128 beyond
+      (each decoded tile feeds twice the tensor-core work, and 8 warps on 64 rows would
+      spend more on the per-tile decode than they save);
     * ``split_k`` = the smallest split whose :func:`split_efficiency` over
       ``num_sms * ctas_per_sm`` slots is >= 0.8 (else the most efficient one), at most the
       number of k tiles and :data:`MAX_SPLIT_K`, rounded so that no slice is empty.
@@ -349,9 +433,12 @@ def choose_config(
 def _choose_config(m: int, k: int, n: int, num_sms: int, fp32: bool) -> KernelConfig:
     block_n = min(n_bucket(n), 64) if fp32 else n_bucket(n)
     # (block_m, num_warps, resident CTAs per SM) per bucket. Register counts from ptxas for
-    # sm_90 (triton 3.9, fp16): 16 -> 128 regs (4 CTAs/SM), 32 -> 96 (2 CTAs of 8 warps),
-    # 64 and 128 -> 208 and 255 (1 CTA).
-    block_m, num_warps, ctas_per_sm = {16: (64, 4, 4), 32: (64, 8, 2), 64: (128, 8, 1)}.get(
+    # sm_90 (triton 3.9, fp16, 2026-11-23): 16 -> 96 regs (5 CTAs/SM), 32 and 64 -> 124 and
+    # 184 (2 and 1 CTAs of 8 warps), 128 -> 254 (1). The decode's per-tile work (mask words,
+    # prefix scan) is per thread, so a 64-row tile on 8 warps costs 17.5 SASS instructions
+    # per weight element against 12.5 for a 128-row one (bench/kernel_report.py; 13.8 for 64
+    # rows on 4 warps): 32 takes 128 rows and leaves the CTA count to split-K.
+    block_m, num_warps, ctas_per_sm = {16: (64, 4, 5), 32: (128, 8, 2), 64: (128, 8, 1)}.get(
         block_n, (128, 8, 1)
     )
     num_stages = 2
@@ -504,6 +591,7 @@ def launch(
             UPCAST=INTERPRET,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             OFFSETS_64=values.numel() >= _INT32_OFFSET_LIMIT,
+            ROW_PARTS=row_parts(config.block_m, config.num_warps),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
@@ -586,6 +674,7 @@ def launch_grouped(
             UPCAST=INTERPRET,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             OFFSETS_64=max(w[1].numel() for w in weights) >= _INT32_OFFSET_LIMIT,
+            ROW_PARTS=row_parts(config.block_m, config.num_warps),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
