@@ -59,8 +59,8 @@ def interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, float]:
-    """(dense s, sparse s, median of per-round dense/sparse ratios)."""
+def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, float, float, float]:
+    """(dense s, sparse s, median, p20 and p80 of the per-round dense/sparse ratios)."""
     dense, sparse = fns["dense"], fns["sparse"]
     dense(), sparse()
     d_times, s_times, ratios = [], [], []
@@ -75,7 +75,8 @@ def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, floa
         d_times.append((t1 - t0) / inner)
         s_times.append((t2 - t1) / inner)
         ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(d_times), statistics.median(s_times), statistics.median(ratios)
+    q = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else ratios  # p20, p40, p60, p80
+    return statistics.median(d_times), statistics.median(s_times), statistics.median(ratios), q[0], q[-1]
 
 
 def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
@@ -93,13 +94,14 @@ def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
                         x = torch.randn(n, k, dtype=dtype)
                         inner = max(1, int(0.02 / (m * k * 2 * 1e-10 * n)) if n else 1)
                         inner = min(inner, 20)
-                        d, sp, r = ratio_median(
+                        d, sp, r, r20, r80 = ratio_median(
                             {"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=sparse, x=x: s(x)}, rounds, inner
                         )
                     row = dict(m=m, k=k, n=n, dtype=str(dtype).removeprefix("torch."), sparsity=s,
-                               dense_ms=d * 1e3, sparse_ms=sp * 1e3, speedup=r)
+                               dense_ms=d * 1e3, sparse_ms=sp * 1e3, speedup=r,
+                               speedup_p20=r20, speedup_p80=r80)
                     print(f"  {m}x{k} N={n} {row['dtype']} {s:.0%}: nn.Linear {d*1e3:.3f} ms, "
-                          f"SparseLinear {sp*1e3:.3f} ms, {r:.2f}x", flush=True)
+                          f"SparseLinear {sp*1e3:.3f} ms, {r:.2f}x [p20 {r20:.2f}, p80 {r80:.2f}]", flush=True)
                     rows.append(row)
     return rows
 
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 5 if args.quick else args.rounds
     meta = dict(device=cpu_name(), threads=args.threads, isa=isa, torch=torch.__version__,
                 date=datetime.date.today().isoformat(),
+                started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 note=f"load average {os.getloadavg()[0]:.2f} at the start (other processes on the "
                      "same cores show here); ratios are medians of interleaved rounds in one process")
     print(f"{meta['device']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}")
@@ -220,15 +223,18 @@ def markdown(result: dict) -> str:
         f"# CPU bitmap kernel: SparseLinear vs nn.Linear ({meta['date']})",
         "",
         f"Device: {meta['device']}; {meta['threads']} threads; ISA path `{meta['isa']}`; "
+        f"started {meta.get('started', meta['date'])}; "
         f"torch {meta['torch']}. {meta['note']}. Regenerate with `python bench/cpu_kernel.py "
         "--e2e --out bench/results/<name>`.",
         "",
-        "| weight M x K | N | dtype | sparsity | nn.Linear ms | SparseLinear ms | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| weight M x K | N | dtype | sparsity | nn.Linear ms | SparseLinear ms | speed-up | "
+        "p20-p80 of rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["linear"]:
         lines.append(f"| {r['m']}x{r['k']} | {r['n']} | {r['dtype']} | {r['sparsity']:.0%} | "
-                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
+                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r.get('speedup_p20', r['speedup']):.2f}-{r.get('speedup_p80', r['speedup']):.2f} |")
     if "decode" in result:
         lines += ["", "Decode (`to_dense`), 4096x4096 at 70 %:", "",
                   "| dtype | torch decode ms | C++ decode ms | speed-up |", "|---|---|---|---|"]
