@@ -9,8 +9,11 @@ decode it replaces) and, with ``--e2e``, a Llama-shaped bf16 model's greedy deco
     python bench/cpu_kernel.py                      # full matrix, 2 threads
     python bench/cpu_kernel.py --quick              # one shape, fewer rounds
     python bench/cpu_kernel.py --e2e --out bench/results/cpu-epyc-2core-2026-11-23
+    python bench/cpu_kernel.py --summary runs.md bench/results/cpu-*.json   # several runs
 
-Writes ``<out>.json`` and ``<out>.md`` (device, threads, date, torch version).
+Writes ``<out>.json`` and ``<out>.md`` (device, threads, date, torch version). On a shared
+VM one run's ratios move by 10-30 % from the next; ``--summary`` puts several runs' median,
+minimum and maximum per cell side by side.
 """
 
 from __future__ import annotations
@@ -188,7 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--e2e", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
+    parser.add_argument("--summary", nargs="+", type=Path, metavar=("OUT.md", "RUN.json"),
+                        help="no benchmark: summarise the runs RUN.json ... into OUT.md")
     args = parser.parse_args(argv)
+    if args.summary:
+        if len(args.summary) < 2:
+            parser.error("--summary needs OUT.md and at least one RUN.json")
+        args.summary[0].write_text(summary([json.loads(f.read_text()) for f in args.summary[1:]],
+                                           [f.name for f in args.summary[1:]]))
+        print(f"wrote {args.summary[0]}")
+        return
     torch.set_num_threads(args.threads)
     reason = cpu_kernels._available()
     if reason:
@@ -246,6 +258,29 @@ def markdown(result: dict) -> str:
                   f"{r['batch']}, {r['steps']} greedy decode steps, median of rounds): dense "
                   f"{r['dense_tok_s']:.1f} tok/s, sparse {r['sparse_tok_s']:.1f} tok/s, "
                   f"**{r['speedup']:.2f}x**."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(runs: list[dict], names: list[str]) -> str:
+    """Median [min-max] of each cell's speed-up over the runs, and each run's start."""
+    cells: dict[tuple, list[float]] = {}
+    for run in runs:
+        for r in run["linear"]:
+            cells.setdefault((r["m"], r["k"], r["dtype"], r["n"], r["sparsity"]), []).append(r["speedup"])
+    lines = [f"# CPU bitmap kernel: {len(runs)} runs", "", "Runs (file: start, device, threads):", ""]
+    for name, run in zip(names, runs, strict=True):
+        meta = run["meta"]
+        lines.append(f"- `{name}`: {meta.get('started', meta['date'])}, {meta['device']}, "
+                     f"{meta['threads']} threads, ISA `{meta['isa']}`, torch {meta['torch']}")
+    lines += ["", "`SparseLinear` / `nn.Linear` speed-up, median [min-max] over the runs:", "",
+              "| weight M x K | dtype | N | sparsity | median | min | max |", "|---|---|---|---|---|---|---|"]
+    for (m, k, dtype, n, s), v in cells.items():
+        lines.append(f"| {m}x{k} | {dtype} | {n} | {s:.0%} | {statistics.median(v):.2f}x | "
+                     f"{min(v):.2f}x | {max(v):.2f}x |")
+    e2e = [run["e2e"]["speedup"] for run in runs if "e2e" in run]
+    if e2e:
+        lines += ["", f"End to end (tokens/s, sparse / dense): median {statistics.median(e2e):.2f}x, "
+                  f"min {min(e2e):.2f}x, max {max(e2e):.2f}x over {len(e2e)} runs."]
     return "\n".join(lines) + "\n"
 
 

@@ -279,3 +279,32 @@ def test_no_compiler_warns_once_and_forced_backend_raises(monkeypatch):
     with pytest.raises(backends.BackendUnavailableError, match=r"FLASHSPARSE_BACKEND=cpu.*no C\+\+ compiler"):
         fs.linear(x, sw)
     backends._selected.clear()
+
+
+def test_benchmark_summary_of_several_runs(tmp_path):
+    """bench/cpu_kernel.py --summary: each cell's median, min and max over the runs."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_cpu_kernel", Path(__file__).parents[1] / "bench" / "cpu_kernel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(started, speedups, e2e):
+        meta = dict(device="cpu", threads=2, isa="avx512", torch="x", date="2026-11-23", started=started)
+        linear = [dict(m=64, k=128, dtype="bfloat16", n=n, sparsity=0.7, speedup=s) for n, s in speedups]
+        return dict(meta=meta, linear=linear, e2e=dict(speedup=e2e))
+
+    files = []
+    for i, (a, b, e) in enumerate([(3.0, 1.1, 2.0), (5.0, 0.9, 1.5), (4.0, 1.3, 2.5)]):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(run(f"18:0{i} UTC", [(1, a), (16, b)], e)))
+    out = tmp_path / "summary.md"
+    bench.main(["--summary", str(out), *map(str, files)])
+    text = out.read_text()
+    assert "| 64x128 | bfloat16 | 1 | 70% | 4.00x | 3.00x | 5.00x |" in text
+    assert "| 64x128 | bfloat16 | 16 | 70% | 1.10x | 0.90x | 1.30x |" in text
+    assert "median 2.00x, min 1.50x, max 2.50x over 3 runs" in text
+    assert text.count("18:0") == 3
+    with pytest.raises(SystemExit):
+        bench.main(["--summary", str(out)])
