@@ -1,8 +1,9 @@
 """The C++ CPU bitmap kernel (flashsparse.kernels.cpu) against a float64 reference.
 
 Every SIMD path this CPU has (FLASHSPARSE_CPU_ISA) x every dtype, on odd shapes and skewed
-masks, both the fused path (few rows of x) and the blocked path (more rows), plus the C++
-decode behind ``to_dense``. If the extension cannot be built here, the tests that need it are
+masks, every kernel the glue picks by n and dtype (fused for few rows of x; on AVX-512 the
+column and blocked paths for fp32/fp16 and the row-lanes path for bf16), plus the C++ decode
+behind ``to_dense``. If the extension cannot be built here, the tests that need it are
 replaced by checks of the warning / error a user then gets.
 """
 
@@ -42,6 +43,17 @@ def cpu_backend(monkeypatch):
     backends._selected.clear()
 
 
+def test_extension_is_there_wherever_it_can_be_built():
+    """A kernel that fails its self-check makes the extension unavailable (the reference path
+    runs, with a warning), and every test above that needs it is skipped: this one fails then,
+    so a broken kernel cannot pass as skips on a machine with a compiler (CI has one)."""
+    ext = cpu_kernels.EXTENSION
+    tools = ext.prebuilt_available() or (build.find_cxx() is not None and build.find_ninja() is not None)
+    if ext.missing_sources() or not tools:
+        pytest.skip("no compiler, ninja or sources here (test_no_compiler_warns_once... covers that)")
+    assert REASON is None, REASON
+
+
 @needs_ext
 def test_every_path_this_machine_should_have_is_there():
     assert ISAS[0] == "scalar"
@@ -70,6 +82,8 @@ def test_every_path_this_machine_should_have_is_there():
         (70, 300, 16, 0.8, "row_skewed"),  # widest batch of the fp32/fp16 column path
         (64, 64, 17, 0.0, "uniform"),  # one fully dense tile
         (96, 4, 33, 0.8, "dense_rows"),
+        (150, 520, 35, 0.7, "row_skewed"),  # bf16 row-lanes: three groups of x rows, a tail of 3
+        (33, 64, 12, 0.5, "empty_tiles"),  # bf16 row-lanes: one step per tile row, 12 x rows
     ],
 )
 def test_matches_float64(isa, dtype, m, k, n, sparsity, kind):

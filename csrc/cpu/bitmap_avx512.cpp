@@ -212,10 +212,10 @@ void decode_impl(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, int
 }
 
 
-// --- blocked path: decode 64 x kBlockK into scratch, then a 4-row x NB-column micro-kernel ---
+// --- blocked path (fp32, fp16): decode 64 x kBlockK into scratch, then a 4-row x NB-column micro-kernel
 
-// Tile columns [kt0, kt1) of tile row tr as 64 dense rows of (kt1 - kt0) * 64 compute values
-// (bf16 stays bf16 for vdpbf16ps; fp16 becomes fp32). Columns past k decode as zeros.
+// Tile columns [kt0, kt1) of tile row tr as 64 dense rows of (kt1 - kt0) * 64 fp32 values
+// (fp16 is converted). Columns past k decode as zeros.
 template <int D>
 void decode_block(const BitmapWeight& w, int64_t tr, int64_t kt0, int64_t kt1, void* buf) {
     const int64_t kt_count = (w.k + 63) / 64;
@@ -237,50 +237,30 @@ void decode_block(const BitmapWeight& w, int64_t tr, int64_t kt0, int64_t kt1, v
             for (int r = 0; r < 64; ++r) {
                 __m512i lo, hi;
                 p += expand16(masks + r, p, lo, hi);
-                if (D == static_cast<int>(Dtype::BF16)) {
-                    uint16_t* dst = static_cast<uint16_t*>(buf) + r * ldb + (kt - kt0) * 64;
-                    _mm512_store_si512(dst, lo);
-                    _mm512_store_si512(dst + 32, hi);
-                } else {
-                    float* dst = static_cast<float*>(buf) + r * ldb + (kt - kt0) * 64;
-                    _mm512_store_ps(dst, _mm512_cvtph_ps(_mm512_castsi512_si256(lo)));
-                    _mm512_store_ps(dst + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1)));
-                    _mm512_store_ps(dst + 32, _mm512_cvtph_ps(_mm512_castsi512_si256(hi)));
-                    _mm512_store_ps(dst + 48, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1)));
-                }
+                float* dst = static_cast<float*>(buf) + r * ldb + (kt - kt0) * 64;
+                _mm512_store_ps(dst, _mm512_cvtph_ps(_mm512_castsi512_si256(lo)));
+                _mm512_store_ps(dst + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1)));
+                _mm512_store_ps(dst + 32, _mm512_cvtph_ps(_mm512_castsi512_si256(hi)));
+                _mm512_store_ps(dst + 48, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1)));
             }
         }
     }
 }
 
 // yacc[r * n + i] += sum_c buf[r, c] * x[i, c] for 64 rows r and NB rows i of x.
-template <bool BF16, int NB>
-void micro_block(const void* buf, int64_t kc, const void* x, int64_t ldx, float* yacc, int64_t n) {
+template <int NB>
+void micro_block(const float* buf, int64_t kc, const float* x, int64_t ldx, float* yacc, int64_t n) {
     for (int r = 0; r < 64; r += 4) {
         __m512 a[4][NB];
         for (int q = 0; q < 4; ++q)
             for (int j = 0; j < NB; ++j) a[q][j] = _mm512_setzero_ps();
-        if (BF16) {
-            const uint16_t* wb = static_cast<const uint16_t*>(buf) + r * kc;
-            const uint16_t* xb = static_cast<const uint16_t*>(x);
-            for (int64_t c = 0; c < kc; c += 32) {
-                __m512i wv[4];
-                for (int q = 0; q < 4; ++q) wv[q] = _mm512_load_si512(wb + q * kc + c);
-                for (int j = 0; j < NB; ++j) {
-                    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + j * ldx + c);
-                    for (int q = 0; q < 4; ++q) a[q][j] = _mm512_dpbf16_ps(a[q][j], (__m512bh)wv[q], xv);
-                }
-            }
-        } else {
-            const float* wb = static_cast<const float*>(buf) + r * kc;
-            const float* xb = static_cast<const float*>(x);
-            for (int64_t c = 0; c < kc; c += 16) {
-                __m512 wv[4];
-                for (int q = 0; q < 4; ++q) wv[q] = _mm512_load_ps(wb + q * kc + c);
-                for (int j = 0; j < NB; ++j) {
-                    const __m512 xv = _mm512_loadu_ps(xb + j * ldx + c);
-                    for (int q = 0; q < 4; ++q) a[q][j] = _mm512_fmadd_ps(wv[q], xv, a[q][j]);
-                }
+        const float* wb = buf + r * kc;
+        for (int64_t c = 0; c < kc; c += 16) {
+            __m512 wv[4];
+            for (int q = 0; q < 4; ++q) wv[q] = _mm512_load_ps(wb + q * kc + c);
+            for (int j = 0; j < NB; ++j) {
+                const __m512 xv = _mm512_loadu_ps(x + j * ldx + c);
+                for (int q = 0; q < 4; ++q) a[q][j] = _mm512_fmadd_ps(wv[q], xv, a[q][j]);
             }
         }
         for (int q = 0; q < 4; ++q)
@@ -288,17 +268,14 @@ void micro_block(const void* buf, int64_t kc, const void* x, int64_t ldx, float*
     }
 }
 
-template <int D>
-void spmm_blocked_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx,
-                       const float* bias, float* y, int64_t ldy, int64_t tr0, int64_t tr1,
-                       void* scratch) {
-    constexpr bool kBf16 = D == static_cast<int>(Dtype::BF16);
-    const int64_t xsize = kBf16 ? 2 : 4;
+template <int D>  // F32 or F16
+void spmm_blocked_impl(const BitmapWeight& w, const float* xv, int64_t n, int64_t ldx, const float* bias,
+                       float* y, int64_t ldy, int64_t tr0, int64_t tr1, void* scratch) {
     const int64_t kt_count = (w.k + 63) / 64;
     const int64_t block_tiles = kBlockK / 64;
     char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
     float* yacc = reinterpret_cast<float*>(base);
-    void* buf = base + ((64 * n * 4 + 63) & ~int64_t(63));
+    float* buf = reinterpret_cast<float*>(base + ((64 * n * 4 + 63) & ~int64_t(63)));
     for (int64_t tr = tr0; tr < tr1; ++tr) {
         const int64_t row0 = tr * 64;
         const int64_t rows = (w.m - row0) < 64 ? (w.m - row0) : 64;
@@ -307,20 +284,176 @@ void spmm_blocked_impl(const BitmapWeight& w, const void* xv, int64_t n, int64_t
             const int64_t kt1 = (kt0 + block_tiles) < kt_count ? (kt0 + block_tiles) : kt_count;
             const int64_t kc = (kt1 - kt0) * 64;
             decode_block<D>(w, tr, kt0, kt1, buf);
-            const char* x = static_cast<const char*>(xv) + kt0 * 64 * xsize;
+            const float* x = xv + kt0 * 64;
             int64_t i = 0;
-            for (; i + 4 <= n; i += 4)
-                micro_block<kBf16, 4>(buf, kc, x + i * ldx * xsize, ldx, yacc + i, n);
+            for (; i + 4 <= n; i += 4) micro_block<4>(buf, kc, x + i * ldx, ldx, yacc + i, n);
             switch (n - i) {
-                case 3: micro_block<kBf16, 3>(buf, kc, x + i * ldx * xsize, ldx, yacc + i, n); break;
-                case 2: micro_block<kBf16, 2>(buf, kc, x + i * ldx * xsize, ldx, yacc + i, n); break;
-                case 1: micro_block<kBf16, 1>(buf, kc, x + i * ldx * xsize, ldx, yacc + i, n); break;
+                case 3: micro_block<3>(buf, kc, x + i * ldx, ldx, yacc + i, n); break;
+                case 2: micro_block<2>(buf, kc, x + i * ldx, ldx, yacc + i, n); break;
+                case 1: micro_block<1>(buf, kc, x + i * ldx, ldx, yacc + i, n); break;
                 default: break;
             }
         }
         for (int64_t i = 0; i < n; ++i)
             for (int64_t r = 0; r < rows; ++r)
                 y[i * ldy + row0 + r] = yacc[r * n + i] + (bias ? bias[row0 + r] : 0.0f);
+    }
+}
+
+// --- bf16 row-lanes path: 16 weight rows across the lanes of one vector ----------------------
+//
+// vdpbf16ps adds the products of adjacent bf16 pairs into fp32 lanes. The blocked path puts 32
+// columns of one weight row in a vector, so every (weight row, x row) pair ends in a horizontal
+// sum, and its decoded block lives in L2. Here a vector holds one column pair of 16 weight rows
+// (a 16 x 16 dword transpose of the decoded rows), and x comes as broadcast column pairs, so
+// vector j of the accumulators is directly y[x row j][16 weight rows], with no reductions:
+// 16 vdpbf16ps per weight vector, each with an embedded broadcast of x from L1.
+// The decode + transpose of the next 16 x 64 step (32 expands, 128 shuffles) is spread over
+// the 32 weight vectors of the current step: done in one piece between steps it was not
+// overlapped with the vdpbf16ps (about 40 % of the step on Zen 4). Stages 1-2 of the transpose
+// stay in registers per 4 rows, stages 3-4 run per output column; their intermediate values go
+// through an L1 buffer, because 16 accumulators leave only 16 vector registers.
+//
+// xg: x as bf16 pairs, [ceil(n / 16)][k_tiles * 32][16] uint32 (pair p of x row 16 g + j at
+// [g][p][j]), zero past n and k, 64-byte aligned. acc: 4 * ceil(n / 16) * 256 floats.
+
+inline void rowlanes_stage12(__m512i r0, __m512i r1, __m512i r2, __m512i r3, __m512i* u) {
+    const __m512i t0 = _mm512_unpacklo_epi32(r0, r1), t1 = _mm512_unpackhi_epi32(r0, r1);
+    const __m512i t2 = _mm512_unpacklo_epi32(r2, r3), t3 = _mm512_unpackhi_epi32(r2, r3);
+    _mm512_store_si512(u + 0, _mm512_unpacklo_epi64(t0, t2));
+    _mm512_store_si512(u + 1, _mm512_unpackhi_epi64(t0, t2));
+    _mm512_store_si512(u + 2, _mm512_unpacklo_epi64(t1, t3));
+    _mm512_store_si512(u + 3, _mm512_unpackhi_epi64(t1, t3));
+}
+
+// Stages 3-4 for output columns m, m + 4, m + 8, m + 12 of one 16 x 16 half.
+inline void rowlanes_stage34(const __m512i* u, int m, __m512i* out) {
+    const __m512i u0 = _mm512_load_si512(u + m), u1 = _mm512_load_si512(u + 4 + m);
+    const __m512i u2 = _mm512_load_si512(u + 8 + m), u3 = _mm512_load_si512(u + 12 + m);
+    const __m512i s0 = _mm512_shuffle_i32x4(u0, u1, 0x88), s1 = _mm512_shuffle_i32x4(u0, u1, 0xdd);
+    const __m512i s2 = _mm512_shuffle_i32x4(u2, u3, 0x88), s3 = _mm512_shuffle_i32x4(u2, u3, 0xdd);
+    _mm512_store_si512(out + m, _mm512_shuffle_i32x4(s0, s2, 0x88));
+    _mm512_store_si512(out + 8 + m, _mm512_shuffle_i32x4(s0, s2, 0xdd));
+    _mm512_store_si512(out + 4 + m, _mm512_shuffle_i32x4(s1, s3, 0x88));
+    _mm512_store_si512(out + 12 + m, _mm512_shuffle_i32x4(s1, s3, 0xdd));
+}
+
+// Piece P (of 32) of decoding 16 rows x 64 columns (masks mn, values from pn) into out[32]:
+// pieces 0, 4, 8, 12 expand 4 rows and run stages 1-2, pieces 16-23 run stages 3-4.
+template <int P>
+__attribute__((always_inline)) inline void rowlanes_piece(const uint64_t* mn, const uint16_t*& pn, __m512i* u,
+                                                          __m512i* out) {
+    if constexpr (P < 16 && P % 4 == 0) {
+        __m512i lo[4], hi[4];
+        for (int i = 0; i < 4; ++i) pn += expand16(mn + P + i, pn, lo[i], hi[i]);
+        rowlanes_stage12(lo[0], lo[1], lo[2], lo[3], u + P);
+        rowlanes_stage12(hi[0], hi[1], hi[2], hi[3], u + 16 + P);
+    } else if constexpr (P >= 16 && P < 24) {
+        rowlanes_stage34(u + 16 * ((P - 16) / 4), (P - 16) % 4, out + 16 * ((P - 16) / 4));
+    }
+}
+
+// The whole decode of one step at once (the first step of a tile row).
+inline void rowlanes_decode(const uint64_t* mn, const uint16_t*& pn, __m512i* u, __m512i* out) {
+    for (int r = 0; r < 16; r += 4) {
+        __m512i lo[4], hi[4];
+        for (int i = 0; i < 4; ++i) pn += expand16(mn + r + i, pn, lo[i], hi[i]);
+        rowlanes_stage12(lo[0], lo[1], lo[2], lo[3], u + r);
+        rowlanes_stage12(hi[0], hi[1], hi[2], hi[3], u + 16 + r);
+    }
+    for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < 4; ++m) rowlanes_stage34(u + 16 * h, m, out + 16 * h);
+}
+
+// a[j] += tb[P] . broadcast(x pair P of x row j), for P in [P, 32); with NEXT, piece P of the
+// next step's decode first. vdpbf16ps with an embedded broadcast ({1to16}) from memory: GCC
+// emits a separate vpbroadcastd for _mm512_set1_epi32, about 12 % slower here.
+template <int P, int NB, bool NEXT>
+__attribute__((always_inline)) inline void rowlanes_step(__m512 (&a)[NB], const __m512i* tb, const uint32_t* xk,
+                                                         const uint64_t* mn, const uint16_t*& pn, __m512i* u,
+                                                         __m512i* out) {
+    if constexpr (NEXT) rowlanes_piece<P>(mn, pn, u, out);
+    const __m512i wv = _mm512_load_si512(tb + P);
+    const uint32_t* xq = xk + P * 16;
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(a[j]) : "v"(wv), "m"(xq[j]));
+    __asm__ volatile("" ::: "memory");
+    if constexpr (P + 1 < 32) rowlanes_step<P + 1, NB, NEXT>(a, tb, xk, mn, pn, u, out);
+}
+
+// Returns pn advanced past the 16 rows decoded (with NEXT).
+template <int NB, bool NEXT>
+__attribute__((always_inline)) inline const uint16_t* rowlanes_micro(float* accp, const __m512i* tb, const uint32_t* xk,
+                                                         const uint64_t* mn, const uint16_t* pn, __m512i* u,
+                                                         __m512i* out) {
+    // Unrolled: as loops, GCC turns these into memcpy calls and keeps a[] on the stack.
+    __m512 a[NB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) a[j] = _mm512_load_ps(accp + 16 * j);
+    rowlanes_step<0, NB, NEXT>(a, tb, xk, mn, pn, u, out);
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) _mm512_store_ps(accp + 16 * j, a[j]);
+    return pn;
+}
+
+// Accumulators for x rows [16 g, 16 g + nb) (nb rounded up to 4: x is zero there).
+template <bool NEXT>
+const uint16_t* rowlanes_group(int64_t nb, float* accp, const __m512i* tb, const uint32_t* xk, const uint64_t* mn,
+                               const uint16_t* pn, __m512i* u, __m512i* out) {
+    switch ((nb + 3) / 4) {
+        case 1: return rowlanes_micro<4, NEXT>(accp, tb, xk, mn, pn, u, out);
+        case 2: return rowlanes_micro<8, NEXT>(accp, tb, xk, mn, pn, u, out);
+        case 3: return rowlanes_micro<12, NEXT>(accp, tb, xk, mn, pn, u, out);
+        default: return rowlanes_micro<16, NEXT>(accp, tb, xk, mn, pn, u, out);
+    }
+}
+
+void spmm_rowlanes_impl(const BitmapWeight& w, const uint32_t* xg, int64_t n, const float* bias, float* y,
+                        int64_t ldy, int64_t tr0, int64_t tr1, float* acc) {
+    const int64_t kt_count = (w.k + 63) / 64;
+    const int64_t groups = (n + 15) / 16;
+    const int64_t gstride = kt_count * 32 * 16;  // uint32 per group of 16 x rows
+    alignas(64) __m512i tb[2][32];
+    alignas(64) __m512i u[32];
+    const uint16_t* vals = static_cast<const uint16_t*>(w.values);
+    for (int64_t tr = tr0; tr < tr1; ++tr) {
+        const int64_t row0 = tr * 64;
+        const int64_t rows = (w.m - row0) < 64 ? (w.m - row0) : 64;
+        const int64_t tbase = tr * kt_count;
+        for (int64_t i = 0; i < 4 * groups * 256; ++i) acc[i] = 0.0f;
+        // Step s: tile kt = s / 4, weight rows 16 (s % 4) .. + 16 of it.
+        const int64_t steps = kt_count * 4;
+        const uint16_t* p = vals + static_cast<int64_t>(w.offsets[tbase]) * 8;
+        rowlanes_decode(w.masks + tbase * 64, p, u, tb[0]);
+        for (int64_t s = 0; s < steps; ++s) {
+            const int64_t s1 = s + 1;
+            const __m512i* cur = tb[s & 1];
+            const uint32_t* xk = xg + (s >> 2) * 32 * 16;
+            float* as = acc + (s & 3) * groups * 256;
+            if (s1 < steps) {
+                const int64_t t1 = tbase + (s1 >> 2);
+                // Tiles are contiguous in values, but each starts at a multiple of 8.
+                if ((s1 & 3) == 0) p = vals + static_cast<int64_t>(w.offsets[t1]) * 8;
+                p = rowlanes_group<true>(n < 16 ? n : 16, as, cur, xk, w.masks + t1 * 64 + 16 * (s1 & 3), p, u,
+                                         tb[s1 & 1]);
+            } else {
+                rowlanes_group<false>(n < 16 ? n : 16, as, cur, xk, nullptr, p, u, nullptr);
+            }
+            for (int64_t g = 1; g < groups; ++g) {
+                const int64_t nb = (n - 16 * g) < 16 ? (n - 16 * g) : 16;
+                rowlanes_group<false>(nb, as + g * 256, cur, xk + g * gstride, nullptr, p, u, nullptr);
+            }
+        }
+        alignas(64) float lanes[16];
+        for (int q = 0; q < 4; ++q) {
+            const int64_t r0 = 16 * q;
+            if (r0 >= rows) break;
+            const int64_t live = (rows - r0) < 16 ? (rows - r0) : 16;
+            for (int64_t i = 0; i < n; ++i) {
+                _mm512_store_ps(lanes, _mm512_load_ps(acc + ((q * groups + i / 16) * 16 + i % 16) * 16));
+                for (int64_t r = 0; r < live; ++r) y[i * ldy + row0 + r0 + r] = lanes[r] + (bias ? bias[row0 + r0 + r] : 0.0f);
+            }
+        }
     }
 }
 
@@ -374,11 +507,21 @@ void spmm_columns_impl(const BitmapWeight& w, const float* xt, int64_t n, const 
 void spmm_blocked_avx512(const BitmapWeight& w, const void* x, int64_t n, int64_t ldx,
                          const float* bias, float* y, int64_t ldy, int64_t tr0, int64_t tr1,
                          void* scratch) {
+    const float* xf = static_cast<const float*>(x);
     switch (w.dtype) {
-        case Dtype::F32: return spmm_blocked_impl<0>(w, x, n, ldx, bias, y, ldy, tr0, tr1, scratch);
-        case Dtype::BF16: return spmm_blocked_impl<1>(w, x, n, ldx, bias, y, ldy, tr0, tr1, scratch);
-        default: return spmm_blocked_impl<2>(w, x, n, ldx, bias, y, ldy, tr0, tr1, scratch);
+        case Dtype::F32: return spmm_blocked_impl<0>(w, xf, n, ldx, bias, y, ldy, tr0, tr1, scratch);
+        case Dtype::F16: return spmm_blocked_impl<2>(w, xf, n, ldx, bias, y, ldy, tr0, tr1, scratch);
+        default:  // bf16 takes spmm_rowlanes_avx512; kept correct here, kMaxSpmmRows rows at a time
+            for (int64_t i = 0; i < n; i += kMaxSpmmRows)
+                spmm_impl<1, 0>(w, static_cast<const uint16_t*>(x) + i * ldx, n - i < kMaxSpmmRows ? n - i : kMaxSpmmRows,
+                                ldx, bias, y + i * ldy, ldy, tr0, tr1);
     }
+}
+
+void spmm_rowlanes_avx512(const BitmapWeight& w, const uint32_t* xg, int64_t n, const float* bias, float* y,
+                          int64_t ldy, int64_t tr0, int64_t tr1, void* scratch) {
+    float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+    spmm_rowlanes_impl(w, xg, n, bias, y, ldy, tr0, tr1, acc);
 }
 
 void spmm_columns_avx512(const BitmapWeight& w, const float* xt, int64_t n, const float* bias, float* y,
@@ -428,6 +571,10 @@ void spmm_blocked_avx512(const BitmapWeight& w, const void* x, int64_t n, int64_
 }
 void spmm_columns_avx512(const BitmapWeight& w, const float*, int64_t, const float*, float*, int64_t, int64_t,
                          int64_t) {
+    (void)w;  // never selected off x86
+}
+void spmm_rowlanes_avx512(const BitmapWeight& w, const uint32_t*, int64_t, const float*, float*, int64_t, int64_t,
+                          int64_t, void*) {
     (void)w;  // never selected off x86
 }
 }  // namespace cpu

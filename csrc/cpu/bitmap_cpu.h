@@ -50,21 +50,32 @@ void spmm_avx2(const BitmapWeight&, const void*, int64_t, int64_t, const float*,
 void decode_avx2(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 void spmm_avx512(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
                  int64_t, int64_t);
-// Any n (for larger batches): decodes a 64 x kBlockK block of the weight at a time into
-// `scratch` (bitmap_blocked_scratch_bytes(n) bytes, 64-byte aligned) and runs a
-// register-blocked dense micro-kernel on it for every row of x. Same contract as SpmmFn.
+// fp32 and fp16 weights, any n (for larger batches): decodes a 64 x kBlockK block of the weight
+// at a time into `scratch` (bitmap_blocked_scratch_bytes(n) bytes, 64-byte aligned) and runs a
+// register-blocked dense micro-kernel on it for every row of x. Same contract as SpmmFn (bf16
+// runs the fused kernel on groups of kMaxSpmmRows rows: spmm_rowlanes_avx512 is its fast path).
 void spmm_blocked_avx512(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*,
                          int64_t, int64_t, int64_t, void* scratch);
 constexpr int64_t kBlockK = 2048;
 inline int64_t bitmap_blocked_scratch_bytes(int64_t n) { return 64 * n * 4 + 64 * kBlockK * 4 + 128; }
-// fp32 and fp16 weights, n <= kColumnsMaxRows (the glue uses it above the fused path's rows): one FMA per nonzero of its
-// value with the 16 x values of its column, so the work follows the nonzeros (the blocked path
-// multiplies every weight). xt is x transposed, [k_tiles * 64][16] fp32, zero past n and k,
-// 64-byte aligned. bf16 keeps the blocked path: vdpbf16ps does 32 products per instruction,
-// more than one FMA per nonzero gains at the sparsities that matter. Same y/bias contract.
+// fp32 and fp16 weights, n <= kColumnsMaxRows (the glue uses it above the fused path's rows):
+// one FMA per nonzero of its value with the 16 x values of its column, so the work follows the
+// nonzeros (the blocked path multiplies every weight). xt is x transposed, [k_tiles * 64][16]
+// fp32, zero past n and k, 64-byte aligned. Not for bf16: vdpbf16ps does 32 products per
+// instruction, more than one FMA per nonzero gains at the sparsities that matter. Same y/bias
+// contract.
 constexpr int64_t kColumnsMaxRows = 16;
 void spmm_columns_avx512(const BitmapWeight&, const float* xt, int64_t n, const float* bias, float* y,
                          int64_t ldy, int64_t tr0, int64_t tr1);
+// bf16 weights, any n: 16 weight rows in the lanes of a vector, so x rows need no horizontal
+// sums and the decoded weight stays in L1 (see bitmap_avx512.cpp). xg is x as bf16 pairs,
+// [ceil(n / 16)][k_tiles * 32][16] uint32 (bitmap_x_pairs_words(n, k) of them), zero past n
+// and k, 64-byte aligned; scratch: bitmap_rowlanes_scratch_bytes(n). Same y/bias contract as
+// SpmmFn.
+void spmm_rowlanes_avx512(const BitmapWeight&, const uint32_t* xg, int64_t n, const float* bias, float* y,
+                          int64_t ldy, int64_t tr0, int64_t tr1, void* scratch);
+inline int64_t bitmap_rowlanes_scratch_bytes(int64_t n) { return 4 * ((n + 15) / 16) * 256 * 4 + 64; }
+inline int64_t bitmap_x_pairs_words(int64_t n, int64_t k) { return ((n + 15) / 16) * ((k + 63) / 64) * 32 * 16; }
 void decode_avx512(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 
 // Whether this CPU (and OS) runs the path: avx512 needs AVX-512 F/BW/VL/VBMI2/BF16 + F16C,
