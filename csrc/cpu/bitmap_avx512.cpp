@@ -377,15 +377,14 @@ __attribute__((always_inline)) inline void rowlanes_step(__m512 (&a)[NB], const 
     const uint32_t* xq = xk + P * 16;
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(a[j]) : "v"(wv), "m"(xq[j]));
-    __asm__ volatile("" ::: "memory");
     if constexpr (P + 1 < 32) rowlanes_step<P + 1, NB, NEXT>(a, tb, xk, mn, pn, u, out);
 }
 
 // Returns pn advanced past the 16 rows decoded (with NEXT).
 template <int NB, bool NEXT>
-__attribute__((always_inline)) inline const uint16_t* rowlanes_micro(float* accp, const __m512i* tb, const uint32_t* xk,
-                                                         const uint64_t* mn, const uint16_t* pn, __m512i* u,
-                                                         __m512i* out) {
+__attribute__((always_inline)) inline const uint16_t* rowlanes_micro(float* accp, const __m512i* tb,
+                                                                      const uint32_t* xk, const uint64_t* mn,
+                                                                      const uint16_t* pn, __m512i* u, __m512i* out) {
     // Unrolled: as loops, GCC turns these into memcpy calls and keeps a[] on the stack.
     __m512 a[NB];
 #pragma GCC unroll 16
@@ -451,7 +450,8 @@ void spmm_rowlanes_impl(const BitmapWeight& w, const uint32_t* xg, int64_t n, co
             const int64_t live = (rows - r0) < 16 ? (rows - r0) : 16;
             for (int64_t i = 0; i < n; ++i) {
                 _mm512_store_ps(lanes, _mm512_load_ps(acc + ((q * groups + i / 16) * 16 + i % 16) * 16));
-                for (int64_t r = 0; r < live; ++r) y[i * ldy + row0 + r0 + r] = lanes[r] + (bias ? bias[row0 + r0 + r] : 0.0f);
+                for (int64_t r = 0; r < live; ++r)
+                    y[i * ldy + row0 + r0 + r] = lanes[r] + (bias ? bias[row0 + r0 + r] : 0.0f);
             }
         }
     }
@@ -512,9 +512,11 @@ void spmm_blocked_avx512(const BitmapWeight& w, const void* x, int64_t n, int64_
         case Dtype::F32: return spmm_blocked_impl<0>(w, xf, n, ldx, bias, y, ldy, tr0, tr1, scratch);
         case Dtype::F16: return spmm_blocked_impl<2>(w, xf, n, ldx, bias, y, ldy, tr0, tr1, scratch);
         default:  // bf16 takes spmm_rowlanes_avx512; kept correct here, kMaxSpmmRows rows at a time
-            for (int64_t i = 0; i < n; i += kMaxSpmmRows)
-                spmm_impl<1, 0>(w, static_cast<const uint16_t*>(x) + i * ldx, n - i < kMaxSpmmRows ? n - i : kMaxSpmmRows,
-                                ldx, bias, y + i * ldy, ldy, tr0, tr1);
+            for (int64_t i = 0; i < n; i += kMaxSpmmRows) {
+                const int64_t rows = n - i < kMaxSpmmRows ? n - i : kMaxSpmmRows;
+                spmm_impl<1, 0>(w, static_cast<const uint16_t*>(x) + i * ldx, rows, ldx, bias, y + i * ldy, ldy, tr0,
+                                tr1);
+            }
     }
 }
 
