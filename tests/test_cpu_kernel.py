@@ -77,7 +77,7 @@ def test_every_path_this_machine_should_have_is_there():
         (70, 130, 1, 0.5, "uniform"),
         (130, 200, 3, 0.7, "dense_tiles"),
         (129, 67, 4, 0.9, "row_skewed"),
-        (65, 129, 5, 0.6, "dense_column"),  # first size on the blocked path
+        (65, 129, 5, 0.6, "dense_column"),  # first size past the fused path (fp32/fp16)
         (200, 2100, 9, 0.7, "empty_tiles"),  # several K blocks, odd n tail
         (70, 300, 16, 0.8, "row_skewed"),  # widest batch of the fp32/fp16 column path
         (64, 64, 17, 0.0, "uniform"),  # one fully dense tile
@@ -166,10 +166,10 @@ def test_empty_and_dense_tiles(isa):
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS or ["scalar"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,x_finite", [(1, True), (6, False), (7, True)])
+@pytest.mark.parametrize("n,x_finite", [(1, True), (6, False), (7, True), (17, True)])
 def test_nan_and_inf_propagate_like_f_linear(isa, dtype, n, x_finite):
-    """Non-finite weights with finite x run the kernels themselves (fused, column and blocked
-    paths by n and dtype); a non-finite x takes the decode + F.linear path."""
+    """Non-finite weights with finite x run the kernels themselves (fused, column, blocked and
+    row-lanes paths by n and dtype); a non-finite x takes the decode + F.linear path."""
     w = random_weight(70, 130, 0.5, torch.float32, seed=3)
     w[3, 5] = float("nan")
     w[10, 7] = float("inf")
