@@ -80,6 +80,7 @@ def test_every_path_this_machine_should_have_is_there():
         (65, 129, 5, 0.6, "dense_column"),  # first size past the fused path (fp32/fp16)
         (200, 2100, 9, 0.7, "empty_tiles"),  # several K blocks, odd n tail
         (70, 300, 16, 0.8, "row_skewed"),  # widest batch of the fp32/fp16 column path
+        (150, 260, 1, 0.7, "row_skewed"),  # bf16 n = 1: sparse tiles with some rows over 32
         (64, 64, 17, 0.0, "uniform"),  # one fully dense tile
         (96, 4, 33, 0.8, "dense_rows"),
         (150, 520, 35, 0.7, "row_skewed"),  # bf16 row-lanes: three groups of x rows, a tail of 3
@@ -161,6 +162,49 @@ def test_empty_and_dense_tiles(isa):
     zero = fs.encode(torch.zeros(m, k), "bitmap")
     b = torch.randn(m)
     assert torch.equal(_op(torch.randn(3, k), zero, b, isa), b.expand(3, m))
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS or ["scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_row_of_x_on_sparse_tiles(isa, dtype):
+    """n = 1 on tiles of few values: AVX-512 multiplies a row of <= 16 nonzeros (32 for bf16)
+    with x gathered at their columns and rebuilds denser rows. Rows of 0, 1, 15, 16, 17, 32,
+    33 and 64 nonzeros in one such tile (first and last column, all four 16-column quarters),
+    the tail tiles of M and K, checked element by element; then NaN and Inf weights on both
+    kinds of row."""
+    g = torch.Generator().manual_seed(5)
+    m, k = 131, 197
+    keep = torch.rand(m, k, generator=g) >= 0.92
+    for row, count in {0: 0, 1: 1, 2: 15, 3: 16, 4: 17, 5: 33, 6: 64, 8: 32, 70: 16, 129: 33}.items():
+        keep[row, :64] = False
+        keep[row, torch.randperm(64, generator=g)[:count]] = True
+    keep[1, :64] = False
+    keep[1, 63] = True
+    keep[7, :64] = False
+    keep[7, [0, 15, 16, 31, 32, 47, 48, 63]] = True
+    assert keep[:64, :64].sum() <= 64 * 15 and keep[3, :64].sum() == 16 and keep[4, :64].sum() == 17
+    w = (torch.randn(m, k, generator=g) * keep).to(dtype)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    y = _op(x, fs.encode(w, "bitmap"), isa=isa)
+    ref = reference_linear(x, w)
+    scale = x.double().abs() @ w.double().abs().T + 1e-30
+    worst = ((y.double() - ref).abs() / scale).max().item()
+    assert worst < RTOL[dtype], worst
+
+    w = w.float()
+    w[3, keep[3].nonzero()[0, 0]] = float("nan")  # a gathered row
+    w[6, 10] = float("inf")  # a rebuilt row; x[10] = 0 makes it NaN
+    w[2, keep[2].nonzero()[-1, 0]] = float("-inf")
+    x = x.float()
+    x[0, 10] = 0.0
+    w, x = w.to(dtype), x.to(dtype)
+    y = _op(x, fs.encode(w, "bitmap"), isa=isa).float()
+    expected = F.linear(x.float(), w.float())
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert y.isnan().sum() == 2 and y.isinf().sum() == 1
+    finite = expected.isfinite()
+    assert rel_err(y[finite], expected[finite]) < RTOL[dtype]
 
 
 @needs_ext
