@@ -1,8 +1,9 @@
 // AVX-512 path (VBMI2 + BF16): vpexpandw rebuilds 32 16-bit weights from a 32-bit half of a row
 // mask and the packed values in one instruction (vexpandps: 16 fp32 weights from 16 bits);
 // bf16 rows multiply x with vdpbf16ps (exact bf16 products, fp32 sums), fp16 rows convert
-// with vcvtph2ps. Masked loads never touch memory past a row's last value, so the end of the
-// values buffer needs no padding.
+// with vcvtph2ps. At n = 1, rows of few nonzeros skip the rebuild: x is gathered at their
+// columns instead (see "n = 1" below). Masked loads never touch memory past a row's last value,
+// so the end of the values buffer needs no padding.
 #include <immintrin.h>
 
 #include <cstdint>
