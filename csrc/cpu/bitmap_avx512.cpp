@@ -87,10 +87,15 @@ inline __m512 row_dense(const uint64_t* mask, const void* p, const __m512 xr[4],
 //   Lanes past the row's count multiply zero values by a finite x (x is finite by contract).
 //   Denser rows are rebuilt. The compress merges into the column list: zero-masking
 //   vpcompressb was 3x slower on Zen 4.
-// Loops with their data in L1, Zen 4, TSC ticks per row segment, sparse / dense: fp32 5.5-7 /
-// 11-12 at 90 %, 7.7 / 12.0 at 80 %, 10.1 / 13.2 at 77 %, 11.9 / 12.5 at 74 %, 14.8 / 12.2 at
-// 70 % (hence at most 15 values per row on average); bf16 4.1 / 5.4 at 70-90 %, 7.5 / 8.4 at
-// 60 %, 5.8 / 7.0 at 50 %.
+// TSC ticks per row segment on Zen 4 (these functions, data in L1/L2), sparse / dense form:
+//   fp32: 5.7 / 11.5 at 90 %, 7.6 / 11.5 at 75 %, 9.2 / 11.4 at 70 %, 11.3 / 11.5 at 60 %,
+//         11.5 / 11.3 at 30 %, 11.3 / 11.2 at 0 %;
+//   bf16: 4.7 / 6.3 at 90 %, 4.4 / 5.6 at 60 %, 5.8 / 6.8 at 50 %, 7.8 / 7.2 at 30 %,
+//         7.1 / 6.6 at 0 %.
+// Streaming a 14336x4096 fp32 weight from DRAM (2 threads) the two forms tie at 60-70 %, and at
+// 75 % (rows around 16 nonzeros: the branch goes either way) the sparse one was 10 % slower in
+// one of two runs; at 80 % it took 25 % less time. Hence the sparse form for tiles of at most 15
+// values per row on average for fp32/fp16, 28 for bf16 (its limit is 32 per row).
 // Functions of their own, not inlined into spmm_impl, where GCC kept the loop state on the stack
 // (the same loop stand-alone ran about 17 % faster in a single-thread C++ harness). Two tiles
 // per pass (half the accumulator traffic) was faster only while the weight fit in L3 and slower
