@@ -65,10 +65,16 @@ def _cpu_extension() -> dict:
         )
     import torch
 
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+    openmp = (
+        ["-fopenmp"]
+        if sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+        else []
+    )
     # The same list as flashsparse.kernels.build.Extension.sources for device "cpu".
     glue = sorted((ROOT / "csrc" / "bindings").glob("*_cpu.cpp"))
-    kernels = sorted(p for p in (ROOT / "csrc" / "cpu").glob("*.cpp") if not p.stem.endswith("_emulator"))
+    kernels = sorted(
+        p for p in (ROOT / "csrc" / "cpu").glob("*.cpp") if not p.stem.endswith("_emulator")
+    )
     extension = cpp_extension.CppExtension(
         name="flashsparse._C_cpu",
         sources=[str(p.relative_to(ROOT)) for p in [*glue, *kernels]],

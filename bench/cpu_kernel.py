@@ -79,7 +79,13 @@ def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, floa
         s_times.append((t2 - t1) / inner)
         ratios.append((t1 - t0) / (t2 - t1))
     q = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else ratios  # p20, p40, p60, p80
-    return statistics.median(d_times), statistics.median(s_times), statistics.median(ratios), q[0], q[-1]
+    return (
+        statistics.median(d_times),
+        statistics.median(s_times),
+        statistics.median(ratios),
+        q[0],
+        q[-1],
+    )
 
 
 def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
@@ -98,13 +104,30 @@ def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
                         inner = max(1, int(0.02 / (m * k * 2 * 1e-10 * n)) if n else 1)
                         inner = min(inner, 20)
                         d, sp, r, r20, r80 = ratio_median(
-                            {"dense": lambda d=dense, x=x: d(x), "sparse": lambda s=sparse, x=x: s(x)}, rounds, inner
+                            {
+                                "dense": lambda d=dense, x=x: d(x),
+                                "sparse": lambda s=sparse, x=x: s(x),
+                            },
+                            rounds,
+                            inner,
                         )
-                    row = dict(m=m, k=k, n=n, dtype=str(dtype).removeprefix("torch."), sparsity=s,
-                               dense_ms=d * 1e3, sparse_ms=sp * 1e3, speedup=r,
-                               speedup_p20=r20, speedup_p80=r80)
-                    print(f"  {m}x{k} N={n} {row['dtype']} {s:.0%}: nn.Linear {d*1e3:.3f} ms, "
-                          f"SparseLinear {sp*1e3:.3f} ms, {r:.2f}x [p20 {r20:.2f}, p80 {r80:.2f}]", flush=True)
+                    row = dict(
+                        m=m,
+                        k=k,
+                        n=n,
+                        dtype=str(dtype).removeprefix("torch."),
+                        sparsity=s,
+                        dense_ms=d * 1e3,
+                        sparse_ms=sp * 1e3,
+                        speedup=r,
+                        speedup_p20=r20,
+                        speedup_p80=r80,
+                    )
+                    print(
+                        f"  {m}x{k} N={n} {row['dtype']} {s:.0%}: nn.Linear {d * 1e3:.3f} ms, "
+                        f"SparseLinear {sp * 1e3:.3f} ms, {r:.2f}x [p20 {r20:.2f}, p80 {r80:.2f}]",
+                        flush=True,
+                    )
                     rows.append(row)
     return rows
 
@@ -121,11 +144,20 @@ def decode_rows(rounds: int) -> list[dict]:
         }
         assert torch.equal(fns["torch"]().view(torch.uint8), fns["cpp"]().view(torch.uint8))
         med = interleaved(fns, rounds, 1)
-        row = dict(m=m, k=k, sparsity=0.7, dtype=str(dtype).removeprefix("torch."),
-                   torch_ms=med["torch"] * 1e3, cpp_ms=med["cpp"] * 1e3,
-                   speedup=med["torch"] / med["cpp"])
-        print(f"  decode {m}x{k} 70% {row['dtype']}: torch {row['torch_ms']:.1f} ms, "
-              f"C++ {row['cpp_ms']:.2f} ms, {row['speedup']:.1f}x", flush=True)
+        row = dict(
+            m=m,
+            k=k,
+            sparsity=0.7,
+            dtype=str(dtype).removeprefix("torch."),
+            torch_ms=med["torch"] * 1e3,
+            cpp_ms=med["cpp"] * 1e3,
+            speedup=med["torch"] / med["cpp"],
+        )
+        print(
+            f"  decode {m}x{k} 70% {row['dtype']}: torch {row['torch_ms']:.1f} ms, "
+            f"C++ {row['cpp_ms']:.2f} ms, {row['speedup']:.1f}x",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -138,8 +170,13 @@ def e2e_row(steps: int, rounds: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -175,11 +212,21 @@ def e2e_row(steps: int, rounds: int) -> dict:
         dense_tps.append(d)
         sparse_tps.append(s)
         ratios.append(s / d)
-    row = dict(model="llama h2048 i5632 L4 v32000", dtype="bfloat16", sparsity=0.7, batch=1,
-               steps=steps, dense_tok_s=statistics.median(dense_tps),
-               sparse_tok_s=statistics.median(sparse_tps), speedup=statistics.median(ratios))
-    print(f"  e2e decode: dense {row['dense_tok_s']:.1f} tok/s, sparse {row['sparse_tok_s']:.1f} "
-          f"tok/s, {row['speedup']:.2f}x", flush=True)
+    row = dict(
+        model="llama h2048 i5632 L4 v32000",
+        dtype="bfloat16",
+        sparsity=0.7,
+        batch=1,
+        steps=steps,
+        dense_tok_s=statistics.median(dense_tps),
+        sparse_tok_s=statistics.median(sparse_tps),
+        speedup=statistics.median(ratios),
+    )
+    print(
+        f"  e2e decode: dense {row['dense_tok_s']:.1f} tok/s, sparse {row['sparse_tok_s']:.1f} "
+        f"tok/s, {row['speedup']:.2f}x",
+        flush=True,
+    )
     return row
 
 
@@ -191,14 +238,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--e2e", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
-    parser.add_argument("--summary", nargs="+", type=Path, metavar=("OUT.md", "RUN.json"),
-                        help="no benchmark: summarise the runs RUN.json ... into OUT.md")
+    parser.add_argument(
+        "--summary",
+        nargs="+",
+        type=Path,
+        metavar=("OUT.md", "RUN.json"),
+        help="no benchmark: summarise the runs RUN.json ... into OUT.md",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         if len(args.summary) < 2:
             parser.error("--summary needs OUT.md and at least one RUN.json")
-        args.summary[0].write_text(summary([json.loads(f.read_text()) for f in args.summary[1:]],
-                                           [f.name for f in args.summary[1:]]))
+        args.summary[0].write_text(
+            summary(
+                [json.loads(f.read_text()) for f in args.summary[1:]],
+                [f.name for f in args.summary[1:]],
+            )
+        )
         print(f"wrote {args.summary[0]}")
         return
     torch.set_num_threads(args.threads)
@@ -211,11 +267,16 @@ def main(argv: list[str] | None = None) -> None:
         cases[(dt, 0.7)] = (1, 16)
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = 5 if args.quick else args.rounds
-    meta = dict(device=cpu_name(), threads=args.threads, isa=isa, torch=torch.__version__,
-                date=datetime.date.today().isoformat(),
-                started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                note=f"load average {os.getloadavg()[0]:.2f} at the start (other processes on the "
-                     "same cores show here); ratios are medians of interleaved rounds in one process")
+    meta = dict(
+        device=cpu_name(),
+        threads=args.threads,
+        isa=isa,
+        torch=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        note=f"load average {os.getloadavg()[0]:.2f} at the start (other processes on the "
+        "same cores show here); ratios are medians of interleaved rounds in one process",
+    )
     print(f"{meta['device']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}")
     result = dict(meta=meta, linear=linear_rows(shapes, SPARSITIES, cases, rounds))
     if not args.no_decode:
@@ -244,20 +305,32 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["linear"]:
-        lines.append(f"| {r['m']}x{r['k']} | {r['n']} | {r['dtype']} | {r['sparsity']:.0%} | "
-                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r.get('speedup_p20', r['speedup']):.2f}-{r.get('speedup_p80', r['speedup']):.2f} |")
+        lines.append(
+            f"| {r['m']}x{r['k']} | {r['n']} | {r['dtype']} | {r['sparsity']:.0%} | "
+            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | "
+            f"{r.get('speedup_p20', r['speedup']):.2f}-{r.get('speedup_p80', r['speedup']):.2f} |"
+        )
     if "decode" in result:
-        lines += ["", "Decode (`to_dense`), 4096x4096 at 70 %:", "",
-                  "| dtype | torch decode ms | C++ decode ms | speed-up |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Decode (`to_dense`), 4096x4096 at 70 %:",
+            "",
+            "| dtype | torch decode ms | C++ decode ms | speed-up |",
+            "|---|---|---|---|",
+        ]
         for r in result["decode"]:
-            lines.append(f"| {r['dtype']} | {r['torch_ms']:.1f} | {r['cpp_ms']:.2f} | {r['speedup']:.1f}x |")
+            lines.append(
+                f"| {r['dtype']} | {r['torch_ms']:.1f} | {r['cpp_ms']:.2f} | {r['speedup']:.1f}x |"
+            )
     if "e2e" in result:
         r = result["e2e"]
-        lines += ["", f"End to end ({r['model']}, {r['dtype']}, {r['sparsity']:.0%} pruned, batch "
-                  f"{r['batch']}, {r['steps']} greedy decode steps, median of rounds): dense "
-                  f"{r['dense_tok_s']:.1f} tok/s, sparse {r['sparse_tok_s']:.1f} tok/s, "
-                  f"**{r['speedup']:.2f}x**."]
+        lines += [
+            "",
+            f"End to end ({r['model']}, {r['dtype']}, {r['sparsity']:.0%} pruned, batch "
+            f"{r['batch']}, {r['steps']} greedy decode steps, median of rounds): dense "
+            f"{r['dense_tok_s']:.1f} tok/s, sparse {r['sparse_tok_s']:.1f} tok/s, "
+            f"**{r['speedup']:.2f}x**.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -266,21 +339,40 @@ def summary(runs: list[dict], names: list[str]) -> str:
     cells: dict[tuple, list[float]] = {}
     for run in runs:
         for r in run["linear"]:
-            cells.setdefault((r["m"], r["k"], r["dtype"], r["n"], r["sparsity"]), []).append(r["speedup"])
-    lines = [f"# CPU bitmap kernel: {len(runs)} runs", "", "Runs (file: start, device, threads):", ""]
+            cells.setdefault((r["m"], r["k"], r["dtype"], r["n"], r["sparsity"]), []).append(
+                r["speedup"]
+            )
+    lines = [
+        f"# CPU bitmap kernel: {len(runs)} runs",
+        "",
+        "Runs (file: start, device, threads):",
+        "",
+    ]
     for name, run in zip(names, runs, strict=True):
         meta = run["meta"]
-        lines.append(f"- `{name}`: {meta.get('started', meta['date'])}, {meta['device']}, "
-                     f"{meta['threads']} threads, ISA `{meta['isa']}`, torch {meta['torch']}")
-    lines += ["", "`SparseLinear` / `nn.Linear` speed-up, median [min-max] over the runs:", "",
-              "| weight M x K | dtype | N | sparsity | median | min | max |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- `{name}`: {meta.get('started', meta['date'])}, {meta['device']}, "
+            f"{meta['threads']} threads, ISA `{meta['isa']}`, torch {meta['torch']}"
+        )
+    lines += [
+        "",
+        "`SparseLinear` / `nn.Linear` speed-up, median [min-max] over the runs:",
+        "",
+        "| weight M x K | dtype | N | sparsity | median | min | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (m, k, dtype, n, s), v in cells.items():
-        lines.append(f"| {m}x{k} | {dtype} | {n} | {s:.0%} | {statistics.median(v):.2f}x | "
-                     f"{min(v):.2f}x | {max(v):.2f}x |")
+        lines.append(
+            f"| {m}x{k} | {dtype} | {n} | {s:.0%} | {statistics.median(v):.2f}x | "
+            f"{min(v):.2f}x | {max(v):.2f}x |"
+        )
     e2e = [run["e2e"]["speedup"] for run in runs if "e2e" in run]
     if e2e:
-        lines += ["", f"End to end (tokens/s, sparse / dense): median {statistics.median(e2e):.2f}x, "
-                  f"min {min(e2e):.2f}x, max {max(e2e):.2f}x over {len(e2e)} runs."]
+        lines += [
+            "",
+            f"End to end (tokens/s, sparse / dense): median {statistics.median(e2e):.2f}x, "
+            f"min {min(e2e):.2f}x, max {max(e2e):.2f}x over {len(e2e)} runs.",
+        ]
     return "\n".join(lines) + "\n"
 
 

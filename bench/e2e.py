@@ -60,20 +60,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import flashsparse as fs
 
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    bos_token_id=128000, eos_token_id=128001,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
 )
 # CPU smoke test: same structure (GQA, SwiGLU, untied head), toy sizes.
 TINY = dict(
-    vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
-def build_model(config_kwargs: dict, dtype: torch.dtype, device: torch.device, seed: int) -> nn.Module:
+def build_model(
+    config_kwargs: dict, dtype: torch.dtype, device: torch.device, seed: int
+) -> nn.Module:
     """A Llama with random weights built directly on ``device`` in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -172,8 +189,12 @@ def generate_once(model, ids, new_tokens: int, static: bool):
 
     timer = StepTimer(ids.device)
     kwargs = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([timer]),
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([timer]),
     )
     if static:
         kwargs["cache_implementation"] = "static"
@@ -188,7 +209,9 @@ def generate_once(model, ids, new_tokens: int, static: bool):
 
 def measure(model, batch: int, args, device: torch.device, static: bool) -> dict:
     generator = torch.Generator().manual_seed(batch)
-    ids = torch.randint(10, model.config.vocab_size, (batch, args.prompt), generator=generator).to(device)
+    ids = torch.randint(10, model.config.vocab_size, (batch, args.prompt), generator=generator).to(
+        device
+    )
     generate_once(model, ids, args.new_tokens, static)  # warm-up (and compilation)
     rates = []
     if device.type == "cuda":
@@ -201,7 +224,7 @@ def measure(model, batch: int, args, device: torch.device, static: bool) -> dict
         "tokens_per_s": statistics.median(rates),
         "tokens_per_s_runs": rates,
         "peak_memory_bytes": peak,
-        "tokens": tokens[:, args.prompt:].cpu(),
+        "tokens": tokens[:, args.prompt :].cpu(),
     }
 
 
@@ -245,11 +268,15 @@ def run_model(model, label: str, args, device: torch.device, rows: list, extra: 
 
 def _row_text(row: dict) -> str:
     if "error" in row:
-        return f"  {row['model']:<16} {row['mode']:<8} batch {row['batch']:>3}: ERROR {row['error']}"
+        return (
+            f"  {row['model']:<16} {row['mode']:<8} batch {row['batch']:>3}: ERROR {row['error']}"
+        )
     peak = row.get("peak_memory_bytes")
     peak_text = f", peak {peak / 2**30:.2f} GiB" if peak else ""
-    return (f"  {row['model']:<16} {row['mode']:<8} batch {row['batch']:>3}: "
-            f"{row['tokens_per_s']:10.1f} tokens/s{peak_text}")
+    return (
+        f"  {row['model']:<16} {row['mode']:<8} batch {row['batch']:>3}: "
+        f"{row['tokens_per_s']:10.1f} tokens/s{peak_text}"
+    )
 
 
 def environment(device: torch.device, tiny: bool) -> dict:
@@ -263,7 +290,9 @@ def environment(device: torch.device, tiny: bool) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores)",
         "FLASHSPARSE_BACKEND": requested_backend(),
         "available_backends": fs.available_backends(),
         "config": "tiny Llama (CPU smoke test, not a measurement)" if tiny else "Llama-3-8B shape",
@@ -308,30 +337,56 @@ def merge(path: Path, result: dict) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = ["| sparsity | model | mode | batch | tokens/s | vs dense | sliced vs sparse | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| sparsity | model | mode | batch | tokens/s | vs dense | sliced vs sparse | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     dense = {(r["mode"], r["batch"]): r.get("tokens_per_s") for r in rows if r["model"] == "dense"}
-    sparse = {(r["sparsity"], r["mode"], r["batch"]): r.get("tokens_per_s")
-              for r in rows if r["model"].startswith("flashsparse")}
-    rows = sorted(rows, key=lambda r: (r["model"] != "dense", r["sparsity"], r["mode"], r["batch"],
-                                       r["model"] == "sliced"))
+    sparse = {
+        (r["sparsity"], r["mode"], r["batch"]): r.get("tokens_per_s")
+        for r in rows
+        if r["model"].startswith("flashsparse")
+    }
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            r["model"] != "dense",
+            r["sparsity"],
+            r["mode"],
+            r["batch"],
+            r["model"] == "sliced",
+        ),
+    )
     for r in rows:
         rate = r.get("tokens_per_s")
         base = dense.get((r["mode"], r["batch"]))
         speedup = f"{rate / base:.2f}x" if rate and base and r["model"] != "dense" else ""
-        other = sparse.get((r["sparsity"], r["mode"], r["batch"])) if r["model"] == "sliced" else None
+        other = (
+            sparse.get((r["sparsity"], r["mode"], r["batch"])) if r["model"] == "sliced" else None
+        )
         versus = f"{rate / other:.2f}x" if rate and other else ""
         peak = r.get("peak_memory_bytes")
         lines.append(
             f"| {'any' if r['model'] == 'dense' else format(r['sparsity'], '.0%')} | {r['model']} | {r['mode']} | {r['batch']} | "
             + (f"{rate:.1f}" if rate else r.get("error", "")[:60])
-            + f" | {speedup} | {versus} | " + (f"{peak / 2**30:.2f}" if peak else "") + " |"
+            + f" | {speedup} | {versus} | "
+            + (f"{peak / 2**30:.2f}" if peak else "")
+            + " |"
         )
     return "\n".join(lines)
 
 
-def run_sliced(config: dict, stored: int, sparsity: float, tiny: bool, dtype: torch.dtype,
-               device: torch.device, args, rows: list, check: dict) -> None:
+def run_sliced(
+    config: dict,
+    stored: int,
+    sparsity: float,
+    tiny: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    args,
+    rows: list,
+    check: dict,
+) -> None:
     """Time the Llama sliced to ``stored`` projection weights (built after the sparse model is
     freed, so the two never share the GPU's memory)."""
     # Multiples of 64 keep cuBLAS on its fast tiles at full size; the tiny config is too small.
@@ -339,15 +394,21 @@ def run_sliced(config: dict, stored: int, sparsity: float, tiny: bool, dtype: to
     model = build_model(cfg, dtype, device, args.seed)
     params = projection_params(cfg)
     extra = {
-        "sparsity": sparsity, "model_bytes": model_bytes(model),
-        "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
-        "projection_params": params, "sparse_stored_weights": stored,
+        "sparsity": sparsity,
+        "model_bytes": model_bytes(model),
+        "hidden_size": cfg["hidden_size"],
+        "intermediate_size": cfg["intermediate_size"],
+        "projection_params": params,
+        "sparse_stored_weights": stored,
         "params_vs_sparse": params / stored,
     }
     check["sliced"] = {k: v for k, v in extra.items() if k != "sparsity"}
-    print(f"  sliced: hidden {config['hidden_size']} -> {cfg['hidden_size']}, intermediate "
-          f"{config['intermediate_size']} -> {cfg['intermediate_size']}; projections {params:,} "
-          f"weights = {params / stored:.3f}x the sparse model's {stored:,} stored", flush=True)
+    print(
+        f"  sliced: hidden {config['hidden_size']} -> {cfg['hidden_size']}, intermediate "
+        f"{config['intermediate_size']} -> {cfg['intermediate_size']}; projections {params:,} "
+        f"weights = {params / stored:.3f}x the sparse model's {stored:,} stored",
+        flush=True,
+    )
     run_model(model, "sliced", args, device, rows, extra)
     del model
     gc.collect()
@@ -361,16 +422,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,32", help="comma-separated decode batch sizes")
     p.add_argument("--modes", default="eager,compile", help="eager and/or compile")
     p.add_argument("--format", default="auto", choices=("auto", "tiled_csl", "bitmap"))
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 GPU, 16 CPU)")
-    p.add_argument("--new-tokens", type=int, default=None, help="decode steps (default 64 GPU, 8 CPU)")
+    p.add_argument(
+        "--prompt", type=int, default=None, help="prompt tokens (default 128 GPU, 16 CPU)"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=None, help="decode steps (default 64 GPU, 8 CPU)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="the tiny config even on a GPU")
-    p.add_argument("--out", default=None, help="JSON results path (default bench/results/e2e_<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON results path (default bench/results/e2e_<device>.json)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dense-every", action="store_true", help="time the dense model at every sparsity")
+    p.add_argument(
+        "--dense-every", action="store_true", help="time the dense model at every sparsity"
+    )
     p.add_argument("--fresh", action="store_true", help="replace --out instead of merging into it")
-    p.add_argument("--no-sliced", action="store_true",
-                   help="leave out the sliced (structured, same parameter count) model")
+    p.add_argument(
+        "--no-sliced",
+        action="store_true",
+        help="leave out the sliced (structured, same parameter count) model",
+    )
     args = p.parse_args(argv)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -391,8 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.new_tokens = args.new_tokens or (8 if tiny else 64)
     env = environment(device, tiny)
     if tiny:
-        print("flashsparse e2e: no CUDA device" if device.type != "cuda" else "flashsparse e2e: --tiny",
-              "-- running a TINY Llama config as a smoke test; these numbers are not a measurement")
+        print(
+            "flashsparse e2e: no CUDA device"
+            if device.type != "cuda"
+            else "flashsparse e2e: --tiny",
+            "-- running a TINY Llama config as a smoke test; these numbers are not a measurement",
+        )
     print(json.dumps(env))
     config = TINY if tiny else LLAMA3_8B
     dtype = torch.bfloat16
@@ -404,7 +480,9 @@ def main(argv: list[str] | None = None) -> dict:
         prune_projections(model, sparsity)
         sync(device)
         print(f"sparsity {sparsity:.0%}: built and pruned in {time.perf_counter() - start:.1f} s")
-        probe = torch.randint(10, config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1)).to(device)
+        probe = torch.randint(
+            10, config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1)
+        ).to(device)
         with torch.no_grad():
             dense_logits = model(probe).logits.float()
         dense_bytes = fs.sparsify_summary(model).model_dense_nbytes
@@ -423,39 +501,65 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             sparse_logits = model(probe).logits.float()
         rel = float((sparse_logits - dense_logits).norm() / dense_logits.norm())
-        print(f"  sparsify_ {encode_s:.1f} s; {summary.sparse_layers} layers {summary.formats}; "
-              f"kernel {kernel}; logits rel err {rel:.2e}", flush=True)
+        print(
+            f"  sparsify_ {encode_s:.1f} s; {summary.sparse_layers} layers {summary.formats}; "
+            f"kernel {kernel}; logits rel err {rel:.2e}",
+            flush=True,
+        )
         if device.type == "cuda" and kernel.endswith("/reference"):
-            print("  WARNING: no GPU kernel runs this format here (reference path: decode to dense on "
-                  "every call); sparse timings will be slow", flush=True)
+            print(
+                "  WARNING: no GPU kernel runs this format here (reference path: decode to dense on "
+                "every call); sparse timings will be slow",
+                flush=True,
+            )
         label = f"flashsparse-{'/'.join(sorted(summary.formats))}"
         extra = {"sparsity": sparsity, "model_bytes": summary.model_nbytes}
         sparse_tokens = run_model(model, label, args, device, rows, extra)
         # Kernels sum in another order than cuBLAS: on a GPU greedy paths may part after a
         # near-tie, so this is reported, not required.
         same = {
-            f"{mode}/b{batch}": float((sparse_tokens[(mode, batch)] == dense_tokens[(mode, batch)]).float().mean())
+            f"{mode}/b{batch}": float(
+                (sparse_tokens[(mode, batch)] == dense_tokens[(mode, batch)]).float().mean()
+            )
             for (mode, batch) in sparse_tokens
             if (mode, batch) in dense_tokens
         }
-        checks.append({
-            "sparsity": sparsity, "encode_seconds": encode_s, "logits_rel_err": rel,
-            "greedy_tokens_equal_fraction": same, "kernel": kernel,
-            "summary": summary.as_dict(),
-        })
-        print(f"  model {summary.model_dense_nbytes / 2**20:,.1f} -> {summary.model_nbytes / 2**20:,.1f} MiB; "
-              f"greedy tokens equal to dense: {same}")
+        checks.append(
+            {
+                "sparsity": sparsity,
+                "encode_seconds": encode_s,
+                "logits_rel_err": rel,
+                "greedy_tokens_equal_fraction": same,
+                "kernel": kernel,
+                "summary": summary.as_dict(),
+            }
+        )
+        print(
+            f"  model {summary.model_dense_nbytes / 2**20:,.1f} -> {summary.model_nbytes / 2**20:,.1f} MiB; "
+            f"greedy tokens equal to dense: {same}"
+        )
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not args.no_sliced and stored:
             run_sliced(config, stored, sparsity, tiny, dtype, device, args, rows, checks[-1])
-    result = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "out"},
-              "rows": rows, "checks": checks}
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        "e2e_cpu_tiny.json" if device.type != "cuda"
-        else "e2e_" + re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_") + ".json"
+    result = {
+        "environment": env,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+        "checks": checks,
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent
+        / "results"
+        / (
+            "e2e_cpu_tiny.json"
+            if device.type != "cuda"
+            else "e2e_" + re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_") + ".json"
+        )
     )
     if not args.fresh:
         result = merge(out, result)

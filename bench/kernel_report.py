@@ -91,9 +91,15 @@ SHAPES: tuple[tuple[str, int, int], ...] = (
 )
 # The flags of .ci/compile_kernels.sh (what torch's extension build adds), minus -c / warnings.
 NVCC_FLAGS = (
-    "-std=c++17", "-O3", "-cubin", "-Xptxas", "-v",
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-std=c++17",
+    "-O3",
+    "-cubin",
+    "-Xptxas",
+    "-v",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
 )
 
 
@@ -149,27 +155,96 @@ _FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _HEX = re.compile(r"0x([0-9a-f]+)")
 
 CLASSES = (
-    "global_load", "global_store", "shared_load", "shared_store", "integer", "conversion",
-    "mma", "barrier", "branch", "other",
+    "global_load",
+    "global_store",
+    "shared_load",
+    "shared_store",
+    "integer",
+    "conversion",
+    "mma",
+    "barrier",
+    "branch",
+    "other",
 )
 _CLASS_OF_BASE = {
-    **dict.fromkeys(("LDG", "LDGSTS", "UTMALDG", "UBLKCP", "LD", "LDL", "TLD", "UTMAPF"), "global_load"),
-    **dict.fromkeys(("STG", "RED", "ATOM", "ATOMG", "ST", "STL", "REDG", "UTMASTG", "UTMAREDG"), "global_store"),
+    **dict.fromkeys(
+        ("LDG", "LDGSTS", "UTMALDG", "UBLKCP", "LD", "LDL", "TLD", "UTMAPF"), "global_load"
+    ),
+    **dict.fromkeys(
+        ("STG", "RED", "ATOM", "ATOMG", "ST", "STL", "REDG", "UTMASTG", "UTMAREDG"), "global_store"
+    ),
     **dict.fromkeys(("LDS", "LDSM", "ATOMS"), "shared_load"),
     **dict.fromkeys(("STS", "STSM"), "shared_store"),
-    **dict.fromkeys((
-        "IADD3", "IADD", "IMAD", "IMUL", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "ISETP",
-        "IMNMX", "VIMNMX", "VIADD", "VIADDMNMX", "POPC", "FLO", "BFE", "BFI", "PRMT", "SEL",
-        "IABS", "SGXT", "BMSK", "BREV", "ICMP", "IDP", "VABSDIFF", "VABSDIFF4", "PLOP3", "P2R",
-        "R2P", "LEPC", "IADD32I", "IMADSP", "ISCADD", "IMNMX3", "VIMNMX3",
-    ), "integer"),
+    **dict.fromkeys(
+        (
+            "IADD3",
+            "IADD",
+            "IMAD",
+            "IMUL",
+            "LOP3",
+            "LOP",
+            "SHF",
+            "SHL",
+            "SHR",
+            "LEA",
+            "ISETP",
+            "IMNMX",
+            "VIMNMX",
+            "VIADD",
+            "VIADDMNMX",
+            "POPC",
+            "FLO",
+            "BFE",
+            "BFI",
+            "PRMT",
+            "SEL",
+            "IABS",
+            "SGXT",
+            "BMSK",
+            "BREV",
+            "ICMP",
+            "IDP",
+            "VABSDIFF",
+            "VABSDIFF4",
+            "PLOP3",
+            "P2R",
+            "R2P",
+            "LEPC",
+            "IADD32I",
+            "IMADSP",
+            "ISCADD",
+            "IMNMX3",
+            "VIMNMX3",
+        ),
+        "integer",
+    ),
     **dict.fromkeys(("F2F", "F2I", "I2F", "I2I", "F2FP", "I2FP", "FRND", "F2IP"), "conversion"),
-    **dict.fromkeys(("HMMA", "HGMMA", "IMMA", "IGMMA", "DMMA", "BMMA", "QGMMA", "BGMMA", "UTCHMMA", "UTCMMA"), "mma"),
-    **dict.fromkeys((
-        "BAR", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "BSSY", "BSYNC", "MEMBAR", "SYNCS", "ARRIVES",
-        "WARPGROUP", "ERRBAR", "CCTL", "FENCE", "NANOSLEEP",
-    ), "barrier"),
-    **dict.fromkeys(("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BREAK", "KILL", "YIELD"), "branch"),
+    **dict.fromkeys(
+        ("HMMA", "HGMMA", "IMMA", "IGMMA", "DMMA", "BMMA", "QGMMA", "BGMMA", "UTCHMMA", "UTCMMA"),
+        "mma",
+    ),
+    **dict.fromkeys(
+        (
+            "BAR",
+            "DEPBAR",
+            "LDGDEPBAR",
+            "WARPSYNC",
+            "BSSY",
+            "BSYNC",
+            "MEMBAR",
+            "SYNCS",
+            "ARRIVES",
+            "WARPGROUP",
+            "ERRBAR",
+            "CCTL",
+            "FENCE",
+            "NANOSLEEP",
+        ),
+        "barrier",
+    ),
+    **dict.fromkeys(
+        ("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BREAK", "KILL", "YIELD"), "branch"
+    ),
 }
 _MMA_OPS = {b for b, c in _CLASS_OF_BASE.items() if c == "mma"}
 # Integer multiply-adds issue to the (full-rate) FMA pipe on sm_80 and newer.
@@ -248,8 +323,14 @@ def parse_sass(text: str) -> dict[str, list[Instr]]:
             continue
         im = _INSTR.search(line)
         if im:
-            current.append(Instr(int(im.group("addr"), 16), im.group("op"),
-                                 (im.group("pred") or "").strip(), im.group("rest").strip()))
+            current.append(
+                Instr(
+                    int(im.group("addr"), 16),
+                    im.group("op"),
+                    (im.group("pred") or "").strip(),
+                    im.group("rest").strip(),
+                )
+            )
     return funcs
 
 
@@ -296,7 +377,7 @@ def build_cfg(instrs: Sequence[Instr]) -> dict[int, Block]:
     pos = {a: i for i, a in enumerate(addrs)}
     for bi, start in enumerate(starts):
         end = pos[starts[bi + 1]] if bi + 1 < len(starts) else len(instrs)
-        body = list(instrs[pos[start]:end])
+        body = list(instrs[pos[start] : end])
         blocks[start] = Block(start, body)
     for bi, start in enumerate(starts):
         blk = blocks[start]
@@ -304,7 +385,8 @@ def build_cfg(instrs: Sequence[Instr]) -> dict[int, Block]:
         nxt = starts[bi + 1] if bi + 1 < len(starts) else None
         succs: list[int] = [t for t in last.targets() if t in blocks and last.base != "CALL"]
         falls = nxt is not None and not (
-            last.base in ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET", "KILL") and _unconditional(last)
+            last.base in ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET", "KILL")
+            and _unconditional(last)
             and not last.opcode.startswith("BRA.DIV")
         )
         if last.opcode.startswith("BRA.DIV") or (last.base == "BRA" and not _unconditional(last)):
@@ -390,7 +472,8 @@ def find_main_loop(instrs: Sequence[Instr]) -> MainLoop:
 
 
 def block_frequencies(
-    loop: MainLoop, trip_counts: Sequence[float] | None = None,
+    loop: MainLoop,
+    trip_counts: Sequence[float] | None = None,
     overrides: Mapping[int, float] | None = None,
 ) -> dict[int, float]:
     """Runs of each body block per main-loop iteration.
@@ -405,7 +488,9 @@ def block_frequencies(
     direct = [lp for lp in order if not any(lp.body < o.body for o in order if o is not lp)]
     deeper = [lp for lp in order if lp not in direct]
     counts = list(trip_counts or [])
-    for i, lp in enumerate(sorted(direct, key=lambda lp: lp.header) + sorted(deeper, key=lambda lp: lp.header)):
+    for i, lp in enumerate(
+        sorted(direct, key=lambda lp: lp.header) + sorted(deeper, key=lambda lp: lp.header)
+    ):
         c = float(counts[i]) if i < len(counts) else 1.0
         if c < 0 or not math.isfinite(c):
             raise ValueError(f"trip count {i} must be finite and >= 0, got {c}")
@@ -447,7 +532,11 @@ def count_loop(loop: MainLoop, weights: Mapping[int, float]) -> Count:
 # --- tools and compiles ---------------------------------------------------------------------------
 def _cache_dir() -> Path:
     root = os.environ.get("FLASHSPARSE_KERNEL_CACHE")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashsparse"
+    base = (
+        Path(root)
+        if root
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashsparse"
+    )
     return base / "kernel_report"
 
 
@@ -481,7 +570,9 @@ def find_tool(name: str) -> str | None:
 def _run(cmd: Sequence[str]) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd[:3])}... failed ({res.returncode}):\n{res.stderr[-3000:]}"
+        )
     return res.stdout + res.stderr
 
 
@@ -502,8 +593,11 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             sm = re.search(r"(\d+) bytes smem", line)
-            out[name] = {"registers": int(m.group(1)), "spill_bytes": spill,
-                         "static_smem": int(sm.group(1)) if sm else 0}
+            out[name] = {
+                "registers": int(m.group(1)),
+                "spill_bytes": spill,
+                "static_smem": int(sm.group(1)) if sm else 0,
+            }
             name = None
     return out
 
@@ -519,8 +613,12 @@ def parse_res_usage(text: str) -> dict[str, dict[str, int]]:
             continue
         m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", line)
         if m and name:
-            out[name] = {"registers": int(m.group(1)), "stack": int(m.group(2)),
-                         "shared": int(m.group(3)), "local": int(m.group(4))}
+            out[name] = {
+                "registers": int(m.group(1)),
+                "stack": int(m.group(2)),
+                "shared": int(m.group(3)),
+                "local": int(m.group(4)),
+            }
             name = None
     return out
 
@@ -538,8 +636,16 @@ def compile_cuda(src: Path, arch: str, nvcc: str, cuobjdump: str) -> tuple[str, 
         return (cache / "sass.txt").read_text(), (cache / "ptxas.log").read_text()
     cache.mkdir(parents=True, exist_ok=True)
     cubin = cache / "kernel.cubin"
-    log = _run([nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                str(src), "-o", str(cubin)])
+    log = _run(
+        [
+            nvcc,
+            *NVCC_FLAGS,
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            str(src),
+            "-o",
+            str(cubin),
+        ]
+    )
     sass = _run([cuobjdump, "-sass", str(cubin)])
     (cache / "sass.txt").write_text(sass)
     (cache / "ptxas.log").write_text(log)
@@ -565,24 +671,47 @@ class KernelResult:
 
     def entry(self) -> dict[str, Any]:
         return {
-            "kernel": self.kernel, "arch": self.arch, "dtype": self.dtype, "n_tile": self.n_tile,
-            "registers": self.registers, "spill_bytes": self.spill_bytes,
-            "smem_bytes": self.smem_bytes, "ctas_per_sm_h100": self.ctas_per_sm_h100,
-            "instr_per_element": self.instr_per_element, "detail": self.detail,
+            "kernel": self.kernel,
+            "arch": self.arch,
+            "dtype": self.dtype,
+            "n_tile": self.n_tile,
+            "registers": self.registers,
+            "spill_bytes": self.spill_bytes,
+            "smem_bytes": self.smem_bytes,
+            "ctas_per_sm_h100": self.ctas_per_sm_h100,
+            "instr_per_element": self.instr_per_element,
+            "detail": self.detail,
         }
 
 
-def analyse(spec: Any, name: str, arch: str, instrs: Sequence[Instr], inst: Instance,
-            registers: int, spill: int, smem: int, gpu: Gpu = H100) -> KernelResult:
+def analyse(
+    spec: Any,
+    name: str,
+    arch: str,
+    instrs: Sequence[Instr],
+    inst: Instance,
+    registers: int,
+    spill: int,
+    smem: int,
+    gpu: Gpu = H100,
+) -> KernelResult:
     """Count one instantiation's main loop at every sparsity."""
     loop = find_main_loop(instrs)
     ipe: dict[str, float] = {}
-    detail: dict[str, Any] = {"function": name, "main_loop": f"0x{loop.header:x}",
-                              "blocks": len(loop.blocks), "nested_loops": len(loop.nested),
-                              "threads": inst.threads, "elements_per_iter": inst.elements,
-                              "per_class": {}, "integer_per_element": {}, "int_pipe_per_element": {},
-                              "smem_bytes_per_element": {}, "params": dict(inst.params),
-                              "primary": inst.primary}
+    detail: dict[str, Any] = {
+        "function": name,
+        "main_loop": f"0x{loop.header:x}",
+        "blocks": len(loop.blocks),
+        "nested_loops": len(loop.nested),
+        "threads": inst.threads,
+        "elements_per_iter": inst.elements,
+        "per_class": {},
+        "integer_per_element": {},
+        "int_pipe_per_element": {},
+        "smem_bytes_per_element": {},
+        "params": dict(inst.params),
+        "primary": inst.primary,
+    }
     scale = inst.threads / inst.elements
     for s in SPARSITIES:
         trips = spec.trip_counts(s, inst) if spec.trip_counts else None
@@ -597,8 +726,20 @@ def analyse(spec: Any, name: str, arch: str, instrs: Sequence[Instr], inst: Inst
         detail["integer_per_element"][key] = round(c.by_class["integer"] * scale, 3)
         detail["int_pipe_per_element"][key] = round(c.int_pipe * scale, 3)
         detail["smem_bytes_per_element"][key] = round(c.shared_bytes / 32 * scale, 3)
-    return KernelResult(spec.name, f"sm_{arch}", inst.dtype, inst.n_tile, registers, spill, smem,
-                        ctas_per_sm(registers, smem, inst.threads, gpu), ipe, detail, name, inst)
+    return KernelResult(
+        spec.name,
+        f"sm_{arch}",
+        inst.dtype,
+        inst.n_tile,
+        registers,
+        spill,
+        smem,
+        ctas_per_sm(registers, smem, inst.threads, gpu),
+        ipe,
+        detail,
+        name,
+        inst,
+    )
 
 
 def report_cuda(spec: CudaSpec, log: list[str], jobs: int = 2) -> list[KernelResult]:
@@ -618,8 +759,18 @@ def report_cuda(spec: CudaSpec, log: list[str], jobs: int = 2) -> list[KernelRes
             if inst is None:
                 continue
             r = res.get(fname, {"registers": 0, "spill_bytes": 0, "static_smem": 0})
-            results.append(analyse(spec, fname, arch, instrs, inst, r["registers"], r["spill_bytes"],
-                                   r["static_smem"] + inst.dynamic_smem))
+            results.append(
+                analyse(
+                    spec,
+                    fname,
+                    arch,
+                    instrs,
+                    inst,
+                    r["registers"],
+                    r["spill_bytes"],
+                    r["static_smem"] + inst.dynamic_smem,
+                )
+            )
     if not results:
         log.append(f"ERROR {spec.name}: no function in {list(spec.sources)} matched its spec")
     return results
@@ -642,19 +793,36 @@ def report_triton(spec: TritonSpec, log: list[str]) -> list[KernelResult]:
     src_text = Path(sys.modules[mod_name].__file__).read_bytes()
     results = []
     for inst, signature, constexprs, options in spec.instances():
-        key = hashlib.sha256(repr((triton.__version__, spec.arch, sorted(signature.items()),
-                                   sorted(constexprs.items()), sorted(options.items()))).encode()
-                             + src_text).hexdigest()[:16]
+        key = hashlib.sha256(
+            repr(
+                (
+                    triton.__version__,
+                    spec.arch,
+                    sorted(signature.items()),
+                    sorted(constexprs.items()),
+                    sorted(options.items()),
+                )
+            ).encode()
+            + src_text
+        ).hexdigest()[:16]
         cache = _cache_dir() / f"{spec.name}.{key}"
         if not (cache / "done").is_file():
             cache.mkdir(parents=True, exist_ok=True)
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", spec.arch, 32), options=options)
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                target=GPUTarget("cuda", spec.arch, 32),
+                options=options,
+            )
             (cache / "kernel.cubin").write_bytes(compiled.asm["cubin"])
-            (cache / "meta.json").write_text(json.dumps({"shared": int(compiled.metadata.shared),
-                                                         "name": compiled.metadata.name}))
+            (cache / "meta.json").write_text(
+                json.dumps(
+                    {"shared": int(compiled.metadata.shared), "name": compiled.metadata.name}
+                )
+            )
             (cache / "sass.txt").write_text(_run([cuobjdump, "-sass", str(cache / "kernel.cubin")]))
-            (cache / "res.txt").write_text(_run([cuobjdump, "-res-usage", str(cache / "kernel.cubin")]))
+            (cache / "res.txt").write_text(
+                _run([cuobjdump, "-res-usage", str(cache / "kernel.cubin")])
+            )
             (cache / "done").touch()
         meta = json.loads((cache / "meta.json").read_text())
         funcs = parse_sass((cache / "sass.txt").read_text())
@@ -662,8 +830,18 @@ def report_triton(spec: TritonSpec, log: list[str]) -> list[KernelResult]:
         fname = meta["name"] if meta["name"] in funcs else next(iter(funcs))
         r = res.get(fname, {"registers": 0, "stack": 0, "local": 0})
         # Triton reports its whole shared-memory need (it has no separate static part).
-        results.append(analyse(spec, fname, str(spec.arch), funcs[fname], inst, r["registers"],
-                               r["stack"] + r["local"], int(meta["shared"])))
+        results.append(
+            analyse(
+                spec,
+                fname,
+                str(spec.arch),
+                funcs[fname],
+                inst,
+                r["registers"],
+                r["stack"] + r["local"],
+                int(meta["shared"]),
+            )
+        )
     return results
 
 
@@ -689,16 +867,23 @@ def _weight_bytes(kernel: str, m: int, k: int, s: float) -> float:
 
 def _cta_slots(results: Sequence[KernelResult], kernel: str, n_tile: int | None) -> int:
     """CTAs per SM of the kernel's fp16 sm_90 instance for ``n_tile`` (1 if unknown)."""
-    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")
-             and (r.instance is None or r.instance.primary)]
+    cands = [
+        r
+        for r in results
+        if r.kernel == kernel
+        and r.dtype == "fp16"
+        and r.arch.startswith("sm_90")
+        and (r.instance is None or r.instance.primary)
+    ]
     if n_tile is not None:
         exact = [r for r in cands if r.n_tile == n_tile]
         cands = exact or cands
     return max(1, min((r.ctas_per_sm_h100 for r in cands), default=1))
 
 
-def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[KernelResult],
-             gpu: Gpu = H100) -> dict[str, Any]:
+def plan_for(
+    kernel: str, m: int, k: int, n: int, s: float, results: Sequence[KernelResult], gpu: Gpu = H100
+) -> dict[str, Any]:
     """Launch plan of ``kernel`` for one shape: the provider's own planner when it exists,
     else an adapter around today's plan functions."""
     if kernel == "bitmap_triton":
@@ -706,8 +891,15 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
 
         cfg = bitmap_spmm.choose_config(m, k, n, gpu.sms)
         ctas = -(-m // cfg.block_m) * -(-n // cfg.block_n) * cfg.split_k
-        return {"ctas": ctas, "split_k": cfg.split_k, "persistent": False, "tile_m": cfg.block_m,
-                "tile_n": cfg.block_n, "extra_launches": int(cfg.split_k > 1), "workspace": cfg.split_k > 1}
+        return {
+            "ctas": ctas,
+            "split_k": cfg.split_k,
+            "persistent": False,
+            "tile_m": cfg.block_m,
+            "tile_n": cfg.block_n,
+            "extra_launches": int(cfg.split_k > 1),
+            "workspace": cfg.split_k > 1,
+        }
     from flashsparse.kernels import cuda
 
     wbytes = _weight_bytes(kernel, m, k, s)
@@ -719,8 +911,13 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
         if "weight_bytes" in accepted:
             kwargs["weight_bytes"] = int(wbytes)
         first = fn(m, k, n, **kwargs)  # the planner's own occupancy, for its tile_n
-        counted = [r for r in results if r.kernel == kernel and r.n_tile == first.get("tile_n")
-                   and (r.instance is None or r.instance.primary)]
+        counted = [
+            r
+            for r in results
+            if r.kernel == kernel
+            and r.n_tile == first.get("tile_n")
+            and (r.instance is None or r.instance.primary)
+        ]
         if "ctas_per_sm" in accepted and counted:
             kwargs["ctas_per_sm"] = _cta_slots(results, kernel, first.get("tile_n"))
         plan = dict(fn(m, k, n, **kwargs))
@@ -732,14 +929,34 @@ def plan_for(kernel: str, m: int, k: int, n: int, s: float, results: Sequence[Ke
         raise LookupError("flashsparse.kernels.cuda.bitmap_launch_plan does not exist yet")
     tile_m, tile_n = cuda.tile_config(n)
     blocks = -(-n // tile_n) * -(-m // tile_m)
-    split = cuda.choose_split_k(blocks, -(-k // 64), gpu.sms * _cta_slots(results, kernel, tile_n),
-                                workspace_bytes_per_split=8 * n * m, weight_bytes=int(wbytes))
-    return {"ctas": blocks * split, "split_k": split, "persistent": False, "tile_m": tile_m,
-            "tile_n": tile_n, "extra_launches": int(split > 1), "workspace": split > 1}
+    split = cuda.choose_split_k(
+        blocks,
+        -(-k // 64),
+        gpu.sms * _cta_slots(results, kernel, tile_n),
+        workspace_bytes_per_split=8 * n * m,
+        weight_bytes=int(wbytes),
+    )
+    return {
+        "ctas": blocks * split,
+        "split_k": split,
+        "persistent": False,
+        "tile_m": tile_m,
+        "tile_n": tile_n,
+        "extra_launches": int(split > 1),
+        "workspace": split > 1,
+    }
 
 
-def predict(kernel: str, m: int, k: int, n: int, s: float, plan: Mapping[str, Any],
-            result: KernelResult | None, gpu: Gpu = H100) -> dict[str, float]:
+def predict(
+    kernel: str,
+    m: int,
+    k: int,
+    n: int,
+    s: float,
+    plan: Mapping[str, Any],
+    result: KernelResult | None,
+    gpu: Gpu = H100,
+) -> dict[str, float]:
     """Model time and speed-up over dense (see the module docstring)."""
     key = str(s)
     x_y = 2 * n * k + 2 * n * m
@@ -751,7 +968,9 @@ def predict(kernel: str, m: int, k: int, n: int, s: float, plan: Mapping[str, An
     if result is not None:
         ctas = int(plan["ctas"])
         slots = gpu.sms * max(1, result.ctas_per_sm_h100)
-        util = min(ctas, gpu.sms) / gpu.sms if ctas <= gpu.sms else ctas / (-(-ctas // slots) * slots)
+        util = (
+            min(ctas, gpu.sms) / gpu.sms if ctas <= gpu.sms else ctas / (-(-ctas // slots) * slots)
+        )
         passes = m * k * -(-n // result.n_tile)  # weight elements decoded (once per N block)
         ipe = max(result.instr_per_element[key], 2 * result.detail["int_pipe_per_element"][key])
         t_issue = ipe * passes / (gpu.issue_rate * util)
@@ -760,14 +979,26 @@ def predict(kernel: str, m: int, k: int, n: int, s: float, plan: Mapping[str, An
     t = max(t_mem, t_issue, t_smem) + gpu.launch_s * (1 + int(plan.get("extra_launches", 0)))
     dense = (2 * m * k + x_y) / gpu.bandwidth + gpu.launch_s
     bound = max(("memory", t_mem), ("issue", t_issue), ("shared", t_smem), key=lambda p: p[1])[0]
-    return {"time_us": round(t * 1e6, 2), "dense_us": round(dense * 1e6, 2),
-            "speedup": round(dense / t, 3), "bound": bound}
+    return {
+        "time_us": round(t * 1e6, 2),
+        "dense_us": round(dense * 1e6, 2),
+        "speedup": round(dense / t, 3),
+        "bound": bound,
+    }
 
 
-def pick_instance(results: Sequence[KernelResult], kernel: str, tile_n: int | None) -> KernelResult | None:
+def pick_instance(
+    results: Sequence[KernelResult], kernel: str, tile_n: int | None
+) -> KernelResult | None:
     """The fp16 sm_90 primary instance with this ``tile_n`` (else the nearest)."""
-    cands = [r for r in results if r.kernel == kernel and r.dtype == "fp16" and r.arch.startswith("sm_90")
-             and (r.instance is None or r.instance.primary)]
+    cands = [
+        r
+        for r in results
+        if r.kernel == kernel
+        and r.dtype == "fp16"
+        and r.arch.startswith("sm_90")
+        and (r.instance is None or r.instance.primary)
+    ]
     if not cands:
         return None
     if tile_n is not None:
@@ -778,8 +1009,9 @@ def pick_instance(results: Sequence[KernelResult], kernel: str, tile_n: int | No
 
 
 # --- report ---------------------------------------------------------------------------------------
-def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
-                 jobs: int = 2, gpu: Gpu = H100) -> tuple[dict[str, Any], list[str]]:
+def build_report(
+    kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True, jobs: int = 2, gpu: Gpu = H100
+) -> tuple[dict[str, Any], list[str]]:
     """(JSON-ready report, log lines: skips and errors)."""
     log: list[str] = []
     results: list[KernelResult] = []
@@ -791,7 +1023,11 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
             log.append(f"ERROR {name}: no spec (bench/kernel_specs/{name}.py): {e}")
             continue
         try:
-            results += report_cuda(spec, log, jobs) if isinstance(spec, CudaSpec) else report_triton(spec, log)
+            results += (
+                report_cuda(spec, log, jobs)
+                if isinstance(spec, CudaSpec)
+                else report_triton(spec, log)
+            )
         except Exception as e:
             log.append(f"ERROR {name}: {type(e).__name__}: {e}")
     plan_rows: list[dict[str, Any]] = []
@@ -809,15 +1045,35 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
                                 log.append(f"ERROR {name}: no launch plan: {type(e).__name__}: {e}")
                             failed = True
                             break
-                        plan_rows.append({"kernel": name, "m": m, "k": k, "n": n, "sparsity": s,
-                                          "ctas": int(plan["ctas"]), "split_k": int(plan["split_k"]),
-                                          "persistent": bool(plan["persistent"]),
-                                          "tile_m": plan.get("tile_m"), "tile_n": plan.get("tile_n")})
+                        plan_rows.append(
+                            {
+                                "kernel": name,
+                                "m": m,
+                                "k": k,
+                                "n": n,
+                                "sparsity": s,
+                                "ctas": int(plan["ctas"]),
+                                "split_k": int(plan["split_k"]),
+                                "persistent": bool(plan["persistent"]),
+                                "tile_m": plan.get("tile_m"),
+                                "tile_n": plan.get("tile_n"),
+                            }
+                        )
                         inst = pick_instance(results, name, plan.get("tile_n"))
                         pred = predict(name, m, k, n, s, plan, inst, gpu)
-                        predictions.append({"kernel": name, "m": m, "k": k, "n": n, "sparsity": s,
-                                            "gpu": gpu.name, "dtype": "fp16",
-                                            "counted": inst is not None, **pred})
+                        predictions.append(
+                            {
+                                "kernel": name,
+                                "m": m,
+                                "k": k,
+                                "n": n,
+                                "sparsity": s,
+                                "gpu": gpu.name,
+                                "dtype": "fp16",
+                                "counted": inst is not None,
+                                **pred,
+                            }
+                        )
                     if failed:
                         break
                 if failed:
@@ -832,31 +1088,46 @@ def build_report(kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True,
         "kernels": [r.entry() for r in results],
         "plans": plan_rows,
         "predictions": predictions,
-        "meta": {"triton": triton_version, "gpu_model": gpu.__dict__, "log": log,
-                 "sparsities": list(SPARSITIES)},
+        "meta": {
+            "triton": triton_version,
+            "gpu_model": gpu.__dict__,
+            "log": log,
+            "sparsities": list(SPARSITIES),
+        },
     }
     return report, log
 
 
 def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
-    lines = [f"Static kernel report (SASS; model estimates, no GPU run; triton {report['meta']['triton']})"]
-    lines.append(f"{'kernel':15} {'arch':6} {'dtype':5} {'n_tile':>6} {'regs':>4} {'spill':>5} "
-                 f"{'smem':>7} {'CTA/SM':>6}  instr/elem 50/70/90 %   (int pipe 70 %)")
+    lines = [
+        f"Static kernel report (SASS; model estimates, no GPU run; triton {report['meta']['triton']})"
+    ]
+    lines.append(
+        f"{'kernel':15} {'arch':6} {'dtype':5} {'n_tile':>6} {'regs':>4} {'spill':>5} "
+        f"{'smem':>7} {'CTA/SM':>6}  instr/elem 50/70/90 %   (int pipe 70 %)"
+    )
     for e in report["kernels"]:
         ipe = e["instr_per_element"]
         lines.append(
             f"{e['kernel']:15} {e['arch']:6} {e['dtype']:5} {e['n_tile']:>6} {e['registers']:>4} "
             f"{e['spill_bytes']:>5} {e['smem_bytes']:>7} {e['ctas_per_sm_h100']:>6}  "
             f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['int_pipe_per_element']['0.7']:.2f})"
-            + ("" if e["detail"].get("primary", True) else "  variant (not planned)"))
+            + ("" if e["detail"].get("primary", True) else "  variant (not planned)")
+        )
     if report["plans"]:
         floor = 2 * gpu.sms
         lines.append("")
-        lines.append(f"Launch plans and predicted speed-up over dense on an {gpu.name} (fp16; "
-                     f"'!' = fewer than {floor} CTAs, i.e. < 2 per SM)")
-        lines.append(f"{'kernel':15} {'m':>6} {'k':>6} {'n':>3} {'s':>4} {'ctas':>7} {'split':>5} "
-                     f"{'pers':>4} {'pred us':>8} {'dense us':>8} {'speed-up':>8} bound")
-        preds = {(p["kernel"], p["m"], p["k"], p["n"], p["sparsity"]): p for p in report["predictions"]}
+        lines.append(
+            f"Launch plans and predicted speed-up over dense on an {gpu.name} (fp16; "
+            f"'!' = fewer than {floor} CTAs, i.e. < 2 per SM)"
+        )
+        lines.append(
+            f"{'kernel':15} {'m':>6} {'k':>6} {'n':>3} {'s':>4} {'ctas':>7} {'split':>5} "
+            f"{'pers':>4} {'pred us':>8} {'dense us':>8} {'speed-up':>8} bound"
+        )
+        preds = {
+            (p["kernel"], p["m"], p["k"], p["n"], p["sparsity"]): p for p in report["predictions"]
+        }
         for p in report["plans"]:
             q = preds.get((p["kernel"], p["m"], p["k"], p["n"], p["sparsity"]), {})
             flag = "!" if p["ctas"] < floor and not p["persistent"] else " "
@@ -864,21 +1135,37 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
                 f"{p['kernel']:15} {p['m']:>6} {p['k']:>6} {p['n']:>3} {p['sparsity']:>4} "
                 f"{p['ctas']:>6}{flag} {p['split_k']:>5} {'yes' if p['persistent'] else 'no':>4} "
                 f"{q.get('time_us', float('nan')):>8} {q.get('dense_us', float('nan')):>8} "
-                f"{q.get('speedup', float('nan')):>7}x {q.get('bound', '')}")
+                f"{q.get('speedup', float('nan')):>7}x {q.get('bound', '')}"
+            )
         lines.append("")
         lines.append("Geomean predicted speed-up, N <= 32:")
         for kernel in dict.fromkeys(p["kernel"] for p in report["predictions"]):
             parts = []
             for s in SPARSITIES:
-                vals = [p["speedup"] for p in report["predictions"] if p["kernel"] == kernel and p["sparsity"] == s]
+                vals = [
+                    p["speedup"]
+                    for p in report["predictions"]
+                    if p["kernel"] == kernel and p["sparsity"] == s
+                ]
                 if vals:
-                    parts.append(f"{int(s * 100)} %: {math.exp(sum(map(math.log, vals)) / len(vals)):.2f}x")
-            flagged = sum(1 for p in report["plans"] if p["kernel"] == kernel and p["ctas"] < floor
-                          and not p["persistent"])
+                    parts.append(
+                        f"{int(s * 100)} %: {math.exp(sum(map(math.log, vals)) / len(vals)):.2f}x"
+                    )
+            flagged = sum(
+                1
+                for p in report["plans"]
+                if p["kernel"] == kernel and p["ctas"] < floor and not p["persistent"]
+            )
             total = sum(1 for p in report["plans"] if p["kernel"] == kernel)
-            uncounted = any(not p["counted"] for p in report["predictions"] if p["kernel"] == kernel)
+            uncounted = any(
+                not p["counted"] for p in report["predictions"] if p["kernel"] == kernel
+            )
             note = " (NO instruction counts: memory-bound ceiling only)" if uncounted else ""
-            lines.append(f"  {kernel:15} " + ", ".join(parts) + f"; plans under {floor} CTAs: {flagged}/{total}{note}")
+            lines.append(
+                f"  {kernel:15} "
+                + ", ".join(parts)
+                + f"; plans under {floor} CTAs: {flagged}/{total}{note}"
+            )
     for msg in report["meta"]["log"]:
         lines.append(msg)
     return "\n".join(lines)
@@ -887,11 +1174,19 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the report as JSON here")
-    ap.add_argument("--kernels", default=",".join(KERNEL_NAMES), help="comma-separated kernel names")
+    ap.add_argument(
+        "--kernels", default=",".join(KERNEL_NAMES), help="comma-separated kernel names"
+    )
     ap.add_argument("--no-plans", action="store_true", help="skip launch plans and predictions")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel nvcc runs")
-    ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
-                    help="GPU of the speed-up model (h200: same SMs, 4.8 TB/s); occupancy is always H100's")
+    ap.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel nvcc runs"
+    )
+    ap.add_argument(
+        "--gpu",
+        choices=sorted(GPUS),
+        default="h100",
+        help="GPU of the speed-up model (h200: same SMs, 4.8 TB/s); occupancy is always H100's",
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.kernels.split(",") if n.strip()]
     unknown = [n for n in names if n not in KERNEL_NAMES]

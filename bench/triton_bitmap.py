@@ -87,11 +87,15 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(do_bench)
     props = torch.cuda.get_device_properties(device)
-    print(f"# {props.name}, {props.multi_processor_count} SMs, copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s (read + write), triton {triton.__version__}, "
-          f"torch {torch.__version__}, {args.dtype}")
-    print("| M | K | N | sparsity | split | dense us | bitmap us | speed-up | bitmap TB/s | "
-          "of copy BW | max speed-up (bytes) |")
+    print(
+        f"# {props.name}, {props.multi_processor_count} SMs, copy bandwidth "
+        f"{bandwidth / 1e12:.2f} TB/s (read + write), triton {triton.__version__}, "
+        f"torch {torch.__version__}, {args.dtype}"
+    )
+    print(
+        "| M | K | N | sparsity | split | dense us | bitmap us | speed-up | bitmap TB/s | "
+        "of copy BW | max speed-up (bytes) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for (m, k), sparsity in itertools.product(args.shapes, args.sparsity):
@@ -116,16 +120,26 @@ def run(args: argparse.Namespace) -> dict:
             t_dense = do_bench(Rotating(weights, lambda w, x=x: F.linear(x, w)), warmup=25, rep=100)
             t_sparse = do_bench(
                 Rotating(encoded, lambda sw, x=x, m=m, k=k: bitmap_linear(x, *sw.tensors, m, k)),
-                warmup=25, rep=100,
+                warmup=25,
+                rep=100,
             )
             config = choose_config(m, k, n, _num_sms(device))
             row = dict(
-                m=m, k=k, n=n, sparsity=sparsity, dtype=args.dtype, config=config.__dict__,
-                dense_us=t_dense * 1e3, bitmap_us=t_sparse * 1e3, speedup=t_dense / t_sparse,
-                bitmap_bytes=sparse_bytes, dense_bytes=dense_bytes,
+                m=m,
+                k=k,
+                n=n,
+                sparsity=sparsity,
+                dtype=args.dtype,
+                config=config.__dict__,
+                dense_us=t_dense * 1e3,
+                bitmap_us=t_sparse * 1e3,
+                speedup=t_dense / t_sparse,
+                bitmap_bytes=sparse_bytes,
+                dense_bytes=dense_bytes,
                 bitmap_tbps=(sparse_bytes + io_bytes) / (t_sparse * 1e-3) / 1e12,
                 dense_tbps=(dense_bytes + io_bytes) / (t_dense * 1e-3) / 1e12,
-                bytes_ratio=dense_bytes / sparse_bytes, rel_err=err,
+                bytes_ratio=dense_bytes / sparse_bytes,
+                rel_err=err,
             )
             row["bitmap_frac_copy_bw"] = row["bitmap_tbps"] * 1e12 / bandwidth
             if args.sweep:
@@ -133,9 +147,14 @@ def run(args: argparse.Namespace) -> dict:
                 for cand in _sweep_configs(n):
                     try:
                         t = do_bench(
-                            Rotating(encoded, lambda sw, x=x, c=cand, m=m, k=k: bitmap_linear(
-                                x, *sw.tensors, m, k, config=c)),
-                            warmup=10, rep=40,
+                            Rotating(
+                                encoded,
+                                lambda sw, x=x, c=cand, m=m, k=k: bitmap_linear(
+                                    x, *sw.tensors, m, k, config=c
+                                ),
+                            ),
+                            warmup=10,
+                            rep=40,
                         )
                     except Exception as exc:  # e.g. out of shared memory for a big config
                         print(f"  skip {cand}: {type(exc).__name__}", file=sys.stderr)
@@ -145,23 +164,35 @@ def run(args: argparse.Namespace) -> dict:
                 row["sweep_best_us"] = best[0] * 1e3
                 row["sweep_best_config"] = best[1].__dict__
             rows.append(row)
-            print(f"| {m} | {k} | {n} | {sparsity:.0%} | {config.split_k} | {row['dense_us']:.1f} | "
-                  f"{row['bitmap_us']:.1f} | {row['speedup']:.2f}x | {row['bitmap_tbps']:.2f} | "
-                  f"{row['bitmap_frac_copy_bw']:.0%} | {row['bytes_ratio']:.2f}x |"
-                  + (f" sweep best {row['sweep_best_us']:.1f} us {row['sweep_best_config']}"
-                     if args.sweep else ""), flush=True)
+            print(
+                f"| {m} | {k} | {n} | {sparsity:.0%} | {config.split_k} | {row['dense_us']:.1f} | "
+                f"{row['bitmap_us']:.1f} | {row['speedup']:.2f}x | {row['bitmap_tbps']:.2f} | "
+                f"{row['bitmap_frac_copy_bw']:.0%} | {row['bytes_ratio']:.2f}x |"
+                + (
+                    f" sweep best {row['sweep_best_us']:.1f} us {row['sweep_best_config']}"
+                    if args.sweep
+                    else ""
+                ),
+                flush=True,
+            )
         del weights, encoded
         torch.cuda.empty_cache()
     return dict(
-        device=props.name, sms=props.multi_processor_count, copy_bandwidth_tbps=bandwidth / 1e12,
-        torch=torch.__version__, triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), rows=rows,
+        device=props.name,
+        sms=props.multi_processor_count,
+        copy_bandwidth_tbps=bandwidth / 1e12,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        rows=rows,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shapes, default=LLAMA2_7B, help="MxK,MxK,... (default: Llama-2-7B)")
+    p.add_argument(
+        "--shapes", type=_shapes, default=LLAMA2_7B, help="MxK,MxK,... (default: Llama-2-7B)"
+    )
     p.add_argument("--n", type=_ints, default=[1, 16, 32, 128], help="rows of x, comma separated")
     p.add_argument("--sparsity", type=_floats, default=[0.5, 0.7, 0.9])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
@@ -169,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/triton_bitmap.py needs a CUDA GPU (the interpreter is not a measurement)",
-              file=sys.stderr)
+        print(
+            "bench/triton_bitmap.py needs a CUDA GPU (the interpreter is not a measurement)",
+            file=sys.stderr,
+        )
         return 2
     result = run(args)
     if args.out:

@@ -101,7 +101,9 @@ def select_grouped(format: str, x: torch.Tensor) -> Callable[..., torch.Tensor] 
     if fn is not None or requested_backend() != "auto" or x.device.type != "cuda":
         return fn
     for backend in _AUTO_ORDER.get(x.device.type, ()):
-        if (format, backend) in _GROUPED and _resolve(format, backend, x.device, x.dtype)[0] is not None:
+        if (format, backend) in _GROUPED and _resolve(format, backend, x.device, x.dtype)[
+            0
+        ] is not None:
             return _GROUPED[(format, backend)]
     return None
 

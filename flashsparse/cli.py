@@ -43,8 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flashsparse {args.command}: warning: {warning}", file=sys.stderr)
         if problems:
             for problem in problems:
-                print(f"flashsparse {args.command}: error: {problem} (`flashsparse info` shows "
-                      "the setup)", file=sys.stderr)
+                print(
+                    f"flashsparse {args.command}: error: {problem} (`flashsparse info` shows "
+                    "the setup)",
+                    file=sys.stderr,
+                )
             return 2
     return int(args._run(args) or 0)
 

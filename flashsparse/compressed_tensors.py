@@ -54,10 +54,19 @@ _POPCOUNT = [bin(i).count("1") for i in range(256)]
 
 # -- one weight ------------------------------------------------------------------------------------
 def _check_bitmask(
-    shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, name: str
+    shape: torch.Tensor,
+    compressed: torch.Tensor,
+    bitmask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    name: str,
 ) -> tuple[int, int, torch.Tensor]:
     """Validate one compressed weight; return ``(M, K, per-byte popcounts [M, ceil(K/8)])``."""
-    if not isinstance(shape, torch.Tensor) or shape.dim() != 1 or shape.numel() != 2 or shape.is_floating_point():
+    if (
+        not isinstance(shape, torch.Tensor)
+        or shape.dim() != 1
+        or shape.numel() != 2
+        or shape.is_floating_point()
+    ):
         raise ValueError(f"{name}.shape must be an integer tensor [2], got {shape!r}")
     m, k = (int(v) for v in shape.tolist())
     if m < 1 or k < 1:
@@ -86,7 +95,9 @@ def _check_bitmask(
             f"{name}: the bitmask marks {int(row_counts.sum())} nonzeros but compressed holds "
             f"{compressed.numel()} values"
         )
-    if not torch.equal(row_offsets.to(row_counts.device).long(), torch.cumsum(row_counts, 0) - row_counts):
+    if not torch.equal(
+        row_offsets.to(row_counts.device).long(), torch.cumsum(row_counts, 0) - row_counts
+    ):
         raise ValueError(f"{name}.row_offsets do not match the bitmask")
     return m, k, popcounts
 
@@ -124,7 +135,9 @@ def bitmask_to_bitmap(
     padded[:m, : bitmask.shape[1]] = bitmask.to(device)
     # Row r, byte j of the padded bitmask = byte j % 8 of the row mask of in-tile row r % 64 of
     # tile (r // 64, j // 8): permute to [tile row, tile col, row, byte].
-    masks = padded.view(mt, 64, kt, 8).permute(0, 2, 1, 3).contiguous().view(torch.int64).reshape(-1)
+    masks = (
+        padded.view(mt, 64, kt, 8).permute(0, 2, 1, 3).contiguous().view(torch.int64).reshape(-1)
+    )
     # Nonzeros per (row, tile column): a "segment"; compressed holds segments row-major.
     seg = torch.zeros(mt * 64, kt * 8, dtype=torch.int64, device=device)
     seg[:m, : bitmask.shape[1]] = popcounts.to(device)
@@ -139,11 +152,18 @@ def bitmask_to_bitmap(
     seg_len = seg.reshape(-1)
     seg_src = torch.cumsum(seg_len, 0) - seg_len
     nnz = compressed.numel()
-    seg_id = torch.repeat_interleave(torch.arange(seg_len.numel(), device=device), seg_len, output_size=nnz)
+    seg_id = torch.repeat_interleave(
+        torch.arange(seg_len.numel(), device=device), seg_len, output_size=nnz
+    )
     dest = seg_dst[seg_id] + torch.arange(nnz, device=device) - seg_src[seg_id]
     values = torch.zeros(int(tile_offsets[-1]) * 8, dtype=compressed.dtype, device=device)
     values[dest] = compressed
-    return Bitmap({"masks": masks, "values": values, "tile_offsets": tile_offsets}, (m, k), compressed.dtype, nnz)
+    return Bitmap(
+        {"masks": masks, "values": values, "tile_offsets": tile_offsets},
+        (m, k),
+        compressed.dtype,
+        nnz,
+    )
 
 
 def convert_bitmask(
@@ -180,7 +200,10 @@ def compression_config(model_dir: str | os.PathLike) -> dict | None:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
     for key in ("quantization_config", "compression_config"):
         value = config.get(key)
-        if isinstance(value, dict) and value.get("quant_method", "compressed-tensors") == "compressed-tensors":
+        if (
+            isinstance(value, dict)
+            and value.get("quant_method", "compressed-tensors") == "compressed-tensors"
+        ):
             return value
     return None
 
@@ -214,7 +237,9 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
         files = sorted({path / name for name in index.get("weight_map", {}).values()})
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
-            raise ValueError(f"{path}: the index names shards that are missing: {', '.join(absent)}")
+            raise ValueError(
+                f"{path}: the index names shards that are missing: {', '.join(absent)}"
+            )
     else:
         raise ValueError(f"{path} holds no model.safetensors or model.safetensors.index.json")
     names: dict[str, Path] = {}
@@ -297,7 +322,9 @@ def load_compressed_tensors(
         for fqn, prefix in groups.items():
             module = linears.get(fqn)
             if module is None:
-                raise ValueError(f"{where}: compressed weight {prefix} is not a linear layer of the model")
+                raise ValueError(
+                    f"{where}: compressed weight {prefix} is not a linear layer of the model"
+                )
             parts = [reader.get(f"{prefix}.{s}") for s in SUFFIXES]
             sw = convert_bitmask(*parts, format=format, name=prefix)
             if tuple(sw.shape) != (module.out_features, module.in_features):

@@ -24,8 +24,9 @@ class ReferencePathWarning(FlashsparseWarning):
 _given: set[tuple] = set()
 
 
-def warn_once(key: tuple, message: str, category: type[Warning] = FlashsparseWarning,
-              stacklevel: int = 2) -> bool:
+def warn_once(
+    key: tuple, message: str, category: type[Warning] = FlashsparseWarning, stacklevel: int = 2
+) -> bool:
     """``warnings.warn(message)`` the first time ``key`` is seen in this process (``stacklevel``
     as for ``warnings.warn`` called where ``warn_once`` is)."""
     if key in _given:
@@ -58,20 +59,29 @@ def reference_path_reason(format: str, device: torch.device, dtype: torch.dtype)
     if kernel.backend != "reference":
         return None
     if torch.device(device).type == "cuda":
-        return (f"no {format} kernel runs {dtype} weights on this GPU "
-                f"(`flashsparse info` says which backends are available and why not)")
+        return (
+            f"no {format} kernel runs {dtype} weights on this GPU "
+            f"(`flashsparse info` says which backends are available and why not)"
+        )
     if torch.device(device).type == "cpu" and format != "bitmap":
-        return ("on a CPU only the bitmap format has a kernel (the C++ CPU backend): encode "
-                "with format='bitmap' or 'auto'")
+        return (
+            "on a CPU only the bitmap format has a kernel (the C++ CPU backend): encode "
+            "with format='bitmap' or 'auto'"
+        )
     if torch.device(device).type == "cpu":
-        return ("the C++ CPU kernel is not available here (`flashsparse info` says why: usually "
-                "no C++ compiler)")
-    return (f"flashsparse's kernels run on CUDA GPUs and CPUs; on {torch.device(device).type} "
-            "every format runs the reference path")
+        return (
+            "the C++ CPU kernel is not available here (`flashsparse info` says why: usually "
+            "no C++ compiler)"
+        )
+    return (
+        f"flashsparse's kernels run on CUDA GPUs and CPUs; on {torch.device(device).type} "
+        "every format runs the reference path"
+    )
 
 
-def warn_reference_path(layers: dict[tuple[str, torch.device, torch.dtype], int],
-                        stacklevel: int = 2) -> None:
+def warn_reference_path(
+    layers: dict[tuple[str, torch.device, torch.dtype], int], stacklevel: int = 2
+) -> None:
     """One notice per (format, device type, dtype) per process for layers that will run the
     reference path; ``layers`` counts the layers of each kind."""
     for (format, device, dtype), count in layers.items():

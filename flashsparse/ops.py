@@ -131,7 +131,10 @@ def sparse_linear(
     if (
         type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or (bias is not None and bias.requires_grad))
+        )
         and not torch._C._len_torch_dispatch_stack()
         and not torch._C._is_torch_function_mode_enabled()
     ):
@@ -194,16 +197,22 @@ def grouped_linear(
     grouped = backends.select_grouped(format, x) if x.shape[0] else None
     if grouped is not None:  # every (group, row block) work item in one launch
         if x.shape[-1] != k:
-            raise ValueError(f"x must have {k} features in its last dim, got shape {tuple(x.shape)}")
-        weights = [tuple(tensors[g * n_comp:(g + 1) * n_comp]) for g in range(n_groups)]
+            raise ValueError(
+                f"x must have {k} features in its last dim, got shape {tuple(x.shape)}"
+            )
+        weights = [tuple(tensors[g * n_comp : (g + 1) * n_comp]) for g in range(n_groups)]
         return grouped(x.contiguous(), counts_list, weights, m, k, bias)
     out = x.new_empty((x.shape[0], m))
     start = 0
     for g, n in enumerate(counts_list):
         if n == 0:
             continue
-        out[start:start + n] = _run(
-            format, x[start:start + n], tuple(tensors[g * n_comp:(g + 1) * n_comp]), m, k,
+        out[start : start + n] = _run(
+            format,
+            x[start : start + n],
+            tuple(tensors[g * n_comp : (g + 1) * n_comp]),
+            m,
+            k,
             None if bias is None else bias[g],
         )
         start += n
@@ -237,9 +246,9 @@ def grouped_linear_backward(
     for g, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        w = cls.decode(*tensors[g * n_comp:(g + 1) * n_comp], m=m, k=k, dtype=grad.dtype)
-        grad_x[start:start + n] = grad[start:start + n] @ w
-        grad_bias[g] = grad[start:start + n].sum(0)
+        w = cls.decode(*tensors[g * n_comp : (g + 1) * n_comp], m=m, k=k, dtype=grad.dtype)
+        grad_x[start : start + n] = grad[start : start + n] @ w
+        grad_bias[g] = grad[start : start + n].sum(0)
         start += n
     return grad_x, grad_bias
 
@@ -258,7 +267,9 @@ def _grouped_setup(ctx, inputs, output):
 
 def _grouped_backward(ctx, grad):
     counts, *tensors = ctx.saved_tensors
-    grad_x, grad_bias = grouped_linear_backward(ctx.format, grad.contiguous(), counts, tensors, ctx.m, ctx.k)
+    grad_x, grad_bias = grouped_linear_backward(
+        ctx.format, grad.contiguous(), counts, tensors, ctx.m, ctx.k
+    )
     no_grads = [None] * len(tensors)
     # A bias of None is not among the inputs torch matches the gradients against.
     if not ctx.has_bias:

@@ -148,7 +148,9 @@ def read_header(path: str | os.PathLike) -> dict:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is corrupt: its safetensors header is not valid JSON ({exc})") from None
+        raise ValueError(
+            f"{path} is corrupt: its safetensors header is not valid JSON ({exc})"
+        ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is corrupt: its safetensors header is not a JSON object")
     end = 0
@@ -208,15 +210,15 @@ class _Reader:
             path = self.files[key]
             try:
                 if path not in self._handles:
-                    self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                    self._handles[path] = self._stack.enter_context(
+                        safe_open(str(path), framework="pt")
+                    )
                 tensor = self._handles[path].get_tensor(key)
             except SafetensorError as exc:
                 raise ValueError(f"{path}: cannot read tensor {key!r}: {exc}") from None
             expected = self.checksums.get(key)
             if expected is not None and checksum(tensor) != expected:
-                raise ValueError(
-                    f"{path} is corrupt: tensor {key!r} does not match its checksum"
-                )
+                raise ValueError(f"{path} is corrupt: tensor {key!r} does not match its checksum")
             self._cache[key] = tensor.to(self.device)
         self.used.add(key)
         return self._cache[key]
@@ -270,7 +272,12 @@ def prepare_install(
             if weight is None:
                 missing.append(_join(fqn, "weight"))
                 continue
-            _check_shape(_join(fqn, "weight"), weight, torch.Size((module.out_features, module.in_features)), source)
+            _check_shape(
+                _join(fqn, "weight"),
+                weight,
+                torch.Size((module.out_features, module.in_features)),
+                source,
+            )
             bias = fetch(_join(fqn, "bias")) if module.bias is not None else None
             if module.bias is not None and bias is None:
                 missing.append(_join(fqn, "bias"))
@@ -298,7 +305,11 @@ def prepare_install(
             new = replaced.get(id(buf))
             if new is None:
                 tensor = fetch(full)
-                if tensor is None and name in module._non_persistent_buffers_set and buf.device.type != "meta":
+                if (
+                    tensor is None
+                    and name in module._non_persistent_buffers_set
+                    and buf.device.type != "meta"
+                ):
                     tensor = buf.to(device)  # computed at construction: keep it, beside the rest
                 if tensor is None:
                     missing.append(full)
@@ -308,7 +319,9 @@ def prepare_install(
                 replaced[id(buf)] = new
             new_buffers.append((module, name, new))
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
         raise ValueError(f"{source} has no tensor for {shown}")
     # Plain tensor attributes that alias a replaced tensor follow it (transformers 4.x keeps
     # ``rotary_emb.original_inv_freq = self.inv_freq``); other meta ones cannot be restored.
@@ -358,11 +371,7 @@ def _target_device(model: nn.Module, device: torch.device | str | None) -> torch
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        fqn: module
-        for fqn, module in model.named_modules()
-        if _is_linear(module)
-    }
+    return {fqn: module for fqn, module in model.named_modules() if _is_linear(module)}
 
 
 def _expert_slots(model: nn.Module) -> dict[str, tuple[str, str, int, tuple[int, int]]]:
@@ -398,7 +407,9 @@ def empty_weights() -> Iterator[None]:
             moved = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             moved.__dict__.update(param.__dict__)
         else:  # a Parameter subclass takes its attributes as constructor arguments
-            moved = type(param)(param.to("meta"), **{**param.__dict__, "requires_grad": param.requires_grad})
+            moved = type(param)(
+                param.to("meta"), **{**param.__dict__, "requires_grad": param.requires_grad}
+            )
         self._parameters[name] = moved
 
     nn.Module.register_parameter = register_parameter
@@ -455,7 +466,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
                     aliases[full] = stored[id(tensor)]
                     continue
                 if tensor.device.type == "meta":
-                    raise ValueError(f"model {kind} {full} is on the meta device: there is nothing to save")
+                    raise ValueError(
+                        f"model {kind} {full} is on the meta device: there is nothing to save"
+                    )
                 cpu = tensor.detach().to("cpu").contiguous()
                 # safetensors refuses two names over one storage (views of one tensor): copy.
                 key = (cpu.untyped_storage().data_ptr(), cpu.untyped_storage().nbytes())
@@ -509,7 +522,8 @@ def _describe_mismatch(model: nn.Module, header: dict, layers: dict) -> str:
         for fqn, m in _linear_modules(model).items()
     }
     model_linears.update(
-        (fqn, _describe_linear(*shape, False)) for fqn, (_, _, _, shape) in _expert_slots(model).items()
+        (fqn, _describe_linear(*shape, False))
+        for fqn, (_, _, _, shape) in _expert_slots(model).items()
     )
     problems = []
     for fqn, info in layers.items():
@@ -529,20 +543,30 @@ def _describe_mismatch(model: nn.Module, header: dict, layers: dict) -> str:
                 continue
             info = header.get(full)
             if info is not None and list(info.get("shape", [])) != list(t.shape):
-                problems.append(f"{full} is {tuple(t.shape)} in the model, {tuple(info['shape'])} in the file")
-            elif info is None and full not in names and name not in module._non_persistent_buffers_set:
+                problems.append(
+                    f"{full} is {tuple(t.shape)} in the model, {tuple(info['shape'])} in the file"
+                )
+            elif (
+                info is None
+                and full not in names
+                and name not in module._non_persistent_buffers_set
+            ):
                 problems.append(f"{full} is not in the file")
     return "; ".join(problems[:5]) or "the module trees differ"
 
 
-def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.device, verify: bool) -> None:
+def _load_flashsparse(
+    model: nn.Module, path: Path, header: dict, device: torch.device, verify: bool
+) -> None:
     from . import __version__
 
     metadata = header.get("__metadata__") or {}
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
-        raise ValueError(f"{path} is corrupt: bad format_version {metadata.get('format_version')!r}") from None
+        raise ValueError(
+            f"{path} is corrupt: bad format_version {metadata.get('format_version')!r}"
+        ) from None
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} uses flashsparse file format version {version} (written by flashsparse "
@@ -581,7 +605,9 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
                 nnz = int(info["nnz"])
                 has_bias = bool(info["bias"])
             except (KeyError, TypeError, ValueError, IndexError):
-                raise ValueError(f"{path} is corrupt: bad layer entry for {fqn}: {info!r}") from None
+                raise ValueError(
+                    f"{path} is corrupt: bad layer entry for {fqn}: {info!r}"
+                ) from None
             target = linears.get(fqn)
             slot = slots.get(fqn)
             if target is None and slot is None:
@@ -604,7 +630,9 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
             layer = SparseLinear(sw, bias)
             if slot is not None:
                 if tuple(shape) != slot[3]:
-                    raise ValueError(f"{path}: sparse layer {fqn} is {shape}, the model expects {slot[3]}")
+                    raise ValueError(
+                        f"{path}: sparse layer {fqn} is {shape}, the model expects {slot[3]}"
+                    )
                 experts.setdefault(slot[0], {}).setdefault(slot[1], {})[slot[2]] = layer
                 continue
             if bias is not None and target.bias is not None:
@@ -616,7 +644,9 @@ def _load_flashsparse(model: nn.Module, path: Path, header: dict, device: torch.
             dense = model.get_submodule(efqn)
             wanted = {name: weight.shape[0] for name, weight, _ in expert_projections(dense)}
             if any(len(by_proj.get(name, {})) != n for name, n in wanted.items()):
-                raise ValueError(f"{path} is corrupt: the experts of {efqn} are not all stored sparse")
+                raise ValueError(
+                    f"{path} is corrupt: the experts of {efqn} are not all stored sparse"
+                )
             new_modules[efqn] = SparseExperts.from_layers(
                 dense, {name: [by_proj[name][e] for e in range(n)] for name, n in wanted.items()}
             )

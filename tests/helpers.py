@@ -49,7 +49,9 @@ def random_weight(
     return (w * keep).to(dtype=dtype, device=device)
 
 
-def check_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def check_exact(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
     """An emulated kernel's output: fp32 accumulation of exact 16-bit products, so every
     output is within 1e-5 of its magnitude scale of the float64 reference."""
     ref = x.double() @ w.double().T
@@ -64,7 +66,9 @@ def check_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.T
     )
 
 
-def linear_problem(m: int, k: int, n: int, sparsity: float, kind: str, dtype: torch.dtype, seed: int):
+def linear_problem(
+    m: int, k: int, n: int, sparsity: float, kind: str, dtype: torch.dtype, seed: int
+):
     """``(w, x, bias)`` for one kernel test: a pruned weight of ``kind`` and random x and bias."""
     w = random_weight(m, k, sparsity, dtype, kind, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)

@@ -111,7 +111,10 @@ def test_tiny_run_succeeds_and_says_cpu_numbers(tiny_run):
     rc, out, _ = tiny_run
     assert rc == 0
     if CPU_KERNEL:  # the notice names what ran: the C++ kernel (bitmap) and the reference path
-        assert "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels" in out
+        assert (
+            "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
+            in out
+        )
         assert "CPU numbers: reference path" not in out
     else:
         assert "CPU numbers: reference path, not representative of GPU kernels" in out
@@ -140,7 +143,10 @@ def test_tiny_run_json(tiny_run):
     assert meta["device_type"] == "cpu" and meta["device"].startswith("CPU")
     if CPU_KERNEL:
         assert meta["backends_ran"] == ["cpu", "reference"]
-        assert meta["notice"] == "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
+        assert (
+            meta["notice"]
+            == "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
+        )
     else:
         assert meta["notice"] == report.CPU_NOTICE
         assert meta["backends_ran"] == ["reference"]

@@ -237,7 +237,9 @@ def test_a_sliced_layer_that_fails_to_prepare_is_an_error(monkeypatch):
     monkeypatch.setattr(runner, "prepare_sliced", broken)
     rc, out = bench("--quick", *FAST, "--n", "1", "--sparsity", "0.9", "--baseline", "sliced")
     assert rc == 1
-    assert "error: sliced-out (torch-cpu) N=1: could not prepare: RuntimeError: out of memory" in out
+    assert (
+        "error: sliced-out (torch-cpu) N=1: could not prepare: RuntimeError: out of memory" in out
+    )
 
 
 def test_sweep_counts_sliced_tasks():

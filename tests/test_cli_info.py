@@ -37,6 +37,9 @@ def test_unknown_command_exits_2(capsys):
 
 def test_console_script_module_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "flashsparse.cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "flashsparse.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.startswith("flashsparse ")

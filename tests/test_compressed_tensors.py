@@ -46,15 +46,23 @@ SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 
 def compress(w: torch.Tensor) -> list[torch.Tensor]:
     """``w`` as the real package stores it: [shape, compressed, bitmask, row_offsets]."""
-    state = BitmaskCompressor(config=BitmaskConfig()).compress({"layer.weight": w}, compression_targets={"layer"})
+    state = BitmaskCompressor(config=BitmaskConfig()).compress(
+        {"layer.weight": w}, compression_targets={"layer"}
+    )
     assert set(state) == {f"layer.{s}" for s in SUFFIXES}
     return [state[f"layer.{s}"] for s in SUFFIXES]
 
 
 CASES = [
-    (1, 1, 0.0, "uniform"), (1, 77, 0.5, "uniform"), (130, 1, 0.5, "uniform"),
-    (70, 100, 0.0, "uniform"), (70, 100, 1.0, "uniform"), (150, 203, 0.6, "dense_tiles"),
-    (129, 65, 0.7, "empty_tiles"), (200, 130, 0.8, "row_skewed"), (64, 64, 0.5, "dense_column"),
+    (1, 1, 0.0, "uniform"),
+    (1, 77, 0.5, "uniform"),
+    (130, 1, 0.5, "uniform"),
+    (70, 100, 0.0, "uniform"),
+    (70, 100, 1.0, "uniform"),
+    (150, 203, 0.6, "dense_tiles"),
+    (129, 65, 0.7, "empty_tiles"),
+    (200, 130, 0.8, "row_skewed"),
+    (64, 64, 0.5, "dense_column"),
 ]
 
 
@@ -82,7 +90,10 @@ def test_nan_and_negative_zero_follow_the_package():
     w = random_weight(40, 90, 0.5, torch.float16, seed=3)
     w[0, 0], w[1, 5], w[2, 7] = float("nan"), -0.0, float("-inf")
     parts = compress(w)
-    for sw in (convert_bitmask(*parts, format="bitmap"), convert_bitmask(*parts, format="tiled_csl")):
+    for sw in (
+        convert_bitmask(*parts, format="bitmap"),
+        convert_bitmask(*parts, format="tiled_csl"),
+    ):
         dense = sw.to_dense()
         assert torch.isnan(dense[0, 0]) and dense[2, 7] == float("-inf")
         assert dense[1, 5] == 0 and sw.nnz == int((w != 0).sum())
@@ -92,9 +103,17 @@ def test_nan_and_negative_zero_follow_the_package():
 def test_inconsistent_tensors_are_refused():
     shape, values, bitmask, offsets = compress(random_weight(20, 30, 0.5, seed=1))
     cases = [
-        ((shape, values[:-1], bitmask, offsets), ValueError, "marks .* nonzeros but compressed holds"),
+        (
+            (shape, values[:-1], bitmask, offsets),
+            ValueError,
+            "marks .* nonzeros but compressed holds",
+        ),
         ((shape, values, bitmask, offsets + 1), ValueError, "row_offsets do not match"),
-        ((shape, values, bitmask[:, :-1], offsets), ValueError, r"must be uint8 of shape \(20, 4\)"),
+        (
+            (shape, values, bitmask[:, :-1], offsets),
+            ValueError,
+            r"must be uint8 of shape \(20, 4\)",
+        ),
         ((torch.tensor([20, 33]), values, bitmask, offsets), ValueError, r"shape \(20, 5\)"),
         ((torch.tensor([20.0, 30.0]), values, bitmask, offsets), ValueError, "integer tensor"),
         ((shape, values.to(torch.float8_e4m3fn), bitmask, offsets), TypeError, "not quantized"),
@@ -112,8 +131,13 @@ def test_inconsistent_tensors_are_refused():
 # -- whole checkpoints --------------------------------------------------------------------------------
 def tiny_llama():
     config = transformers.LlamaConfig(
-        vocab_size=160, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -130,10 +154,15 @@ def checkpoint(tmp_path_factory):
             if isinstance(m, nn.Linear) and fqn != "lm_head":
                 m.weight.copy_(fs.prune(m.weight, 0.6))
     directory = tmp_path_factory.mktemp("ct")
-    compressor = ModelCompressor(sparsity_config=BitmaskConfig(targets=["Linear"], ignore=["lm_head"]))
+    compressor = ModelCompressor(
+        sparsity_config=BitmaskConfig(targets=["Linear"], ignore=["lm_head"])
+    )
     state = compressor.compress(model)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model.config.save_pretrained(directory)
     compressor.update_config(str(directory))
     return model, state, directory
@@ -192,8 +221,10 @@ def test_sharded_and_legacy_key_checkpoints(checkpoint, tmp_path):
         prefix, _, suffix = key.rpartition(".")
         legacy[f"{prefix}.weight.{suffix}" if suffix in SUFFIXES else key] = value.contiguous()
     names = sorted(legacy)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in shards.items():
         save_file({k: legacy[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -217,9 +248,13 @@ def test_bad_checkpoints_leave_the_model_untouched(checkpoint, tmp_path):
         assert torch.equal(target.model.rotary_emb.inv_freq, inv_freq)
 
     broken = dict(state)
-    broken["model.layers.1.mlp.down_proj.row_offsets"] = broken["model.layers.1.mlp.down_proj.row_offsets"] + 1
+    broken["model.layers.1.mlp.down_proj.row_offsets"] = (
+        broken["model.layers.1.mlp.down_proj.row_offsets"] + 1
+    )
     save_file({k: v.contiguous() for k, v in broken.items()}, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.row_offsets do not match"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.row_offsets do not match"
+    ):
         load_compressed_tensors(target, tmp_path / "broken.safetensors")
     assert_untouched()
     data = (directory / "model.safetensors").read_bytes()
@@ -228,7 +263,9 @@ def test_bad_checkpoints_leave_the_model_untouched(checkpoint, tmp_path):
         load_compressed_tensors(target, tmp_path / "cut.safetensors")
     assert_untouched()
     partial = {k: v for k, v in state.items() if not k.startswith("model.norm")}
-    save_file({k: v.contiguous() for k, v in partial.items()}, str(tmp_path / "partial.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in partial.items()}, str(tmp_path / "partial.safetensors")
+    )
     with pytest.raises(ValueError, match=r"no tensor for model\.norm\.weight"):
         load_compressed_tensors(target, tmp_path / "partial.safetensors")
     assert_untouched()
@@ -246,7 +283,10 @@ def test_bad_checkpoints_leave_the_model_untouched(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "'sparse-24-bitmask' is not supported"),
+        (
+            {"sparsity_config": {"format": "sparse-24-bitmask"}},
+            "'sparse-24-bitmask' is not supported",
+        ),
         ({"config_groups": {"group_0": {"targets": ["Linear"]}}}, "is quantized"),
     ],
 )
@@ -270,7 +310,9 @@ def test_cli_converts_a_compressed_tensors_checkpoint(checkpoint, tmp_path, caps
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and "compression_config" not in config
     with torch.device("meta"):
-        loaded = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out))
+        loaded = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(out)
+        )
     fs.load_sparse(loaded, out)
     assert rel_err(logits(loaded.eval()), logits(model).double()) < RTOL[torch.bfloat16]
     assert main(["sparsify", str(directory), str(tmp_path / "again"), "--sparsity", "0.5"]) == 2

@@ -48,9 +48,13 @@ def test_extension_is_there_wherever_it_can_be_built():
     runs, with a warning), and every test above that needs it is skipped: this one fails then,
     so a broken kernel cannot pass as skips on a machine with a compiler (CI has one)."""
     ext = cpu_kernels.EXTENSION
-    tools = ext.prebuilt_available() or (build.find_cxx() is not None and build.find_ninja() is not None)
+    tools = ext.prebuilt_available() or (
+        build.find_cxx() is not None and build.find_ninja() is not None
+    )
     if ext.missing_sources() or not tools:
-        pytest.skip("no compiler, ninja or sources here (test_no_compiler_warns_once... covers that)")
+        pytest.skip(
+            "no compiler, ninja or sources here (test_no_compiler_warns_once... covers that)"
+        )
     assert REASON is None, REASON
 
 
@@ -61,7 +65,10 @@ def test_every_path_this_machine_should_have_is_there():
     flags = info.read_text() if info.exists() else ""
     if " avx2 " in flags and " f16c " in flags and " fma " in flags:
         assert "avx2" in ISAS
-    if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16")):
+    if all(
+        f" {f} " in flags
+        for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16")
+    ):
         assert "avx512" in ISAS
 
 
@@ -176,7 +183,18 @@ def test_one_row_of_x_on_sparse_tiles(isa, dtype):
     g = torch.Generator().manual_seed(5)
     m, k = 131, 197
     keep = torch.rand(m, k, generator=g) >= 0.92
-    for row, count in {0: 0, 1: 1, 2: 15, 3: 16, 4: 17, 5: 33, 6: 64, 8: 32, 70: 16, 129: 33}.items():
+    for row, count in {
+        0: 0,
+        1: 1,
+        2: 15,
+        3: 16,
+        4: 17,
+        5: 33,
+        6: 64,
+        8: 32,
+        70: 16,
+        129: 33,
+    }.items():
         keep[row, :64] = False
         keep[row, torch.randperm(64, generator=g)[:count]] = True
     keep[1, :64] = False
@@ -241,7 +259,9 @@ def test_linear_dispatches_to_the_cpu_kernel(cpu_backend):
     b = torch.randn(70, dtype=torch.bfloat16)
     y = fs.linear(x, sw, b)
     assert y.shape == (2, 3, 70)
-    assert rel_err(y, reference_linear(x.reshape(6, 66), w, b).view(2, 3, 70)) < RTOL[torch.bfloat16]
+    assert (
+        rel_err(y, reference_linear(x.reshape(6, 66), w, b).view(2, 3, 70)) < RTOL[torch.bfloat16]
+    )
     assert fs.linear(torch.randn(0, 66, dtype=torch.bfloat16), sw).shape == (0, 70)
     wide = torch.randn(4, 100, dtype=torch.bfloat16)[:, 10:76]  # strided rows
     assert rel_err(fs.linear(wide, sw), reference_linear(wide, w)) < RTOL[torch.bfloat16]
@@ -334,7 +354,9 @@ def test_no_compiler_warns_once_and_forced_backend_raises(monkeypatch):
         assert torch.equal(sw.to_dense(), w)  # the torch decode, silently
     monkeypatch.setenv("FLASHSPARSE_BACKEND", "cpu")
     backends._selected.clear()
-    with pytest.raises(backends.BackendUnavailableError, match=r"FLASHSPARSE_BACKEND=cpu.*no C\+\+ compiler"):
+    with pytest.raises(
+        backends.BackendUnavailableError, match=r"FLASHSPARSE_BACKEND=cpu.*no C\+\+ compiler"
+    ):
         fs.linear(x, sw)
     backends._selected.clear()
 
@@ -344,13 +366,19 @@ def test_benchmark_summary_of_several_runs(tmp_path):
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_cpu_kernel", Path(__file__).parents[1] / "bench" / "cpu_kernel.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu_kernel", Path(__file__).parents[1] / "bench" / "cpu_kernel.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
     def run(started, speedups, e2e):
-        meta = dict(device="cpu", threads=2, isa="avx512", torch="x", date="2026-11-23", started=started)
-        linear = [dict(m=64, k=128, dtype="bfloat16", n=n, sparsity=0.7, speedup=s) for n, s in speedups]
+        meta = dict(
+            device="cpu", threads=2, isa="avx512", torch="x", date="2026-11-23", started=started
+        )
+        linear = [
+            dict(m=64, k=128, dtype="bfloat16", n=n, sparsity=0.7, speedup=s) for n, s in speedups
+        ]
         return dict(meta=meta, linear=linear, e2e=dict(speedup=e2e))
 
     files = []

@@ -40,8 +40,19 @@ def emulator(tmp_path_factory) -> Path:
         pytest.skip("no C++ compiler (g++/c++) to build the host emulator")
     exe = tmp_path_factory.mktemp("bitmap_emulator") / "bitmap_emulator"
     proc = subprocess.run(
-        [CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-x", "c++",
-         str(KERNELS / "bitmap_emulator.cu"), "-o", str(exe)],
+        [
+            CXX,
+            "-std=c++17",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-x",
+            "c++",
+            str(KERNELS / "bitmap_emulator.cu"),
+            "-o",
+            str(exe),
+        ],
         capture_output=True,
         text=True,
     )
@@ -49,13 +60,24 @@ def emulator(tmp_path_factory) -> Path:
     return exe
 
 
-def _write_problem(path: Path, masks, values, offsets, x, bias, m, k, *, tile_n=0, split_k=1,
-                   misaligned_x=False) -> None:
+def _write_problem(
+    path: Path, masks, values, offsets, x, bias, m, k, *, tile_n=0, split_k=1, misaligned_x=False
+) -> None:
     tiles = masks.numel() // 64
     assert values.numel() % 8 == 0
     header = struct.pack(
-        "<12i", 0x32504D42, m, k, x.shape[0], tile_n, split_k, int(misaligned_x),
-        int(x.dtype == torch.bfloat16), int(bias is not None), tiles, offsets.numel(),
+        "<12i",
+        0x32504D42,
+        m,
+        k,
+        x.shape[0],
+        tile_n,
+        split_k,
+        int(misaligned_x),
+        int(x.dtype == torch.bfloat16),
+        int(bias is not None),
+        tiles,
+        offsets.numel(),
         values.numel() // 8,
     )
     with open(path, "wb") as f:
@@ -78,7 +100,9 @@ def _emulate(exe: Path, tmp_path: Path, w, x, bias=None, **launch) -> torch.Tens
     _write_problem(path, *t, x, bias, *w.shape, **launch)
     proc = _run(exe, path)
     assert proc.returncode == 0, proc.stderr
-    y = torch.frombuffer(bytearray((tmp_path / "problem.bin.out").read_bytes()), dtype=torch.float32)
+    y = torch.frombuffer(
+        bytearray((tmp_path / "problem.bin.out").read_bytes()), dtype=torch.float32
+    )
     return y.view(x.shape[0], w.shape[0])
 
 
@@ -112,7 +136,9 @@ def test_emulated_kernel_matches_float64(
 ):
     w, x, bias = linear_problem(m, k, n, sparsity, kind, dtype, seed=m + 3 * k + n)
     bias = bias if with_bias else None
-    y = _emulate(emulator, tmp_path, w, x, bias, tile_n=tile_n, split_k=split_k, misaligned_x=misaligned)
+    y = _emulate(
+        emulator, tmp_path, w, x, bias, tile_n=tile_n, split_k=split_k, misaligned_x=misaligned
+    )
     check_exact(y, x, w, bias)
 
 
@@ -126,7 +152,9 @@ def test_emulated_kernel_every_nibble_and_row_density(emulator, tmp_path):
         keep[r, torch.randperm(k, generator=g)[: 2 * d]] = True
     for r in range(16):  # nibble r in every nibble position of two rows
         for c in range(0, k, 4):
-            keep[64 + r, c : c + 4] = torch.tensor([(r >> b) & 1 for b in range(4)], dtype=torch.bool)
+            keep[64 + r, c : c + 4] = torch.tensor(
+                [(r >> b) & 1 for b in range(4)], dtype=torch.bool
+            )
     for dtype in HALF:
         w = (torch.randn(m, k, generator=g) * keep).to(dtype)
         x = torch.randn(9, k, generator=g).to(dtype)
@@ -137,11 +165,22 @@ def test_emulated_kernel_random_shapes(emulator, tmp_path):
     rng = random.Random(1234)
     kinds = ("uniform", "dense_rows", "dense_tiles", "dense_column", "empty_tiles", "row_skewed")
     for case in range(10):
-        m, k, n = rng.randint(1, 200), rng.randint(1, 300), rng.choice([1, 2, 5, 8, 13, 16, 31, 64, 300])
+        m, k, n = (
+            rng.randint(1, 200),
+            rng.randint(1, 300),
+            rng.choice([1, 2, 5, 8, 13, 16, 31, 64, 300]),
+        )
         dtype = HALF[case % 2]
         w, x, bias = linear_problem(m, k, n, rng.random(), rng.choice(kinds), dtype, seed=case)
-        y = _emulate(emulator, tmp_path, w, x, bias if case % 3 else None,
-                     split_k=rng.randint(1, 6), misaligned_x=bool(case % 4 == 1))
+        y = _emulate(
+            emulator,
+            tmp_path,
+            w,
+            x,
+            bias if case % 3 else None,
+            split_k=rng.randint(1, 6),
+            misaligned_x=bool(case % 4 == 1),
+        )
         check_exact(y, x, w, bias if case % 3 else None)
 
 
@@ -153,17 +192,28 @@ def test_emulator_catches_a_wrong_value_count(emulator, tmp_path):
     _write_problem(path, t[0], t[1][:-8], t[2], x, None, 70, 130)
     proc = _run(emulator, path)
     # The kernel clamps the copy to the values it has; the missing chunk's slots stay poisoned.
-    assert proc.returncode != 0 or not torch.isfinite(
-        torch.frombuffer(bytearray((tmp_path / "bad.bin.out").read_bytes()), dtype=torch.float32)
-    ).all()
+    assert (
+        proc.returncode != 0
+        or not torch.isfinite(
+            torch.frombuffer(
+                bytearray((tmp_path / "bad.bin.out").read_bytes()), dtype=torch.float32
+            )
+        ).all()
+    )
 
 
 # --- launch plan ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 8, 9, 16, 17, 32, 33, 300])
-@pytest.mark.parametrize(("k", "split"), [(1, 1), (64, 3), (200, 2), (4096, 5), (14336, 40), (333, 5)])
+@pytest.mark.parametrize(
+    ("k", "split"), [(1, 1), (64, 3), (200, 2), (4096, 5), (14336, 40), (333, 5)]
+)
 def test_python_split_mirrors_the_cuda_layout(emulator, n, k, split):
-    out = subprocess.run([str(emulator), "--plan", str(n), str(k), str(split)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(emulator), "--plan", str(n), str(k), str(split)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     tile_n, eff, per = (int(v) for v in out)
     assert tile_n == _cuda.bitmap_tile_n(n)
     assert eff == _cuda.effective_split(-(-k // 64), split)
@@ -236,9 +286,12 @@ def _poison_allocator(numel: int, dtype: torch.dtype) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
-@pytest.mark.parametrize(("m", "k", "n", "sparsity", "kind", "tile_n", "split_k", "misaligned", "with_bias"),
-                         _EMULATED)
-def test_gpu_kernel_matches_float64(m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype):
+@pytest.mark.parametrize(
+    ("m", "k", "n", "sparsity", "kind", "tile_n", "split_k", "misaligned", "with_bias"), _EMULATED
+)
+def test_gpu_kernel_matches_float64(
+    m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype
+):
     assert _cuda._bitmap_available() is None
     w, x, bias = _gpu_case(m, k, n, sparsity, kind, dtype, seed=m + k)
     if misaligned:
@@ -251,7 +304,9 @@ def test_gpu_kernel_matches_float64(m, k, n, sparsity, kind, tile_n, split_k, mi
     assert rel_err(y, ref) < RTOL[dtype]
     _poison_allocator(n * m, dtype)
     y2 = _op(x, w, bias, split_k, tile_n)
-    assert torch.equal(y, y2), "split-K reduction is not deterministic (or the counters were not reset)"
+    assert torch.equal(y, y2), (
+        "split-K reduction is not deterministic (or the counters were not reset)"
+    )
 
 
 @pytest.mark.gpu
@@ -272,11 +327,18 @@ def test_gpu_benchmark_shapes_use_split_k_and_match(m, k, n, dtype, monkeypatch)
 def test_gpu_workspace_reuse_across_shapes():
     """Small split, large split, small again on one stream: the cached counters stay zero
     between calls whatever shapes used the partial sums."""
-    for m, k, n, split in ((70, 200, 3, 3), (4096, 4096, 16, 5), (130, 333, 9, 5), (4096, 4096, 16, 5)):
+    for m, k, n, split in (
+        (70, 200, 3, 3),
+        (4096, 4096, 16, 5),
+        (130, 333, 9, 5),
+        (4096, 4096, 16, 5),
+    ):
         w, x, bias = _gpu_case(m, k, n, 0.6, "row_skewed", torch.float16, seed=m + n)
         y = _op(x, w, bias, split)
         assert rel_err(y, reference_linear(x, w, bias)) < RTOL[torch.float16]
-    counters, _ = _cuda.bitmap_workspace(torch.device("cuda", torch.cuda.current_device()), 64, 8, 8, 2)
+    counters, _ = _cuda.bitmap_workspace(
+        torch.device("cuda", torch.cuda.current_device()), 64, 8, 8, 2
+    )
     assert int(counters.abs().sum()) == 0
 
 

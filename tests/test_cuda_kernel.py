@@ -309,7 +309,9 @@ def test_emulated_kernel_fuzz(emulator, tmp_path):
             "misaligned_x": rng.random() < 0.4,
         }
         cases.append((w, x, bias, launch))
-    for (w, x, bias, _), (y, _) in zip(cases, _emulate_many(emulator, tmp_path, cases), strict=True):
+    for (w, x, bias, _), (y, _) in zip(
+        cases, _emulate_many(emulator, tmp_path, cases), strict=True
+    ):
         check_exact(y, x, w, bias)
 
 
@@ -340,7 +342,9 @@ def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, 
         fields = Path(f"{path}.stats").read_text().split()
         results.append(int(fields[3]) / int(fields[1]))
     ordered, natural_order = results
-    print(f"sparsity {sparsity}: {ordered:.2f} wavefronts per scatter store (row-major: {natural_order:.2f})")
+    print(
+        f"sparsity {sparsity}: {ordered:.2f} wavefronts per scatter store (row-major: {natural_order:.2f})"
+    )
     assert ordered < 0.45 * natural_order
     # Measured 2026-11-23: 1.07 / 1.14 / 1.38 (the vectorised round order; a per-window greedy
     # reached 1.00 / 1.01 / 1.21 but made encoding 5-10x slower).
@@ -393,8 +397,14 @@ def test_tile_config_by_n(n, expected):
 
 
 _PLAN_SHAPES = [  # (m = out_features, k = in_features)
-    (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),  # Llama-3-8B
-    (27648, 9216), (9216, 9216), (36864, 9216), (9216, 36864),  # OPT-66B
+    (6144, 4096),
+    (4096, 4096),
+    (28672, 4096),
+    (4096, 14336),  # Llama-3-8B
+    (27648, 9216),
+    (9216, 9216),
+    (36864, 9216),
+    (9216, 36864),  # OPT-66B
 ]
 
 
@@ -414,7 +424,8 @@ def test_launch_plan_gives_every_sm_two_blocks(m, k):
             assert _cuda.effective_split(k_tiles, split) == split  # what the kernel runs
             # the smallest split reaching two blocks per SM is at most 1.5x smaller
             smallest = min(
-                s for s in range(1, k_tiles + 1)
+                s
+                for s in range(1, k_tiles + 1)
                 if blocks * _cuda.effective_split(k_tiles, s) >= 264
             )
             assert _cuda.effective_split(k_tiles, smallest) <= split <= 2 * smallest
@@ -426,7 +437,11 @@ def test_launch_plan_edge_cases():
     # k shorter than the splits wanted: one k tile per split
     assert _cuda.tiled_csl_launch_plan(256, 200, 1)["split_k"] == 4
     assert _cuda.tiled_csl_launch_plan(1, 1, 1) == {
-        "ctas": 1, "split_k": 1, "persistent": False, "tile_m": 256, "tile_n": 8,
+        "ctas": 1,
+        "split_k": 1,
+        "persistent": False,
+        "tile_m": 256,
+        "tile_n": 8,
     }
     # n > 32: the partial sums may not cost more traffic than the weight
     plan = _cuda.tiled_csl_launch_plan(4096, 4096, 128, weight_bytes=4 * 4096 * 4096 // 10)
@@ -434,9 +449,7 @@ def test_launch_plan_edge_cases():
     for bad in ({"m": 0}, {"k": -1}, {"n": 0}, {"num_sms": 0}, {"ctas_per_sm": 0}):
         args = {"m": 64, "k": 64, "n": 1, **bad}
         with pytest.raises(ValueError, match=next(iter(bad))):
-            _cuda.tiled_csl_launch_plan(
-                args.pop("m"), args.pop("k"), args.pop("n"), **args
-            )
+            _cuda.tiled_csl_launch_plan(args.pop("m"), args.pop("k"), args.pop("n"), **args)
     with pytest.raises(ValueError, match="weight_bytes"):
         _cuda.tiled_csl_launch_plan(64, 64, 1, weight_bytes=-1)
 
@@ -770,7 +783,9 @@ def test_gpu_raw_op_validates_every_tensor():
         op(x, words, offsets[:-1].contiguous(), m, k, b)
     with pytest.raises(RuntimeError, match="words must be contiguous"):
         op(x, torch.stack([words, words], 1).view(-1)[::2], offsets, m, k, b)
-    shifted = torch.empty(words.numel() + 4, dtype=torch.int32, device="cuda")[1 : 1 + words.numel()]
+    shifted = torch.empty(words.numel() + 4, dtype=torch.int32, device="cuda")[
+        1 : 1 + words.numel()
+    ]
     shifted.copy_(words)
     with pytest.raises(RuntimeError, match="16 bytes aligned"):
         op(x, shifted, offsets, m, k, b)
@@ -827,7 +842,9 @@ def test_gpu_first_call_inside_a_capture_raises_clearly():
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
-    assert "RAISED" in proc.stdout and "CUDA-graph capture" in proc.stdout, proc.stdout + proc.stderr
+    assert "RAISED" in proc.stdout and "CUDA-graph capture" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
 
 
 @gpu

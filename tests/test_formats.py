@@ -38,7 +38,12 @@ def test_round_trip_is_exact(m, k, sparsity, kind, dtype, format, seed):
     assert sw.sparsity == pytest.approx(1 - sw.nnz / (m * k))
     assert sw.nbytes == sum(t.numel() * t.element_size() for t in sw.tensors)
     assert sw.nbytes == encoded_nbytes(format, w)
-    assert (sw.format, sw.shape, sw.dtype, sw.device) == (format, torch.Size([m, k]), dtype, w.device)
+    assert (sw.format, sw.shape, sw.dtype, sw.device) == (
+        format,
+        torch.Size([m, k]),
+        dtype,
+        w.device,
+    )
 
 
 @pytest.mark.parametrize("format", FORMAT_NAMES)
@@ -91,7 +96,9 @@ def test_tiled_csl_layout_invariants(dtype):
         assert len(set((row * 64 + col).tolist())) == chunk.numel()  # no position twice
         nonzero = int(torch.count_nonzero(tile))
         assert chunk.numel() == nonzero + (-nonzero) % 4
-        values = torch.tensor(((bits + 2**15) % 2**16 - 2**15).tolist(), dtype=torch.int16).view(dtype)
+        values = torch.tensor(((bits + 2**15) % 2**16 - 2**15).tolist(), dtype=torch.int16).view(
+            dtype
+        )
         assert torch.equal(values, tile[row, col])  # padding sits on zeros and stores +0.0
         assert int((bits == 0).sum()) == chunk.numel() - nonzero
 
@@ -149,7 +156,9 @@ def test_bitmap_masks_from_layout_1():
 
 
 def test_auto_picks_the_smaller_format(backend):
-    backend("reference")  # every format runs alike there (on CPU, auto prefers the CPU kernel's bitmap)
+    backend(
+        "reference"
+    )  # every format runs alike there (on CPU, auto prefers the CPU kernel's bitmap)
     moderate = random_weight(256, 256, 0.7, torch.float16, seed=0)
     very_sparse = random_weight(256, 256, 0.98, torch.float16, seed=0)
     for w in (moderate, very_sparse):
@@ -165,7 +174,12 @@ def test_to_moves_every_component(format):
     moved = sw.to("meta")
     assert moved.device.type == "meta"
     assert all(t.device.type == "meta" for t in moved.tensors)
-    assert (moved.shape, moved.dtype, moved.format, moved.nnz) == (sw.shape, sw.dtype, sw.format, sw.nnz)
+    assert (moved.shape, moved.dtype, moved.format, moved.nnz) == (
+        sw.shape,
+        sw.dtype,
+        sw.format,
+        sw.nnz,
+    )
     back = sw.to("cpu")
     assert torch.equal(back.to_dense(), sw.to_dense())
     half = sw.to(dtype=torch.bfloat16)
@@ -201,7 +215,9 @@ def test_validate_catches_inconsistent_components(format):
     with pytest.raises(ValueError, match="inconsistent"):
         broken.validate()
     with pytest.raises(ValueError, match="tile_offsets must be int32"):
-        type(sw)({**sw.state(), "tile_offsets": sw.state()["tile_offsets"][:-1]}, sw.shape, sw.dtype).validate()
+        type(sw)(
+            {**sw.state(), "tile_offsets": sw.state()["tile_offsets"][:-1]}, sw.shape, sw.dtype
+        ).validate()
 
 
 def test_prune_exact_count_and_methods():

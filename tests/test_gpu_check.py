@@ -14,13 +14,21 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh"
 STEPS = ("env", "install", "build", "pytest", "sanitize", "sweep", "report", "e2e")
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None,
+    reason="needs bash and coreutils timeout",
+)
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
@@ -40,8 +48,12 @@ def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
 
 
 def test_dry_run_uses_out_env_and_step_selection(tmp_path):
-    res = _run("--dry-run", "--steps", "report,env", env={"OUT": str(tmp_path / "o"),
-                                                           "GPU_CHECK_TIMEOUT_REPORT": "7"})
+    res = _run(
+        "--dry-run",
+        "--steps",
+        "report,env",
+        env={"OUT": str(tmp_path / "o"), "GPU_CHECK_TIMEOUT_REPORT": "7"},
+    )
     assert res.returncode == 0, res.stderr
     steps = [line.split() for line in res.stdout.splitlines() if line.startswith("step ")]
     assert [s[1] for s in steps] == ["env", "report"]  # the usual order
@@ -61,7 +73,12 @@ def test_failing_step_does_not_stop_the_others(tmp_path):
     fake = tmp_path / "py"
     fake.write_text('#!/bin/sh\ncase "$1" in -m) exit 4 ;; esac\necho ran "$@"\n')
     fake.chmod(0o755)
-    res = _run("--steps", "install,report", str(out), env={"PYTHON": str(fake), "GPU_CHECK_LOGS": str(tmp_path / "logs")})
+    res = _run(
+        "--steps",
+        "install,report",
+        str(out),
+        env={"PYTHON": str(fake), "GPU_CHECK_LOGS": str(tmp_path / "logs")},
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[0].split()[:3] == ["install", "FAILED", "(exit"]
@@ -69,6 +86,8 @@ def test_failing_step_does_not_stop_the_others(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/install.log" in names and "logs/report.log" in names
-    assert re.search(r"ran bench/kernel_report.py --gpu h[12]00 --json \S+kernel_report.json",
-                     (tmp_path / "logs" / "report.log").read_text())
+    assert re.search(
+        r"ran bench/kernel_report.py --gpu h[12]00 --json \S+kernel_report.json",
+        (tmp_path / "logs" / "report.log").read_text(),
+    )
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"]

@@ -29,14 +29,25 @@ PROJECTIONS = {
 
 
 def tiny_config(arch: str, tie: bool = True):
-    common = dict(vocab_size=192, max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=4)
+    common = dict(
+        vocab_size=192, max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=4
+    )
     if arch == "opt":
         return transformers.OPTConfig(
             hidden_size=64, ffn_dim=144, word_embed_proj_dim=64, tie_word_embeddings=tie, **common
         )
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch]
-    return cls(hidden_size=64, intermediate_size=144, num_key_value_heads=2, tie_word_embeddings=tie, **common)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[arch]
+    return cls(
+        hidden_size=64,
+        intermediate_size=144,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        **common,
+    )
 
 
 def tiny_model(arch: str, dtype=torch.float32, sparsity=0.6, tie=True, seed=0):
@@ -55,7 +66,11 @@ def input_ids(batch=2, length=9, seed=1):
 
 
 def kinds(model):
-    return {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))}
+    return {
+        name: type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, SparseLinear))
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -69,7 +84,9 @@ def test_sparsified_logits_match_dense_pruned(arch, dtype):
         got = model(ids).logits
     assert returned is model
     layer_kinds = kinds(model)
-    projections = {n: k for n, k in layer_kinds.items() if n.rsplit(".", 1)[-1] in PROJECTIONS[arch]}
+    projections = {
+        n: k for n, k in layer_kinds.items() if n.rsplit(".", 1)[-1] in PROJECTIONS[arch]
+    }
     assert len(projections) == 2 * len(PROJECTIONS[arch])
     assert set(projections.values()) == {"SparseLinear"}
     assert layer_kinds["lm_head"] == "Linear"  # tied to the embedding: stays dense
@@ -90,7 +107,9 @@ def test_sparsified_logits_each_format_fp32(format):
     assert rel_err(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.float32), ("opt", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    ("arch", "dtype"), [("llama", torch.float32), ("opt", torch.bfloat16)], ids=str
+)
 def test_generate_gives_the_same_greedy_tokens(arch, dtype):
     # Untied: a random model with a tied head mostly repeats its last input token.
     model = tiny_model(arch, dtype, tie=False)
@@ -128,7 +147,9 @@ def test_summary_counts_layers_and_bytes():
     model = tiny_model("opt", torch.bfloat16, sparsity=0.5, tie=True)
     assert fs.sparsify_summary(model).sparse_layers == 0
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
-    fs.sparsify_(model, lambda m, fqn: not fqn.endswith("fc2") and fqn != "lm_head", format="tiled_csl")
+    fs.sparsify_(
+        model, lambda m, fqn: not fqn.endswith("fc2") and fqn != "lm_head", format="tiled_csl"
+    )
     summary = fs.sparsify_summary(model)
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert summary.sparse_layers == len(sparse) == 2 * 5
@@ -208,7 +229,10 @@ def test_cli_sparsify_dense_checkpoint_then_load(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "14 (tiled_csl: 14)" in printed and "50.0% sparsity" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "flashsparse.safetensors", "generation_config.json", "tokenizer_config.json"
+        "config.json",
+        "flashsparse.safetensors",
+        "generation_config.json",
+        "tokenizer_config.json",
     ]
     _prune_projections(model, 0.5)  # what the command did, done to the dense model
     config = transformers.AutoConfig.from_pretrained(out)
@@ -218,13 +242,19 @@ def test_cli_sparsify_dense_checkpoint_then_load(tmp_path, capsys):
     loaded.eval()
     assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
     ids = input_ids(batch=1, length=5)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
     expected = model.generate(ids, **kwargs)
     assert len(set(expected[0, 5:].tolist())) > 4
     assert torch.equal(loaded.generate(ids, **kwargs), expected)
-    assert main(["sparsify", str(src), str(tmp_path / "json"), "--json", "--min-sparsity", "0.9"]) == 0
+    assert (
+        main(["sparsify", str(src), str(tmp_path / "json"), "--json", "--min-sparsity", "0.9"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
-    assert report["sparse_layers"] == 0 and report["dense_linear_layers"] == 15  # nothing is 90 % sparse
+    assert (
+        report["sparse_layers"] == 0 and report["dense_linear_layers"] == 15
+    )  # nothing is 90 % sparse
     assert main(["sparsify", str(src), str(tmp_path / "unpruned")]) == 0  # converts, but says so
     assert "their dense size" in capsys.readouterr().err
 
@@ -251,15 +281,33 @@ def test_e2e_benchmark_runs_its_cpu_smoke_config(tmp_path, capsys):
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
     out = tmp_path / "e2e.json"
-    argv = ["--sparsities", "0.5", "--batches", "1,2", "--modes", "eager", "--new-tokens", "2",
-            "--prompt", "4", "--repeats", "1", "--out", str(out)]
+    argv = [
+        "--sparsities",
+        "0.5",
+        "--batches",
+        "1,2",
+        "--modes",
+        "eager",
+        "--new-tokens",
+        "2",
+        "--prompt",
+        "4",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     result = e2e.main(argv)
     printed = capsys.readouterr().out
     assert "TINY Llama config" in printed and "not a measurement" in printed
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [
-        ("dense", 1), ("dense", 2), ("flashsparse-bitmap", 1), ("flashsparse-bitmap", 2),
-        ("sliced", 1), ("sliced", 2),
+        ("dense", 1),
+        ("dense", 2),
+        ("flashsparse-bitmap", 1),
+        ("flashsparse-bitmap", 2),
+        ("sliced", 1),
+        ("sliced", 2),
     ]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in result["rows"])
     (check,) = result["checks"]
@@ -271,10 +319,19 @@ def test_e2e_benchmark_runs_its_cpu_smoke_config(tmp_path, capsys):
     assert check["summary"]["sparse_layers"] == 14 and check["kernel"] == kernel
     # A second run at another sparsity merges into the same file; dense is not timed again.
     result = e2e.main([*argv[:1], "0.7", argv[2], "1", *argv[4:]])
-    assert sorted((r["model"], r.get("sparsity") if r["model"] != "dense" else None, r["batch"])
-                  for r in result["rows"]) == sorted(
-        [("dense", None, 1), ("dense", None, 2), ("flashsparse-bitmap", 0.5, 1),
-         ("flashsparse-bitmap", 0.5, 2), ("flashsparse-bitmap", 0.7, 1), ("sliced", 0.5, 1),
-         ("sliced", 0.5, 2), ("sliced", 0.7, 1)]
+    assert sorted(
+        (r["model"], r.get("sparsity") if r["model"] != "dense" else None, r["batch"])
+        for r in result["rows"]
+    ) == sorted(
+        [
+            ("dense", None, 1),
+            ("dense", None, 2),
+            ("flashsparse-bitmap", 0.5, 1),
+            ("flashsparse-bitmap", 0.5, 2),
+            ("flashsparse-bitmap", 0.7, 1),
+            ("sliced", 0.5, 1),
+            ("sliced", 0.5, 2),
+            ("sliced", 0.7, 1),
+        ]
     )
     assert [c["sparsity"] for c in result["checks"]] == [0.5, 0.7]

@@ -17,8 +17,10 @@ from kernel_specs import CudaSpec, Instance  # noqa: E402
 
 
 def _line(addr: int, text: str) -> str:
-    return f"        /*{addr:04x}*/                   {text} ;   /* 0x0000000000000000 */\n" \
-           "                                                            /* 0x000fe20000000a00 */"
+    return (
+        f"        /*{addr:04x}*/                   {text} ;   /* 0x0000000000000000 */\n"
+        "                                                            /* 0x000fe20000000a00 */"
+    )
 
 
 # A kernel with a prologue, a main loop at 0x0030 (two HMMA) holding an if-block (0x0070) and
@@ -26,27 +28,31 @@ def _line(addr: int, text: str) -> str:
 _BODY = [
     (0x00, "S2R R0, SR_TID.X"),
     (0x10, "IMAD.MOV.U32 R1, RZ, RZ, RZ"),
-    (0x20, "HMMA.16816.F32 R4, R8, R12, R4"),   # peeled MMA outside the loop
-    (0x30, "LDG.E.128 R8, desc[UR4][R2.64]"),   # main loop header
+    (0x20, "HMMA.16816.F32 R4, R8, R12, R4"),  # peeled MMA outside the loop
+    (0x30, "LDG.E.128 R8, desc[UR4][R2.64]"),  # main loop header
     (0x40, "LDSM.16.M88.4 R12, [R3]"),
     (0x50, "HMMA.16816.F32 R4, R8, R12, R4"),
     (0x60, "@P0 BRA 0x80"),
-    (0x70, "STS.U16 [R5], R6"),                 # if-block
+    (0x70, "STS.U16 [R5], R6"),  # if-block
     (0x80, "HMMA.16816.F32 R16, R8, R12, R16"),
     (0x90, "F2FP.F16.F32.PACK_AB R7, R4, R5"),
-    (0xa0, "LOP3.LUT R9, R9, 0xff, RZ, 0xc0, !PT"),  # nested loop header
-    (0xb0, "ISETP.GE.AND P1, PT, R9, 0x4, PT"),
-    (0xc0, "@!P1 BRA 0xa0"),
-    (0xd0, "BAR.SYNC.DEFER_BLOCKING 0x0"),
-    (0xe0, "IMAD.IADD R0, R0, 0x1, R1"),  # integer, but on the FMA pipe
-    (0xf0, "@P2 BRA 0x30"),
-    (0x100, "IADD3 R0, R0, 0x1, RZ"),           # epilogue loop, no MMA
+    (0xA0, "LOP3.LUT R9, R9, 0xff, RZ, 0xc0, !PT"),  # nested loop header
+    (0xB0, "ISETP.GE.AND P1, PT, R9, 0x4, PT"),
+    (0xC0, "@!P1 BRA 0xa0"),
+    (0xD0, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+    (0xE0, "IMAD.IADD R0, R0, 0x1, R1"),  # integer, but on the FMA pipe
+    (0xF0, "@P2 BRA 0x30"),
+    (0x100, "IADD3 R0, R0, 0x1, RZ"),  # epilogue loop, no MMA
     (0x110, "@P3 BRA 0x100"),
     (0x120, "STG.E.128 desc[UR4][R2.64], R4"),
     (0x130, "EXIT"),
     (0x140, "BRA 0x140"),
 ]
-SASS = "\n\tcode for sm_90a\n\t\tFunction : _Z4testv\n" + "\n".join(_line(a, t) for a, t in _BODY) + "\n"
+SASS = (
+    "\n\tcode for sm_90a\n\t\tFunction : _Z4testv\n"
+    + "\n".join(_line(a, t) for a, t in _BODY)
+    + "\n"
+)
 
 
 def test_parse_and_main_loop():
@@ -57,9 +63,9 @@ def test_parse_and_main_loop():
     assert instrs[6].pred == "@P0" and instrs[6].targets() == [0x80]
     loop = kr.find_main_loop(instrs)
     assert loop.header == 0x30
-    assert [b.addr for b in loop.blocks] == [0x30, 0x70, 0x80, 0xa0, 0xd0]
-    assert [lp.header for lp in loop.nested] == [0xa0]
-    assert {b.addr: b.depth for b in loop.blocks} == {0x30: 0, 0x70: 0, 0x80: 0, 0xa0: 1, 0xd0: 0}
+    assert [b.addr for b in loop.blocks] == [0x30, 0x70, 0x80, 0xA0, 0xD0]
+    assert [lp.header for lp in loop.nested] == [0xA0]
+    assert {b.addr: b.depth for b in loop.blocks} == {0x30: 0, 0x70: 0, 0x80: 0, 0xA0: 1, 0xD0: 0}
 
 
 def test_counts_weighting_and_classes():
@@ -79,7 +85,7 @@ def test_counts_weighting_and_classes():
     # The nested loop runs 2.5 times, the if-block a quarter of the iterations.
     w = kr.block_frequencies(loop, [2.5], {0x70: 0.25})
     c = kr.count_loop(loop, w)
-    assert w == {0x30: 1.0, 0x70: 0.25, 0x80: 1.0, 0xa0: 2.5, 0xd0: 1.0}
+    assert w == {0x30: 1.0, 0x70: 0.25, 0x80: 1.0, 0xA0: 2.5, 0xD0: 1.0}
     assert c.total == pytest.approx(13 - 0.75 + 1.5 * 3)
     assert c.shared_bytes == pytest.approx(512 + 16)
     with pytest.raises(ValueError, match="not in the main loop"):
@@ -138,22 +144,32 @@ def test_ptxas_and_res_usage_parsing():
         "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 96 registers, used 1 barriers, 2048 bytes smem\n"
     )
-    assert kr.parse_ptxas(log) == {"_Z1kv": {"registers": 96, "spill_bytes": 12, "static_smem": 2048}}
+    assert kr.parse_ptxas(log) == {
+        "_Z1kv": {"registers": 96, "spill_bytes": 12, "static_smem": 2048}
+    }
     res = " Function _Z1kv:\n  REG:118 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:624 TEXTURE:0\n"
-    assert kr.parse_res_usage(res) == {"_Z1kv": {"registers": 118, "stack": 0, "shared": 1024, "local": 0}}
+    assert kr.parse_res_usage(res) == {
+        "_Z1kv": {"registers": 118, "stack": 0, "shared": 1024, "local": 0}
+    }
 
 
 def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> kr.KernelResult:
     keys = [str(s) for s in kr.SPARSITIES]
-    detail = {"integer_per_element": dict.fromkeys(keys, 1.0), "int_pipe_per_element": dict.fromkeys(keys, 1.0),
-              "smem_bytes_per_element": dict.fromkeys(keys, 0.5)}
-    return kr.KernelResult(kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas,
-                           dict.fromkeys(keys, ipe), detail)
+    detail = {
+        "integer_per_element": dict.fromkeys(keys, 1.0),
+        "int_pipe_per_element": dict.fromkeys(keys, 1.0),
+        "smem_bytes_per_element": dict.fromkeys(keys, 0.5),
+    }
+    return kr.KernelResult(
+        kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas, dict.fromkeys(keys, ipe), detail
+    )
 
 
 def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
-    fakes = {"tiled_csl_cuda": [_fake_result("tiled_csl_cuda", n) for n in (8, 16, 32)],
-             "bitmap_triton": [_fake_result("bitmap_triton", n, 4) for n in (16, 32)]}
+    fakes = {
+        "tiled_csl_cuda": [_fake_result("tiled_csl_cuda", n) for n in (8, 16, 32)],
+        "bitmap_triton": [_fake_result("bitmap_triton", n, 4) for n in (16, 32)],
+    }
 
     def load_spec(name):
         if name == "bitmap_cuda":
@@ -166,8 +182,17 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
     assert any(line.startswith("ERROR bitmap_cuda: no spec") for line in log)
     assert {e["kernel"] for e in report["kernels"]} == {"tiled_csl_cuda", "bitmap_triton"}
     for e in report["kernels"]:
-        assert set(e) >= {"kernel", "arch", "dtype", "n_tile", "registers", "spill_bytes", "smem_bytes",
-                          "ctas_per_sm_h100", "instr_per_element"}
+        assert set(e) >= {
+            "kernel",
+            "arch",
+            "dtype",
+            "n_tile",
+            "registers",
+            "spill_bytes",
+            "smem_bytes",
+            "ctas_per_sm_h100",
+            "instr_per_element",
+        }
         assert set(e["instr_per_element"]) == {"0.5", "0.7", "0.9"}
     plan_keys = {"kernel", "m", "k", "n", "sparsity", "ctas", "split_k", "persistent"}
     per_kernel = len(kr.SHAPES) * len(kr.NS) * len(kr.SPARSITIES)
@@ -178,14 +203,22 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
     # The Triton plan is choose_config's: CTAs = M blocks x N blocks x split.
     from flashsparse.kernels.triton.bitmap_spmm import choose_config
 
-    row = next(p for p in report["plans"] if p["kernel"] == "bitmap_triton" and p["m"] == 4096 and p["n"] == 16)
+    row = next(
+        p
+        for p in report["plans"]
+        if p["kernel"] == "bitmap_triton" and p["m"] == 4096 and p["n"] == 16
+    )
     cfg = choose_config(4096, row["k"], 16, 132)
     assert row["ctas"] == -(-4096 // cfg.block_m) * cfg.split_k and row["split_k"] == cfg.split_k
     # The Tiled-CSL adapter: tile_config + choose_split_k over 132 x 2 slots.
     from flashsparse.kernels import cuda
 
     if not hasattr(cuda, "tiled_csl_launch_plan"):
-        row = next(p for p in report["plans"] if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8)
+        row = next(
+            p
+            for p in report["plans"]
+            if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8
+        )
         tile_m, _ = cuda.tile_config(8)
         blocks = -(-28672 // tile_m)
         assert row["ctas"] == blocks * row["split_k"]
@@ -210,7 +243,9 @@ def test_predict_model_is_memory_bound_when_instructions_are_cheap():
     assert p["bound"] == "memory"
     m = k = 8192
     dense = (2 * m * k + 2 * 16 * (m + k)) / kr.H100.bandwidth + kr.H100.launch_s
-    sparse = (kr._weight_bytes("bitmap_cuda", m, k, 0.9) + 2 * 16 * (m + k)) / kr.H100.bandwidth + kr.H100.launch_s
+    sparse = (
+        kr._weight_bytes("bitmap_cuda", m, k, 0.9) + 2 * 16 * (m + k)
+    ) / kr.H100.bandwidth + kr.H100.launch_s
     assert p["speedup"] == pytest.approx(dense / sparse, rel=1e-2)
     slow = kr.predict("bitmap_cuda", m, k, 16, 0.9, plan, _fake_result("bitmap_cuda", 16, ipe=40.0))
     assert slow["bound"] == "issue" and slow["speedup"] < p["speedup"]
@@ -221,8 +256,10 @@ def test_cli_rejects_unknown_kernel():
         kr.main(["--kernels", "nope"])
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or kr.find_tool("cuobjdump") is None,
-                    reason="needs nvcc and cuobjdump")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or kr.find_tool("cuobjdump") is None,
+    reason="needs nvcc and cuobjdump",
+)
 def test_real_compile_tiled_csl():
     report, log = kr.build_report(["tiled_csl_cuda"], plans=False)
     assert not [line for line in log if line.startswith("ERROR")], log

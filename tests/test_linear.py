@@ -99,7 +99,11 @@ def _sw(dtype=torch.float32, format="bitmap"):
         (lambda: fs.linear([[1.0] * 12], _sw()), TypeError, "x must be a torch.Tensor"),
         (lambda: fs.linear(torch.randn(3, 12), _sw(), torch.randn(11)), ValueError, "bias"),
         (lambda: fs.linear(torch.randn(3, 12), _sw(), torch.randn(10).half()), TypeError, "bias"),
-        (lambda: fs.linear(torch.randn(3, 12), _sw(), torch.randn(10, device="meta")), ValueError, "bias"),
+        (
+            lambda: fs.linear(torch.randn(3, 12), _sw(), torch.randn(10, device="meta")),
+            ValueError,
+            "bias",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):

@@ -27,12 +27,26 @@ from flashsparse.serialization import empty_weights
 transformers.logging.set_verbosity_error()
 
 VOCAB = 128
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 # Generic tiny overrides, applied where the config has the attribute.
-_MOE = dict(_COMMON, intermediate_size=48, moe_intermediate_size=24, head_dim=8, num_experts=4,
-            num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=40,
-            first_k_dense_replace=0)
+_MOE = dict(
+    _COMMON,
+    intermediate_size=48,
+    moe_intermediate_size=24,
+    head_dim=8,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    shared_expert_intermediate_size=40,
+    first_k_dense_replace=0,
+)
 # Families whose dense eager experts loop is the one SparseExperts runs: exactly equal there.
 EXACT = ("mixtral", "qwen2_moe", "qwen3_moe")
 OTHERS = ("olmoe", "granitemoe", "glm4_moe", "minimax", "hunyuan_v1_moe", "ernie4_5_moe", "gpt_oss")
@@ -61,8 +75,15 @@ def tiny_moe(model_type: str, dtype=torch.float32, impl="eager", sparsity=0.5, s
 
 
 def tiny_gpt2(dtype=torch.float32, sparsity=0.5, seed=0):
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
@@ -118,7 +139,11 @@ def test_gpt2_conv1d_converted_logits_generation_save_load(dtype, tmp_path):
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE)
     seen = []
     fs.sparsify_(model, lambda module, fqn: seen.append(fqn) or fqn != "lm_head")
-    convs = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    convs = [
+        f"transformer.h.{i}.{p}"
+        for i in range(2)
+        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert seen == [*convs, "lm_head"]  # filter_fn sees every Conv1D
     assert all(isinstance(model.get_submodule(n), SparseLinear) for n in convs)
     assert not any(is_conv1d(m) for m in model.modules())
@@ -129,7 +154,9 @@ def test_gpt2_conv1d_converted_logits_generation_save_load(dtype, tmp_path):
     # Conv1D runs addmm(bias, x, W), the sparse layer F.linear(x, W.T, bias): the same products
     # summed by another kernel, so bf16 may round differently in the last place.
     assert rel_err(got, expected) < (0 if dtype == torch.float32 else RTOL[dtype]) + 1e-6
-    assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE), generated)
+    assert torch.equal(
+        model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE), generated
+    )
     fs.save_sparse(model, tmp_path)
     with torch.device("meta"):
         loaded = transformers.AutoModelForCausalLM.from_config(model.config).eval()
@@ -144,18 +171,30 @@ def test_gpt2_conv1d_converted_logits_generation_save_load(dtype, tmp_path):
 def test_grouped_linear_matches_float64_reference(format, dtype):
     m, k = 45, 70
     counts = torch.tensor([3, 0, 11, 1, 0])  # skewed, with empty groups
-    weights = [random_weight(m, k, s, dtype, kind, seed=g)
-               for g, (s, kind) in enumerate([(0.5, "uniform"), (0.9, "uniform"), (0.7, "dense_tiles"),
-                                              (0.3, "uniform"), (0.6, "uniform")])]
+    weights = [
+        random_weight(m, k, s, dtype, kind, seed=g)
+        for g, (s, kind) in enumerate(
+            [
+                (0.5, "uniform"),
+                (0.9, "uniform"),
+                (0.7, "dense_tiles"),
+                (0.3, "uniform"),
+                (0.6, "uniform"),
+            ]
+        )
+    ]
     sws = [fs.encode(w, format) for w in weights]
     tensors = [t for sw in sws for t in sw.tensors]
     x = torch.randn(int(counts.sum()), k).to(dtype)
     bias = torch.randn(len(weights), m).to(dtype)
     got = grouped_linear(format, x, counts, tensors, m, k, bias)
     rows = torch.repeat_interleave(torch.arange(len(weights)), counts)
-    expected = torch.stack([
-        x[i].double() @ weights[g].double().T + bias[g].double() for i, g in enumerate(rows.tolist())
-    ])
+    expected = torch.stack(
+        [
+            x[i].double() @ weights[g].double().T + bias[g].double()
+            for i, g in enumerate(rows.tolist())
+        ]
+    )
     assert got.shape == (x.shape[0], m) and got.dtype == dtype
     assert rel_err(got, expected) < RTOL[dtype]
     # gradients for x and bias (the weights are constants), against float64
@@ -163,8 +202,12 @@ def test_grouped_linear_matches_float64_reference(format, dtype):
     bias_grad = bias.detach().clone().requires_grad_()
     upstream = torch.randn(x.shape[0], m).to(dtype)
     grouped_linear(format, x_grad, counts, tensors, m, k, bias_grad).backward(upstream)
-    expected_gx = torch.stack([upstream[i].double() @ weights[g].double() for i, g in enumerate(rows.tolist())])
-    expected_gb = torch.zeros(len(weights), m, dtype=torch.float64).index_add_(0, rows, upstream.double())
+    expected_gx = torch.stack(
+        [upstream[i].double() @ weights[g].double() for i, g in enumerate(rows.tolist())]
+    )
+    expected_gb = torch.zeros(len(weights), m, dtype=torch.float64).index_add_(
+        0, rows, upstream.double()
+    )
     assert rel_err(x_grad.grad, expected_gx) < RTOL[dtype]
     assert rel_err(bias_grad.grad, expected_gb) < RTOL[dtype]
     x_grad.grad = None  # without a bias (an explicit None): the same x gradient
@@ -198,8 +241,12 @@ def test_grouped_linear_runs_every_expert_in_one_triton_launch(backend, monkeypa
     monkeypatch.setitem(backends._GROUPED, ("bitmap", "triton"), grouped)
     monkeypatch.setattr(bs, "launch", lambda *a, **kw: pytest.fail("a per-expert launch ran"))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        weights = [random_weight(m, k, s, dtype, kind, seed=g) for g, (s, kind) in
-                   enumerate([(0.5, "uniform"), (0.9, "empty_tiles"), (0.7, "dense_tiles"), (0.0, "uniform")])]
+        weights = [
+            random_weight(m, k, s, dtype, kind, seed=g)
+            for g, (s, kind) in enumerate(
+                [(0.5, "uniform"), (0.9, "empty_tiles"), (0.7, "dense_tiles"), (0.0, "uniform")]
+            )
+        ]
         tensors = [t for w in weights for t in fs.encode(w, "bitmap").tensors]
         x = torch.randn(sum(counts), k).to(dtype)
         bias = torch.randn(len(weights), m).to(dtype)
@@ -207,8 +254,12 @@ def test_grouped_linear_runs_every_expert_in_one_triton_launch(backend, monkeypa
         got = grouped_linear("bitmap", x, torch.tensor(counts), tensors, m, k, bias)
         assert calls == [counts]
         rows = torch.repeat_interleave(torch.arange(len(weights)), torch.tensor(counts))
-        expected = torch.stack([x[i].double() @ weights[g].double().T + bias[g].double()
-                                for i, g in enumerate(rows.tolist())])
+        expected = torch.stack(
+            [
+                x[i].double() @ weights[g].double().T + bias[g].double()
+                for i, g in enumerate(rows.tolist())
+            ]
+        )
         assert rel_err(got, expected) < RTOL[dtype], dtype
     assert backends.select_grouped("bitmap", x) is grouped
     backend("reference")
@@ -249,8 +300,9 @@ def test_moe_model_runs_the_grouped_triton_kernel(backend, monkeypatch):
     backend("triton")
     real = backends._GROUPED[("bitmap", "triton")]
     launches = []
-    monkeypatch.setitem(backends._GROUPED, ("bitmap", "triton"),
-                        lambda *a: launches.append(a[1]) or real(*a))
+    monkeypatch.setitem(
+        backends._GROUPED, ("bitmap", "triton"), lambda *a: launches.append(a[1]) or real(*a)
+    )
     with torch.no_grad():
         got = model(ids).logits
     assert len(launches) == 2 * 2  # 2 layers x (gate_up, down)
@@ -283,7 +335,9 @@ def test_moe_experts_converted_and_exact(model_type, dtype, monkeypatch):
     with torch.no_grad():
         got = model(ids).logits
     assert torch.equal(got, expected)  # same products, same order: bit for bit
-    assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE), generated)
+    assert torch.equal(
+        model.generate(ids, attention_mask=torch.ones_like(ids), **GENERATE), generated
+    )
 
 
 @pytest.mark.parametrize("model_type", EXACT)
@@ -372,19 +426,34 @@ def test_plain_models_convert_everything_without_a_warning():
     assert fs.sparsify_summary(model).dense_projections == ()
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
     model.register_parameter("scale", nn.Parameter(torch.ones(1, 8)))  # a vector stored [1, n]
-    model.register_parameter("mix", nn.Parameter(torch.ones(8, 8)))  # a matrix flashsparse does not convert
+    model.register_parameter(
+        "mix", nn.Parameter(torch.ones(8, 8))
+    )  # a matrix flashsparse does not convert
     messages = sparsify_quietly(model, lambda module, fqn: fqn != "2")
-    assert len(messages) == 1 and "left 2 projection(s) dense: 1 rejected by filter_fn: '2'; 1 of a kind sparsify_ does not convert: 'mix'." in messages[0]
+    assert (
+        len(messages) == 1
+        and "left 2 projection(s) dense: 1 rejected by filter_fn: '2'; 1 of a kind sparsify_ does not convert: 'mix'."
+        in messages[0]
+    )
 
 
 def test_warning_names_every_projection_left_dense_once():
     model = tiny_moe("mixtral")
     keep = "model.layers.1.mlp.experts"
-    messages = sparsify_quietly(model, lambda module, fqn: fqn != keep and not fqn.endswith("q_proj"))
+    messages = sparsify_quietly(
+        model, lambda module, fqn: fqn != keep and not fqn.endswith("q_proj")
+    )
     assert isinstance(model.lm_head, SparseLinear)  # a filter_fn decides about the head too
     assert len(messages) == 1
-    names = [keep, "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", *routers(model)]
-    assert all(name in messages[0] for name in names) and "left 5 projection(s) dense" in messages[0]
+    names = [
+        keep,
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        *routers(model),
+    ]
+    assert (
+        all(name in messages[0] for name in names) and "left 5 projection(s) dense" in messages[0]
+    )
     summary = fs.sparsify_summary(model)
     assert summary.dense_linear_layers == 5 and set(summary.dense_projections) == set(names)
     assert keep in str(summary) or "..." in str(summary)
@@ -421,7 +490,9 @@ def test_eager_experts_add_no_graph_break():
     sparsify_quietly(model)
     sparse = torch._dynamo.explain(model)(ids)
     torch._dynamo.reset()
-    assert sparse.graph_break_count == dense.graph_break_count, [str(r.reason) for r in sparse.break_reasons]
+    assert sparse.graph_break_count == dense.graph_break_count, [
+        str(r.reason) for r in sparse.break_reasons
+    ]
 
 
 def test_torch_compile_no_new_graph_breaks():
@@ -434,8 +505,15 @@ def test_torch_compile_no_new_graph_breaks():
         expected = model(ids).logits
     sparse = torch._dynamo.explain(model)(ids)
     torch._dynamo.reset()
-    assert sparse.graph_break_count == dense.graph_break_count == 0, [str(r.reason) for r in sparse.break_reasons]
-    ops = [str(n.target) for g in sparse.graphs for n in g.graph.nodes if "flashsparse" in str(n.target)]
+    assert sparse.graph_break_count == dense.graph_break_count == 0, [
+        str(r.reason) for r in sparse.break_reasons
+    ]
+    ops = [
+        str(n.target)
+        for g in sparse.graphs
+        for n in g.graph.nodes
+        if "flashsparse" in str(n.target)
+    ]
     assert ops.count("flashsparse.grouped_linear.default") == 4
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

@@ -109,7 +109,10 @@ def test_dtype_conversion_re_encodes(format):
 def test_sparsify_small_mlp_gives_same_outputs():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Sequential(nn.Linear(128, 128), nn.Tanh()), nn.Linear(128, 10)
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(128, 128), nn.Tanh()),
+        nn.Linear(128, 10),
     )
     with torch.no_grad():
         for i, layer in enumerate(m for m in model.modules() if isinstance(m, nn.Linear)):

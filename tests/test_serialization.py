@@ -29,8 +29,13 @@ from flashsparse.serialization import (
 
 def tiny_llama(tie=True, hidden=64, seed=0, device=None):
     config = transformers.LlamaConfig(
-        vocab_size=160, hidden_size=hidden, intermediate_size=144, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=160,
+        hidden_size=hidden,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
@@ -42,8 +47,13 @@ def tiny_llama(tie=True, hidden=64, seed=0, device=None):
 
 def tiny_opt(device=None):
     config = transformers.OPTConfig(
-        vocab_size=160, hidden_size=64, ffn_dim=144, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, word_embed_proj_dim=64,
+        vocab_size=160,
+        hidden_size=64,
+        ffn_dim=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
     )
     torch.manual_seed(0)
     if device == "meta":
@@ -56,17 +66,24 @@ def sparse_llama(dtype=torch.bfloat16, tie=True):
     """Mixed formats, one projection left dense, head dense and tied."""
     model = tiny_llama(tie).to(dtype)
     with torch.no_grad():
-        for i, (fqn, m) in enumerate(n for n in model.named_modules() if isinstance(n[1], nn.Linear)):
+        for i, (fqn, m) in enumerate(
+            n for n in model.named_modules() if isinstance(n[1], nn.Linear)
+        ):
             if fqn != "lm_head":
                 m.weight.copy_(fs.prune(m.weight, [0.5, 0.7, 0.9, 1.0][i % 4]))
     fs.sparsify_(model, lambda m, fqn: "mlp" in fqn, format="tiled_csl")
-    fs.sparsify_(model, lambda m, fqn: "self_attn" in fqn and not fqn.endswith("0.self_attn.o_proj"),
-                 format="bitmap")
+    fs.sparsify_(
+        model,
+        lambda m, fqn: "self_attn" in fqn and not fqn.endswith("0.self_attn.o_proj"),
+        format="bitmap",
+    )
     return model
 
 
 def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        n: type(m) for n, m in model.named_modules()
+    }
 
 
 def assert_untouched(model, before):
@@ -99,7 +116,9 @@ def test_round_trip_into_meta_model_is_exact(tmp_path):
     assert fs.load_sparse(target, path) is target
     assert all(t.device.type == "cpu" for t in [*target.parameters(), *target.buffers()])
     assert target.lm_head.weight is target.model.embed_tokens.weight  # still tied
-    assert {n: type(m) for n, m in target.named_modules()} == {n: type(m) for n, m in model.named_modules()}
+    assert {n: type(m) for n, m in target.named_modules()} == {
+        n: type(m) for n, m in model.named_modules()
+    }
     src, dst = model.state_dict(), target.state_dict()
     assert src.keys() == dst.keys()
     for k in src:
@@ -136,13 +155,17 @@ def test_round_trip_opt_with_biases_into_materialised_model(tmp_path):
 
 
 def test_plain_module_with_empty_and_full_layers(tmp_path):
-    model = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9, bias=False), nn.Linear(9, 5))
+    model = nn.Sequential(
+        nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9, bias=False), nn.Linear(9, 5)
+    )
     with torch.no_grad():
         model[0].weight.zero_()  # 100 % sparse: zero-length words/values
     fs.sparsify_(model, lambda m, fqn: fqn != "3")
     path = fs.save_sparse(model, tmp_path / "plain.safetensors")
     with torch.device("meta"):
-        target = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9, bias=False), nn.Linear(9, 5))
+        target = nn.Sequential(
+            nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9, bias=False), nn.Linear(9, 5)
+        )
     fs.load_sparse(target, path)
     x = torch.randn(4, 70)
     assert torch.equal(target(x), model(x))
@@ -174,19 +197,31 @@ def test_metadata_describes_the_file(tmp_path):
         meta = f.metadata()
         keys = set(f.keys())
     assert meta["format"] == "flashsparse" and int(meta["format_version"]) == FORMAT_VERSION
-    assert meta["flashsparse_version"] == fs.__version__ and meta["torch_version"] == torch.__version__
-    assert json.loads(meta["architecture"]) == architecture(model) == architecture(tiny_llama(device="meta"))
+    assert (
+        meta["flashsparse_version"] == fs.__version__ and meta["torch_version"] == torch.__version__
+    )
+    assert (
+        json.loads(meta["architecture"])
+        == architecture(model)
+        == architecture(tiny_llama(device="meta"))
+    )
     layers = json.loads(meta["layers"])
     assert layers["model.layers.1.mlp.up_proj"] == {
-        "format": "tiled_csl", "shape": [144, 64], "dtype": "bfloat16",
-        "nnz": model.model.layers[1].mlp.up_proj.weight.nnz, "bias": False,
+        "format": "tiled_csl",
+        "shape": [144, 64],
+        "dtype": "bfloat16",
+        "nnz": model.model.layers[1].mlp.up_proj.weight.nnz,
+        "bias": False,
     }
     assert json.loads(meta["aliases"]) == {"lm_head.weight": "model.embed_tokens.weight"}
     assert "model.rotary_emb.inv_freq" in json.loads(meta["non_persistent"])
     sums = json.loads(meta["checksums"])
     assert sums.keys() == keys and "lm_head.weight" not in keys
     assert sums["model.norm.weight"] == checksum(model.model.norm.weight.detach())
-    assert "model.layers.0.mlp.down_proj.words" in keys and "model.layers.0.mlp.down_proj.weight" not in keys
+    assert (
+        "model.layers.0.mlp.down_proj.words" in keys
+        and "model.layers.0.mlp.down_proj.weight" not in keys
+    )
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -215,12 +250,17 @@ def rewrite(path, out, edit_tensors=None, edit_meta=None, fix_checksums=True):
 def test_other_architecture_is_refused(saved, tmp_path, materialised):
     target = tiny_opt(None if materialised else "meta")
     before = snapshot(target)
-    with pytest.raises(ValueError, match="holds a LlamaForCausalLM model; cannot load it into a OPTForCausalLM"):
+    with pytest.raises(
+        ValueError, match="holds a LlamaForCausalLM model; cannot load it into a OPTForCausalLM"
+    ):
         fs.load_sparse(target, saved)
     assert_untouched(target, before)
     wider = tiny_llama(hidden=96, device=None if materialised else "meta")
     before = snapshot(wider)
-    with pytest.raises(ValueError, match=r"another size.*model\.layers\.0\.self_attn\.q_proj is 96x96 in the model, 64x64"):
+    with pytest.raises(
+        ValueError,
+        match=r"another size.*model\.layers\.0\.self_attn\.q_proj is 96x96 in the model, 64x64",
+    ):
         fs.load_sparse(wider, saved)
     assert_untouched(wider, before)
 
@@ -228,7 +268,9 @@ def test_other_architecture_is_refused(saved, tmp_path, materialised):
 def test_newer_format_version_is_refused(saved, tmp_path):
     newer_version = FORMAT_VERSION + 1
     newer = rewrite(
-        saved, tmp_path / "newer.safetensors", edit_meta=lambda m: m.update(format_version=str(newer_version))
+        saved,
+        tmp_path / "newer.safetensors",
+        edit_meta=lambda m: m.update(format_version=str(newer_version)),
     )
     target = tiny_llama()
     before = snapshot(target)
@@ -256,7 +298,12 @@ def test_version_1_bitmap_file_is_converted_on_load(tmp_path):
                 by = t.view(torch.uint8).view(-1, 8, 8, 8)
                 tensors[name] = by.permute(0, 1, 3, 2).contiguous().view(torch.int64).reshape(-1)
 
-    old = rewrite(path, tmp_path / "v1.safetensors", edit_tensors=to_v1, edit_meta=lambda m: m.update(format_version="1"))
+    old = rewrite(
+        path,
+        tmp_path / "v1.safetensors",
+        edit_tensors=to_v1,
+        edit_meta=lambda m: m.update(format_version="1"),
+    )
     target = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 9))
     fs.load_sparse(target, old)
     x = torch.randn(5, 70)
@@ -299,8 +346,11 @@ def test_corrupt_header_and_foreign_files_are_refused(saved, tmp_path):
     (tmp_path / "tiny.safetensors").write_bytes(b"abc")
     target = tiny_llama()
     before = snapshot(target)
-    for name, message in [("hdr", "not valid JSON"), ("foreign", "not a flashsparse file"),
-                          ("tiny", "only 3 bytes")]:
+    for name, message in [
+        ("hdr", "not valid JSON"),
+        ("foreign", "not a flashsparse file"),
+        ("tiny", "only 3 bytes"),
+    ]:
         with pytest.raises(ValueError, match=message):
             fs.load_sparse(target, tmp_path / f"{name}.safetensors")
     with pytest.raises(ValueError, match="does not exist"):
@@ -339,7 +389,9 @@ def test_inconsistent_components_are_refused_before_any_change(saved, tmp_path):
     with pytest.raises(ValueError, match=r"no place for: model\.surprise"):
         fs.load_sparse(target, surplus)
     assert_untouched(target, before)
-    garbled = rewrite(saved, tmp_path / "meta.safetensors", edit_meta=lambda m: m.update(layers="{"))
+    garbled = rewrite(
+        saved, tmp_path / "meta.safetensors", edit_meta=lambda m: m.update(layers="{")
+    )
     with pytest.raises(ValueError, match="no valid 'layers' entry"):
         fs.load_sparse(target, garbled)
     assert_untouched(target, before)
@@ -390,10 +442,19 @@ def test_empty_weights_puts_parameters_on_meta_and_keeps_buffers():
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_round_trip_other_architectures(arch, tmp_path):
-    cls = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
-    config = cls[0](vocab_size=160, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    config = cls[0](
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=144,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = cls[1](config).to(torch.bfloat16).eval()
     with torch.no_grad():
@@ -417,7 +478,9 @@ def test_tensor_attributes_follow_their_buffer(tmp_path):
             super().__init__()
             self.register_buffer("inv_freq", torch.arange(4.0), persistent=False)
             self.original_inv_freq = self.inv_freq
-            self.scratch = torch.empty(2, device="meta") if torch.get_default_device().type == "meta" else None
+            self.scratch = (
+                torch.empty(2, device="meta") if torch.get_default_device().type == "meta" else None
+            )
 
     model = nn.Sequential(Rotary(), nn.Linear(4, 4))
     path = fs.save_sparse(fs.sparsify_(model), tmp_path / "r.safetensors")

@@ -105,7 +105,8 @@ def test_every_position_of_a_dense_tile_decodes(dtype):
 
 
 @pytest.mark.parametrize(
-    ("block_m", "warps", "parts"), [(64, 16, 8), (64, 8, 4), (64, 4, 2), (64, 1, 2), (128, 8, 2), (256, 4, 2)]
+    ("block_m", "warps", "parts"),
+    [(64, 16, 8), (64, 8, 4), (64, 4, 2), (64, 1, 2), (128, 8, 2), (256, 4, 2)],
 )
 def test_every_row_split_of_the_decode(block_m, warps, parts):
     # num_warps sets how many parts (one per thread) a row's 8 mask bytes are decoded in: 1, 2
@@ -155,11 +156,19 @@ def test_64_bit_value_offsets(monkeypatch):
     # Weights with >= 2**31 values switch the decode to int64 offsets; force that path here.
     monkeypatch.setattr(bs, "_INT32_OFFSET_LIMIT", 0)
     w, sw, x, b = _case(130, 200, 3, 0.5, "dense_tiles", torch.float16, seed=12, bias=True)
-    _check(bs.bitmap_linear(x, *sw.tensors, 130, 200, b, config=bs.KernelConfig(128, 16, 2, 4, 2)), x, w, b)
+    _check(
+        bs.bitmap_linear(x, *sw.tensors, 130, 200, b, config=bs.KernelConfig(128, 16, 2, 4, 2)),
+        x,
+        w,
+        b,
+    )
 
 
-@pytest.mark.parametrize("config", [None, bs.KernelConfig(128, 32, 1, 4, 2), bs.KernelConfig(128, 16, 3, 4, 2)],
-                         ids=["auto", "bm128", "bm128-split3"])
+@pytest.mark.parametrize(
+    "config",
+    [None, bs.KernelConfig(128, 32, 1, 4, 2), bs.KernelConfig(128, 16, 3, 4, 2)],
+    ids=["auto", "bm128", "bm128-split3"],
+)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_poisoned_out_is_fully_overwritten(config, with_bias):
     m, k, n = 130, 200, 19  # partial M, N and K blocks, three 64-row tiles in two 128 blocks
@@ -207,7 +216,9 @@ def test_strided_x_rows():
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("x_shape", [(65,), (3, 65), (2, 3, 65)], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_flashsparse_linear_runs_the_triton_kernel(backend, triton_calls, x_shape, dtype, with_bias):
+def test_flashsparse_linear_runs_the_triton_kernel(
+    backend, triton_calls, x_shape, dtype, with_bias
+):
     backend("triton")
     w = random_weight(37, 65, 0.6, dtype, "row_skewed", seed=8, device=DEVICE)
     x = torch.randn(x_shape).to(device=DEVICE, dtype=dtype)
@@ -258,30 +269,62 @@ def _args(dtype=torch.float16):
         (lambda a: {**a, "x": a["x"].double()}, TypeError, "x must be float16"),
         (lambda a: {**a, "values": a["values"].float()}, TypeError, "values must be"),
         (lambda a: {**a, "masks": a["masks"][1:]}, ValueError, "masks must be int64"),
-        (lambda a: {**a, "tile_offsets": a["tile_offsets"].long()}, ValueError, "tile_offsets must be int32"),
+        (
+            lambda a: {**a, "tile_offsets": a["tile_offsets"].long()},
+            ValueError,
+            "tile_offsets must be int32",
+        ),
         (lambda a: {**a, "m": 0}, ValueError, "m must be >= 1"),
         (lambda a: {**a, "bias": a["bias"][1:]}, ValueError, "bias must be"),
         (lambda a: {**a, "bias": [0.0] * 10}, TypeError, "bias must be a torch.Tensor"),
-        (lambda a: {**a, "out": torch.empty(2, 11, dtype=torch.float16)}, ValueError, "out must be"),
+        (
+            lambda a: {**a, "out": torch.empty(2, 11, dtype=torch.float16)},
+            ValueError,
+            "out must be",
+        ),
         (lambda a: {**a, "masks": a["masks"].to("meta")}, ValueError, "masks is on meta"),
         (lambda a: {**a, "config": (64, 16, 1, 4, 2)}, TypeError, "config must be a KernelConfig"),
     ],
 )
 def test_bad_input_raises_a_clear_error(mutate, error, match):
     x, masks, values, offsets = _args()
-    base = dict(x=x.cpu(), masks=masks.cpu(), values=values.cpu(), tile_offsets=offsets.cpu(), m=10, k=12,
-                bias=torch.randn(10).half(), out=None, config=None)
+    base = dict(
+        x=x.cpu(),
+        masks=masks.cpu(),
+        values=values.cpu(),
+        tile_offsets=offsets.cpu(),
+        m=10,
+        k=12,
+        bias=torch.randn(10).half(),
+        out=None,
+        config=None,
+    )
     a = mutate(base)
     with pytest.raises(error, match=match):
-        bs.bitmap_linear(a["x"], a["masks"], a["values"], a["tile_offsets"], a["m"], a["k"], a["bias"],
-                         out=a["out"], config=a["config"])
+        bs.bitmap_linear(
+            a["x"],
+            a["masks"],
+            a["values"],
+            a["tile_offsets"],
+            a["m"],
+            a["k"],
+            a["bias"],
+            out=a["out"],
+            config=a["config"],
+        )
 
 
 @pytest.mark.parametrize(
     ("fields", "match"),
-    [((32, 16, 1, 4, 2), "block_m"), ((192, 16, 1, 4, 2), "block_m"), ((64, 8, 1, 4, 2), "block_n"),
-     ((64, 24, 1, 4, 2), "block_n"), ((64, 16, 0, 4, 2), "split_k"), ((64, 16, 1, 3, 2), "num_warps"),
-     ((64, 16, 1, 4, 0), "num_stages")],
+    [
+        ((32, 16, 1, 4, 2), "block_m"),
+        ((192, 16, 1, 4, 2), "block_m"),
+        ((64, 8, 1, 4, 2), "block_n"),
+        ((64, 24, 1, 4, 2), "block_n"),
+        ((64, 16, 0, 4, 2), "split_k"),
+        ((64, 16, 1, 3, 2), "num_warps"),
+        ((64, 16, 1, 4, 0), "num_stages"),
+    ],
 )
 def test_bad_config_raises(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -291,7 +334,17 @@ def test_bad_config_raises(fields, match):
 # --- launch heuristic ---------------------------------------------------------------------------
 def test_n_bucket():
     assert [bs.n_bucket(n) for n in (1, 15, 16, 17, 32, 33, 64, 65, 128, 129, 4096)] == [
-        16, 16, 16, 32, 32, 64, 64, 128, 128, 128, 128
+        16,
+        16,
+        16,
+        32,
+        32,
+        64,
+        64,
+        128,
+        128,
+        128,
+        128,
     ]
     with pytest.raises(ValueError, match="n must be >= 1"):
         bs.n_bucket(0)
@@ -303,7 +356,9 @@ def test_wave_efficiency():
     assert bs.wave_efficiency(133, 132) == pytest.approx(133 / 264)
 
 
-@pytest.mark.parametrize(("m", "k"), [(4096, 4096), (4096, 14336), (12288, 4096), (28672, 4096), (130, 65)])
+@pytest.mark.parametrize(
+    ("m", "k"), [(4096, 4096), (4096, 14336), (12288, 4096), (28672, 4096), (130, 65)]
+)
 def test_config_depends_on_n_only_through_its_bucket(m, k):
     for lo, hi in ((1, 16), (17, 32), (33, 64), (65, 128)):
         configs = {bs.choose_config(m, k, n, 132) for n in range(lo, hi + 1)}
@@ -311,7 +366,9 @@ def test_config_depends_on_n_only_through_its_bucket(m, k):
 
 
 @pytest.mark.parametrize("num_sms", [1, 78, 108, 132])
-@pytest.mark.parametrize(("m", "k"), [(64, 64), (4096, 4096), (4096, 14336), (28672, 4096), (130, 7000)])
+@pytest.mark.parametrize(
+    ("m", "k"), [(64, 64), (4096, 4096), (4096, 14336), (28672, 4096), (130, 7000)]
+)
 @pytest.mark.parametrize("n", [1, 16, 32, 64, 128, 512])
 def test_split_k_heuristic(m, k, n, num_sms):
     c = bs.choose_config(m, k, n, num_sms)
@@ -363,7 +420,9 @@ def test_heuristic_examples():
 @pytest.mark.parametrize("n", [1, 16, 128])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_gpu_llama_shape(n, sparsity, dtype):
-    w, sw, x, b = _case(4096, 4096, n, sparsity, "row_skewed", dtype, seed=n, device="cuda", bias=True)
+    w, sw, x, b = _case(
+        4096, 4096, n, sparsity, "row_skewed", dtype, seed=n, device="cuda", bias=True
+    )
     out = torch.full((n, 4096), float("nan"), dtype=dtype, device="cuda")
     y = bs.bitmap_linear(x, *sw.tensors, 4096, 4096, b, out=out)
     assert not y.isnan().any()
@@ -374,9 +433,15 @@ def test_gpu_llama_shape(n, sparsity, dtype):
 @pytest.mark.parametrize("dtype", [*HALF, torch.float32], ids=str)
 @pytest.mark.parametrize(
     ("m", "k", "n", "sparsity", "kind"),
-    [(4097, 4095, 33, 0.7, "dense_tiles"), (130, 7000, 1, 0.5, "dense_column"), (4096, 11008, 5, 0.6, "row_skewed"),
-     (1, 1, 1, 0.0, "uniform"), (300, 200, 700, 0.8, "empty_tiles"), (12288, 4096, 8, 1.0, "dense_rows"),
-     (65, 129, 255, 0.0, "uniform")],
+    [
+        (4097, 4095, 33, 0.7, "dense_tiles"),
+        (130, 7000, 1, 0.5, "dense_column"),
+        (4096, 11008, 5, 0.6, "row_skewed"),
+        (1, 1, 1, 0.0, "uniform"),
+        (300, 200, 700, 0.8, "empty_tiles"),
+        (12288, 4096, 8, 1.0, "dense_rows"),
+        (65, 129, 255, 0.0, "uniform"),
+    ],
 )
 def test_gpu_odd_shapes(m, k, n, sparsity, kind, dtype):
     w, sw, x, b = _case(m, k, n, sparsity, kind, dtype, seed=m + n, device="cuda", bias=True)
@@ -386,7 +451,9 @@ def test_gpu_odd_shapes(m, k, n, sparsity, kind, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [1, 2, 5, 32])
 def test_gpu_forced_split_is_deterministic(split):
-    w, sw, x, b = _case(1000, 4000, 9, 0.5, "row_skewed", torch.bfloat16, seed=3, device="cuda", bias=True)
+    w, sw, x, b = _case(
+        1000, 4000, 9, 0.5, "row_skewed", torch.bfloat16, seed=3, device="cuda", bias=True
+    )
     config = bs.KernelConfig(64, 16, split, 4, 2)
     out = torch.full((9, 1000), float("nan"), dtype=torch.bfloat16, device="cuda")
     y = bs.bitmap_linear(x, *sw.tensors, 1000, 4000, b, out=out, config=config).clone()
@@ -413,7 +480,9 @@ def test_gpu_auto_uses_a_compressed_kernel(backend, triton_calls):
 def test_gpu_torch_compile_and_cuda_graph(backend):
     backend("triton")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 1000), torch.nn.GELU(), torch.nn.Linear(1000, 300))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1000), torch.nn.GELU(), torch.nn.Linear(1000, 300)
+    )
     model = model.to("cuda", torch.float16)
     with torch.no_grad():
         for layer in model:
@@ -430,7 +499,9 @@ def test_gpu_torch_compile_and_cuda_graph(backend):
         assert rel_err(y, expected) < 5e-3
 
     # A hand-captured CUDA graph of the kernel (split-K path included) replays with new inputs.
-    w, sw, x1, b = _case(4096, 4096, 1, 0.5, "uniform", torch.float16, seed=2, device="cuda", bias=True)
+    w, sw, x1, b = _case(
+        4096, 4096, 1, 0.5, "uniform", torch.float16, seed=2, device="cuda", bias=True
+    )
     static_x = x1.clone()
     assert bs.choose_config(4096, 4096, 1, bs._num_sms(static_x.device)).split_k > 1
     out = torch.empty(1, 4096, dtype=torch.float16, device="cuda")
@@ -499,7 +570,9 @@ def _triton_version() -> tuple[int, int]:
     return tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
-@pytest.mark.skipif(_triton_version() < (3, 3), reason="ASTSource signature format of triton >= 3.3")
+@pytest.mark.skipif(
+    _triton_version() < (3, 3), reason="ASTSource signature format of triton >= 3.3"
+)
 def test_kernel_compiles_to_cubin_for_sm80_and_sm90():
     import json
     import os
@@ -507,13 +580,23 @@ def test_kernel_compiles_to_cubin_for_sm80_and_sm90():
     import sys
 
     builds = [
-        (90, "fp16", 64, 16, 4, False), (90, "bf16", 64, 16, 4, True), (90, "fp16", 128, 32, 8, False),
-        (90, "bf16", 128, 64, 8, False), (90, "fp16", 128, 128, 8, True), (90, "fp32", 128, 64, 8, False),
-        (80, "fp16", 64, 16, 4, True), (80, "bf16", 128, 128, 8, False),
+        (90, "fp16", 64, 16, 4, False),
+        (90, "bf16", 64, 16, 4, True),
+        (90, "fp16", 128, 32, 8, False),
+        (90, "bf16", 128, 64, 8, False),
+        (90, "fp16", 128, 128, 8, True),
+        (90, "fp32", 128, 64, 8, False),
+        (80, "fp16", 64, 16, 4, True),
+        (80, "bf16", 128, 128, 8, False),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(builds)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(builds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(builds)

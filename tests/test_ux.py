@@ -39,7 +39,11 @@ def cli(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None =
             full[key] = value
     done = subprocess.run(
         [sys.executable, "-m", "flashsparse.cli", *args],
-        capture_output=True, text=True, env=full, cwd=cwd or ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=cwd or ROOT,
+        timeout=300,
     )
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, done.stdout, done.stderr
@@ -55,8 +59,13 @@ def model_dir(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=96, max_position_embeddings=32, num_hidden_layers=1, num_attention_heads=2,
-        hidden_size=32, intermediate_size=72, num_key_value_heads=1,
+        vocab_size=96,
+        max_position_embeddings=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=32,
+        intermediate_size=72,
+        num_key_value_heads=1,
     )
     path = tmp_path_factory.mktemp("ux") / "model"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -79,8 +88,13 @@ def record(fn, *args, **kwargs):
 def messages(caught, category=fs.FlashsparseWarning) -> list[str]:
     """The messages of ``category`` (the reference-path notice only when asked for)."""
     return [
-        str(w.message) for w in caught if issubclass(w.category, category)
-        and (category is fs.ReferencePathWarning or not issubclass(w.category, fs.ReferencePathWarning))
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, category)
+        and (
+            category is fs.ReferencePathWarning
+            or not issubclass(w.category, fs.ReferencePathWarning)
+        )
     ]
 
 
@@ -170,8 +184,9 @@ def test_bench_runs_the_backend_the_environment_names(monkeypatch, capsys, tmp_p
     with pytest.raises(SystemExit) as exc:
         main([*args, "--backend", "triton", "--json", str(tmp_path / "c.json")])
     assert exc.value.code == 2
-    assert ("argument --backend: triton contradicts FLASHSPARSE_BACKEND=reference; drop one of "
-            "the two") in capsys.readouterr().err
+    assert (
+        "argument --backend: triton contradicts FLASHSPARSE_BACKEND=reference; drop one of the two"
+    ) in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
 
 
@@ -183,8 +198,10 @@ def test_bench_backend_triton_gives_every_reason_at_once():
     assert rc == 2 and out == ""
     (line,) = error_lines(err)
     assert "tiled_csl fp32: the triton backend has no kernel for the 'tiled_csl' format" in line
-    assert "bitmap fp32: the Triton kernel runs on CPU tensors only under the interpreter: set " \
+    assert (
+        "bitmap fp32: the Triton kernel runs on CPU tensors only under the interpreter: set "
         "TRITON_INTERPRET=1" in line
+    )
 
 
 def test_bench_backend_triton_under_the_interpreter_names_the_format_that_runs(capsys):
@@ -266,9 +283,16 @@ def test_sparsify_of_a_pruned_model_warns_about_nothing_but_the_path(fresh_notic
 @pytest.mark.parametrize(
     ("model", "filter_fn", "expected"),
     [
-        (nn.Sequential(nn.ReLU()), None, "sparsify_ converted nothing: model has no projection layer."),
-        (nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), lambda m, fqn: False,
-         "sparsify_ converted nothing: filter_fn rejected all 2 projection layer(s)."),
+        (
+            nn.Sequential(nn.ReLU()),
+            None,
+            "sparsify_ converted nothing: model has no projection layer.",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+            lambda m, fqn: False,
+            "sparsify_ converted nothing: filter_fn rejected all 2 projection layer(s).",
+        ),
     ],
 )
 def test_sparsify_warns_when_nothing_matches(model, filter_fn, expected):
@@ -325,8 +349,13 @@ def test_reference_path_notice_follows_the_backend_selection(monkeypatch):
 def test_load_sparse_gives_the_reference_path_notice(fresh_notices, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=96, max_position_embeddings=32, num_hidden_layers=1, num_attention_heads=2,
-        hidden_size=32, intermediate_size=72, num_key_value_heads=1,
+        vocab_size=96,
+        max_position_embeddings=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=32,
+        intermediate_size=72,
+        num_key_value_heads=1,
     )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -389,7 +418,9 @@ def test_sparsify_cli_says_the_library_warnings_in_one_line_each(model_dir, tmp_
     assert main(["sparsify", str(model_dir), str(tmp_path / "a"), "--min-sparsity", "0.5"]) == 0
     err = capsys.readouterr().err
     warned = [ln for ln in err.splitlines() if "warning" in ln]
-    assert warned == [ln for ln in err.splitlines() if ln.startswith("flashsparse sparsify: warning: ")]
+    assert warned == [
+        ln for ln in err.splitlines() if ln.startswith("flashsparse sparsify: warning: ")
+    ]
     assert len(warned) == 1 and "converted nothing" in warned[0]
     assert "(--sparsity 0.5) or lower --min-sparsity." in warned[0]
     assert main(["sparsify", str(model_dir), str(tmp_path / "b")]) == 0  # unpruned: larger
@@ -400,7 +431,10 @@ def test_sparsify_cli_says_the_library_warnings_in_one_line_each(model_dir, tmp_
 @pytest.mark.parametrize("option", ["--json", "--csv", "--plot"])
 def test_bench_output_that_cannot_be_written_fails_before_the_run(tmp_path, capsys, option):
     (tmp_path / "file").write_text("x")
-    for target, why in [(tmp_path, "is a directory"), (tmp_path / "file" / "x.json", "not a directory")]:
+    for target, why in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "file" / "x.json", "not a directory"),
+    ]:
         with pytest.raises(SystemExit) as exc:
             main(["bench", *FAST, "--quick", option, str(target)])
         assert exc.value.code == 2
@@ -425,16 +459,27 @@ def test_progress_labels_and_skipped_steps():
 
     device = torch.device("cpu")
     cfg = runner.BenchConfig(
-        shapes=[Shape("t:x", 70, 66)], ns=[1, 3], sparsities=[0.5], dtypes=[torch.float32],
-        formats=["bitmap"], backends=["auto"], baselines=["2:4"], mask="uniform", device=device,
-        timer=make_timer(device, 0.5, 1.0, "cpu"), cache=1 << 16, bandwidth=Bandwidth(10.0, 1 << 20, None),
+        shapes=[Shape("t:x", 70, 66)],
+        ns=[1, 3],
+        sparsities=[0.5],
+        dtypes=[torch.float32],
+        formats=["bitmap"],
+        backends=["auto"],
+        baselines=["2:4"],
+        mask="uniform",
+        device=device,
+        timer=make_timer(device, 0.5, 1.0, "cpu"),
+        cache=1 << 16,
+        bandwidth=Bandwidth(10.0, 1 << 20, None),
     )
     labels: list[str] = []
     skips: list[None] = []
     rows = runner.Sweep(cfg, progress=labels.append, on_skip=lambda: skips.append(None)).run()
     assert len(labels) + len(skips) == runner.count_tasks(cfg)
-    assert len(skips) == sum(r["status"] == "skipped" for r in rows) == (
-        0 if torch.cuda.is_available() else 2
+    assert (
+        len(skips)
+        == sum(r["status"] == "skipped" for r in rows)
+        == (0 if torch.cuda.is_available() else 2)
     )
     assert labels[:2] == ["t:x fp32 N=1 dense", "t:x fp32 N=3 dense"]
     assert "t:x fp32 N=1 sparsity 0.5 bitmap" in labels
@@ -451,13 +496,35 @@ def test_plot_uses_a_log_axis_distinct_markers_and_quiet_ceilings():
     rows = []
     for n in (1, 16):
         for sp, slow, fast in ((0.5, 0.02, 1.2), (0.9, 0.05, 4.0)):
-            for method, speedup, ceiling in (("tiled_csl", slow, 2 / (4 * (1 - sp))),
-                                             ("bitmap", slow * 1.01, 2 / (2 * (1 - sp) + 0.125)),
-                                             ("csr", fast, None)):
-                rows.append(dict(n=n, layer="a", method=method, backend="reference", dtype="fp32",
-                                 sparsity=sp, speedup=speedup, ceiling=ceiling))
-        rows.append(dict(n=n, layer="a", method="dense", backend="torch-cpu", dtype="fp32",
-                         sparsity=None, speedup=1.0, ceiling=None))
+            for method, speedup, ceiling in (
+                ("tiled_csl", slow, 2 / (4 * (1 - sp))),
+                ("bitmap", slow * 1.01, 2 / (2 * (1 - sp) + 0.125)),
+                ("csr", fast, None),
+            ):
+                rows.append(
+                    dict(
+                        n=n,
+                        layer="a",
+                        method=method,
+                        backend="reference",
+                        dtype="fp32",
+                        sparsity=sp,
+                        speedup=speedup,
+                        ceiling=ceiling,
+                    )
+                )
+        rows.append(
+            dict(
+                n=n,
+                layer="a",
+                method="dense",
+                backend="torch-cpu",
+                dtype="fp32",
+                sparsity=None,
+                speedup=1.0,
+                ceiling=None,
+            )
+        )
     fig = report.plot_figure({"device": "test", "device_type": "cpu"}, rows)
     axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(axes) == 2
@@ -469,7 +536,9 @@ def test_plot_uses_a_log_axis_distinct_markers_and_quiet_ceilings():
         ceilings = [ln for ln in ax.get_lines() if ln.get_label().startswith("ceiling")]
         assert len(measured) == 3 and len(ceilings) == 2
         assert len({ln.get_marker() for ln in measured}) == 3
-        assert max(ln.get_linewidth() for ln in ceilings) < min(ln.get_linewidth() for ln in measured)
+        assert max(ln.get_linewidth() for ln in ceilings) < min(
+            ln.get_linewidth() for ln in measured
+        )
         assert all(ln.get_marker() in ("None", "", None) for ln in ceilings)
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert sum(t.startswith("memory-bound ceiling") for t in legend) == 1
@@ -479,11 +548,17 @@ def test_plot_uses_a_log_axis_distinct_markers_and_quiet_ceilings():
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("FLASHSPARSE_BAKEND", "cuda",
-         "FLASHSPARSE_BAKEND is not a flashsparse setting and is ignored; did you mean "
-         "FLASHSPARSE_BACKEND?"),
-        ("FLASHSPARSE_CUDA_JIT", "y",
-         "FLASHSPARSE_CUDA_JIT='y' is read as off (on: 1, true, yes, on; off: 0, false, no, off)"),
+        (
+            "FLASHSPARSE_BAKEND",
+            "cuda",
+            "FLASHSPARSE_BAKEND is not a flashsparse setting and is ignored; did you mean "
+            "FLASHSPARSE_BACKEND?",
+        ),
+        (
+            "FLASHSPARSE_CUDA_JIT",
+            "y",
+            "FLASHSPARSE_CUDA_JIT='y' is read as off (on: 1, true, yes, on; off: 0, false, no, off)",
+        ),
     ],
 )
 def test_ignored_settings_get_a_warning_line(monkeypatch, capsys, name, value, expected):
@@ -504,8 +579,10 @@ def test_cache_dir_that_cannot_be_created_is_named(monkeypatch, capsys, tmp_path
 def test_a_bad_cuda_arch_list_is_a_problem(monkeypatch, capsys, model_dir, tmp_path):
     monkeypatch.setenv("FLASHSPARSE_CUDA_ARCH_LIST", "7.0")
     assert main(["info"]) == 1
-    assert ("flashsparse info: error: FLASHSPARSE_CUDA_ARCH_LIST='7.0': flashsparse's CUDA kernels "
-            "need compute capability >= 8.0") in capsys.readouterr().err
+    assert (
+        "flashsparse info: error: FLASHSPARSE_CUDA_ARCH_LIST='7.0': flashsparse's CUDA kernels "
+        "need compute capability >= 8.0"
+    ) in capsys.readouterr().err
     assert main(["sparsify", str(model_dir), str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 
@@ -526,10 +603,12 @@ def test_readmes_reference_nothing_outside_the_repository():
 def test_readme_python_example_does_what_its_comments_say(capsys, fresh_notices):
     readme = (ROOT / "README.md").read_text()
     start = readme.index("```python", readme.index("## Python API")) + len("```python\n")
-    code = readme[start:readme.index("```", start)]
+    code = readme[start : readme.index("```", start)]
     _, caught = record(exec, compile(code, "README.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
-    comment = re.search(r"print\(sw.format, sw.sparsity, sw.nbytes\)\s+# e.g. (\S+ \S+) (\d+)", code)
+    comment = re.search(
+        r"print\(sw.format, sw.sparsity, sw.nbytes\)\s+# e.g. (\S+ \S+) (\d+)", code
+    )
     assert lines[0].startswith(comment.group(1) + " ")
     assert abs(int(lines[0].split()[2]) - int(comment.group(2))) < 2000  # padding varies a little
     assert lines[1] == "SparseLinear"
@@ -554,8 +633,22 @@ def test_bench_timing_must_be_finite_and_positive(capsys, value):
 
 def test_bench_more_threads_than_cores_is_said(capsys):
     threads = (os.cpu_count() or 1) + 1
-    args = ["bench", *FAST[:2], "--threads", str(threads), *FAST[4:], "--quick", "--n", "1",
-            "--sparsity", "0.5", "--baseline", "none", "--format", "bitmap"]
+    args = [
+        "bench",
+        *FAST[:2],
+        "--threads",
+        str(threads),
+        *FAST[4:],
+        "--quick",
+        "--n",
+        "1",
+        "--sparsity",
+        "0.5",
+        "--baseline",
+        "none",
+        "--format",
+        "bitmap",
+    ]
     assert main(args) == 0
     assert f"warning: --threads {threads} is more than this machine's" in capsys.readouterr().err
 
@@ -563,8 +656,10 @@ def test_bench_more_threads_than_cores_is_said(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 @pytest.mark.parametrize(
     ("device", "message"),
-    [("cuda", "device: CUDA is not available to torch on this machine"),
-     ("tpu", "device: expected cpu, cuda or cuda:N, got 'tpu'")],
+    [
+        ("cuda", "device: CUDA is not available to torch on this machine"),
+        ("tpu", "device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    ],
 )
 def test_load_sparse_to_a_device_that_is_not_there(tmp_path, device, message):
     model = readme_model()
@@ -584,9 +679,13 @@ def test_sparsify_with_a_corrupt_weight_file_is_one_line(model_dir, tmp_path, ca
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in model_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
+        (bad / f.name).write_bytes(
+            f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes()
+        )
     out = tmp_path / "out"
     assert main(["sparsify", str(bad), str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"flashsparse sparsify: error: cannot load {bad}: ") and err.count("\n") == 1
+    assert (
+        err.startswith(f"flashsparse sparsify: error: cannot load {bad}: ") and err.count("\n") == 1
+    )
     assert not out.exists()

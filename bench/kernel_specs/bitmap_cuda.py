@@ -66,11 +66,19 @@ def _match(mangled: str) -> Instance | None:
     if m is None:
         return None
     bf16, nt, aligned = m.group(1) == "1", int(m.group(2)), m.group(3) == "1"
-    return Instance(dtype="bf16" if bf16 else "fp16", n_tile=8 * nt, threads=THREADS,
-                    elements=STAGES_PER_ITERATION * TILES_PER_STAGE * TILE * TILE, dynamic_smem=smem_bytes(8 * nt),
-                    params={"tile_m": TILE, "tiles_per_iteration": STAGES_PER_ITERATION * TILES_PER_STAGE,
-                            "x_aligned": aligned},
-                    primary=aligned)
+    return Instance(
+        dtype="bf16" if bf16 else "fp16",
+        n_tile=8 * nt,
+        threads=THREADS,
+        elements=STAGES_PER_ITERATION * TILES_PER_STAGE * TILE * TILE,
+        dynamic_smem=smem_bytes(8 * nt),
+        params={
+            "tile_m": TILE,
+            "tiles_per_iteration": STAGES_PER_ITERATION * TILES_PER_STAGE,
+            "x_aligned": aligned,
+        },
+        primary=aligned,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,7 +134,9 @@ def block_weights(loop, sparsity: float, inst: Instance) -> dict[int, float]:
         return [i.opcode for i in by_addr[addr].instrs]
 
     bulk = [b.addr for b in loop.blocks if any(op.startswith("UBLKCP") for op in ops(b.addr))]
-    fences = sorted(b.addr for b in loop.blocks if any(op.startswith(("FENCE", "MEMBAR")) for op in ops(b.addr)))
+    fences = sorted(
+        b.addr for b in loop.blocks if any(op.startswith(("FENCE", "MEMBAR")) for op in ops(b.addr))
+    )
     # One elected region per stage load: from its fence to the last UBLKCP before the next fence.
     for k, lo in enumerate(fences):
         nxt = fences[k + 1] if k + 1 < len(fences) else float("inf")
@@ -142,12 +152,22 @@ def block_weights(loop, sparsity: float, inst: Instance) -> dict[int, float]:
     for fast in loop.blocks:
         ins = by_addr[fast.addr].instrs
         copies = [i for i in ins if i.opcode.startswith("LDGSTS")]
-        if len(copies) < 2 or any(i.pred for i in copies) or any(i.opcode.startswith("STS") for i in ins):
+        if (
+            len(copies) < 2
+            or any(i.pred for i in copies)
+            or any(i.opcode.startswith("STS") for i in ins)
+        ):
             continue
         target = f"0x{fast.addr:x}"
-        branch = [b.addr for b in loop.blocks
-                  if b.addr < fast.addr and b.instrs and b.instrs[-1].opcode.startswith("BRA")
-                  and b.instrs[-1].pred and target in b.instrs[-1].operands]
+        branch = [
+            b.addr
+            for b in loop.blocks
+            if b.addr < fast.addr
+            and b.instrs
+            and b.instrs[-1].opcode.startswith("BRA")
+            and b.instrs[-1].pred
+            and target in b.instrs[-1].operands
+        ]
         if not branch:
             continue
         for b in loop.blocks:

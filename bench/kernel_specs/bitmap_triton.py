@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from . import Instance, TritonSpec
 
-_SIGNATURE_PTRS = ("x_ptr", "mask_bytes_ptr", "values_ptr", "tile_offsets_ptr", "bias_ptr", "out_ptr")
+_SIGNATURE_PTRS = (
+    "x_ptr",
+    "mask_bytes_ptr",
+    "values_ptr",
+    "tile_offsets_ptr",
+    "bias_ptr",
+    "out_ptr",
+)
 _SCALARS = ("n", "m", "k", "stride_xn", "k_tiles", "tiles_per_split")
 
 
@@ -28,14 +35,27 @@ def _instances() -> list[tuple[Instance, dict, dict, dict]]:
             sig["tile_offsets_ptr"] = "*i32"
             sig["ws_ptr"] = "*fp32"
             sig.update(dict.fromkeys(_SCALARS, "i32"))
-            constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "HAS_BIAS": False,
-                          "SPLIT": False, "UPCAST": False, "DOT_PRECISION": "tf32", "OFFSETS_64": False,
-                          "ROW_PARTS": row_parts(cfg.block_m, cfg.num_warps)}
+            constexprs = {
+                "BLOCK_M": cfg.block_m,
+                "BLOCK_N": cfg.block_n,
+                "HAS_BIAS": False,
+                "SPLIT": False,
+                "UPCAST": False,
+                "DOT_PRECISION": "tf32",
+                "OFFSETS_64": False,
+                "ROW_PARTS": row_parts(cfg.block_m, cfg.num_warps),
+            }
             sig.update(dict.fromkeys(constexprs, "constexpr"))
-            inst = Instance(dtype=dtype, n_tile=cfg.block_n, threads=32 * cfg.num_warps,
-                            elements=cfg.block_m * 64,
-                            params={"block_m": cfg.block_m, "num_warps": cfg.num_warps})
-            out.append((inst, sig, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+            inst = Instance(
+                dtype=dtype,
+                n_tile=cfg.block_n,
+                threads=32 * cfg.num_warps,
+                elements=cfg.block_m * 64,
+                params={"block_m": cfg.block_m, "num_warps": cfg.num_warps},
+            )
+            out.append(
+                (inst, sig, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            )
     return out
 
 

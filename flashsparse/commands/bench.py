@@ -463,13 +463,21 @@ def _run(args: argparse.Namespace) -> int:
     print(meta["notice"])
     if args.json:
         report.write_json(args.json, meta, rows)
-        print(f"wrote {args.json}" + (" (replaced the existing file)" if args.json in replaced else ""))
+        print(
+            f"wrote {args.json}"
+            + (" (replaced the existing file)" if args.json in replaced else "")
+        )
     if args.csv:
         report.write_csv(args.csv, meta, rows)
-        print(f"wrote {args.csv}" + (" (replaced the existing file)" if args.csv in replaced else ""))
+        print(
+            f"wrote {args.csv}" + (" (replaced the existing file)" if args.csv in replaced else "")
+        )
     if args.plot:
         report.write_plot(args.plot, meta, rows)
-        print(f"wrote {args.plot}" + (" (replaced the existing file)" if args.plot in replaced else ""))
+        print(
+            f"wrote {args.plot}"
+            + (" (replaced the existing file)" if args.plot in replaced else "")
+        )
     bad = [r for r in rows if r["status"] in ("WRONG", "error")]
     if bad:
         print(

@@ -131,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
         return status
     for key, value in report.items():
         if key not in ("backends", "problems", "warnings"):
-            print(f"{key:>20}: {value!r}" if key == "FLASHSPARSE_BACKEND" and status else f"{key:>20}: {value}")
+            print(
+                f"{key:>20}: {value!r}"
+                if key == "FLASHSPARSE_BACKEND" and status
+                else f"{key:>20}: {value}"
+            )
     print(f"{'backends':>20}:")
     for name, reason in report["backends"].items():
         print(f"{name:>20}  {'available' if reason is None else 'unavailable: ' + reason}")

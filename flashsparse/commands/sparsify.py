@@ -36,24 +36,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..formats import FORMAT_NAMES
     from ..prune import METHODS
 
-    parser.add_argument("model_dir", help="local Hugging Face model directory (config.json + weights)")
+    parser.add_argument(
+        "model_dir", help="local Hugging Face model directory (config.json + weights)"
+    )
     parser.add_argument("out_dir", help="output directory (created if needed)")
     parser.add_argument(
-        "--sparsity", type=float, default=None,
+        "--sparsity",
+        type=float,
+        default=None,
         help="prune every projection (linear, Conv1D, each MoE expert matrix) to this fraction of "
         "zeros first, in [0, 1), e.g. 0.5 (default: keep the checkpoint's zeros, for an already "
         "pruned model)",
     )
-    parser.add_argument("--method", choices=METHODS, default="magnitude", help="pruning method (with --sparsity)")
-    parser.add_argument("--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format")
     parser.add_argument(
-        "--min-sparsity", type=float, default=0.0,
+        "--method", choices=METHODS, default="magnitude", help="pruning method (with --sparsity)"
+    )
+    parser.add_argument(
+        "--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format"
+    )
+    parser.add_argument(
+        "--min-sparsity",
+        type=float,
+        default=0.0,
         help="leave projections with a smaller fraction of zeros dense (default 0.0: convert all)",
     )
-    parser.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="cpu", help="where to prune and encode: cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into OUT_DIR even if it is not empty (its files of the same names are replaced)")
+    parser.add_argument(
+        "--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to prune and encode: cpu, cuda or cuda:N (default cpu)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT_DIR even if it is not empty (its files of the same names are replaced)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -122,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail("OUT_DIR must differ from MODEL_DIR")
     # [0, 1) as in `flashsparse bench`: 1.0 would write a model whose projections are all zero.
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        return _fail(f"--sparsity must be in [0, 1) (fraction of zeros, e.g. 0.5), got {args.sparsity}")
+        return _fail(
+            f"--sparsity must be in [0, 1) (fraction of zeros, e.g. 0.5), got {args.sparsity}"
+        )
     if not 0.0 <= args.min_sparsity <= 1.0:
         return _fail(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -178,10 +199,14 @@ def run(args: argparse.Namespace) -> int:
         sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)
     for w in caught:
         # The reference-path notice is about running the model, not storing it: not said here.
-        if issubclass(w.category, FlashsparseWarning) and not issubclass(w.category, ReferencePathWarning):
+        if issubclass(w.category, FlashsparseWarning) and not issubclass(
+            w.category, ReferencePathWarning
+        ):
             message = str(w.message).replace("flashsparse.prune(weight, 0.5)", "--sparsity 0.5")
             message = message.replace("format='bitmap' (or 'auto')", "--format bitmap (or auto)")
-            message = message.replace("min_sparsity=", "--min-sparsity ").replace("min_sparsity", "--min-sparsity")
+            message = message.replace("min_sparsity=", "--min-sparsity ").replace(
+                "min_sparsity", "--min-sparsity"
+            )
             print(f"flashsparse sparsify: warning: {message}", file=sys.stderr)
         elif not issubclass(w.category, FlashsparseWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -192,14 +217,26 @@ def run(args: argparse.Namespace) -> int:
     copied = _copy_side_files(model_dir, out_dir)
     elapsed = time.perf_counter() - start
     if args.json:
-        print(json.dumps({
-            "input": str(model_dir), "input_kind": kind, "output": str(written),
-            "file_nbytes": written.stat().st_size, "copied": copied, "seconds": elapsed,
-            **summary.as_dict(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "input": str(model_dir),
+                    "input_kind": kind,
+                    "output": str(written),
+                    "file_nbytes": written.stat().st_size,
+                    "copied": copied,
+                    "seconds": elapsed,
+                    **summary.as_dict(),
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"{model_dir} ({type(model).__name__}, {kind}) -> {written}")
     print(summary)
-    print(f"file:            {written.stat().st_size / 2**20:,.2f} MiB; also wrote config.json"
-          + (f" and copied {', '.join(copied)}" if copied else "") + f" ({elapsed:.1f} s)")
+    print(
+        f"file:            {written.stat().st_size / 2**20:,.2f} MiB; also wrote config.json"
+        + (f" and copied {', '.join(copied)}" if copied else "")
+        + f" ({elapsed:.1f} s)"
+    )
     return 0

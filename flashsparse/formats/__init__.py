@@ -29,7 +29,11 @@ def encoded_nbytes(format: str, w: torch.Tensor) -> int:
         word = 8 if w.dtype == torch.float32 else 4
         return int(((counts + 3) // 4).sum()) * 4 * word + 4 * (counts.numel() + 2)
     counts = pad_to_tiles(nonzero, 64, 64).sum(1)
-    return int(((counts + 7) // 8).sum()) * 8 * value + 8 * 64 * counts.numel() + 4 * (counts.numel() + 1)
+    return (
+        int(((counts + 7) // 8).sum()) * 8 * value
+        + 8 * 64 * counts.numel()
+        + 4 * (counts.numel() + 1)
+    )
 
 
 def choose_format(w: torch.Tensor) -> str:
@@ -38,7 +42,9 @@ def choose_format(w: torch.Tensor) -> str:
     from ..backends import has_fast_kernel
 
     sizes = {name: encoded_nbytes(name, w) for name in FORMATS}
-    runnable = [name for name in FORMATS if has_fast_kernel(name, w.device, w.dtype)] or list(FORMATS)
+    runnable = [name for name in FORMATS if has_fast_kernel(name, w.device, w.dtype)] or list(
+        FORMATS
+    )
     return min(runnable, key=sizes.__getitem__)
 
 

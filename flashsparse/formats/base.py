@@ -14,7 +14,9 @@ def check_weight(w: object, name: str = "w") -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"{name} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}"
+        )
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one column, got {tuple(w.shape)}")
     if w.dtype not in SUPPORTED_DTYPES:
@@ -48,7 +50,9 @@ def unpad_tiles(tiles: torch.Tensor, m: int, k: int, tile_m: int, tile_k: int) -
 
 
 def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
-    return {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    return {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[
+        dtype
+    ]
 
 
 class SparseWeight:
@@ -91,7 +95,9 @@ class SparseWeight:
         raise NotImplementedError
 
     @classmethod
-    def upgrade(cls, tensors: dict[str, torch.Tensor], file_version: int) -> dict[str, torch.Tensor]:
+    def upgrade(
+        cls, tensors: dict[str, torch.Tensor], file_version: int
+    ) -> dict[str, torch.Tensor]:
         """Components as written by flashsparse file format ``file_version``, in today's layout."""
         return tensors
 
@@ -139,7 +145,9 @@ class SparseWeight:
     def to_dense(self) -> torch.Tensor:
         return self.decode(*self.tensors, m=self._shape[0], k=self._shape[1], dtype=self._dtype)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseWeight:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SparseWeight:
         """A copy on ``device`` (every component moves); a new ``dtype`` re-encodes the values."""
         moved = type(self)(
             {c: t.to(device) for c, t in self._tensors.items()}, self._shape, self._dtype, self._nnz

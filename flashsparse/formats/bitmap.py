@@ -143,7 +143,9 @@ class Bitmap(SparseWeight):
         return unpad_tiles(tiles, m, k, TILE, TILE)
 
     @classmethod
-    def upgrade(cls, tensors: dict[str, torch.Tensor], file_version: int) -> dict[str, torch.Tensor]:
+    def upgrade(
+        cls, tensors: dict[str, torch.Tensor], file_version: int
+    ) -> dict[str, torch.Tensor]:
         if file_version < 2 and tensors["masks"].numel() % (SUB * SUB) == 0:
             tensors = {**tensors, "masks": masks_from_v1(tensors["masks"])}
         return tensors

@@ -73,7 +73,9 @@ def swizzle(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     return (row << 6) | (col ^ ((row & 7) << 3))
 
 
-def _padding_positions(nonzero: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _padding_positions(
+    nonzero: torch.Tensor, pad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tile, position) of the first ``pad[t]`` zero positions of each tile ``t``.
 
     They exist because the tile size is a multiple of VECTOR, and they hold zeros, so padding
@@ -110,7 +112,9 @@ def _bank_words(device: torch.device) -> torch.Tensor:
     return (r * _BANKS + p).reshape(-1)
 
 
-def _round_order(kc: torch.Tensor, tile_starts: torch.Tensor, first_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _round_order(
+    kc: torch.Tensor, tile_starts: torch.Tensor, first_tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(storage index, flat weight index)`` of every stored entry of the tiles in ``kc``
     (``[tiles, 8192]`` bool, tile ``first_tile`` first; ``tile_starts``: each tile's first word).
 
@@ -133,9 +137,13 @@ def _round_order(kc: torch.Tensor, tile_starts: torch.Tensor, first_tile: int) -
     # straddles two rounds repeats a bank only once fewer than 32 banks have words left.
     banks = torch.arange(_BANKS, device=dev)
     order = torch.argsort(count * _BANKS + (_BANKS - 1 - banks), dim=1, descending=True)
-    slot = torch.empty_like(order).scatter_(1, order, banks.expand(tc, -1))  # bank -> place in a round
+    slot = torch.empty_like(order).scatter_(
+        1, order, banks.expand(tc, -1)
+    )  # bank -> place in a round
     cell = (torch.where(present, rank, TILE_M).long() * _BANKS + slot.unsqueeze(2)).view(tc, -1)
-    grid = torch.zeros(tc, (TILE_M + 1) * _BANKS, dtype=torch.int32, device=dev)  # last round: absent
+    grid = torch.zeros(
+        tc, (TILE_M + 1) * _BANKS, dtype=torch.int32, device=dev
+    )  # last round: absent
     grid.scatter_(1, cell, size_bm.view(tc, -1))
     grid = grid[:, :words]
     start = torch.cumsum(grid, 1, dtype=torch.int32) - grid  # each word's first sequence index
@@ -147,7 +155,9 @@ def _round_order(kc: torch.Tensor, tile_starts: torch.Tensor, first_tile: int) -
     word = f32 >> 1
     # The high half of a word goes after its low half when that is stored too.
     q = word_start.index_select(0, word) + (f32 & 1) * first_half.reshape(-1).index_select(0, word)
-    n = grid.sum(1, dtype=torch.int32).index_select(0, tile)  # the tile's entry count (multiple of 4)
+    n = grid.sum(1, dtype=torch.int32).index_select(
+        0, tile
+    )  # the tile's entry count (multiple of 4)
     # Entry q goes to word u // L of vector 32 g + u % L (g = q // 128, u = q % 128), L = 32 but
     # in a tile's last group, which has L = (n - 128 g) / 4 < 32 vectors.
     g = q & ~127
@@ -194,7 +204,9 @@ class TiledCSL(SparseWeight):
         values = torch.where(values == 0, 0, values)  # padding entries hold +0.0
         word_dtype, value_bits = _word_layout(w.dtype)
         bits = values.view(int_view_dtype(w.dtype)).to(word_dtype) & ((1 << value_bits) - 1)
-        pos = (flat & (TILE_M * TILE_K - 1)).to(word_dtype)  # shifts and masks: int division is slow
+        pos = (flat & (TILE_M * TILE_K - 1)).to(
+            word_dtype
+        )  # shifts and masks: int division is slow
         words = (swizzle(pos >> 6, pos & (TILE_K - 1)) << value_bits) | bits
         tile_offsets = torch.zeros(num_tiles + 2, dtype=torch.int32, device=w.device)
         tile_offsets[1 : num_tiles + 1] = torch.cumsum((counts + VECTOR - 1) // VECTOR, 0)

@@ -103,7 +103,9 @@ def _parse_arch(arch: str) -> tuple[str, bool]:
     if not dot or not major.isdigit() or not minor[:1].isdigit():
         raise ValueError(f"CUDA arch must look like '8.0', '9.0a' or '8.6+PTX', got {arch!r}")
     if (int(major), int(minor[0])) < MIN_CUDA_CAPABILITY:
-        raise ValueError(f"flashsparse's CUDA kernels need compute capability >= 8.0, got arch {arch!r}")
+        raise ValueError(
+            f"flashsparse's CUDA kernels need compute capability >= 8.0, got arch {arch!r}"
+        )
     return major + minor, ptx
 
 
@@ -184,7 +186,10 @@ class Extension:
         sources = self.sources()
         digest = hashlib.sha256()
         headers = sorted(
-            p for d in ("bindings", self.kernel_dir) for h in self.headers for p in (CSRC / d).glob(f"*{h}")
+            p
+            for d in ("bindings", self.kernel_dir)
+            for h in self.headers
+            for p in (CSRC / d).glob(f"*{h}")
         )
         for path in [*sources, *headers]:
             digest.update(path.name.encode())
@@ -202,7 +207,8 @@ class Extension:
             home = cuda_home()
             torch_home = cpp_extension.CUDA_HOME
             if home and not (
-                torch_home and os.path.isfile(os.path.join(torch_home, "include", "cuda_runtime_api.h"))
+                torch_home
+                and os.path.isfile(os.path.join(torch_home, "include", "cuda_runtime_api.h"))
             ):
                 # torch guessed the toolkit from `which nvcc`; point it at the real one.
                 cpp_extension.CUDA_HOME = home
@@ -225,8 +231,13 @@ class LoadOnce:
     ``None`` or why the backend cannot run, is kept: a failed build is reported on every later
     call, never retried (``flashsparse.backends`` warns once under ``auto``, raises when forced)."""
 
-    def __init__(self, extension: str, kernel: str, load: Callable[[], None],
-                 self_check: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        extension: str,
+        kernel: str,
+        load: Callable[[], None],
+        self_check: Callable[[], str | None],
+    ) -> None:
         self.extension, self.kernel = extension, kernel
         self._load, self._self_check = load, self_check
         self.loaded = False
@@ -250,6 +261,8 @@ class LoadOnce:
             try:
                 self.error = self._self_check()
             except Exception as exc:
-                self.error = f"the {self.kernel} failed to run its self-check ({type(exc).__name__}: {exc})"
+                self.error = (
+                    f"the {self.kernel} failed to run its self-check ({type(exc).__name__}: {exc})"
+                )
             self.loaded = self.error is None
         return self.error

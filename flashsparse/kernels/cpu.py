@@ -32,8 +32,11 @@ __all__ = ["ISAS", "KERNEL_DTYPES", "available_isas", "decode", "isa", "unavaila
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISA_ENV = "FLASHSPARSE_CPU_ISA"
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # op argument values, in order of preference (last best)
-
+ISAS = {
+    "scalar": 0,
+    "avx2": 1,
+    "avx512": 2,
+}  # op argument values, in order of preference (last best)
 
 
 def openmp_flags() -> tuple[str, ...]:
@@ -84,7 +87,9 @@ def unavailable_reason() -> str | None:
 def available_isas() -> list[str]:
     """SIMD paths this CPU runs, worst first (needs the extension: call after a successful
     :func:`_available`)."""
-    return [name for name, code in ISAS.items() if torch.ops.flashsparse._bitmap_cpu_isa_supported(code)]
+    return [
+        name for name, code in ISAS.items() if torch.ops.flashsparse._bitmap_cpu_isa_supported(code)
+    ]
 
 
 def isa() -> int:
@@ -179,7 +184,9 @@ def bitmap_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``x2d @ W.T + bias`` for a contiguous ``[N, K]`` CPU x in the weight's dtype."""
-    return torch.ops.flashsparse._bitmap_spmm_cpu(x2d, masks, values, tile_offsets, m, k, bias, isa())
+    return torch.ops.flashsparse._bitmap_spmm_cpu(
+        x2d, masks, values, tile_offsets, m, k, bias, isa()
+    )
 
 
 def decode(

@@ -178,7 +178,13 @@ def tiled_csl_launch_plan(
     inside the kernel, so the plan never adds a launch. Returns ``dict(ctas, split_k,
     persistent, tile_m, tile_n)``; ``persistent`` is always False (a split-K grid).
     """
-    for name, value in (("m", m), ("k", k), ("n", n), ("num_sms", num_sms), ("ctas_per_sm", ctas_per_sm)):
+    for name, value in (
+        ("m", m),
+        ("k", k),
+        ("n", n),
+        ("num_sms", num_sms),
+        ("ctas_per_sm", ctas_per_sm),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if weight_bytes < 0:
@@ -267,12 +273,16 @@ def _plan(device_index: int, bf16: bool, n: int, m: int, k: int, num_words: int)
     _, tile_n = tile_config(n)
     sms = _device_sms(device_index)
     per_sm = max(1, _slots(device_index, tile_n, bf16) // sms)
-    plan = tiled_csl_launch_plan(m, k, n, num_sms=sms, ctas_per_sm=per_sm, weight_bytes=4 * num_words)
+    plan = tiled_csl_launch_plan(
+        m, k, n, num_sms=sms, ctas_per_sm=per_sm, weight_bytes=4 * num_words
+    )
     return int(plan["split_k"]), tile_n
 
 
 # --- build ---------------------------------------------------------------------------------------
-EXTENSION = build.Extension(device="cuda", kernel_dir="kernels", kernel_suffix=".cu", prebuilt="flashsparse._C")
+EXTENSION = build.Extension(
+    device="cuda", kernel_dir="kernels", kernel_suffix=".cu", prebuilt="flashsparse._C"
+)
 
 
 def kernel_sources(csrc: Path = build.CSRC) -> list[Path]:
@@ -299,7 +309,10 @@ def _register_fake() -> None:
 def _load() -> None:
     """Make the compiled CUDA ops exist (prebuilt, else JIT for the running GPU)."""
     flags = gencode_flags(_jit_arch_list())
-    EXTENSION.load(extra_cuda_cflags=flags, tag=f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags))
+    EXTENSION.load(
+        extra_cuda_cflags=flags,
+        tag=f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags),
+    )
     _register_fake()
 
 
@@ -354,7 +367,9 @@ def _run_self_check() -> str | None:
     return None
 
 
-_state = build.LoadOnce("flashsparse CUDA extension", "CUDA Tiled-CSL kernel", _load, _run_self_check)
+_state = build.LoadOnce(
+    "flashsparse CUDA extension", "CUDA Tiled-CSL kernel", _load, _run_self_check
+)
 
 
 # --- provider interface ------------------------------------------------------------------------
@@ -456,7 +471,9 @@ backends.register_kernel(
 BITMAP_TILE_M = 64
 BITMAP_THREADS = 128
 BITMAP_STAGES = 2  # each stage: 4 consecutive k tiles, one per warp
-BITMAP_TABLE_BYTES = 4096 + 32  # static: the two nibble decode tables, the split-K flag, 2 mbarriers
+BITMAP_TABLE_BYTES = (
+    4096 + 32
+)  # static: the two nibble decode tables, the split-K flag, 2 mbarriers
 # ptxas registers per thread by tile_n (sm_90a; fp16 and bf16 alike), for the occupancy model.
 BITMAP_REGISTERS = {8: 80, 16: 100, 32: 135}
 H100_SMS = 132
@@ -480,7 +497,9 @@ def bitmap_ctas_per_sm(tile_n: int, *, registers: int | None = None) -> int:
     regs = BITMAP_REGISTERS[tile_n] if registers is None else registers
     warp_regs = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
     by_regs = 65536 // (warp_regs * BITMAP_THREADS // 32)
-    by_smem = (228 * 1024) // (bitmap_smem_bytes(tile_n) + BITMAP_TABLE_BYTES + 1024)  # 1 KiB reserved per CTA
+    by_smem = (228 * 1024) // (
+        bitmap_smem_bytes(tile_n) + BITMAP_TABLE_BYTES + 1024
+    )  # 1 KiB reserved per CTA
     return max(1, min(by_regs, by_smem, 2048 // BITMAP_THREADS, 32))
 
 
@@ -529,8 +548,13 @@ def bitmap_launch_plan(
             if eff > best_eff:
                 best, best_eff = s, eff
         split = best
-    return {"ctas": tiles * split, "split_k": split, "persistent": False,
-            "tile_m": BITMAP_TILE_M, "tile_n": tn}
+    return {
+        "ctas": tiles * split,
+        "split_k": split,
+        "persistent": False,
+        "tile_m": BITMAP_TILE_M,
+        "tile_n": tn,
+    }
 
 
 def bitmap_workspace_sizes(m: int, n: int, tile_n: int, split: int) -> tuple[int, int]:
@@ -601,15 +625,31 @@ def _bitmap_self_check() -> str | None:
     from ..formats import Bitmap
 
     @torch.library.register_fake("flashsparse::_bitmap_spmm_cuda")
-    def _(x, masks, values, tile_offsets, m, k, bias=None, split_k=1, tile_n=0, counters=None,
-          partials=None):
+    def _(
+        x,
+        masks,
+        values,
+        tile_offsets,
+        m,
+        k,
+        bias=None,
+        split_k=1,
+        tile_n=0,
+        counters=None,
+        partials=None,
+    ):
         return x.new_empty((x.shape[0], m))
 
     device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(1)
     # (m, k, n, split_k, tile_n): dense + empty tiles, odd sizes, k % 8 != 0, every width, split-K.
-    for m, k, n, split, tile_n in ((130, 200, 3, 1, 8), (130, 200, 3, 4, 8), (300, 77, 13, 1, 16),
-                                   (257, 136, 33, 3, 32), (70, 64, 40, 1, 0)):
+    for m, k, n, split, tile_n in (
+        (130, 200, 3, 1, 8),
+        (130, 200, 3, 4, 8),
+        (300, 77, 13, 1, 16),
+        (257, 136, 33, 3, 32),
+        (70, 64, 40, 1, 0),
+    ):
         w32 = _self_check_weight(m, k, g)
         x32, b32 = torch.randn(n, k, generator=g), torch.randn(m, generator=g)
         for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
@@ -624,8 +664,10 @@ def _bitmap_self_check() -> str | None:
             ref = x.double() @ w.double().T + bias.double()
             err = float((y.double() - ref).norm() / ref.norm())
             if not err < tol:
-                return (f"the CUDA bitmap kernel failed its self-check on {torch.cuda.get_device_name(device)} "
-                        f"({dtype}, m={m}, k={k}, n={n}, split_k={split}: relative error {err:.3g} > {tol})")
+                return (
+                    f"the CUDA bitmap kernel failed its self-check on {torch.cuda.get_device_name(device)} "
+                    f"({dtype}, m={m}, k={k}, n={n}, split_k={split}: relative error {err:.3g} > {tol})"
+                )
     torch.cuda.synchronize(device)
     return None
 

@@ -45,11 +45,17 @@ def is_fused_experts(module: nn.Module) -> bool:
     if isinstance(module, SparseExperts):
         return False
     down = module._parameters.get(_DOWN_NAME)
-    up = next((module._parameters.get(n) for n in _UP_NAMES if module._parameters.get(n) is not None), None)
+    up = next(
+        (module._parameters.get(n) for n in _UP_NAMES if module._parameters.get(n) is not None),
+        None,
+    )
     return (
-        isinstance(down, torch.Tensor) and down.dim() == 3
-        and isinstance(up, torch.Tensor) and up.dim() == 3
-        and hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+        isinstance(down, torch.Tensor)
+        and down.dim() == 3
+        and isinstance(up, torch.Tensor)
+        and up.dim() == 3
+        and hasattr(module, "is_transposed")
+        and hasattr(module, "has_gate")
     )
 
 
@@ -59,7 +65,9 @@ def expert_projections(module: nn.Module) -> list[tuple[str, torch.Tensor, torch
     up_name = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
     out = []
     for name in (up_name, _DOWN_NAME):
-        bias = module._parameters.get(f"{name}_bias") if getattr(module, "has_bias", False) else None
+        bias = (
+            module._parameters.get(f"{name}_bias") if getattr(module, "has_bias", False) else None
+        )
         out.append((name, module._parameters[name], bias))
     return out
 
@@ -80,7 +88,9 @@ def expert_linear_shapes(module: nn.Module) -> list[tuple[str, int, int, bool]]:
     return shapes
 
 
-def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sort_by_expert(
+    top_k_index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (token, k) slots ordered by expert and the token count per expert."""
     expert_ids = top_k_index.reshape(-1)
     _, perm = torch.sort(expert_ids, stable=True)
@@ -102,11 +112,25 @@ def sparse_grouped_experts_forward(
     perm, counts = _sort_by_expert(top_k_index, self.num_experts)
     x = hidden_states[perm // num_top_k]
     up = self._projection(0)
-    h = grouped_linear(up[0].format, x, counts, self._flat(up), up[0].out_features, up[0].in_features, self._bias(up))
+    h = grouped_linear(
+        up[0].format,
+        x,
+        counts,
+        self._flat(up),
+        up[0].out_features,
+        up[0].in_features,
+        self._bias(up),
+    )
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     down = self._projection(1)
     h = grouped_linear(
-        down[0].format, h, counts, self._flat(down), down[0].out_features, down[0].in_features, self._bias(down)
+        down[0].format,
+        h,
+        counts,
+        self._flat(down),
+        down[0].out_features,
+        down[0].in_features,
+        self._bias(down),
     )
     if self.has_post_expert_norm:
         h = self.post_expert_norm(h)
@@ -137,10 +161,19 @@ class SparseExperts(nn.Module):
     # -- construction -----------------------------------------------------------------------------
     @staticmethod
     def _attributes(experts: nn.Module) -> dict:
-        skip = {"config", "training", "has_gate", "has_bias", "has_post_expert_norm", "is_transposed",
-                "is_concatenated", "_is_expert_parallel"}
+        skip = {
+            "config",
+            "training",
+            "has_gate",
+            "has_bias",
+            "has_post_expert_norm",
+            "is_transposed",
+            "is_concatenated",
+            "_is_expert_parallel",
+        }
         attrs = {
-            k: v for k, v in vars(experts).items()
+            k: v
+            for k, v in vars(experts).items()
             if not k.startswith("_") and k not in skip and not isinstance(v, torch.Tensor)
         }
         attrs.update(experts._modules)  # act_fn, post_expert_norm: not expert weights
@@ -150,12 +183,20 @@ class SparseExperts(nn.Module):
     def _class_for(cls, experts: nn.Module) -> type[SparseExperts]:
         from transformers.integrations.moe import use_experts_implementation
 
-        key = (type(experts), experts.has_gate, getattr(experts, "has_bias", False),
-               getattr(experts, "has_post_expert_norm", False))
+        key = (
+            type(experts),
+            experts.has_gate,
+            getattr(experts, "has_bias", False),
+            getattr(experts, "has_post_expert_norm", False),
+        )
         if key not in _CLASSES:
             # The original class's gate (clamped SwiGLU, interleaved gate/up, ...) is part of the
             # architecture's math: keep it rather than the default.
-            namespace = {"_apply_gate": type(experts)._apply_gate} if hasattr(type(experts), "_apply_gate") else {}
+            namespace = (
+                {"_apply_gate": type(experts)._apply_gate}
+                if hasattr(type(experts), "_apply_gate")
+                else {}
+            )
             sub = type(f"Sparse{type(experts).__name__}", (cls,), namespace)
             _CLASSES[key] = use_experts_implementation(
                 sub,
@@ -168,11 +209,15 @@ class SparseExperts(nn.Module):
         return _CLASSES[key]
 
     @classmethod
-    def from_layers(cls, experts: nn.Module, layers: dict[str, list[SparseLinear]]) -> SparseExperts:
+    def from_layers(
+        cls, experts: nn.Module, layers: dict[str, list[SparseLinear]]
+    ) -> SparseExperts:
         """A sparse replacement of the dense ``experts`` (possibly on the meta device) holding
         ``layers`` (``{"gate_up_proj" | "up_proj": [...], "down_proj": [...]}``, one per expert)."""
         if not is_fused_experts(experts):
-            raise TypeError(f"experts must be a transformers fused experts module, got {type(experts).__name__}")
+            raise TypeError(
+                f"experts must be a transformers fused experts module, got {type(experts).__name__}"
+            )
         want = {name: weight.shape[0] for name, weight, _ in expert_projections(experts)}
         if set(layers) != set(want) or any(len(layers[n]) != want[n] for n in want):
             raise ValueError(
@@ -188,7 +233,9 @@ class SparseExperts(nn.Module):
     def from_experts(cls, experts: nn.Module, format: str = "auto") -> SparseExperts:
         """Encode every expert matrix of the dense ``experts`` (pruned already) in ``format``."""
         if not is_fused_experts(experts):
-            raise TypeError(f"experts must be a transformers fused experts module, got {type(experts).__name__}")
+            raise TypeError(
+                f"experts must be a transformers fused experts module, got {type(experts).__name__}"
+            )
         layers = {}
         for name, weight, bias in expert_projections(experts):
             layers[name] = [
@@ -221,7 +268,9 @@ class SparseExperts(nn.Module):
         # transformers' eager experts loop, with each product a sparse layer call.
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            mask = torch.nn.functional.one_hot(
+                top_k_index, num_classes=self.num_experts + 1
+            ).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         up, down = self._projection(0), self._projection(1)
         up_flat, down_flat = self._flat(up), self._flat(down)
@@ -235,11 +284,25 @@ class SparseExperts(nn.Module):
             # is chosen by a tensor, so torch.compile needs no Python int (no extra graph break).
             counts = torch.zeros(self.num_experts, dtype=torch.int64, device=e.device)
             counts = counts.index_fill(0, e.view(1), token_idx.shape[0])
-            h = grouped_linear(up[0].format, hidden_states[token_idx], counts, up_flat,
-                               up[0].out_features, up[0].in_features, up_bias)
+            h = grouped_linear(
+                up[0].format,
+                hidden_states[token_idx],
+                counts,
+                up_flat,
+                up[0].out_features,
+                up[0].in_features,
+                up_bias,
+            )
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = grouped_linear(down[0].format, h, counts, down_flat, down[0].out_features,
-                               down[0].in_features, down_bias)
+            h = grouped_linear(
+                down[0].format,
+                h,
+                counts,
+                down_flat,
+                down[0].out_features,
+                down[0].in_features,
+                down_bias,
+            )
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -275,7 +338,9 @@ def sparse_experts_interface():
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
         class SparseExpertsInterface(ExpertsInterface):
-            _global_mapping = {name: sparse_grouped_experts_forward for name in ALL_EXPERTS_FUNCTIONS}  # noqa: RUF012
+            _global_mapping = {
+                name: sparse_grouped_experts_forward for name in ALL_EXPERTS_FUNCTIONS
+            }  # noqa: RUF012
 
         _INTERFACE = SparseExpertsInterface()
     return _INTERFACE

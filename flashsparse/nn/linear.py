@@ -48,7 +48,11 @@ class SparseLinear(nn.Module):
         if bias is not None:
             check_linear_inputs(
                 weight.tensors[0].new_empty((0, self.in_features), dtype=weight.dtype),
-                self.in_features, self.out_features, weight.dtype, weight.device, bias,
+                self.in_features,
+                self.out_features,
+                weight.dtype,
+                weight.device,
+                bias,
             )
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
@@ -102,11 +106,15 @@ class SparseLinear(nn.Module):
         check_linear_inputs(
             x, self.in_features, self.out_features, self._dtype, tensors[0].device, self.bias
         )
-        return sparse_linear(self.format, x, tensors, self.out_features, self.in_features, self.bias)
+        return sparse_linear(
+            self.format, x, tensors, self.out_features, self.in_features, self.bias
+        )
 
     def extra_repr(self) -> str:
         sw = self.sparse_weight
-        dense = self.out_features * self.in_features * torch.empty((), dtype=self._dtype).element_size()
+        dense = (
+            self.out_features * self.in_features * torch.empty((), dtype=self._dtype).element_size()
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format}, dtype={self._dtype}, "
@@ -149,7 +157,9 @@ class SparseLinear(nn.Module):
         if probe.dtype == self._dtype:
             return super()._apply(fn, recurse)
         if probe.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"SparseLinear supports float16, bfloat16 and float32, not {probe.dtype}")
+            raise TypeError(
+                f"SparseLinear supports float16, bfloat16 and float32, not {probe.dtype}"
+            )
         self._set_weight(sw.to(probe.device, probe.dtype))
         if self.bias is not None:
             self.bias.data = fn(self.bias.data)

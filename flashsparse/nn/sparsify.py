@@ -31,7 +31,9 @@ def _projection_weights(module: nn.Module) -> list[torch.Tensor]:
     return [module.weight]
 
 
-def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = frozenset()) -> list[str]:
+def dense_projections(
+    model: nn.Module, skipped: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """Names of the projection-like weights of ``model`` that are stored dense: ``nn.Linear``
     and ``Conv1D`` layers (by module name), dense fused MoE experts (by module name) and any
     other matrix parameter (2+ dimensions, the last two both > 1) outside an ``nn.Embedding`` and not tied to one (by
@@ -53,7 +55,9 @@ def dense_projections(model: nn.Module, skipped: set[str] | frozenset[str] = fro
         for name, param in module._parameters.items():
             # A matrix, not a vector stored as [1, n] (e.g. a router's score-correction bias).
             if (
-                param is not None and param.dim() >= 2 and min(param.shape[-2:]) > 1
+                param is not None
+                and param.dim() >= 2
+                and min(param.shape[-2:]) > 1
                 and id(param) not in embedding_weights
             ):
                 names.append(f"{fqn}.{name}" if fqn else name)
@@ -87,8 +91,7 @@ def default_skipped_linears(model: nn.Module) -> set[str]:
     return {
         fqn
         for fqn, module in model.named_modules()
-        if _is_projection(module)
-        and (module is head or id(module.weight) in embedding_weights)
+        if _is_projection(module) and (module is head or id(module.weight) in embedding_weights)
     }
 
 
@@ -101,7 +104,9 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, desc="flashsparse: sparsify", unit="layer", file=sys.stderr)
+                self._bar = tqdm(
+                    total=total, desc="flashsparse: sparsify", unit="layer", file=sys.stderr
+                )
             except ImportError:
                 self._bar = None
 
@@ -112,7 +117,11 @@ class _Progress:
         if self._bar is not None:
             self._bar.update(1)
         elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            print(f"flashsparse: sparsify {self.done}/{self.total} layers", file=sys.stderr, flush=True)
+            print(
+                f"flashsparse: sparsify {self.done}/{self.total} layers",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -166,7 +175,9 @@ def sparsify_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_format(format)
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
-        raise TypeError(f"min_sparsity must be a float in [0, 1], got {type(min_sparsity).__name__}")
+        raise TypeError(
+            f"min_sparsity must be a float in [0, 1], got {type(min_sparsity).__name__}"
+        )
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if filter_fn is not None and not callable(filter_fn):
@@ -218,12 +229,16 @@ def sparsify_(
             bar.update()
     finally:
         bar.close()
-    _report_sparsify(model, targets, linears, len(skipped), too_dense, filtered, head_and_tied, min_sparsity)
+    _report_sparsify(
+        model, targets, linears, len(skipped), too_dense, filtered, head_and_tied, min_sparsity
+    )
     return model
 
 
 def _names(items: list[str], limit: int = 10) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    return ", ".join(items[:limit]) + (
+        f" and {len(items) - limit} more" if len(items) > limit else ""
+    )
 
 
 def _report_sparsify(
@@ -243,13 +258,15 @@ def _report_sparsify(
     below = {fqn for fqn, _ in too_dense}
     rejected = set(filtered)
     other = [
-        name for name in dense_projections(model, head_and_tied)
+        name
+        for name in dense_projections(model, head_and_tied)
         if not any(name == r or name.startswith(r + ".") for r in below | rejected)
     ]
     everything_filtered = not targets and not too_dense and not other and len(filtered) == linears
     if (too_dense or filtered or other) and not everything_filtered:
         head = (
-            "sparsify_ converted nothing: " if not targets
+            "sparsify_ converted nothing: "
+            if not targets
             else f"sparsify_ converted {len(targets)} layer(s) but "
         )
         parts = []
@@ -259,26 +276,36 @@ def _report_sparsify(
                 + _names([f"{fqn!r} ({sp:.1%})" for fqn, sp in too_dense])
             )
         if filtered:
-            parts.append(f"{len(filtered)} rejected by filter_fn: " + _names([repr(f) for f in filtered]))
+            parts.append(
+                f"{len(filtered)} rejected by filter_fn: " + _names([repr(f) for f in filtered])
+            )
         if other:
             parts.append(
-                f"{len(other)} of a kind sparsify_ does not convert: " + _names([repr(o) for o in other])
+                f"{len(other)} of a kind sparsify_ does not convert: "
+                + _names([repr(o) for o in other])
             )
         advice = (
-            " Prune them first (flashsparse.prune(weight, 0.5)) or lower min_sparsity." if too_dense else ""
+            " Prune them first (flashsparse.prune(weight, 0.5)) or lower min_sparsity."
+            if too_dense
+            else ""
         )
         warnings.warn(
             f"{head}left {len(too_dense) + len(filtered) + len(other)} projection(s) dense: "
-            + "; ".join(parts) + "." + advice + " fs.sparsify_summary(model) counts them.",
+            + "; ".join(parts)
+            + "."
+            + advice
+            + " fs.sparsify_summary(model) counts them.",
             FlashsparseWarning,
             stacklevel=3,
         )
     elif not targets and not any(isinstance(m, SparseLinear) for m in model.modules()):
         # (A model already holding SparseLinear layers, sparsified before: nothing to say.)
         where = (
-            "model has no projection layer" if linears == 0
+            "model has no projection layer"
+            if linears == 0
             else f"all {linears} projection layer(s) are the LM head or tied to an embedding, "
-            "which stay dense by default" if default_skipped == linears
+            "which stay dense by default"
+            if default_skipped == linears
             else f"filter_fn rejected all {linears} projection layer(s)"
         )
         warnings.warn(f"sparsify_ converted nothing: {where}.", FlashsparseWarning, stacklevel=3)
@@ -414,10 +441,13 @@ class SparsifySummary:
         return "\n".join(
             [
                 f"sparse layers:   {self.sparse_layers} ({formats}); {self.dense_linear_layers} "
-                "projection(s) left dense" + (
+                "projection(s) left dense"
+                + (
                     f" ({', '.join(self.dense_projections[:4])}"
-                    + (", ..." if len(self.dense_projections) > 4 else "") + ")"
-                    if self.dense_projections else ""
+                    + (", ..." if len(self.dense_projections) > 4 else "")
+                    + ")"
+                    if self.dense_projections
+                    else ""
                 ),
                 f"sparse weights:  {mib(self.linear_dense_nbytes)} dense -> "
                 f"{mib(self.linear_nbytes)} compressed "
@@ -443,7 +473,12 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
             m, k = sw.shape
             layers.append(
                 LayerSummary(
-                    fqn, sw.format, (m, k), sw.dtype, sw.sparsity, sw.nbytes,
+                    fqn,
+                    sw.format,
+                    (m, k),
+                    sw.dtype,
+                    sw.sparsity,
+                    sw.nbytes,
                     m * k * torch.empty((), dtype=sw.dtype).element_size(),
                 )
             )

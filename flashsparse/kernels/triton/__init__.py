@@ -101,7 +101,9 @@ def _available() -> str | None:
         try:
             _self_check = _run_self_check()
         except Exception as exc:  # a compile error must not take the process down under auto
-            _self_check = f"the Triton bitmap kernel failed to compile or run: {type(exc).__name__}: {exc}"
+            _self_check = (
+                f"the Triton bitmap kernel failed to compile or run: {type(exc).__name__}: {exc}"
+            )
         if _self_check:
             warnings.warn(f"flashsparse: {_self_check}", RuntimeWarning, stacklevel=2)
     return _self_check if isinstance(_self_check, str) else None

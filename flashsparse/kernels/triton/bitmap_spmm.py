@@ -78,8 +78,18 @@ def _gather(base8, nibbles, J: tl.constexpr):
 
 
 @triton.jit
-def _bytes_j(base8_0, base8_1, base8_2, base8_3, nib_0, nib_1, nib_2, nib_3, J: tl.constexpr,
-             PART: tl.constexpr):
+def _bytes_j(
+    base8_0,
+    base8_1,
+    base8_2,
+    base8_3,
+    nib_0,
+    nib_1,
+    nib_2,
+    nib_3,
+    J: tl.constexpr,
+    PART: tl.constexpr,
+):
     """Element ``J`` of each of a part's ``PART`` (1, 2 or 4) bytes: ``[BM, P]`` gathers
     joined into ``[BM, P, (2, 2)]``, byte 0 first."""
     if PART == 1:
@@ -246,8 +256,23 @@ def _bitmap_linear_kernel(
     kt_end = tl.minimum(kt_begin + tiles_per_split, k_tiles)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _accumulate_tiles(
-        acc, x_rows, n_ok, mask_bytes_ptr, values_ptr, tile_offsets_ptr, tile_row, row_ok, k,
-        k_tiles, kt_begin, kt_end, BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
+        acc,
+        x_rows,
+        n_ok,
+        mask_bytes_ptr,
+        values_ptr,
+        tile_offsets_ptr,
+        tile_row,
+        row_ok,
+        k,
+        k_tiles,
+        kt_begin,
+        kt_end,
+        BLOCK_M,
+        UPCAST,
+        DOT_PRECISION,
+        OFFSETS_64,
+        ROW_PARTS,
     )
 
     offs_m = pid_m * BLOCK_M + rows
@@ -307,15 +332,34 @@ def _bitmap_grouped_kernel(
         x_rows = x_ptr + (row0 + offs_n.to(tl.int64))[None, :] * stride_xn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = _accumulate_tiles(
-            acc, x_rows, n_ok, masks, values, offsets, tile_row, row_ok, k, k_tiles, 0, k_tiles,
-            BLOCK_M, UPCAST, DOT_PRECISION, OFFSETS_64, ROW_PARTS,
+            acc,
+            x_rows,
+            n_ok,
+            masks,
+            values,
+            offsets,
+            tile_row,
+            row_ok,
+            k,
+            k_tiles,
+            0,
+            k_tiles,
+            BLOCK_M,
+            UPCAST,
+            DOT_PRECISION,
+            OFFSETS_64,
+            ROW_PARTS,
         )
         offs_m = pid_m * BLOCK_M + rows
         m_ok = offs_m < m
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + g.to(tl.int64) * m + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(bias_ptr + g.to(tl.int64) * m + offs_m, mask=m_ok, other=0.0).to(
+                tl.float32
+            )[:, None]
         out_offs = (row0 + offs_n.to(tl.int64))[None, :] * m + offs_m[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
+        )
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -484,7 +528,9 @@ def _check(
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if values.dtype != x.dtype or values.dim() != 1:
-        raise TypeError(f"values must be 1-D {x.dtype} (x's dtype), got {values.dtype} {tuple(values.shape)}")
+        raise TypeError(
+            f"values must be 1-D {x.dtype} (x's dtype), got {values.dtype} {tuple(values.shape)}"
+        )
     num_tiles = -(-m // TILE) * -(-k // TILE)
     if masks.dtype != torch.int64 or masks.shape != (num_tiles * 64,):
         raise ValueError(
@@ -501,7 +547,9 @@ def _check(
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (m,) or bias.dtype != x.dtype:
-            raise ValueError(f"bias must be {x.dtype} of shape ({m},), got {bias.dtype} {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must be {x.dtype} of shape ({m},), got {bias.dtype} {tuple(bias.shape)}"
+            )
         named.append(("bias", bias))
     if out is not None:
         if not isinstance(out, torch.Tensor):
@@ -634,12 +682,23 @@ def launch_grouped(
         _check(x, *w, m, k, None, None)
         if not w[1].is_contiguous() or not w[0].is_contiguous() or not w[2].is_contiguous():
             raise ValueError("every group's masks, values and tile_offsets must be contiguous")
-    if bias is not None and (bias.shape != (len(weights), m) or bias.dtype != x.dtype or bias.device != x.device):
-        raise ValueError(f"bias must be {x.dtype} of shape ({len(weights)}, {m}) on {x.device}, got {bias.dtype} {tuple(bias.shape)}")
+    if bias is not None and (
+        bias.shape != (len(weights), m) or bias.dtype != x.dtype or bias.device != x.device
+    ):
+        raise ValueError(
+            f"bias must be {x.dtype} of shape ({len(weights)}, {m}) on {x.device}, got {bias.dtype} {tuple(bias.shape)}"
+        )
     if out is None:
         out = torch.empty((x.shape[0], m), dtype=x.dtype, device=x.device)
-    elif out.shape != (x.shape[0], m) or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape ({x.shape[0]}, {m}) on {x.device}")
+    elif (
+        out.shape != (x.shape[0], m)
+        or out.dtype != x.dtype
+        or not out.is_contiguous()
+        or out.device != x.device
+    ):
+        raise ValueError(
+            f"out must be a contiguous {x.dtype} tensor of shape ({x.shape[0]}, {m}) on {x.device}"
+        )
     n_max = max(counts, default=0)
     if n_max == 0:
         return out
