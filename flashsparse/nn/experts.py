@@ -338,9 +338,9 @@ def sparse_experts_interface():
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
         class SparseExpertsInterface(ExpertsInterface):
-            _global_mapping = {
+            _global_mapping = {  # noqa: RUF012
                 name: sparse_grouped_experts_forward for name in ALL_EXPERTS_FUNCTIONS
-            }  # noqa: RUF012
+            }
 
         _INTERFACE = SparseExpertsInterface()
     return _INTERFACE
