@@ -32,7 +32,7 @@ from torch import nn
 
 import flashsparse as fs
 from flashsparse.formats import Bitmap
-from flashsparse.kernels import cpu as cpu_kernels
+from flashsparse.kernels.cpu import bitmap as cpu_kernels
 
 SHAPES = ((4096, 4096), (14336, 4096))  # (out_features M, in_features K)
 SPARSITIES = (0.5, 0.7, 0.9)
@@ -140,7 +140,7 @@ def decode_rows(rounds: int) -> list[dict]:
         t = Bitmap.encode(w).tensors
         fns = {
             "torch": lambda t=t, dtype=dtype: Bitmap.decode_reference(*t, m=m, k=k, dtype=dtype),
-            "cpp": lambda t=t, dtype=dtype: Bitmap.decode(*t, m=m, k=k, dtype=dtype),
+            "cpp": lambda t=t, dtype=dtype: fs.backends.decode(Bitmap, t, m, k, dtype),
         }
         assert torch.equal(fns["torch"]().view(torch.uint8), fns["cpp"]().view(torch.uint8))
         med = interleaved(fns, rounds, 1)

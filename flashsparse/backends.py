@@ -67,6 +67,9 @@ _GROUPED: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
 # select() results by (format, FLASHSPARSE_BACKEND value, device type, dtype): the decision
 # is made once, so the per-call cost is one environment read and one dict lookup.
 _selected: dict[tuple, Kernel] = {}
+# Fast decodes to dense by (format, device type): ``fn(*tensors, m, k) -> dense | None`` (None:
+# cannot run now). Behind ``SparseWeight.to_dense``, the reference kernels and the backward pass.
+_DECODERS: dict[tuple[str, str], Callable[..., torch.Tensor | None]] = {}
 _provider_errors: dict[str, str] = {}
 _warned: set[str] = set()
 
@@ -83,6 +86,27 @@ def register_kernel(
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _KERNELS[(format, backend)] = Kernel(backend, fn, supports, available)
     _selected.clear()
+
+
+def register_decoder(format: str, device_type: str, fn: Callable[..., torch.Tensor | None]) -> None:
+    """A decode of ``format`` to dense for tensors on ``device_type`` that beats the format's torch
+    decode; it returns None when it cannot run (then the torch decode runs)."""
+    _DECODERS[(format, device_type)] = fn
+
+
+def decode(
+    format_cls: type, tensors: tuple | list, m: int, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense ``[m, k]`` weight: a registered fast decode for the tensors' device where one
+    runs (never under ``FLASHSPARSE_BACKEND=reference``), else the format's own torch decode."""
+    device_type = tensors[0].device.type
+    if device_type in _PROVIDERS and requested_backend() != "reference":
+        _load_provider(device_type)
+        fn = _DECODERS.get((format_cls.format, device_type))
+        dense = fn(*tensors, m, k) if fn is not None else None
+        if dense is not None:
+            return dense.to(dtype)
+    return format_cls.decode(*tensors, m=m, k=k, dtype=dtype)
 
 
 def register_grouped_kernel(format: str, backend: str, fn: Callable[..., torch.Tensor]) -> None:

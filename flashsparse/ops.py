@@ -36,10 +36,10 @@ def _fake(x: torch.Tensor, m: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], m))
 
 
-def _backward_x(ctx, grad: torch.Tensor, decode) -> tuple:
+def _backward_x(ctx, grad: torch.Tensor, cls) -> tuple:
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = decode(*ctx.saved_tensors, m=ctx.m, k=ctx.k, dtype=grad.dtype)
+        w = backends.decode(cls, ctx.saved_tensors, ctx.m, ctx.k, grad.dtype)
         grad_x = grad @ w
     if ctx.has_bias and ctx.needs_input_grad[-1]:
         grad_bias = grad.reshape(-1, ctx.m).sum(0)
@@ -71,7 +71,7 @@ def _tiled_csl_setup(ctx, inputs, output):
 
 
 def _tiled_csl_backward(ctx, grad):
-    grad_x, grad_bias = _backward_x(ctx, grad, TiledCSL.decode)
+    grad_x, grad_bias = _backward_x(ctx, grad, TiledCSL)
     return grad_x, None, None, None, None, grad_bias
 
 
@@ -104,7 +104,7 @@ def _bitmap_setup(ctx, inputs, output):
 
 
 def _bitmap_backward(ctx, grad):
-    grad_x, grad_bias = _backward_x(ctx, grad, Bitmap.decode)
+    grad_x, grad_bias = _backward_x(ctx, grad, Bitmap)
     return grad_x, None, None, None, None, None, grad_bias
 
 
@@ -143,17 +143,17 @@ def sparse_linear(
 
 
 # --- reference kernels: decode, then F.linear (any device) -------------------------------------
-def _reference(decode):
+def _reference(cls):
     def kernel(x2d: torch.Tensor, *args) -> torch.Tensor:
         *tensors, m, k, bias = args
-        return F.linear(x2d, decode(*tensors, m=m, k=k, dtype=x2d.dtype), bias)
+        return F.linear(x2d, backends.decode(cls, tensors, m, k, x2d.dtype), bias)
 
     return kernel
 
 
 for _name, _cls in (("tiled_csl", TiledCSL), ("bitmap", Bitmap)):
     backends.register_kernel(
-        _name, "reference", _reference(_cls.decode), supports=lambda device, dtype: None
+        _name, "reference", _reference(_cls), supports=lambda device, dtype: None
     )
 
 
@@ -246,7 +246,7 @@ def grouped_linear_backward(
     for g, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        w = cls.decode(*tensors[g * n_comp : (g + 1) * n_comp], m=m, k=k, dtype=grad.dtype)
+        w = backends.decode(cls, tensors[g * n_comp : (g + 1) * n_comp], m, k, grad.dtype)
         grad_x[start : start + n] = grad[start : start + n] @ w
         grad_bias[g] = grad[start : start + n].sum(0)
         start += n

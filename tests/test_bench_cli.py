@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashsparse.benchmark import report, runner
-from flashsparse.benchmark.baselines import Prepared, semi_structured_bytes
-from flashsparse.benchmark.masks import OUTLIER_COLUMNS, make_weight, prune_2_4
-from flashsparse.benchmark.shapes import PRESETS, expand_presets, parse_shape
-from flashsparse.benchmark.timing import CpuTimer, Rotation, make_timer, quantile, rotation_count
 from flashsparse.cli import main
-from flashsparse.kernels import cpu as cpu_kernels
+from flashsparse.kernels.cpu import bitmap as cpu_kernels
+from flashsparse.microbench import report, runner
+from flashsparse.microbench.baselines import Prepared, semi_structured_bytes
+from flashsparse.microbench.masks import OUTLIER_COLUMNS, make_weight, prune_2_4
+from flashsparse.microbench.shapes import PRESETS, expand_presets, parse_shape
+from flashsparse.microbench.timing import CpuTimer, Rotation, make_timer, quantile, rotation_count
 
 # Whether bitmap rows run the C++ CPU kernel here (else the reference path).
 CPU_KERNEL = not torch.cuda.is_available() and cpu_kernels._available() is None

@@ -15,17 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashsparse.benchmark import report, runner
-from flashsparse.benchmark.bandwidth import Bandwidth
-from flashsparse.benchmark.baselines import (
+from flashsparse.cli import main
+from flashsparse.microbench import report, runner
+from flashsparse.microbench.bandwidth import Bandwidth
+from flashsparse.microbench.baselines import (
     Prepared,
     kept,
     prepare_sliced,
     sliced_variants,
 )
-from flashsparse.benchmark.shapes import Shape
-from flashsparse.benchmark.timing import CpuTimer, Rotation
-from flashsparse.cli import main
+from flashsparse.microbench.shapes import Shape
+from flashsparse.microbench.timing import CpuTimer, Rotation
 
 FAST = ["--device", "cpu", "--threads", "1", "--warmup-ms", "1", "--rep-ms", "2", "--no-progress"]
 ESIZE = {"fp32": 4, "fp16": 2}

@@ -313,7 +313,7 @@ def test_e2e_benchmark_runs_its_cpu_smoke_config(tmp_path, capsys):
     (check,) = result["checks"]
     assert check["logits_rel_err"] < RTOL[torch.bfloat16]
     assert check["greedy_tokens_equal_fraction"] == {"eager/b1": 1.0, "eager/b2": 1.0}
-    from flashsparse.kernels import cpu as cpu_kernels
+    from flashsparse.kernels.cpu import bitmap as cpu_kernels
 
     kernel = "bitmap/cpu" if cpu_kernels._available() is None else "bitmap/reference"
     assert check["summary"]["sparse_layers"] == 14 and check["kernel"] == kernel

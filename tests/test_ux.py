@@ -21,8 +21,8 @@ from torch import nn
 
 import flashsparse as fs
 from flashsparse import backends, notices
-from flashsparse.benchmark import report, runner
 from flashsparse.cli import main
+from flashsparse.microbench import report, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--device", "cpu", "--threads", "1", "--warmup-ms", "1", "--rep-ms", "2", "--no-progress"]
@@ -453,9 +453,9 @@ def test_bench_says_when_it_replaces_a_file(tmp_path, capsys):
 
 
 def test_progress_labels_and_skipped_steps():
-    from flashsparse.benchmark.bandwidth import Bandwidth
-    from flashsparse.benchmark.shapes import Shape
-    from flashsparse.benchmark.timing import make_timer
+    from flashsparse.microbench.bandwidth import Bandwidth
+    from flashsparse.microbench.shapes import Shape
+    from flashsparse.microbench.timing import make_timer
 
     device = torch.device("cpu")
     cfg = runner.BenchConfig(

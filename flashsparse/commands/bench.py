@@ -62,13 +62,13 @@ def _choices(allowed: tuple[str, ...], what: str):
 
 
 def _preset_list(text: str) -> list[str]:
-    from ..benchmark.shapes import PRESET_NAMES
+    from ..microbench.shapes import PRESET_NAMES
 
     return _choices(PRESET_NAMES, "preset")(text)
 
 
 def _shape(text: str):
-    from ..benchmark.shapes import parse_shape
+    from ..microbench.shapes import parse_shape
 
     try:
         return parse_shape(text)
@@ -121,9 +121,9 @@ def _positive_ms(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..benchmark.masks import MASKS
-    from ..benchmark.shapes import PRESET_NAMES
-    from ..benchmark.timing import TIMERS
+    from ..microbench.masks import MASKS
+    from ..microbench.shapes import PRESET_NAMES
+    from ..microbench.timing import TIMERS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -239,7 +239,7 @@ def _flat(values) -> list | None:
 
 
 def _list_presets() -> int:
-    from ..benchmark.shapes import GROUPS, PRESETS
+    from ..microbench.shapes import GROUPS, PRESETS
 
     for name, shapes in PRESETS.items():
         print(f"{name}: " + ", ".join(f"{s.label.split(':')[-1]} {s.m}x{s.k}" for s in shapes))
@@ -262,11 +262,11 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import backends
-    from ..benchmark import report
-    from ..benchmark.bandwidth import measure_copy_bandwidth
-    from ..benchmark.runner import BenchConfig, Sweep, backend_env, count_tasks
-    from ..benchmark.shapes import expand_presets
-    from ..benchmark.timing import cache_bytes, make_timer
+    from ..microbench import report
+    from ..microbench.bandwidth import measure_copy_bandwidth
+    from ..microbench.runner import BenchConfig, Sweep, backend_env, count_tasks
+    from ..microbench.shapes import expand_presets
+    from ..microbench.timing import cache_bytes, make_timer
     from .common import output_file_problem, parse_device
     from .info import collect
 
@@ -488,7 +488,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def report_dtype(dtype) -> str:
-    from ..benchmark.runner import DTYPE_NAMES
+    from ..microbench.runner import DTYPE_NAMES
 
     return DTYPE_NAMES[dtype]
 

@@ -143,7 +143,9 @@ class SparseWeight:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def to_dense(self) -> torch.Tensor:
-        return self.decode(*self.tensors, m=self._shape[0], k=self._shape[1], dtype=self._dtype)
+        from ..backends import decode  # the registry (not a backend): fast decodes by device
+
+        return decode(type(self), self.tensors, self._shape[0], self._shape[1], self._dtype)
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -22,7 +22,7 @@ import flashsparse as fs
 from flashsparse import backends
 from flashsparse.formats import Bitmap
 from flashsparse.kernels import build
-from flashsparse.kernels import cpu as cpu_kernels
+from flashsparse.kernels.cpu import bitmap as cpu_kernels
 
 REASON = cpu_kernels._available()
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"CPU extension unavailable: {REASON}")

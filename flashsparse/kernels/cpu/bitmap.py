@@ -25,8 +25,8 @@ import sys
 
 import torch
 
-from .. import backends
-from . import build
+from ... import backends
+from .. import build
 
 __all__ = ["ISAS", "KERNEL_DTYPES", "available_isas", "decode", "isa", "unavailable_reason"]
 
@@ -114,7 +114,7 @@ def isa() -> int:
 
 
 def _self_check() -> str | None:
-    from ..formats import Bitmap
+    from ...formats import Bitmap
 
     g = torch.Generator().manual_seed(0)
     m, k = 70, 130  # partial tiles both ways
@@ -205,3 +205,4 @@ def decode(
 
 
 backends.register_kernel("bitmap", "cpu", bitmap_linear, supports=_supports, available=_available)
+backends.register_decoder("bitmap", "cpu", decode)

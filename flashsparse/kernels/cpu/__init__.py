@@ -1,0 +1,13 @@
+"""The CPU backend: C++ kernels built from ``csrc/cpu/`` (torch-free, one file per instruction
+set) and ``csrc/bindings/*_cpu.cpp`` (torch glue) by :mod:`flashsparse.kernels.build`.
+
+One module per kernel registers it with :mod:`flashsparse.backends` when imported
+(:mod:`.bitmap`: the bitmap SpMM and the fast CPU decode). Importing builds nothing.
+"""
+
+from __future__ import annotations
+
+from . import bitmap
+from .bitmap import unavailable_reason
+
+__all__ = ["bitmap", "unavailable_reason"]
