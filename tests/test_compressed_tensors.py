@@ -32,14 +32,14 @@ except ImportError as exc:  # 0.14+ dropped the sparse compressors: the test ext
 import flashsparse as fs
 from flashsparse import SparseLinear
 from flashsparse.cli import main
-from flashsparse.compressed_tensors import (
+from flashsparse.serialization import empty_weights
+from flashsparse.serialization.compressed_tensors import (
     bitmask_to_bitmap,
     bitmask_to_dense,
     convert_bitmask,
     is_compressed_tensors_checkpoint,
     load_compressed_tensors,
 )
-from flashsparse.serialization import empty_weights
 
 SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 

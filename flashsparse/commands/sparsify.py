@@ -93,8 +93,8 @@ def _load_model(model_dir: Path, args: argparse.Namespace):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..compressed_tensors import compression_config, load_compressed_tensors
     from ..serialization import empty_weights
+    from ..serialization.compressed_tensors import compression_config, load_compressed_tensors
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     ct = compression_config(model_dir)
@@ -113,7 +113,7 @@ def _load_model(model_dir: Path, args: argparse.Namespace):
         load_compressed_tensors(model, model_dir, format=args.format, device=args.device)
         return model, "compressed-tensors sparse-bitmask"
     if ct is not None:
-        from ..compressed_tensors import _check_compression_config
+        from ..serialization.compressed_tensors import _check_compression_config
 
         _check_compression_config(ct, str(model_dir))
     kwargs = {_dtype_keyword(transformers.__version__): "auto", "local_files_only": True}

@@ -34,18 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .formats import Bitmap, SparseWeight, check_format, encode
-from .formats.base import SUPPORTED_DTYPES
-from .nn import SparseLinear
-from .serialization import (
-    _join,
-    _linear_modules,
-    _Reader,
-    _target_device,
-    _unwrap,
-    prepare_install,
-    read_header,
-)
+from ..formats import Bitmap, SparseWeight, check_format, encode
+from ..formats.base import SUPPORTED_DTYPES
+from ..nn import SparseLinear
+from .files import TensorReader, read_header
+from .fingerprint import join_name, unwrap_model
+from .install import linear_modules, prepare_install, target_device
 
 SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 SUPPORTED_SPARSITY_FORMATS = ("sparse-bitmask", "dense")
@@ -297,8 +291,8 @@ def load_compressed_tensors(
     Everything is read and checked before the model changes; on error the model is untouched.
     """
     check_format(format)
-    model = _unwrap(model)
-    target = _target_device(model, device)
+    model = unwrap_model(model)
+    target = target_device(model, device)
     path = Path(path)
     where = str(path)
     config = compression_config(path) if path.is_dir() else None
@@ -306,18 +300,18 @@ def load_compressed_tensors(
         _check_compression_config(config, where)
     names = checkpoint_files(path)
     groups = _bitmask_groups(names, where)
-    linears = _linear_modules(model)
+    linears = linear_modules(model)
     for fqn, module in model.named_modules():
         for name in module._non_persistent_buffers_set:
             buf = module._buffers.get(name)
-            full = _join(fqn, name)
+            full = join_name(fqn, name)
             if buf is not None and buf.device.type == "meta" and full not in names:
                 raise ValueError(
                     f"model buffer {full} is on the meta device and {where} does not store it: "
                     "build the model under flashsparse.serialization.empty_weights() (parameters "
                     "on meta, buffers computed) instead of torch.device('meta')"
                 )
-    with _Reader(names, target) as reader:
+    with TensorReader(names, target) as reader:
         new_modules: dict[str, nn.Module] = {}
         for fqn, prefix in groups.items():
             module = linears.get(fqn)
@@ -332,7 +326,7 @@ def load_compressed_tensors(
                     f"{where}: {prefix} is {tuple(sw.shape)} but the model's {fqn} is "
                     f"{(module.out_features, module.in_features)}"
                 )
-            bias = reader.get(_join(fqn, "bias"))
+            bias = reader.get(join_name(fqn, "bias"))
             if (bias is None) != (module.bias is None):
                 raise ValueError(
                     f"{where}: {fqn} has {'no ' if bias is None else ''}bias in the checkpoint "
