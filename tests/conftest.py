@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Relative-error bounds against a float64 reference (DESIGN §6).
+# Relative-error bounds against a float64 reference (CONTRIBUTING.md, "Testing").
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 HAS_CUDA = torch.cuda.is_available()

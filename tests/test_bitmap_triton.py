@@ -20,7 +20,9 @@ import flashsparse as fs
 from flashsparse import backends
 
 tri = pytest.importorskip("flashsparse.kernels.triton", reason="triton is not installed")
-from flashsparse.kernels.triton import bitmap_spmm as bs  # noqa: E402
+from flashsparse.kernels.triton import bitmap_spmm as bs
+
+pytestmark = pytest.mark.slow  # the Triton interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = (torch.float16, torch.bfloat16)

@@ -41,6 +41,8 @@ from flashsparse.serialization.compressed_tensors import (
     load_compressed_tensors,
 )
 
+pytestmark = pytest.mark.slow  # transformers models
+
 SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.slow  # the end-to-end benchmark on a model
+
 pytest.importorskip("transformers")
 
 E2E_PATH = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"

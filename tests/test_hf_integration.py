@@ -13,12 +13,14 @@ from conftest import RTOL, rel_err
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers
+transformers = pytest.importorskip("transformers")
 
 import flashsparse as fs
 from flashsparse import SparseLinear
 from flashsparse.cli import main
 from flashsparse.nn import default_skipped_linears
+
+pytestmark = pytest.mark.slow  # transformers models
 
 PROJECTIONS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import kernel_report as kr  # noqa: E402
-from kernel_specs import CudaSpec, Instance  # noqa: E402
+import kernel_report as kr
+from kernel_specs import CudaSpec, Instance
 
 
 def _line(addr: int, text: str) -> str:

@@ -14,7 +14,7 @@ from helpers import random_weight
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers
+transformers = pytest.importorskip("transformers")
 
 import flashsparse as fs
 from flashsparse import SparseExperts, SparseLinear
@@ -23,6 +23,8 @@ from flashsparse.nn import dense_projections, is_conv1d
 from flashsparse.nn.experts import expert_projections, is_fused_experts
 from flashsparse.ops import grouped_linear
 from flashsparse.serialization import empty_weights
+
+pytestmark = pytest.mark.slow  # transformers MoE models and the Triton interpreter
 
 transformers.logging.set_verbosity_error()
 

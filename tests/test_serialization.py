@@ -8,12 +8,14 @@ import os
 
 import pytest
 import torch
+
+pytest.importorskip("safetensors")
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers
+transformers = pytest.importorskip("transformers")
 
 import flashsparse as fs
 from flashsparse import SparseLinear
@@ -25,6 +27,8 @@ from flashsparse.serialization import (
     empty_weights,
     read_header,
 )
+
+pytestmark = pytest.mark.slow  # transformers models
 
 
 def tiny_llama(tie=True, hidden=64, seed=0, device=None):

@@ -24,6 +24,8 @@ from flashsparse import backends, notices
 from flashsparse.cli import main
 from flashsparse.microbench import report, runner
 
+pytestmark = pytest.mark.slow  # commands in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--device", "cpu", "--threads", "1", "--warmup-ms", "1", "--rep-ms", "2", "--no-progress"]
 

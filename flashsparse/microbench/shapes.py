@@ -1,4 +1,4 @@
-"""Real linear-layer shapes ``(M, K)`` = ``(out_features, in_features)`` (DESIGN §3).
+"""Real linear-layer shapes ``(M, K)`` = ``(out_features, in_features)`` (the benchmark shapes of docs/performance.md).
 
 Fused projections are listed the way inference engines run them: q/k/v as one GEMM, gate and up
 as one GEMM. The OPT set is Flash-LLM's (hidden h: qkv 3h x h, out h x h, fc1 4h x h,

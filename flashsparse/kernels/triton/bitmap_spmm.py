@@ -476,12 +476,11 @@ def choose_config(
 @functools.lru_cache(maxsize=4096)
 def _choose_config(m: int, k: int, n: int, num_sms: int, fp32: bool) -> KernelConfig:
     block_n = min(n_bucket(n), 64) if fp32 else n_bucket(n)
-    # (block_m, num_warps, resident CTAs per SM) per bucket. Register counts from ptxas for
-    # sm_90 (triton 3.9, fp16, 2026-11-23): 16 -> 96 regs (5 CTAs/SM), 32 and 64 -> 124 and
-    # 184 (2 and 1 CTAs of 8 warps), 128 -> 254 (1). The decode's per-tile work (mask words,
-    # prefix scan) is per thread, so a 64-row tile on 8 warps costs 17.5 SASS instructions
-    # per weight element against 12.5 for a 128-row one (bench/kernel_report.py; 13.8 for 64
-    # rows on 4 warps): 32 takes 128 rows and leaves the CTA count to split-K.
+    # (block_m, num_warps, resident CTAs per SM) per bucket. Wider N buckets need more
+    # registers per thread, and the register file is what bounds resident CTAs (the counts
+    # ptxas gives are in bench/kernel_report.py's output). The decode's per-tile work (mask
+    # words, prefix scan) is per thread, so a 64-row tile on 8 warps issues more instructions
+    # per weight element than a 128-row one: from 32 on, 128 rows, and split-K supplies CTAs.
     block_m, num_warps, ctas_per_sm = {16: (64, 4, 5), 32: (128, 8, 2), 64: (128, 8, 1)}.get(
         block_n, (128, 8, 1)
     )
