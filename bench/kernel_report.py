@@ -900,51 +900,32 @@ def plan_for(
             "extra_launches": int(cfg.split_k > 1),
             "workspace": cfg.split_k > 1,
         }
-    from flashsparse.kernels import cuda
+    from flashsparse.kernels.cuda import bitmap, tiled_csl
 
     wbytes = _weight_bytes(kernel, m, k, s)
-    new = {"tiled_csl_cuda": "tiled_csl_launch_plan", "bitmap_cuda": "bitmap_launch_plan"}[kernel]
-    if hasattr(cuda, new):
-        fn = getattr(cuda, new)
-        accepted = inspect.signature(fn).parameters
-        kwargs: dict[str, Any] = {"num_sms": gpu.sms}
-        if "weight_bytes" in accepted:
-            kwargs["weight_bytes"] = int(wbytes)
-        first = fn(m, k, n, **kwargs)  # the planner's own occupancy, for its tile_n
-        counted = [
-            r
-            for r in results
-            if r.kernel == kernel
-            and r.n_tile == first.get("tile_n")
-            and (r.instance is None or r.instance.primary)
-        ]
-        if "ctas_per_sm" in accepted and counted:
-            kwargs["ctas_per_sm"] = _cta_slots(results, kernel, first.get("tile_n"))
-        plan = dict(fn(m, k, n, **kwargs))
-        split = int(plan.get("split_k", 1))
-        plan.setdefault("extra_launches", 0)  # the new kernels reduce split-K in the kernel
-        plan.setdefault("workspace", split > 1)  # ... but the partial sums still move
-        return plan
-    if kernel == "bitmap_cuda":
-        raise LookupError("flashsparse.kernels.cuda.bitmap_launch_plan does not exist yet")
-    tile_m, tile_n = cuda.tile_config(n)
-    blocks = -(-n // tile_n) * -(-m // tile_m)
-    split = cuda.choose_split_k(
-        blocks,
-        -(-k // 64),
-        gpu.sms * _cta_slots(results, kernel, tile_n),
-        workspace_bytes_per_split=8 * n * m,
-        weight_bytes=int(wbytes),
+    fn = {"tiled_csl_cuda": tiled_csl, "bitmap_cuda": bitmap}[kernel]
+    fn = getattr(
+        fn, {"tiled_csl_cuda": "tiled_csl_launch_plan", "bitmap_cuda": "bitmap_launch_plan"}[kernel]
     )
-    return {
-        "ctas": blocks * split,
-        "split_k": split,
-        "persistent": False,
-        "tile_m": tile_m,
-        "tile_n": tile_n,
-        "extra_launches": int(split > 1),
-        "workspace": split > 1,
-    }
+    accepted = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"num_sms": gpu.sms}
+    if "weight_bytes" in accepted:
+        kwargs["weight_bytes"] = int(wbytes)
+    first = fn(m, k, n, **kwargs)  # the planner's own occupancy, for its tile_n
+    counted = [
+        r
+        for r in results
+        if r.kernel == kernel
+        and r.n_tile == first.get("tile_n")
+        and (r.instance is None or r.instance.primary)
+    ]
+    if "ctas_per_sm" in accepted and counted:
+        kwargs["ctas_per_sm"] = _cta_slots(results, kernel, first.get("tile_n"))
+    plan = dict(fn(m, k, n, **kwargs))
+    split = int(plan.get("split_k", 1))
+    plan.setdefault("extra_launches", 0)  # the kernels reduce split-K in the kernel
+    plan.setdefault("workspace", split > 1)  # ... but the partial sums still move
+    return plan
 
 
 def predict(

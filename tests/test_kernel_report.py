@@ -210,18 +210,16 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
     )
     cfg = choose_config(4096, row["k"], 16, 132)
     assert row["ctas"] == -(-4096 // cfg.block_m) * cfg.split_k and row["split_k"] == cfg.split_k
-    # The Tiled-CSL adapter: tile_config + choose_split_k over 132 x 2 slots.
-    from flashsparse.kernels import cuda
+    # The Tiled-CSL plan is the provider's own.
+    from flashsparse.kernels.cuda import tiled_csl
 
-    if not hasattr(cuda, "tiled_csl_launch_plan"):
-        row = next(
-            p
-            for p in report["plans"]
-            if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8
-        )
-        tile_m, _ = cuda.tile_config(8)
-        blocks = -(-28672 // tile_m)
-        assert row["ctas"] == blocks * row["split_k"]
+    row = next(
+        p
+        for p in report["plans"]
+        if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8
+    )
+    tile_m, _ = tiled_csl.tile_config(8)
+    assert row["ctas"] == -(-28672 // tile_m) * row["split_k"]
     preds = report["predictions"]
     # One prediction per plan row (a kernel whose spec is missing still has its plan, predicted
     # from bytes alone).
@@ -283,8 +281,8 @@ def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
     assert all(not p["counted"] for p in report["predictions"])
 
 
-def test_new_plan_functions_are_preferred(monkeypatch):
-    from flashsparse.kernels import cuda
+def test_plan_functions_get_the_counted_occupancy(monkeypatch):
+    from flashsparse.kernels.cuda import bitmap
 
     calls = []
 
@@ -292,7 +290,7 @@ def test_new_plan_functions_are_preferred(monkeypatch):
         calls.append((m, k, n, num_sms, ctas_per_sm))
         return {"ctas": 300, "split_k": 2, "persistent": False, "tile_m": 64, "tile_n": 16}
 
-    monkeypatch.setattr(cuda, "bitmap_launch_plan", bitmap_launch_plan, raising=False)
+    monkeypatch.setattr(bitmap, "bitmap_launch_plan", bitmap_launch_plan)
     results = [_fake_result("bitmap_cuda", 16, ctas=3)]
     plan = kr.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
     assert plan["ctas"] == 300 and plan["split_k"] == 2 and plan["workspace"] is True

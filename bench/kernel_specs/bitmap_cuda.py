@@ -105,12 +105,12 @@ def checked_stage_fraction(n_tile: int) -> float:
     (CTA, stage) pairs whose 256 x columns reach past K (the checked x-copy path)."""
     from kernel_report import NS, SHAPES
 
-    from flashsparse.kernels import cuda
+    from flashsparse.kernels.cuda import bitmap
 
     worst = 0.0
     for _, m, k in SHAPES:
         for n in NS:
-            plan = cuda.bitmap_launch_plan(m, k, n)
+            plan = bitmap.bitmap_launch_plan(m, k, n)
             if plan["tile_n"] != n_tile:
                 continue
             k_tiles = -(-k // TILE)
