@@ -871,11 +871,11 @@ def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend)
 
 
 def test_kernel_report_spec_follows_the_random_mask():
-    """bench/kernel_specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
+    """bench/sass_report/specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
     no nested loop, and slot probabilities from the real encoder's tile sizes."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import kernel_specs.tiled_csl_cuda as mod
+        import sass_report.specs.tiled_csl_cuda as mod
     finally:
         sys.path.remove(str(ROOT / "bench"))
     inst = mod.SPEC.match(
