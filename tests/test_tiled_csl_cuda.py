@@ -347,8 +347,9 @@ def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, 
         f"sparsity {sparsity}: {ordered:.2f} wavefronts per scatter store (row-major: {natural_order:.2f})"
     )
     assert ordered < 0.45 * natural_order
-    # Measured 2026-11-23: 1.07 / 1.14 / 1.38 (the vectorised round order; a per-window greedy
-    # reached 1.00 / 1.01 / 1.21 but made encoding 5-10x slower).
+    # Bounds a little above the emulated figures in
+    # bench/results/tiled-csl-scatter-wavefronts-emulated-2026-12-03.md: a regression of the
+    # encoder's word order fails here.
     assert ordered <= {0.5: 1.10, 0.7: 1.18, 0.9: 1.45}[sparsity]
 
 
