@@ -52,7 +52,7 @@ declare -A LIMIT=([env]=60 [install]=180 [build]=300 [pytest]=300 [sanitize]=240
 declare -A CMD
 CMD[env]="nvidia-smi; nvcc --version; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0)); print(\"triton\", triton.__version__)'; git log -1 --oneline || true"
 CMD[install]="$PY -m pip install --no-deps --no-build-isolation -e ."
-CMD[build]="FLASHSPARSE_VERBOSE_BUILD=1 $PY -c 'from flashsparse.kernels import cuda; r = cuda._available() or cuda._bitmap_available(); print(\"CUDA kernels (Tiled-CSL, bitmap):\", r or \"built and self-checked\"); raise SystemExit(1 if r else 0)'"
+CMD[build]="FLASHSPARSE_VERBOSE_BUILD=1 $PY -c 'from flashsparse.kernels.cuda import bitmap, tiled_csl; r = tiled_csl.available() or bitmap.available(); print(\"CUDA kernels (Tiled-CSL, bitmap):\", r or \"built and self-checked\"); raise SystemExit(1 if r else 0)'"
 CMD[pytest]="$PY -m pytest -m gpu -q -p no:cacheprovider"
 # compute-sanitizer is often not on PATH: look next to CUDA too.
 CS_FIND='cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1); [ -n "$cs" ] || { echo "compute-sanitizer not found"; exit 1; }; echo "using $cs"'

@@ -27,7 +27,7 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 import torch
 
 import flashsparse as fs
-from flashsparse.kernels import cuda as _cuda
+from flashsparse.kernels.cuda import bitmap, launch, tiled_csl
 
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -71,9 +71,9 @@ def _bitmap(g: torch.Generator) -> int:
             x = _x(n, k, unaligned, dtype, g)
             bias = torch.randn(m, generator=g).to(device="cuda", dtype=dtype)
             masks, values, offsets = fs.encode(w, "bitmap").tensors
-            tn = tile_n or _cuda.bitmap_tile_n(n)
-            split = _cuda.effective_split(-(-k // 64), split_k)
-            counters, partials = _cuda.bitmap_workspace(x.device, m, n, tn, split)
+            tn = tile_n or bitmap.bitmap_tile_n(n)
+            split = launch.effective_split(-(-k // 64), split_k)
+            counters, partials = bitmap.bitmap_workspace(x.device, m, n, tn, split)
             ref = x.double() @ w.double().T + bias.double()
             for _ in range(2):
                 y = op(x, masks, values, offsets, m, k, bias, split_k, tile_n, counters, partials)
@@ -115,7 +115,7 @@ def _tiled_csl_workspace_and_malformed_offsets(g: torch.Generator) -> int:
     x = torch.randn(5, 1000, generator=g).to(device="cuda", dtype=torch.float16)
     words, offsets = fs.encode(w, "tiled_csl").tensors
     ws = torch.zeros(
-        _cuda.tiled_csl_workspace_elems(257, 5, 8, 7), dtype=torch.int32, device="cuda"
+        tiled_csl.tiled_csl_workspace_elems(257, 5, 8, 7), dtype=torch.int32, device="cuda"
     )
     ref = x.double() @ w.double().T
     for _ in range(3):
@@ -130,7 +130,7 @@ def _tiled_csl_workspace_and_malformed_offsets(g: torch.Generator) -> int:
 
 
 def main() -> int:
-    reason = _cuda._available() or _cuda._bitmap_available()
+    reason = tiled_csl.available() or bitmap.available()
     if reason:
         print(f"sanitize_driver: the CUDA backend is unavailable: {reason}")
         return 2

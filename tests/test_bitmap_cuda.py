@@ -7,7 +7,7 @@ Without a GPU:
   bf16), against float64; stage buffers are NaN-poisoned so a wrong byte selection shows;
 * the pure-Python launch plan (``bitmap_launch_plan``) and its mirror in the C++ layout.
 (The plain-nvcc sm_80/sm_90a compile of bitmap_*.cu is .ci/compile_kernels.sh, run by
-tests/test_cuda_kernel.py.) The ``gpu`` tests run the compiled kernel.
+tests/test_tiled_csl_cuda.py.) The ``gpu`` tests run the compiled kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from conftest import RTOL, reference_linear, rel_err
 from helpers import check_exact, linear_problem
 
 from flashsparse.formats import Bitmap
-from flashsparse.kernels import cuda as _cuda
+from flashsparse.kernels.cuda import bitmap as bmp_cuda
+from flashsparse.kernels.cuda import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
@@ -215,8 +216,8 @@ def test_python_split_mirrors_the_cuda_layout(emulator, n, k, split):
         check=True,
     ).stdout.split()
     tile_n, eff, per = (int(v) for v in out)
-    assert tile_n == _cuda.bitmap_tile_n(n)
-    assert eff == _cuda.effective_split(-(-k // 64), split)
+    assert tile_n == bmp_cuda.bitmap_tile_n(n)
+    assert eff == launch.effective_split(-(-k // 64), split)
     k_tiles = -(-k // 64)
     assert per == -(-k_tiles // eff)
 
@@ -225,38 +226,38 @@ def test_python_split_mirrors_the_cuda_layout(emulator, n, k, split):
 @pytest.mark.parametrize("n", [1, 8, 16, 32])
 def test_plan_gives_every_h100_sm_two_ctas(shape, n):
     m, k = shape
-    plan = _cuda.bitmap_launch_plan(m, k, n)
+    plan = bmp_cuda.bitmap_launch_plan(m, k, n)
     assert plan["ctas"] >= 2 * 132 or plan["persistent"]
-    assert plan["tile_m"] == 64 and plan["tile_n"] == _cuda.bitmap_tile_n(n)
+    assert plan["tile_m"] == 64 and plan["tile_n"] == bmp_cuda.bitmap_tile_n(n)
     tiles = -(-m // 64) * -(-n // plan["tile_n"])
     assert plan["ctas"] == tiles * plan["split_k"]
-    assert plan["split_k"] == _cuda.effective_split(-(-k // 64), plan["split_k"])
+    assert plan["split_k"] == launch.effective_split(-(-k // 64), plan["split_k"])
 
 
 def test_plan_does_not_split_when_the_grid_is_full():
-    plan = _cuda.bitmap_launch_plan(64 * 600, 4096, 8)
+    plan = bmp_cuda.bitmap_launch_plan(64 * 600, 4096, 8)
     assert plan["split_k"] == 1 and plan["ctas"] == 600
 
 
 def test_workspace_sizes():
-    assert _cuda.bitmap_workspace_sizes(130, 9, 16, 1) == (0, 0)
-    assert _cuda.bitmap_workspace_sizes(130, 9, 16, 3) == (3 * 1, 3 * 9 * 130)
-    assert _cuda.bitmap_workspace_sizes(4096, 32, 32, 5) == (64, 5 * 32 * 4096)
+    assert bmp_cuda.bitmap_workspace_sizes(130, 9, 16, 1) == (0, 0)
+    assert bmp_cuda.bitmap_workspace_sizes(130, 9, 16, 3) == (3 * 1, 3 * 9 * 130)
+    assert bmp_cuda.bitmap_workspace_sizes(4096, 32, 32, 5) == (64, 5 * 32 * 4096)
 
 
 def test_plan_rejects_bad_sizes():
     for bad in ((0, 64, 1), (64, 0, 1), (64, 64, 0)):
         with pytest.raises(ValueError, match="must be >= 1"):
-            _cuda.bitmap_launch_plan(*bad)
+            bmp_cuda.bitmap_launch_plan(*bad)
     with pytest.raises(ValueError, match="num_sms"):
-        _cuda.bitmap_launch_plan(64, 64, 1, num_sms=0)
+        bmp_cuda.bitmap_launch_plan(64, 64, 1, num_sms=0)
 
 
 def test_bitmap_kernel_is_registered_for_cuda():
     from flashsparse import backends
 
     kernel = backends._KERNELS[("bitmap", "cuda")]
-    assert kernel.fn is _cuda.bitmap_linear
+    assert kernel.fn is bmp_cuda.bitmap_linear
     assert "CUDA tensors" in kernel.supports(torch.device("cpu"), torch.float16)
     assert "float16 or bfloat16" in kernel.supports(torch.device("cuda"), torch.float32)
 
@@ -269,9 +270,9 @@ def _gpu_case(m, k, n, sparsity, kind, dtype, seed=0):
 
 def _op(x, w, bias, split_k=1, tile_n=0):
     t = Bitmap.encode(w).tensors
-    tn = tile_n or _cuda.bitmap_tile_n(x.shape[0])
-    split = _cuda.effective_split(-(-w.shape[1] // 64), split_k)
-    counters, partials = _cuda.bitmap_workspace(x.device, w.shape[0], x.shape[0], tn, split)
+    tn = tile_n or bmp_cuda.bitmap_tile_n(x.shape[0])
+    split = launch.effective_split(-(-w.shape[1] // 64), split_k)
+    counters, partials = bmp_cuda.bitmap_workspace(x.device, w.shape[0], x.shape[0], tn, split)
     return torch.ops.flashsparse._bitmap_spmm_cuda(
         x, *t, w.shape[0], w.shape[1], bias, split_k, tile_n, counters, partials
     )
@@ -292,7 +293,7 @@ def _poison_allocator(numel: int, dtype: torch.dtype) -> None:
 def test_gpu_kernel_matches_float64(
     m, k, n, sparsity, kind, tile_n, split_k, misaligned, with_bias, dtype
 ):
-    assert _cuda._bitmap_available() is None
+    assert bmp_cuda.available() is None
     w, x, bias = _gpu_case(m, k, n, sparsity, kind, dtype, seed=m + k)
     if misaligned:
         x = torch.empty(n * k + 1, dtype=dtype, device="cuda")[1:].view(n, k).copy_(x)
@@ -318,7 +319,7 @@ def test_gpu_benchmark_shapes_use_split_k_and_match(m, k, n, dtype, monkeypatch)
 
     monkeypatch.setenv("FLASHSPARSE_BACKEND", "cuda")
     w, x, bias = _gpu_case(m, k, n, 0.7, "row_skewed", dtype)
-    assert _cuda.bitmap_launch_plan(m, k, n)["split_k"] > 1
+    assert bmp_cuda.bitmap_launch_plan(m, k, n)["split_k"] > 1
     y = fs.linear(x, Bitmap.encode(w), bias)
     assert rel_err(y, reference_linear(x, w, bias)) < RTOL[dtype]
 
@@ -336,7 +337,7 @@ def test_gpu_workspace_reuse_across_shapes():
         w, x, bias = _gpu_case(m, k, n, 0.6, "row_skewed", torch.float16, seed=m + n)
         y = _op(x, w, bias, split)
         assert rel_err(y, reference_linear(x, w, bias)) < RTOL[torch.float16]
-    counters, _ = _cuda.bitmap_workspace(
+    counters, _ = bmp_cuda.bitmap_workspace(
         torch.device("cuda", torch.cuda.current_device()), 64, 8, 8, 2
     )
     assert int(counters.abs().sum()) == 0

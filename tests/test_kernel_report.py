@@ -1,4 +1,4 @@
-"""bench/kernel_report.py: SASS parsing, loop finding, counting, occupancy, plans, JSON schema."""
+"""bench/kernel_report.py (package bench/sass_report): SASS parsing, loop finding, counting, occupancy, plans, JSON schema."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import kernel_report as kr
-from kernel_specs import CudaSpec, Instance
+from sass_report import analyse, cfg, model, parse, plans, render
+from sass_report import compile as tools
+from sass_report import report as sass_report
+from sass_report.specs import KERNEL_NAMES, CudaSpec, Instance
 
 
 def _line(addr: int, text: str) -> str:
@@ -56,12 +58,12 @@ SASS = (
 
 
 def test_parse_and_main_loop():
-    funcs = kr.parse_sass(SASS)
+    funcs = parse.parse_sass(SASS)
     assert list(funcs) == ["_Z4testv"]
     instrs = funcs["_Z4testv"]
     assert [i.addr for i in instrs] == [a for a, _ in _BODY]
     assert instrs[6].pred == "@P0" and instrs[6].targets() == [0x80]
-    loop = kr.find_main_loop(instrs)
+    loop = cfg.find_main_loop(instrs)
     assert loop.header == 0x30
     assert [b.addr for b in loop.blocks] == [0x30, 0x70, 0x80, 0xA0, 0xD0]
     assert [lp.header for lp in loop.nested] == [0xA0]
@@ -69,8 +71,8 @@ def test_parse_and_main_loop():
 
 
 def test_counts_weighting_and_classes():
-    loop = kr.find_main_loop(kr.parse_sass(SASS)["_Z4testv"])
-    default = kr.count_loop(loop, kr.block_frequencies(loop))
+    loop = cfg.find_main_loop(parse.parse_sass(SASS)["_Z4testv"])
+    default = cfg.count_loop(loop, cfg.block_frequencies(loop))
     assert default.total == 13  # every body block once
     assert default.by_class["mma"] == 2
     assert default.by_class["global_load"] == 1
@@ -83,21 +85,21 @@ def test_counts_weighting_and_classes():
     # LDSM.x4 = 512 bytes per warp, STS.U16 = 64.
     assert default.shared_bytes == 512 + 64
     # The nested loop runs 2.5 times, the if-block a quarter of the iterations.
-    w = kr.block_frequencies(loop, [2.5], {0x70: 0.25})
-    c = kr.count_loop(loop, w)
+    w = cfg.block_frequencies(loop, [2.5], {0x70: 0.25})
+    c = cfg.count_loop(loop, w)
     assert w == {0x30: 1.0, 0x70: 0.25, 0x80: 1.0, 0xA0: 2.5, 0xD0: 1.0}
     assert c.total == pytest.approx(13 - 0.75 + 1.5 * 3)
     assert c.shared_bytes == pytest.approx(512 + 16)
     with pytest.raises(ValueError, match="not in the main loop"):
-        kr.block_frequencies(loop, None, {0x100: 1.0})
+        cfg.block_frequencies(loop, None, {0x100: 1.0})
 
 
 def test_instr_per_element_uses_threads_and_elements():
-    instrs = kr.parse_sass(SASS)["_Z4testv"]
+    instrs = parse.parse_sass(SASS)["_Z4testv"]
     spec = CudaSpec("fake", (), lambda name: None, trip_counts=lambda s, inst: [10 * s])
     inst = Instance("fp16", 16, threads=128, elements=256 * 64)
-    r = kr.analyse(spec, "_Z4testv", "90a", instrs, inst, registers=168, spill=0, smem=69632)
-    for s in kr.SPARSITIES:
+    r = analyse.analyse(spec, "_Z4testv", "90a", instrs, inst, registers=168, spill=0, smem=69632)
+    for s in model.SPARSITIES:
         total = 10 + 3 * 10 * s  # 10 instructions outside the nested loop + 3 per trip
         assert r.instr_per_element[str(s)] == pytest.approx(total * 128 / (256 * 64), abs=1e-3)
     assert r.ctas_per_sm_h100 == 3
@@ -107,7 +109,7 @@ def test_instr_per_element_uses_threads_and_elements():
 def test_no_mma_loop_is_an_error():
     text = "Function : k\n" + _line(0, "IADD3 R0, R0, 0x1, RZ") + "\n" + _line(0x10, "@P0 BRA 0x0")
     with pytest.raises(ValueError, match="no loop contains an MMA"):
-        kr.find_main_loop(kr.parse_sass(text)["k"])
+        cfg.find_main_loop(parse.parse_sass(text)["k"])
 
 
 @pytest.mark.parametrize(
@@ -122,19 +124,19 @@ def test_no_mma_loop_is_an_error():
     ],
 )
 def test_ctas_per_sm(regs, smem, threads, expected):
-    assert kr.ctas_per_sm(regs, smem, threads) == expected
+    assert model.ctas_per_sm(regs, smem, threads) == expected
 
 
 def test_shared_bytes_and_classes():
-    assert kr.shared_bytes("LDSM.16.M88.4") == 512
-    assert kr.shared_bytes("LDSM.16.M88.2") == 256
-    assert kr.shared_bytes("STS.128") == 512
-    assert kr.shared_bytes("LDS.U16") == 64
-    assert kr.shared_bytes("LDG.E.128") == 0
-    assert kr.classify("IMAD.WIDE.U32") == "integer"
-    assert kr.classify("HGMMA.64x16x16.F32") == "mma"
-    assert kr.classify("LDGSTS.E.BYPASS.128") == "global_load"
-    assert kr.classify("UIADD3") == "other"
+    assert parse.shared_bytes("LDSM.16.M88.4") == 512
+    assert parse.shared_bytes("LDSM.16.M88.2") == 256
+    assert parse.shared_bytes("STS.128") == 512
+    assert parse.shared_bytes("LDS.U16") == 64
+    assert parse.shared_bytes("LDG.E.128") == 0
+    assert parse.classify("IMAD.WIDE.U32") == "integer"
+    assert parse.classify("HGMMA.64x16x16.F32") == "mma"
+    assert parse.classify("LDGSTS.E.BYPASS.128") == "global_load"
+    assert parse.classify("UIADD3") == "other"
 
 
 def test_ptxas_and_res_usage_parsing():
@@ -144,23 +146,23 @@ def test_ptxas_and_res_usage_parsing():
         "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 96 registers, used 1 barriers, 2048 bytes smem\n"
     )
-    assert kr.parse_ptxas(log) == {
+    assert parse.parse_ptxas(log) == {
         "_Z1kv": {"registers": 96, "spill_bytes": 12, "static_smem": 2048}
     }
     res = " Function _Z1kv:\n  REG:118 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:624 TEXTURE:0\n"
-    assert kr.parse_res_usage(res) == {
+    assert parse.parse_res_usage(res) == {
         "_Z1kv": {"registers": 118, "stack": 0, "shared": 1024, "local": 0}
     }
 
 
-def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> kr.KernelResult:
-    keys = [str(s) for s in kr.SPARSITIES]
+def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> analyse.KernelResult:
+    keys = [str(s) for s in model.SPARSITIES]
     detail = {
         "integer_per_element": dict.fromkeys(keys, 1.0),
         "int_pipe_per_element": dict.fromkeys(keys, 1.0),
         "smem_bytes_per_element": dict.fromkeys(keys, 0.5),
     }
-    return kr.KernelResult(
+    return analyse.KernelResult(
         kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas, dict.fromkeys(keys, ipe), detail
     )
 
@@ -176,9 +178,9 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
             raise ImportError("missing for this test")
         return CudaSpec(name, (), lambda n: None)
 
-    monkeypatch.setattr(kr, "load_spec", load_spec)
-    monkeypatch.setattr(kr, "report_cuda", lambda spec, log, jobs=2: fakes[spec.name])
-    report, log = kr.build_report(kr.KERNEL_NAMES, plans=True)
+    monkeypatch.setattr(analyse, "load_spec", load_spec)
+    monkeypatch.setattr(analyse, "report_cuda", lambda spec, log, jobs=2: fakes[spec.name])
+    report, log = sass_report.build_report(KERNEL_NAMES, plans=True)
     assert any(line.startswith("ERROR bitmap_cuda: no spec") for line in log)
     assert {e["kernel"] for e in report["kernels"]} == {"tiled_csl_cuda", "bitmap_triton"}
     for e in report["kernels"]:
@@ -195,7 +197,7 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
         }
         assert set(e["instr_per_element"]) == {"0.5", "0.7", "0.9"}
     plan_keys = {"kernel", "m", "k", "n", "sparsity", "ctas", "split_k", "persistent"}
-    per_kernel = len(kr.SHAPES) * len(kr.NS) * len(kr.SPARSITIES)
+    per_kernel = len(model.SHAPES) * len(model.NS) * len(model.SPARSITIES)
     for name in ("tiled_csl_cuda", "bitmap_triton"):
         rows = [p for p in report["plans"] if p["kernel"] == name]
         assert len(rows) == per_kernel
@@ -210,23 +212,21 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
     )
     cfg = choose_config(4096, row["k"], 16, 132)
     assert row["ctas"] == -(-4096 // cfg.block_m) * cfg.split_k and row["split_k"] == cfg.split_k
-    # The Tiled-CSL adapter: tile_config + choose_split_k over 132 x 2 slots.
-    from flashsparse.kernels import cuda
+    # The Tiled-CSL plan is the provider's own.
+    from flashsparse.kernels.cuda import tiled_csl
 
-    if not hasattr(cuda, "tiled_csl_launch_plan"):
-        row = next(
-            p
-            for p in report["plans"]
-            if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8
-        )
-        tile_m, _ = cuda.tile_config(8)
-        blocks = -(-28672 // tile_m)
-        assert row["ctas"] == blocks * row["split_k"]
+    row = next(
+        p
+        for p in report["plans"]
+        if p["kernel"] == "tiled_csl_cuda" and p["m"] == 28672 and p["n"] == 8
+    )
+    tile_m, _ = tiled_csl.tile_config(8)
+    assert row["ctas"] == -(-28672 // tile_m) * row["split_k"]
     preds = report["predictions"]
     # One prediction per plan row (a kernel whose spec is missing still has its plan, predicted
     # from bytes alone).
     assert len(preds) == len(report["plans"]) and all(p["speedup"] > 0 for p in preds)
-    text = kr.format_report(report)
+    text = render.format_report(report)
     assert "ERROR bitmap_cuda" in text
     # Red flag on plans under two CTAs per SM.
     small = [p for p in report["plans"] if p["ctas"] < 264]
@@ -239,29 +239,31 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
 def test_predict_model_is_memory_bound_when_instructions_are_cheap():
     plan = {"ctas": 1000, "split_k": 1, "persistent": False}
     r = _fake_result("bitmap_cuda", 16, ctas=2, ipe=0.01)
-    p = kr.predict("bitmap_cuda", 8192, 8192, 16, 0.9, plan, r)
+    p = model.predict("bitmap_cuda", 8192, 8192, 16, 0.9, plan, r)
     assert p["bound"] == "memory"
     m = k = 8192
-    dense = (2 * m * k + 2 * 16 * (m + k)) / kr.H100.bandwidth + kr.H100.launch_s
+    dense = (2 * m * k + 2 * 16 * (m + k)) / model.H100.bandwidth + model.H100.launch_s
     sparse = (
-        kr._weight_bytes("bitmap_cuda", m, k, 0.9) + 2 * 16 * (m + k)
-    ) / kr.H100.bandwidth + kr.H100.launch_s
+        model.weight_bytes("bitmap_cuda", m, k, 0.9) + 2 * 16 * (m + k)
+    ) / model.H100.bandwidth + model.H100.launch_s
     assert p["speedup"] == pytest.approx(dense / sparse, rel=1e-2)
-    slow = kr.predict("bitmap_cuda", m, k, 16, 0.9, plan, _fake_result("bitmap_cuda", 16, ipe=40.0))
+    slow = model.predict(
+        "bitmap_cuda", m, k, 16, 0.9, plan, _fake_result("bitmap_cuda", 16, ipe=40.0)
+    )
     assert slow["bound"] == "issue" and slow["speedup"] < p["speedup"]
 
 
 def test_cli_rejects_unknown_kernel():
     with pytest.raises(SystemExit):
-        kr.main(["--kernels", "nope"])
+        sass_report.main(["--kernels", "nope"])
 
 
 @pytest.mark.skipif(
-    shutil.which("nvcc") is None or kr.find_tool("cuobjdump") is None,
+    shutil.which("nvcc") is None or tools.find_tool("cuobjdump") is None,
     reason="needs nvcc and cuobjdump",
 )
 def test_real_compile_tiled_csl():
-    report, log = kr.build_report(["tiled_csl_cuda"], plans=False)
+    report, log = sass_report.build_report(["tiled_csl_cuda"], plans=False)
     assert not [line for line in log if line.startswith("ERROR")], log
     rows = [e for e in report["kernels"] if e["arch"] == "sm_90a" and e["dtype"] == "fp16"]
     assert sorted(e["n_tile"] for e in rows) == [8, 16, 32, 64, 128]
@@ -273,18 +275,18 @@ def test_real_compile_tiled_csl():
 
 
 def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
-    monkeypatch.setattr(kr, "find_tool", lambda name: None)
-    spec = kr.load_spec("tiled_csl_cuda")
+    monkeypatch.setattr(tools, "find_tool", lambda name: None)
+    spec = analyse.load_spec("tiled_csl_cuda")
     log: list[str] = []
-    assert kr.report_cuda(spec, log) == []
+    assert analyse.report_cuda(spec, log) == []
     assert log == ["SKIP tiled_csl_cuda: nvcc not found"]
-    report, log = kr.build_report(["tiled_csl_cuda"], plans=True)
+    report, log = sass_report.build_report(["tiled_csl_cuda"], plans=True)
     assert report["kernels"] == [] and report["plans"]  # plans need no compiler
     assert all(not p["counted"] for p in report["predictions"])
 
 
-def test_new_plan_functions_are_preferred(monkeypatch):
-    from flashsparse.kernels import cuda
+def test_plan_functions_get_the_counted_occupancy(monkeypatch):
+    from flashsparse.kernels.cuda import bitmap
 
     calls = []
 
@@ -292,9 +294,9 @@ def test_new_plan_functions_are_preferred(monkeypatch):
         calls.append((m, k, n, num_sms, ctas_per_sm))
         return {"ctas": 300, "split_k": 2, "persistent": False, "tile_m": 64, "tile_n": 16}
 
-    monkeypatch.setattr(cuda, "bitmap_launch_plan", bitmap_launch_plan, raising=False)
+    monkeypatch.setattr(bitmap, "bitmap_launch_plan", bitmap_launch_plan)
     results = [_fake_result("bitmap_cuda", 16, ctas=3)]
-    plan = kr.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
+    plan = plans.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
     assert plan["ctas"] == 300 and plan["split_k"] == 2 and plan["workspace"] is True
     # First call: the planner's own occupancy; second: the counted instance's (no weight_bytes,
     # which this signature does not take).
@@ -306,5 +308,5 @@ def test_non_primary_variants_are_reported_but_not_planned():
     primary.instance = Instance("fp16", 16, 128, 4096)
     variant = _fake_result("bitmap_cuda", 16, ctas=1, ipe=99.0)
     variant.instance = Instance("fp16", 16, 128, 4096, params={"x_aligned": False}, primary=False)
-    assert kr.pick_instance([variant, primary], "bitmap_cuda", 16) is primary
-    assert kr._cta_slots([variant, primary], "bitmap_cuda", 16) == 3
+    assert plans.pick_instance([variant, primary], "bitmap_cuda", 16) is primary
+    assert plans._cta_slots([variant, primary], "bitmap_cuda", 16) == 3

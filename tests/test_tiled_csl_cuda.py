@@ -34,7 +34,8 @@ from helpers import check_exact, linear_problem, random_weight
 import flashsparse as fs
 from flashsparse import backends
 from flashsparse.formats import TiledCSL
-from flashsparse.kernels import cuda as _cuda
+from flashsparse.kernels.cuda import extension, launch
+from flashsparse.kernels.cuda import tiled_csl as tcsl
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
@@ -66,7 +67,7 @@ def test_kernels_compile_for_sm80_and_sm90a_without_warnings_or_spills(compile_r
     for arch in ("sm_80", "sm_90a"):
         kernels = {row[1]: row for row in rows if row[0] == arch}
         spmm = sorted(name for name in kernels if name.startswith("tiled_csl_spmm_kernel<"))
-        for _, tile_n, tile_m in _cuda.TILE_CONFIGS:
+        for _, tile_n, tile_m in tcsl.TILE_CONFIGS:
             for bf16 in ("false", "true"):
                 assert (
                     sum(
@@ -75,7 +76,7 @@ def test_kernels_compile_for_sm80_and_sm90a_without_warnings_or_spills(compile_r
                     )
                     == 1
                 )
-        assert len(spmm) == 2 * len(_cuda.TILE_CONFIGS)
+        assert len(spmm) == 2 * len(tcsl.TILE_CONFIGS)
         # split-K reduces inside the SpMM kernel: no second kernel exists
         assert not any("reduce" in name for name in kernels)
         for name, (_, _, regs, stores, loads, _) in kernels.items():
@@ -269,10 +270,10 @@ def test_emulator_clamps_malformed_tile_offsets(emulator, tmp_path):
 def _emulate_many(exe: Path, tmp_path: Path, cases) -> list[tuple[torch.Tensor, dict[str, int]]]:
     """Run several problems in one emulator process: [(y, scatter stats)]."""
     paths = []
-    for i, (w, x, bias, launch) in enumerate(cases):
+    for i, (w, x, bias, launch_args) in enumerate(cases):
         words, offsets = TiledCSL.encode(w).tensors
         path = tmp_path / f"p{i}.bin"
-        _write_problem(path, words, offsets, x, bias, *w.shape, **launch)
+        _write_problem(path, words, offsets, x, bias, *w.shape, **launch_args)
         paths.append(path)
     proc = subprocess.run([str(exe), *map(str, paths)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -346,8 +347,9 @@ def test_encoder_word_order_makes_the_scatter_conflict_free(emulator, tmp_path, 
         f"sparsity {sparsity}: {ordered:.2f} wavefronts per scatter store (row-major: {natural_order:.2f})"
     )
     assert ordered < 0.45 * natural_order
-    # Measured 2026-11-23: 1.07 / 1.14 / 1.38 (the vectorised round order; a per-window greedy
-    # reached 1.00 / 1.01 / 1.21 but made encoding 5-10x slower).
+    # Bounds a little above the emulated figures in
+    # bench/results/tiled-csl-scatter-wavefronts-emulated-2026-12-03.md: a regression of the
+    # encoder's word order fails here.
     assert ordered <= {0.5: 1.10, 0.7: 1.18, 0.9: 1.45}[sparsity]
 
 
@@ -371,8 +373,8 @@ def test_python_plan_mirrors_the_cuda_layout(emulator, n, k, split):
         check=True,
     )
     tile_n, tile_m, eff = map(int, out.stdout.split())
-    assert _cuda.tile_config(n) == (tile_m, tile_n)
-    assert _cuda.effective_split(-(-k // 64), split) == eff
+    assert tcsl.tile_config(n) == (tile_m, tile_n)
+    assert launch.effective_split(-(-k // 64), split) == eff
 
 
 # --- (c) the launch plan -------------------------------------------------------------------------
@@ -393,7 +395,7 @@ def test_python_plan_mirrors_the_cuda_layout(emulator, n, k, split):
     ],
 )
 def test_tile_config_by_n(n, expected):
-    assert _cuda.tile_config(n) == expected
+    assert tcsl.tile_config(n) == expected
 
 
 _PLAN_SHAPES = [  # (m = out_features, k = in_features)
@@ -413,30 +415,30 @@ def test_launch_plan_gives_every_sm_two_blocks(m, k):
     for n in (1, 2, 8, 9, 16, 17, 32):
         for sparsity in (0.5, 0.7, 0.9):
             weight_bytes = int(m * k * (1 - sparsity)) * 4
-            plan = _cuda.tiled_csl_launch_plan(m, k, n, num_sms=132, weight_bytes=weight_bytes)
-            tile_m, tile_n = _cuda.tile_config(n)
+            plan = tcsl.tiled_csl_launch_plan(m, k, n, num_sms=132, weight_bytes=weight_bytes)
+            tile_m, tile_n = tcsl.tile_config(n)
             assert (plan["tile_m"], plan["tile_n"]) == (tile_m, tile_n)
             blocks = -(-n // tile_n) * -(-m // tile_m)
             k_tiles = -(-k // 64)
             split = plan["split_k"]
             assert plan["ctas"] == blocks * split >= 2 * 132
             assert plan["persistent"] is False
-            assert _cuda.effective_split(k_tiles, split) == split  # what the kernel runs
+            assert launch.effective_split(k_tiles, split) == split  # what the kernel runs
             # the smallest split reaching two blocks per SM is at most 1.5x smaller
             smallest = min(
                 s
                 for s in range(1, k_tiles + 1)
-                if blocks * _cuda.effective_split(k_tiles, s) >= 264
+                if blocks * launch.effective_split(k_tiles, s) >= 264
             )
-            assert _cuda.effective_split(k_tiles, smallest) <= split <= 2 * smallest
+            assert launch.effective_split(k_tiles, smallest) <= split <= 2 * smallest
 
 
 def test_launch_plan_edge_cases():
     # enough blocks already: no split
-    assert _cuda.tiled_csl_launch_plan(36864, 9216, 128)["split_k"] == 1
+    assert tcsl.tiled_csl_launch_plan(36864, 9216, 128)["split_k"] == 1
     # k shorter than the splits wanted: one k tile per split
-    assert _cuda.tiled_csl_launch_plan(256, 200, 1)["split_k"] == 4
-    assert _cuda.tiled_csl_launch_plan(1, 1, 1) == {
+    assert tcsl.tiled_csl_launch_plan(256, 200, 1)["split_k"] == 4
+    assert tcsl.tiled_csl_launch_plan(1, 1, 1) == {
         "ctas": 1,
         "split_k": 1,
         "persistent": False,
@@ -444,59 +446,59 @@ def test_launch_plan_edge_cases():
         "tile_n": 8,
     }
     # n > 32: the partial sums may not cost more traffic than the weight
-    plan = _cuda.tiled_csl_launch_plan(4096, 4096, 128, weight_bytes=4 * 4096 * 4096 // 10)
+    plan = tcsl.tiled_csl_launch_plan(4096, 4096, 128, weight_bytes=4 * 4096 * 4096 // 10)
     assert 8 * 128 * 4096 * plan["split_k"] <= 4 * 4096 * 4096 // 10
     for bad in ({"m": 0}, {"k": -1}, {"n": 0}, {"num_sms": 0}, {"ctas_per_sm": 0}):
         args = {"m": 64, "k": 64, "n": 1, **bad}
         with pytest.raises(ValueError, match=next(iter(bad))):
-            _cuda.tiled_csl_launch_plan(args.pop("m"), args.pop("k"), args.pop("n"), **args)
+            tcsl.tiled_csl_launch_plan(args.pop("m"), args.pop("k"), args.pop("n"), **args)
     with pytest.raises(ValueError, match="weight_bytes"):
-        _cuda.tiled_csl_launch_plan(64, 64, 1, weight_bytes=-1)
+        tcsl.tiled_csl_launch_plan(64, 64, 1, weight_bytes=-1)
 
 
 def test_workspace_elems():
-    assert _cuda.tiled_csl_workspace_elems(4096, 1, 8, 1) == 0
+    assert tcsl.tiled_csl_workspace_elems(4096, 1, 8, 1) == 0
     # 16 counters (one per 256-row block), then 22 x 1 x 4096 floats
-    assert _cuda.tiled_csl_workspace_elems(4096, 1, 8, 22) == 16 + 22 * 4096
+    assert tcsl.tiled_csl_workspace_elems(4096, 1, 8, 22) == 16 + 22 * 4096
     # 3 x 3 output tiles (130 / 64, 300 / 128) -> 9 counters, rounded up to 12
-    assert _cuda.tiled_csl_workspace_elems(300, 130, 64, 2) == 12 + 2 * 130 * 300
+    assert tcsl.tiled_csl_workspace_elems(300, 130, 64, 2) == 12 + 2 * 130 * 300
 
 
 def test_tile_config_rejects_n_below_one():
     with pytest.raises(ValueError, match="n must be >= 1"):
-        _cuda.tile_config(0)
+        tcsl.tile_config(0)
 
 
 def test_effective_split_never_leaves_a_split_empty():
     for k_tiles in range(1, 70):
         for split in range(1, 80):
-            eff = _cuda.effective_split(k_tiles, split)
+            eff = launch.effective_split(k_tiles, split)
             per = -(-k_tiles // eff)
             assert 1 <= eff <= min(split, k_tiles)
             assert (eff - 1) * per < k_tiles <= eff * per  # the last split owns >= 1 k tile
-            assert _cuda.effective_split(k_tiles, eff) == eff  # what the op receives is stable
+            assert launch.effective_split(k_tiles, eff) == eff  # what the op receives is stable
 
 
 def test_wave_efficiency():
-    assert _cuda.wave_efficiency(264, 264) == 1.0
-    assert _cuda.wave_efficiency(265, 264) == pytest.approx(265 / 528)
-    assert _cuda.wave_efficiency(1, 132) == pytest.approx(1 / 132)
+    assert launch.wave_efficiency(264, 264) == 1.0
+    assert launch.wave_efficiency(265, 264) == pytest.approx(265 / 528)
+    assert launch.wave_efficiency(1, 132) == pytest.approx(1 / 132)
     with pytest.raises(ValueError):
-        _cuda.wave_efficiency(0, 132)
+        launch.wave_efficiency(0, 132)
 
 
 def test_split_k_examples():
     # Enough blocks already: no split.
-    assert _cuda.choose_split_k(blocks=448, k_tiles=64, slots=264) == 1
+    assert launch.choose_split_k(blocks=448, k_tiles=64, slots=264) == 1
     # 16 blocks on 264 slots: split 13 reaches 0.79, split 16 (4 k tiles each) 0.97.
-    assert _cuda.choose_split_k(blocks=16, k_tiles=64, slots=264) == 16
+    assert launch.choose_split_k(blocks=16, k_tiles=64, slots=264) == 16
     # One block, three k tiles: as many splits as k tiles.
-    assert _cuda.choose_split_k(blocks=1, k_tiles=3, slots=264) == 3
+    assert launch.choose_split_k(blocks=1, k_tiles=3, slots=264) == 3
     # Tail effect: 300 blocks on 264 slots (0.57) -> 3 splits (0.85).
-    assert _cuda.choose_split_k(blocks=300, k_tiles=144, slots=264) == 3
+    assert launch.choose_split_k(blocks=300, k_tiles=144, slots=264) == 3
     # ... unless the fp32 workspace traffic would exceed a quarter of the weight's bytes.
     assert (
-        _cuda.choose_split_k(
+        launch.choose_split_k(
             blocks=300,
             k_tiles=144,
             slots=264,
@@ -515,11 +517,11 @@ def test_split_k_is_the_smallest_efficient_effective_split():
             rng.randint(1, 200),
             rng.choice([108, 132, 216, 264, 396]),
         )
-        split = _cuda.choose_split_k(blocks, k_tiles, slots)
-        candidates = sorted({_cuda.effective_split(k_tiles, s) for s in range(1, k_tiles + 1)})
+        split = launch.choose_split_k(blocks, k_tiles, slots)
+        candidates = sorted({launch.effective_split(k_tiles, s) for s in range(1, k_tiles + 1)})
         assert split in candidates
-        effs = {s: _cuda.wave_efficiency(blocks * s, slots) for s in candidates}
-        good = [s for s in candidates if effs[s] >= _cuda.WAVE_TARGET]
+        effs = {s: launch.wave_efficiency(blocks * s, slots) for s in candidates}
+        good = [s for s in candidates if effs[s] >= launch.WAVE_TARGET]
         if good:
             assert split == good[0]
         else:
@@ -528,34 +530,34 @@ def test_split_k_is_the_smallest_efficient_effective_split():
 
 # --- (d) the provider on this machine -----------------------------------------------------------
 def test_kernel_sources_are_the_extension_translation_units():
-    names = [p.name for p in _cuda.kernel_sources()]
+    names = [p.name for p in extension.kernel_sources()]
     assert "tiled_csl_cuda.cpp" in names  # glue (csrc/bindings/*_cuda.cpp) comes first
     assert all(n.endswith(".cpp") for n in names[: names.index("tiled_csl_cuda.cpp") + 1])
     assert {"tiled_csl_f16.cu", "tiled_csl_bf16.cu", "tiled_csl_api.cu"} <= set(names)
     assert not any(name.endswith("_emulator.cu") for name in names)
-    assert all(p.is_file() for p in _cuda.kernel_sources())
+    assert all(p.is_file() for p in extension.kernel_sources())
 
 
 def test_gencode_flags():
-    assert _cuda.gencode_flags("8.0;9.0a") == [
+    assert extension.gencode_flags("8.0;9.0a") == [
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90a,code=sm_90a",
     ]
-    assert _cuda.gencode_flags("8.6+PTX") == [
+    assert extension.gencode_flags("8.6+PTX") == [
         "-gencode=arch=compute_86,code=sm_86",
         "-gencode=arch=compute_86,code=compute_86",
     ]
     with pytest.raises(ValueError, match=r"compute capability >= 8.0"):
-        _cuda.gencode_flags("7.5")
+        extension.gencode_flags("7.5")
     with pytest.raises(ValueError, match="must look like"):
-        _cuda.gencode_flags("sm_80")
+        extension.gencode_flags("sm_80")
     with pytest.raises(ValueError, match="empty"):
-        _cuda.gencode_flags(" ; ")
+        extension.gencode_flags(" ; ")
 
 
 def test_supports_refuses_fp32_and_cpu_tensors():
-    assert "float16 or bfloat16" in _cuda._supports(torch.device("cuda", 0), torch.float32)
-    assert "CUDA tensors" in _cuda._supports(torch.device("cpu"), torch.float16)
+    assert "float16 or bfloat16" in tcsl._supports(torch.device("cuda", 0), torch.float32)
+    assert "CUDA tensors" in tcsl._supports(torch.device("cpu"), torch.float16)
 
 
 def test_forced_cuda_backend_on_cpu_tensors_raises_a_clear_error(backend):
@@ -571,12 +573,12 @@ def test_forced_cuda_backend_on_cpu_tensors_raises_a_clear_error(backend):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given without a GPU")
 def test_unavailable_reason_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHSPARSE_CACHE_DIR", str(tmp_path))
-    reason = _cuda.unavailable_reason()
+    reason = extension.unavailable_reason()
     if torch.version.cuda is None:
         assert reason.startswith("torch is a CPU-only build")
     else:
         assert reason.startswith("no CUDA device")
-    assert _cuda._available() == reason  # nothing is built ...
+    assert tcsl.available() == reason  # nothing is built ...
     assert not any(tmp_path.iterdir())  # ... and nothing is written to the cache
     assert backends.backend_report()["cuda"] == reason
     assert "cuda" not in fs.available_backends()
@@ -614,7 +616,7 @@ def _assert_close(y, x, w, b=None):
 
 @gpu
 def test_gpu_backend_is_available_and_self_checked():
-    assert _cuda._available() is None
+    assert tcsl.available() is None
     assert "cuda" in fs.available_backends()
     for tile_n in TILE_NS:
         for bf16 in (False, True):
@@ -689,10 +691,10 @@ def test_gpu_llama_shape_uses_split_k(backend, n, dtype):
     m = k = 4096
     w, x, b = _gpulinear_problem(m, k, n, 0.7, "row_skewed", dtype)
     sw = fs.encode(w, "tiled_csl")
-    split, tile_n = _cuda._plan(
+    split, tile_n = tcsl._plan(
         torch.cuda.current_device(), dtype == torch.bfloat16, n, m, k, sw.tensors[0].numel()
     )
-    assert split > 1 and tile_n == _cuda.tile_config(n)[1]
+    assert split > 1 and tile_n == tcsl.tile_config(n)[1]
     _assert_close(fs.linear(x, sw, b), x, w, b)
 
 
@@ -733,7 +735,7 @@ def test_gpu_cuda_graph_capture_with_split_k(backend):
     m, k, n = 1024, 4096, 1
     w, x, b = _gpulinear_problem(m, k, n, 0.8, "uniform", torch.float16)
     sw = fs.encode(w, "tiled_csl")
-    assert _cuda._plan(torch.cuda.current_device(), False, n, m, k, sw.tensors[0].numel())[0] > 1
+    assert tcsl._plan(torch.cuda.current_device(), False, n, m, k, sw.tensors[0].numel())[0] > 1
     static_x = x.clone()
     fs.linear(static_x, sw, b)  # warm-up outside the capture (build, self-check, attributes)
     torch.cuda.synchronize()
@@ -815,10 +817,10 @@ def test_gpu_split_k_workspace_is_cached_and_left_zeroed(backend):
     assert all(torch.equal(ys[0], y) for y in ys[1:])  # deterministic split-K
     _assert_close(ys[0], x, w, b)
     key = (x.device.index, torch.cuda.current_stream().cuda_stream, False)
-    ws = _cuda._workspaces[key]
+    ws = tcsl._workspaces[key]
     ptr = ws.data_ptr()
     fs.linear(x, sw, b)
-    assert _cuda._workspaces[key].data_ptr() == ptr  # reused, not reallocated
+    assert tcsl._workspaces[key].data_ptr() == ptr  # reused, not reallocated
     torch.cuda.synchronize()
     counters = -(-n // 8) * -(-m // 256)
     assert int(ws[:counters].abs().sum()) == 0  # every counter back at zero
@@ -852,7 +854,7 @@ def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend)
     """Only the build/self-check needs a warm-up: a shape never run eagerly captures too (its
     workspace comes from the graph's pool, counters zeroed inside the graph)."""
     backend("cuda")
-    assert _cuda._available() is None
+    assert tcsl.available() is None
     m, k = 1536, 3072
     w, x, b = _gpulinear_problem(m, k, 2, 0.8, "uniform", torch.bfloat16)
     sw = fs.encode(w, "tiled_csl")
@@ -870,11 +872,11 @@ def test_gpu_capture_of_a_new_split_k_shape_after_the_backend_is_loaded(backend)
 
 
 def test_kernel_report_spec_follows_the_random_mask():
-    """bench/kernel_specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
+    """bench/sass_report/specs/tiled_csl_cuda.py (for bench/kernel_report.py): instantiation names,
     no nested loop, and slot probabilities from the real encoder's tile sizes."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import kernel_specs.tiled_csl_cuda as mod
+        import sass_report.specs.tiled_csl_cuda as mod
     finally:
         sys.path.remove(str(ROOT / "bench"))
     inst = mod.SPEC.match(

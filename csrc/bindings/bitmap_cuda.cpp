@@ -5,7 +5,7 @@
 // for a bitmap (layout 2) weight with 16-bit values. When the effective split is > 1 the kernel
 // needs `counters` (int32, >= one per output tile, all zero; it leaves them zero, so they are
 // reused without a memset) and `partials` (fp32, >= split * N * M), both from
-// flashsparse.kernels.cuda.bitmap_workspace.
+// flashsparse.kernels.cuda.bitmap.bitmap_workspace.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,7 +83,7 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     if (split > 1) {
         TORCH_CHECK(counters.has_value() && partials.has_value(), "_bitmap_spmm_cuda: split_k=", split_k, " runs ",
                     split, " splits and needs `counters` (int32, ", tiles_out, " zeros) and `partials` (float32, ", floats,
-                    " elements); flashsparse.kernels.cuda.bitmap_workspace provides them");
+                    " elements); flashsparse.kernels.cuda.bitmap.bitmap_workspace provides them");
         check_1d(*counters, "counters", at::kInt, x);
         check_1d(*partials, "partials", at::kFloat, x);
         TORCH_CHECK(static_cast<size_t>(counters->numel()) >= tiles_out, "_bitmap_spmm_cuda: counters must have at least ",

@@ -9,7 +9,7 @@
 //       Every tensor is checked (dtype, shape, device, contiguity, alignment); TileOffsets
 //       values are clamped to the words inside the kernel (checking them here needs a sync).
 //   flashsparse::_tiled_csl_cuda_occupancy(tile_n, bf16) -> resident blocks per SM on the
-//       current device (for the split-K heuristic in flashsparse/kernels/cuda.py).
+//       current device (for the split-K heuristic in flashsparse/kernels/cuda/tiled_csl.py).
 // The output comes from the caching allocator on the current stream, so the op can be captured
 // in a CUDA graph.
 #include <Python.h>
@@ -48,7 +48,7 @@ void check_1d(const at::Tensor& t, const char* name, at::ScalarType dtype, const
 
 // Ints of the workspace a launch needs: the arrival counters (rounded up to 16 bytes so the
 // fp32 partial sums after them stay aligned), then split * n * m floats. Mirrors
-// flashsparse.kernels.cuda.tiled_csl_workspace_elems.
+// flashsparse.kernels.cuda.tiled_csl.tiled_csl_workspace_elems.
 int64_t workspace_elems(int64_t m, int64_t n, int tile_n, int split) {
     if (split <= 1) return 0;
     const int64_t counters = flashsparse::tiled_csl_counter_count(static_cast<int>(m), static_cast<int>(n), tile_n);

@@ -2,7 +2,7 @@
 //
 // Plain C++ (no CUDA headers): every function is __host__ __device__ under nvcc and inline
 // under a host compiler, so tiled_csl_emulator.cu can replay the kernel's addressing on the
-// CPU with exactly these definitions (tests/test_cuda_kernel.py runs it).
+// CPU with exactly these definitions (tests/test_tiled_csl_cuda.py runs it).
 //
 // Shared-memory tiles are 64 halves (128 bytes) wide. Element (row, col) lives at
 //   row * 64 + (((col / 8) ^ (row % 8)) * 8) + col % 8

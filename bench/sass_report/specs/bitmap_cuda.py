@@ -103,14 +103,14 @@ def value_copy_trips(sparsity: float, tiles: int = 256, seed: int = 0) -> float:
 def checked_stage_fraction(n_tile: int) -> float:
     """The largest fraction, over the benchmark shapes' launch plans with this tile width, of
     (CTA, stage) pairs whose 256 x columns reach past K (the checked x-copy path)."""
-    from kernel_report import NS, SHAPES
+    from flashsparse.kernels.cuda import bitmap
 
-    from flashsparse.kernels import cuda
+    from ..model import NS, SHAPES
 
     worst = 0.0
     for _, m, k in SHAPES:
         for n in NS:
-            plan = cuda.bitmap_launch_plan(m, k, n)
+            plan = bitmap.bitmap_launch_plan(m, k, n)
             if plan["tile_n"] != n_tile:
                 continue
             k_tiles = -(-k // TILE)

@@ -1,5 +1,5 @@
 """Spec of the CUDA Tiled-CSL kernel (``csrc/kernels/tiled_csl_kernel.cuh``) for
-``bench/kernel_report.py`` (interface: ``bench/kernel_specs/__init__.py``).
+``bench/kernel_report.py`` (interface: ``bench/sass_report/specs/__init__.py``).
 
 Main loop (one 64-deep k step of a ``tile_m x tile_n`` block, 128 threads): zero the next A
 tile, copy the next x tile, load the next step's words, tensor-core work on the current

@@ -1,4 +1,4 @@
-"""Kernel specs for ``bench/kernel_report.py`` (static SASS report; DESIGN §8).
+"""Kernel specs for the static SASS report (``bench/kernel_report.py``, package ``bench/sass_report``).
 
 One module per kernel, named after it (``bitmap_cuda.py``, ``tiled_csl_cuda.py``,
 ``bitmap_triton.py``), owned by that kernel's engineer. Each defines a module-level ``SPEC``:
@@ -31,7 +31,7 @@ mask at ``sparsity`` (derive them from an encoded random weight, not from consta
   (blocks of a nested loop get that weight, times their own nested loops' counts if given);
 * ``block_weights(loop, sparsity, inst) -> Mapping[int, float] | None``: the execution
   frequency per iteration of chosen blocks, by start address (``loop.blocks`` lists the body's
-  :class:`kernel_report.Block` objects with ``.addr``, ``.instrs`` (``.opcode``, ``.pred``,
+  :class:`sass_report.cfg.Block` objects with ``.addr``, ``.instrs`` (``.opcode``, ``.pred``,
   ``.operands``) and ``.depth``); blocks not named keep their default weight. Blocks are
   issued per warp, so a block runs if any lane of the warp takes it.
 
