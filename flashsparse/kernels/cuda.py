@@ -306,13 +306,17 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], m))
 
 
+def jit_options() -> dict:
+    """The builder's arguments for a JIT build (the running GPU's arch, or
+    ``FLASHSPARSE_CUDA_ARCH_LIST``); also used by ``flashsparse build`` and ``info``."""
+    flags = gencode_flags(_jit_arch_list())
+    tag = f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags)
+    return {"extra_cuda_cflags": flags, "tag": tag}
+
+
 def _load() -> None:
     """Make the compiled CUDA ops exist (prebuilt, else JIT for the running GPU)."""
-    flags = gencode_flags(_jit_arch_list())
-    EXTENSION.load(
-        extra_cuda_cflags=flags,
-        tag=f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags),
-    )
+    EXTENSION.load(**jit_options())
     _register_fake()
 
 
