@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     for item, why in kept:
         print(f"flashsparse cache: kept {item.path}: {why}", file=sys.stderr)
     total = sum(i.size for i in removed)
-    print(f"{verb} {len(removed)} cached build(s), {_size(total)}, from {root}")
+    print(f"{verb} {len(removed)} cached build(s), {_size(total)}, from {build.cache_root()}")
     if kept:
         print(
             f"flashsparse cache: {len(kept)} in use were kept; run `flashsparse cache clear` "

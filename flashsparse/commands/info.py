@@ -44,11 +44,13 @@ COMPILED = {"cpu": "flashsparse.kernels.cpu.bitmap", "cuda": "flashsparse.kernel
 def check_environment() -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` about the ``FLASHSPARSE_*`` environment variables. A problem
     makes flashsparse calls fail (a bad ``FLASHSPARSE_BACKEND``, an arch list the CUDA build
-    rejects); a warning is a setting that is silently ignored (a misspelt name, a flag value
-    that reads as off, a cache directory that cannot be written)."""
+    rejects, a build timeout that is not a positive number); a warning is a setting that is
+    silently ignored (a misspelt name, a flag value that reads as off) or a kernel cache that
+    cannot be written while a compiled backend would have to be built in it."""
     import difflib
 
     from ..backends import requested_backend
+    from ..kernels import build
 
     problems: list[str] = []
     warnings: list[str] = []
@@ -73,8 +75,6 @@ def check_environment() -> tuple[list[str], list[str]]:
             warnings.append(
                 f"{name}={value!r} is read as off (on: 1, true, yes, on; off: 0, false, no, off)"
             )
-    from ..kernels import build
-
     try:
         build.build_timeout()
     except ValueError as exc:

@@ -618,8 +618,8 @@ def _clear_error(folder: Path, entry_name: str) -> None:
 # One lock per cache key in this process: threads must not both dlopen the same ops.
 _process_lock = threading.Lock()
 _key_locks: dict[str, threading.Lock] = {}
-_loaded: dict[str, Loaded] = {}  # by key digest (JIT) or module name (prebuilt)
-_last_by_name: dict[str, Loaded] = {}
+_loaded: dict[str, Loaded] = {}  # JIT loads, by key digest
+_last_by_name: dict[str, Loaded] = {}  # any load, by extension name (for `flashsparse build`)
 
 
 def last_load(extension: Extension) -> Loaded | None:
@@ -1033,9 +1033,11 @@ def list_cache(devices: Sequence[str] | None = None) -> list[CacheItem]:
                         read_manifest(child),
                     )
                 )
-    if not devices:
-        for path in _legacy_builds(cache_root()):
-            items.append(CacheItem("legacy", "?", path, "old layout", _tree_size(path)))
+    for path in _legacy_builds(cache_root()):
+        tag = path.relative_to(cache_root()).parts[1]
+        device = "cpu" if tag == "cpu" else "cuda" if tag.startswith("cu") else tag
+        if not devices or device in devices:
+            items.append(CacheItem("legacy", device, path, "old layout", _tree_size(path)))
     return items
 
 
