@@ -184,10 +184,21 @@ def _result(out: str, err: str) -> dict:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """End a runner and whatever it left running (a paused compiler, ninja)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """End a runner and whatever it left running (ninja, a paused compiler). They share the
+    runner's session, not its process group: ninja starts each command in a group of its own."""
+    if proc.returncode is None:  # not reaped yet, so the pid is still the runner's
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(stat_file.parent.name)
+        if int(fields[3]) == proc.pid and pid != proc.pid:  # session id (after state, ppid, pgrp)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _wait_for(predicate, what: str, timeout: float = BOUND_S) -> float:
