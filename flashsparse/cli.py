@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("info", "sparsify", "bench")
+COMMANDS = ("info", "sparsify", "bench", "build", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,32 +11,46 @@ import sys
 HELP = "show versions, the device and which backends are available (and why not)"
 
 
-# Every environment variable flashsparse reads (setup.py reads FLASHSPARSE_CUDA; the CI
-# scripts their own FLASHSPARSE_CI_* / *_KERNEL_CACHE ones).
+# Every environment variable flashsparse reads (setup.py reads FLASHSPARSE_CUDA and
+# FLASHSPARSE_CPU; the CI scripts their own FLASHSPARSE_CI_* / *_KERNEL_CACHE ones).
 ENV_VARS = (
     "FLASHSPARSE_BACKEND",
     "FLASHSPARSE_CUDA_ARCH_LIST",
+    "FLASHSPARSE_CPU_ISA",
     "FLASHSPARSE_CACHE_DIR",
+    "FLASHSPARSE_BUILD_TIMEOUT",
     "FLASHSPARSE_VERBOSE_BUILD",
+    "FLASHSPARSE_JIT",
     "FLASHSPARSE_CUDA_JIT",
     "FLASHSPARSE_CUDA",
+    "FLASHSPARSE_CPU",
     "FLASHSPARSE_CI_VENV",
     "FLASHSPARSE_CI_ARCHS",
     "FLASHSPARSE_KERNEL_CACHE",
     "FLASHSPARSE_NO_KERNEL_CACHE",
 )
-_FLAGS = ("FLASHSPARSE_VERBOSE_BUILD", "FLASHSPARSE_CUDA_JIT", "FLASHSPARSE_CUDA")
+_FLAGS = (
+    "FLASHSPARSE_VERBOSE_BUILD",
+    "FLASHSPARSE_JIT",
+    "FLASHSPARSE_CUDA_JIT",
+    "FLASHSPARSE_CUDA",
+    "FLASHSPARSE_CPU",
+)
 _FLAG_VALUES = ("", "1", "true", "yes", "on", "0", "false", "no", "off")
+# The compiled backends: provider module of each (its EXTENSION is what the builder builds).
+COMPILED = {"cpu": "flashsparse.kernels.cpu.bitmap", "cuda": "flashsparse.kernels.cuda"}
 
 
 def check_environment() -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` about the ``FLASHSPARSE_*`` environment variables. A problem
     makes flashsparse calls fail (a bad ``FLASHSPARSE_BACKEND``, an arch list the CUDA build
-    rejects); a warning is a setting that is silently ignored (a misspelt name, a flag value
-    that reads as off, a cache directory that cannot be written)."""
+    rejects, a build timeout that is not a positive number); a warning is a setting that is
+    silently ignored (a misspelt name, a flag value that reads as off) or a kernel cache that
+    cannot be written while a compiled backend would have to be built in it."""
     import difflib
 
     from ..backends import requested_backend
+    from ..kernels import build
 
     problems: list[str] = []
     warnings: list[str] = []
@@ -61,23 +75,96 @@ def check_environment() -> tuple[list[str], list[str]]:
             warnings.append(
                 f"{name}={value!r} is read as off (on: 1, true, yes, on; off: 0, false, no, off)"
             )
-    cache = os.environ.get("FLASHSPARSE_CACHE_DIR")
-    if cache:
-        path = os.path.abspath(os.path.expanduser(cache))
-        probe = path
-        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-            probe = os.path.dirname(probe)  # the first existing ancestor is what mkdir needs
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            warnings.append(
-                f"FLASHSPARSE_CACHE_DIR={cache!r} cannot be created or written "
-                f"({probe} is not a writable directory): a JIT build of the CUDA kernel would fail"
-            )
+    try:
+        build.build_timeout()
+    except ValueError as exc:
+        problems.append(str(exc))
+    cache_warning = _unwritable_cache_warning()
+    if cache_warning:
+        warnings.append(cache_warning)
     for name in sorted(os.environ):
         if name.startswith("FLASHSPARSE_") and name not in ENV_VARS:
             close = difflib.get_close_matches(name, ENV_VARS, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             warnings.append(f"{name} is not a flashsparse setting and is ignored{hint}")
     return problems, warnings
+
+
+def _jit_args(name: str, module) -> tuple[dict, str | None]:
+    """The builder's arguments for ``name``'s JIT build here, or why they are unknown."""
+    if name != "cuda":
+        return {}, None
+    import torch
+
+    if torch.version.cuda is None:
+        return {}, "torch is a CPU-only build"
+    if not os.environ.get("FLASHSPARSE_CUDA_ARCH_LIST", "").strip() and not (
+        torch.cuda.is_available()
+    ):
+        return {}, "no GPU to read the architecture from (FLASHSPARSE_CUDA_ARCH_LIST names one)"
+    try:
+        return module.jit_options(), None
+    except Exception as exc:
+        return {}, f"{type(exc).__name__}: {exc}"
+
+
+def compiled_status() -> dict:
+    """For each compiled backend: its cache folder (and whether it can be written), this
+    environment's entry and its state, builds in progress and the last failed build."""
+    import importlib
+
+    status = {}
+    for name, module_name in COMPILED.items():
+        try:
+            module = importlib.import_module(module_name)
+            key_args, key_problem = _jit_args(name, module)
+            status[name] = module.EXTENSION.cache_status(key_args=key_args, key_problem=key_problem)
+        except Exception as exc:  # a provider refusing this environment: `backends` says why
+            status[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return status
+
+
+def _unwritable_cache_warning() -> str | None:
+    """A warning when the kernel cache cannot be written and a compiled backend would have to
+    be JIT-built there (no prebuilt module, no good entry already in it)."""
+    import importlib
+
+    import torch
+
+    from ..kernels import build
+
+    cannot = build.writable_problem(build.extensions_root())
+    if cannot is None:
+        return None
+    affected = []
+    for name, module_name in COMPILED.items():
+        if name == "cuda" and torch.version.cuda is None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+            if module.EXTENSION.prebuilt_available():
+                continue
+            key_args, key_problem = _jit_args(name, module)
+            if key_problem is None and module.EXTENSION.missing_sources() is None:
+                key = module.EXTENSION.jit_key(**key_args)
+                if build.verify_entry(module.EXTENSION.entry(key))[0] is not None:
+                    continue  # built ahead (e.g. `flashsparse build` in an image): read-only is fine
+        except Exception:
+            pass
+        affected.append(name.upper())
+    if not affected:
+        return None
+    env = os.environ.get("FLASHSPARSE_CACHE_DIR")
+    where = (
+        f"FLASHSPARSE_CACHE_DIR={env!r}"
+        if env
+        else f"the kernel cache {build.cache_root()} (the default; FLASHSPARSE_CACHE_DIR sets another)"
+    )
+    return (
+        f"{where} cannot be written ({cannot}): the {' and '.join(affected)} kernels cannot be "
+        "JIT-built there, so they will not run (the reference path runs instead); set "
+        "FLASHSPARSE_CACHE_DIR to a writable folder"
+    )
 
 
 def collect() -> dict:
@@ -111,6 +198,7 @@ def collect() -> dict:
         "device": device,
         "FLASHSPARSE_BACKEND": backend,
         "backends": backend_report(),
+        "compiled": compiled_status(),
         "problems": problems,
         "warnings": warnings,
     }
@@ -130,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return status
     for key, value in report.items():
-        if key not in ("backends", "problems", "warnings"):
+        if key not in ("backends", "compiled", "problems", "warnings"):
             print(
                 f"{key:>20}: {value!r}"
                 if key == "FLASHSPARSE_BACKEND" and status
@@ -139,8 +227,44 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'backends':>20}:")
     for name, reason in report["backends"].items():
         print(f"{name:>20}  {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"{'compiled kernels':>20}:")
+    for name, info in report["compiled"].items():
+        for i, line in enumerate(_compiled_lines(info)):
+            print(f"{name if i == 0 else '':>20}  {line}")
     for warning in report["warnings"]:
         print(f"flashsparse info: warning: {warning}", file=sys.stderr)
     for problem in report["problems"]:
         print(f"flashsparse info: error: {problem}", file=sys.stderr)
     return status
+
+
+def _compiled_lines(info: dict) -> list[str]:
+    if "error" in info:
+        return [f"cannot say: {info['error']}"]
+    lines = []
+    if info["prebuilt"]:
+        lines.append(f"prebuilt: {info['prebuilt']} (used instead of the cache)")
+    writable = "writable" if info["writable"] else f"NOT writable: {info['not_writable_because']}"
+    lines.append(f"cache folder: {info['folder']} ({writable})")
+    entry = info["entry"]
+    state = info["entry_state"]
+    lines.append(f"entry: {os.path.basename(entry)}: {state}" if entry else f"entry: {state}")
+    building = info["building"]
+    if building:
+        for b in building:
+            lines.append(
+                f"build in progress: {b['action']} {os.path.basename(b['entry'])} ({b['by']})"
+            )
+    else:
+        lines.append("build in progress: none")
+    error = info["last_error"]
+    if error:
+        first = str(error.get("error", "")).strip().splitlines()
+        lines.append(
+            f"last build error: {error.get('time')} (pid {error.get('pid')}, entry "
+            f"{error.get('entry')}): {first[0] if first else '?'}"
+            + (f" ... ({len(first) - 1} more lines; --json shows them)" if len(first) > 1 else "")
+        )
+    else:
+        lines.append("last build error: none")
+    return lines

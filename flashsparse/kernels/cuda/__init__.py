@@ -25,6 +25,24 @@ GPU), plus the builder's (``FLASHSPARSE_VERBOSE_BUILD``, ``FLASHSPARSE_CACHE_DIR
 from __future__ import annotations
 
 from . import bitmap, launch, tiled_csl
-from .extension import unavailable_reason
+from .extension import EXTENSION, jit_options, unavailable_reason
 
-__all__ = ["bitmap", "launch", "tiled_csl", "unavailable_reason"]
+__all__ = [
+    "EXTENSION",
+    "available",
+    "bitmap",
+    "jit_options",
+    "launch",
+    "tiled_csl",
+    "unavailable_reason",
+]
+
+
+def available() -> str | None:
+    """Load (or build) the extension and self-check every CUDA kernel, as their first calls
+    would; None if all passed, else the first reason one cannot run."""
+    for kernel in (tiled_csl, bitmap):
+        reason = kernel.available()
+        if reason:
+            return reason
+    return None

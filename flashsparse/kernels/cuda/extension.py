@@ -31,6 +31,7 @@ __all__ = [
     "MIN_CAPABILITY",
     "SelfCheckedKernel",
     "gencode_flags",
+    "jit_options",
     "kernel_sources",
     "unavailable_reason",
 ]
@@ -66,13 +67,17 @@ def _jit_arch_list() -> str:
     return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
+def jit_options() -> dict:
+    """The builder's arguments for a JIT build (the running GPU's arch, or
+    ``FLASHSPARSE_CUDA_ARCH_LIST``); also used by ``flashsparse build`` and ``info``."""
+    flags = gencode_flags(_jit_arch_list())
+    tag = f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags)
+    return {"extra_cuda_cflags": flags, "tag": tag}
+
+
 def _load() -> None:
     """Make the compiled CUDA ops exist (prebuilt, else JIT for the running GPU)."""
-    flags = gencode_flags(_jit_arch_list())
-    EXTENSION.load(
-        extra_cuda_cflags=flags,
-        tag=f"cu{torch.version.cuda}-" + "_".join(f.rsplit("=", 1)[-1] for f in flags),
-    )
+    EXTENSION.load(**jit_options())
     for fn in _after_load:
         fn()
 
