@@ -74,6 +74,9 @@ constexpr NeonTables kTables{};
 
 // --- instruction choices per weight dtype ----------------------------------------------------
 
+// The row code is a few hundred instructions that GCC would otherwise call out of line.
+#define FS_NEON_INLINE __attribute__((always_inline)) inline
+
 // F32: fp32 weights and x. BF16_DOT: BFDOT on bf16 x. BF16_CVT: bf16 widened by SHLL, fp32 x.
 // F16_FHM: FMLAL on fp16 x. F16_CVT: fp16 widened by FCVTL, fp32 x.
 enum Kind : int { kF32 = 0, kBf16Dot = 1, kBf16Cvt = 2, kF16Fhm = 3, kF16Cvt = 4 };
@@ -83,12 +86,12 @@ constexpr int kValueBytes = K == kF32 ? 4 : 2;
 template <int K>
 constexpr int kXBytes = (K == kBf16Dot || K == kF16Fhm) ? 2 : 4;  // x as the kernel reads it
 
-inline float32x4_t bfdot(float32x4_t acc, uint16x8_t a, uint16x8_t b) {
+FS_NEON_INLINE float32x4_t bfdot(float32x4_t acc, uint16x8_t a, uint16x8_t b) {
     __asm__(".arch_extension bf16\n\tbfdot %0.4s, %1.8h, %2.8h" : "+w"(acc) : "w"(a), "w"(b));
     return acc;
 }
 
-inline float32x4_t fmlal_both(float32x4_t acc, uint16x8_t a, uint16x8_t b) {
+FS_NEON_INLINE float32x4_t fmlal_both(float32x4_t acc, uint16x8_t a, uint16x8_t b) {
     __asm__(".arch armv8.2-a+fp16fml\n\tfmlal %0.4s, %1.4h, %2.4h\n\tfmlal2 %0.4s, %1.4h, %2.4h"
             : "+w"(acc)
             : "w"(a), "w"(b));
@@ -97,7 +100,7 @@ inline float32x4_t fmlal_both(float32x4_t acc, uint16x8_t a, uint16x8_t b) {
 
 // acc + 8 16-bit weights . 8 x values (x in the kind's format at `x`).
 template <int K>
-inline float32x4_t dot8(float32x4_t acc, uint16x8_t w, const uint8_t* x) {
+FS_NEON_INLINE float32x4_t dot8(float32x4_t acc, uint16x8_t w, const uint8_t* x) {
     if (K == kBf16Dot) return bfdot(acc, w, vld1q_u16(reinterpret_cast<const uint16_t*>(x)));
     if (K == kF16Fhm) return fmlal_both(acc, w, vld1q_u16(reinterpret_cast<const uint16_t*>(x)));
     const float* xf = reinterpret_cast<const float*>(x);
@@ -113,22 +116,31 @@ inline float32x4_t dot8(float32x4_t acc, uint16x8_t w, const uint8_t* x) {
 }
 
 // acc + 8 fp32 weights . 8 fp32 x.
-inline float32x4_t dot8f(float32x4_t acc, float32x4_t w0, float32x4_t w1, const uint8_t* x) {
+FS_NEON_INLINE float32x4_t dot8f(float32x4_t acc, float32x4_t w0, float32x4_t w1, const uint8_t* x) {
     const float* xf = reinterpret_cast<const float*>(x);
     return vfmaq_f32(vfmaq_f32(acc, w0, vld1q_f32(xf)), w1, vld1q_f32(xf + 4));
 }
 
 // Inclusive prefix sums of the byte popcounts of a mask: byte q holds the set bits of bytes
 // 0..q (at most 64, so no carries between bytes); the row's count is the top byte.
-inline uint64_t byte_prefix(uint64_t mask) {
+FS_NEON_INLINE uint64_t byte_prefix(uint64_t mask) {
     const uint64_t counts = vget_lane_u64(vreinterpret_u64_u8(vcnt_u8(vcreate_u8(mask))), 0);
     return counts * 0x0101010101010101ull;
 }
 
+// Start of byte Q's run in bytes, from the prefix sums scaled by the element size (a shift:
+// bytes 0..6 hold at most 56 elements, 224 bytes at 4 bytes each, so no byte carries).
 template <int Q>
-inline unsigned byte_start(uint64_t prefix) {
-    return Q == 0 ? 0u : static_cast<unsigned>(prefix >> (8 * (Q - 1))) & 0xffu;
+FS_NEON_INLINE uint64_t byte_start(uint64_t scaled_prefix) {
+    return Q == 0 ? 0 : (scaled_prefix >> (8 * (Q - 1))) & 0xff;
 }
+
+template <int Q>
+FS_NEON_INLINE uint64_t mask_byte(uint64_t mask) {
+    return (mask >> (8 * Q)) & 0xff;
+}
+
+constexpr int log2_bytes(int bytes) { return bytes == 4 ? 2 : 1; }
 
 // A row's values, or a zero-padded copy when reading `span` bytes from p would pass `end`.
 inline const uint8_t* padded_row(const uint8_t* p, const uint8_t* end, unsigned used_bytes, unsigned span,
@@ -148,23 +160,26 @@ constexpr unsigned kRowSpanBytes = 64 * 4 + 32;
 // acc[i * acc_stride] += one row segment . x row i (x rows i at x + i * ldxb bytes, in the
 // kind's format), for i < nb; returns the number of values read.
 template <int K, int NB>
-inline unsigned rebuild_row(uint64_t mask, const uint8_t* p, const uint8_t* x, int64_t ldxb, float32x4_t* acc,
+FS_NEON_INLINE unsigned rebuild_row(uint64_t mask, const uint8_t* p, const uint8_t* x, int64_t ldxb, float32x4_t* acc,
                             int64_t nb_rt) {
     const int64_t nb = NB > 0 ? NB : nb_rt;
     const uint64_t prefix = byte_prefix(mask);
-#define FS_NEON_REBUILD_BYTE(Q)                                                                               \
-    {                                                                                                         \
-        const unsigned b = static_cast<unsigned>(mask >> (8 * Q)) & 0xffu;                                  \
-        const uint8_t* src = p + byte_start<Q>(prefix) * kValueBytes<K>;                                   \
-        if (K == kF32) {                                                                                      \
-            const uint8x16x2_t v = {{vld1q_u8(src), vld1q_u8(src + 16)}};                                     \
-            const float32x4_t w0 = vreinterpretq_f32_u8(vqtbl2q_u8(v, vld1q_u8(kTables.expand32[b])));       \
-            const float32x4_t w1 = vreinterpretq_f32_u8(vqtbl2q_u8(v, vld1q_u8(kTables.expand32[b] + 16)));  \
-            for (int64_t i = 0; i < nb; ++i) acc[i] = dot8f(acc[i], w0, w1, x + i * ldxb + Q * 8 * 4);       \
-        } else {                                                                                              \
-            const uint16x8_t w = vreinterpretq_u16_u8(vqtbl1q_u8(vld1q_u8(src), vld1q_u8(kTables.expand16[b]))); \
-            for (int64_t i = 0; i < nb; ++i) acc[i] = dot8<K>(acc[i], w, x + i * ldxb + Q * 8 * kXBytes<K>);  \
-        }                                                                                                     \
+    const uint64_t starts = prefix << log2_bytes(kValueBytes<K>);
+#define FS_NEON_REBUILD_BYTE(Q)                                                                                  \
+    {                                                                                                            \
+        const uint64_t b = mask_byte<Q>(mask);                                                                   \
+        const uint8_t* src = p + byte_start<Q>(starts);                                                          \
+        if (K == kF32) {                                                                                         \
+            const uint8x16x2_t v = vld1q_u8_x2(src);                                                             \
+            const uint8_t* e = &kTables.expand32[0][0] + b * 32;                                                 \
+            const float32x4_t w0 = vreinterpretq_f32_u8(vqtbl2q_u8(v, vld1q_u8(e)));                             \
+            const float32x4_t w1 = vreinterpretq_f32_u8(vqtbl2q_u8(v, vld1q_u8(e + 16)));                        \
+            for (int64_t i = 0; i < nb; ++i) acc[i] = dot8f(acc[i], w0, w1, x + i * ldxb + Q * 8 * 4);          \
+        } else {                                                                                                 \
+            const uint8x16_t e = vld1q_u8(&kTables.expand16[0][0] + b * 16);                                     \
+            const uint16x8_t w = vreinterpretq_u16_u8(vqtbl1q_u8(vld1q_u8(src), e));                             \
+            for (int64_t i = 0; i < nb; ++i) acc[i] = dot8<K>(acc[i], w, x + i * ldxb + Q * 8 * kXBytes<K>);     \
+        }                                                                                                        \
     }
     FS_NEON_REBUILD_BYTE(0)
     FS_NEON_REBUILD_BYTE(1)
@@ -262,12 +277,12 @@ void build_xtable(const uint8_t* xk, uint8_t* table) {
 // Gathered x of one row into buf (its first `count` entries; then the table's zeros, then what
 // earlier rows left, which is finite).
 template <int K>
-inline void gather_x(uint64_t mask, uint64_t prefix, const uint8_t* table, uint8_t* buf) {
+FS_NEON_INLINE void gather_x(uint64_t mask, uint64_t prefix, const uint8_t* table, uint8_t* buf) {
+    const uint64_t starts = prefix << log2_bytes(kXBytes<K>);
 #define FS_NEON_GATHER_BYTE(Q)                                                                       \
     {                                                                                                \
-        const unsigned b = static_cast<unsigned>(mask >> (8 * Q)) & 0xffu;                         \
-        const uint8_t* e = table + (Q * 256 + b) * kEntryBytes<K>;                                  \
-        uint8_t* d = buf + byte_start<Q>(prefix) * kXBytes<K>;                                      \
+        const uint8_t* e = table + Q * 256 * kEntryBytes<K> + mask_byte<Q>(mask) * kEntryBytes<K>; \
+        uint8_t* d = buf + byte_start<Q>(starts);                                                    \
         vst1q_u8(d, vld1q_u8(e));                                                                    \
         if (kEntryBytes<K> == 32) vst1q_u8(d + 16, vld1q_u8(e + 16));                               \
     }
@@ -284,7 +299,7 @@ inline void gather_x(uint64_t mask, uint64_t prefix, const uint8_t* table, uint8
 
 // One row segment . x by the gather, C chunks of 8 values (count <= 8 C).
 template <int K, int C>
-inline float32x4_t gather_row(uint64_t mask, uint64_t prefix, const uint8_t* p, const uint8_t* table,
+FS_NEON_INLINE float32x4_t gather_row(uint64_t mask, uint64_t prefix, const uint8_t* p, const uint8_t* table,
                               uint8_t* buf) {
     gather_x<K>(mask, prefix, table, buf);
     const unsigned count = static_cast<unsigned>(prefix >> 56);
@@ -312,55 +327,60 @@ inline float32x4_t gather_row(uint64_t mask, uint64_t prefix, const uint8_t* p, 
     return acc;
 }
 
-// row_sum[r] += row r of one tile . x, for the tile's 64 rows (masks of rows past the weight are
-// zero). C: gather chunks per row (rows with more than 8 C values, and every row when C = 0,
-// are rebuilt). xk: this k-tile of x in the kind's format.
-template <int K, int C>
-const uint8_t* tile_rows_n1(const uint64_t* masks, const uint8_t* p, const uint8_t* end, const uint8_t* table,
-                            const uint8_t* xk, uint8_t* buf, float* row_sum) {
-    alignas(16) uint8_t local[kRowSpanBytes];
-    for (int r = 0; r < 64; r += 4) {
-        float32x4_t a[4];
-        for (int i = 0; i < 4; ++i) {
-#if defined(FLASHSPARSE_NEON_MCA)
-            __asm__ volatile("// MCA-BEGIN row %0 %1" ::"i"(K), "i"(C));
-#endif
-            const uint64_t mask = masks[r + i];
-            const uint64_t prefix = byte_prefix(mask);
-            const unsigned count = static_cast<unsigned>(prefix >> 56);
-            const unsigned used = count * kValueBytes<K>;
-            if (count <= 8 * C) {
-                const uint8_t* src = padded_row(p, end, used, 8 * C * kValueBytes<K>, local);
-                a[i] = gather_row<K, C>(mask, prefix, src, table, buf);
-            } else {
-                const uint8_t* src = padded_row(p, end, used, used + 32, local);
-                a[i] = vdupq_n_f32(0.0f);
-                rebuild_row<K, 1>(mask, src, xk, 0, &a[i], 1);
-            }
-            p += used;
-#if defined(FLASHSPARSE_NEON_MCA)
-            __asm__ volatile("// MCA-END row" ::);
-#endif
+// row_sum[0..3] += rows 0..3 of masks . x; p advances past their values. C: gather chunks per
+// row; rows with more than 8 C values (every row when C = 0) are rebuilt. CHECKS = false
+// leaves out the two rarely taken branches (an overfull row, a row at the end of the values
+// buffer) for the static cost report (bench/neon_report.py), which reads only this hot path.
+template <int K, int C, bool CHECKS>
+FS_NEON_INLINE void four_rows_n1(const uint64_t* masks, const uint8_t*& p, const uint8_t* end,
+                                                        const uint8_t* table, const uint8_t* xk, uint8_t* buf,
+                                                        uint8_t* local, float* row_sum) {
+    float32x4_t a[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        const uint64_t mask = masks[i];
+        const uint64_t prefix = byte_prefix(mask);
+        const unsigned count = static_cast<unsigned>(prefix >> 56);
+        const unsigned used = count * kValueBytes<K>;
+        if (C > 0 && (!CHECKS || count <= 8 * C)) {
+            const uint8_t* src = CHECKS ? padded_row(p, end, used, 8 * C * kValueBytes<K>, local) : p;
+            a[i] = gather_row<K, C>(mask, prefix, src, table, buf);
+        } else {
+            const uint8_t* src = CHECKS ? padded_row(p, end, used, used + 32, local) : p;
+            a[i] = vdupq_n_f32(0.0f);
+            rebuild_row<K, 1>(mask, src, xk, 0, &a[i], 1);
         }
-        const float32x4_t sums = vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
-        vst1q_f32(row_sum + r, vaddq_f32(vld1q_f32(row_sum + r), sums));
+        p += used;
     }
-    return p;
+    const float32x4_t sums = vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
+    vst1q_f32(row_sum, vaddq_f32(vld1q_f32(row_sum), sums));
+}
+
+// row_sum[r] += row r of one tile . x for its 64 rows (masks of rows past the weight are zero).
+template <int K, int C>
+void tile_rows_n1(const uint64_t* masks, const uint8_t* p, const uint8_t* end, const uint8_t* table,
+                  const uint8_t* xk, uint8_t* buf, float* row_sum) {
+    alignas(16) uint8_t local[kRowSpanBytes];
+    for (int r = 0; r < 64; r += 4) four_rows_n1<K, C, true>(masks + r, p, end, table, xk, buf, local, row_sum + r);
 }
 
 // Gather chunks for a tile of `values` values (padded count, 64 rows): the average row's count
 // with room for a few standard deviations of a uniform mask, so that only skewed rows take the
-// rebuild. Past kGatherMaxChunks the rebuild is cheaper (bench/neon_report.py).
-constexpr int kGatherMaxChunks = 6;
+// rebuild; 0 (rebuild the tile) past the most chunks at which the gather is cheaper than the
+// rebuild on llvm-mca's Neoverse-V1 model (bench/neon_report.py): fp32 and bf16 gather at about
+// 80 % sparsity and above, fp16 with FMLAL from about 65 %.
+template <int K>
+constexpr int kGatherMaxChunks = K == kF16Fhm ? 5 : K == kF16Cvt ? 4 : 3;
+template <int K>
 inline int gather_chunks(int64_t values) {
     const int64_t avg = (values + 63) / 64;
     const int64_t room = avg + avg / 4 + 6;
     const int64_t c = (room + 7) / 8;
-    return c > kGatherMaxChunks ? 0 : static_cast<int>(c);
+    return c > kGatherMaxChunks<K> ? 0 : static_cast<int>(c);
 }
 
 // Tile rows per pass: each pass builds the x-table once per k-tile for all of them.
-constexpr int64_t kGatherBlockTileRows = 32;
+constexpr int64_t kGatherBlockTileRows = 64;
 
 template <int K>
 void gather_impl(const BitmapWeight& w, const float* x, const float* bias, float* y, int64_t tr0, int64_t tr1,
@@ -371,7 +391,7 @@ void gather_impl(const BitmapWeight& w, const float* x, const float* bias, float
     alignas(64) uint8_t table[kXTableBytes<K>];
     alignas(16) uint8_t buf[(64 + 8 * 8) * 4];
     alignas(16) uint8_t xk[64 * 4];
-    alignas(16) float row_sum[kGatherBlockTileRows * 64];
+    alignas(16) float row_sum[kGatherBlockTileRows * 64];  // 16 KB
     alignas(16) uint64_t tail_masks[64];
     std::memset(buf, 0, sizeof(buf));  // chunks past a row's count read it: must be finite
     for (int64_t tb = tr0; tb < tr1; tb += kGatherBlockTileRows) {
@@ -389,7 +409,7 @@ void gather_impl(const BitmapWeight& w, const float* x, const float* bias, float
                     masks = tail_masks;
                 }
                 const uint8_t* p = values + static_cast<int64_t>(w.offsets[t]) * 8 * kValueBytes<K>;
-                int c = gather_chunks((static_cast<int64_t>(w.offsets[t + 1]) - w.offsets[t]) * 8);
+                int c = gather_chunks<K>((static_cast<int64_t>(w.offsets[t + 1]) - w.offsets[t]) * 8);
                 if (force_gather && c == 0) c = 8;
                 float* rs = row_sum + (tr - tb) * 64;
                 switch (c) {
@@ -413,9 +433,10 @@ void gather_impl(const BitmapWeight& w, const float* x, const float* bias, float
     }
 }
 
-// n = 1 takes the gather when a call has this many tile rows: the x-table costs about as much to
-// build as a few hundred rows save (bench/neon_report.py).
-constexpr int64_t kGatherMinTileRows = 4;
+// n = 1 takes the gather when a call has this many tile rows: building the x-table of a k-tile
+// costs about as much as the gather saves on 250 (fp16) to 1300 (bf16) rows at 90 % on the
+// Neoverse-V1 model (bench/neon_report.py).
+constexpr int64_t kGatherMinTileRows = 16;
 
 template <int K>
 void spmm_kind(int form, const BitmapWeight& w, const void* xv, int64_t n, int64_t ldx, const float* bias, float* y,
@@ -505,6 +526,58 @@ void spmm_dispatch(bool use_bf16, bool use_fhm, int form, const BitmapWeight& w,
             return spmm_kind<kF16Cvt>(form, w, x, n, ldx, bias, y, ldy, tr0, tr1);
     }
 }
+
+#if defined(FLASHSPARSE_NEON_MCA)
+// Regions for llvm-mca (bench/neon_report.py compiles this file with -S
+// -DFLASHSPARSE_NEON_MCA): four rows of a tile in each n = 1 form, and eight x-table entries.
+template <int K, int C>
+__attribute__((noipa)) void mca_four_rows(const uint64_t* masks, const uint8_t* p, const uint8_t* table,
+                                             const uint8_t* xk, uint8_t* buf, float* row_sum) {
+    __asm__ volatile("// MCA-BEGIN rows %0 %1" ::"i"(K), "i"(C));
+    four_rows_n1<K, C, false>(masks, p, nullptr, table, xk, buf, nullptr, row_sum);
+    __asm__ volatile("// MCA-END" ::: "memory");
+}
+
+template <int K>
+__attribute__((noipa)) void mca_xtable(const uint8_t* xk, uint8_t* table, int b0) {
+    __asm__ volatile("// MCA-BEGIN xtable %0" ::"i"(K));
+    for (int b = b0; b < b0 + 8; ++b) {
+        if (kXBytes<K> == 2) {
+            vst1q_u8(table + b * 16, vqtbl1q_u8(vld1q_u8(xk), vld1q_u8(kTables.compact16[b])));
+        } else {
+            const uint8x16x2_t xq = {{vld1q_u8(xk), vld1q_u8(xk + 16)}};
+            vst1q_u8(table + b * 32, vqtbl2q_u8(xq, vld1q_u8(kTables.compact32[b])));
+            vst1q_u8(table + b * 32 + 16, vqtbl2q_u8(xq, vld1q_u8(kTables.compact32[b] + 16)));
+        }
+    }
+    __asm__ volatile("// MCA-END" ::: "memory");
+}
+
+template <int K>
+void mca_kind() {
+    mca_four_rows<K, 0>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 1>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 2>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 3>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 4>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 5>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 6>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_four_rows<K, 8>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    mca_xtable<K>(nullptr, nullptr, 0);
+}
+
+}  // namespace
+
+// Never called: keeps the regions in the object file.
+void bitmap_neon_mca_regions() {
+    mca_kind<kF32>();
+    mca_kind<kBf16Dot>();
+    mca_kind<kBf16Cvt>();
+    mca_kind<kF16Fhm>();
+    mca_kind<kF16Cvt>();
+}
+namespace {
+#endif
 
 }  // namespace
 

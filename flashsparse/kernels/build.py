@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -123,6 +124,21 @@ def gencode_flags(arch_list: str) -> list[str]:
     return flags
 
 
+# Kernel sources named for an instruction set (``<kernel>_<isa>.<ext>``) compile only on the
+# architectures that have it; setup.py applies the same rule to its copy of the list.
+ISA_ARCHS = {
+    "avx2": ("x86_64", "amd64", "i386", "i686"),
+    "avx512": ("x86_64", "amd64"),
+    "neon": ("aarch64", "arm64"),
+}
+
+
+def builds_on(path: Path, machine: str | None = None) -> bool:
+    """Whether the kernel source ``path`` is compiled for ``machine`` (default: this one)."""
+    archs = ISA_ARCHS.get(path.stem.rsplit("_", 1)[-1])
+    return archs is None or (machine or platform.machine()).lower() in archs
+
+
 @dataclass(frozen=True)
 class Extension:
     """What to compile for one device: glue sources matching ``bindings/*_<device>.cpp`` and
@@ -137,12 +153,12 @@ class Extension:
     ldflags: tuple[str, ...] = ()
     headers: tuple[str, ...] = field(default=(".cuh", ".h"))
 
-    def sources(self, csrc: Path = CSRC) -> list[Path]:
+    def sources(self, csrc: Path = CSRC, machine: str | None = None) -> list[Path]:
         glue = sorted((csrc / "bindings").glob(f"*_{self.device}.cpp"))
         kernels = sorted(
             p
             for p in (csrc / self.kernel_dir).glob(f"*{self.kernel_suffix}")
-            if not p.stem.endswith("_emulator")
+            if not p.stem.endswith("_emulator") and builds_on(p, machine)
         )
         return [*glue, *kernels]
 

@@ -384,11 +384,11 @@ int main(int argc, char** argv) {
     struct Shape {
         int64_t m, k, n;
     };
-    // 1, odd sizes, partial tiles both ways, n = 1 (decode step) with enough tile rows for the
-    // gather form, n past kMaxSpmmRows, and a larger layer.
+    // 1, odd sizes, partial tiles both ways, n past kMaxSpmmRows, and n = 1 (decode step) with
+    // enough tile rows (1600: a range of 17) for spmm_neon to pick the gather form by itself.
     const Shape shapes[] = {{1, 1, 1},    {1, 70, 1},    {70, 130, 1},   {131, 197, 3}, {64, 64, 2},
                             {65, 127, 8}, {100, 150, 9}, {300, 200, 1},  {520, 330, 1}, {130, 1100, 1},
-                            {97, 200, 5}};
+                            {97, 200, 5},  {1600, 130, 1}};
     const char* kinds[] = {"s50", "s70", "s90", "dense", "empty", "skewed"};
     const fc::Dtype dtypes[] = {fc::Dtype::F32, fc::Dtype::BF16, fc::Dtype::F16};
     for (fc::Dtype d : dtypes) {
