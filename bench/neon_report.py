@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cpu" / "bitmap_neon.cpp"
 RESULTS = ROOT / "bench" / "results"
 CROSS_CXX = "aarch64-linux-gnu-g++"
-CXXFLAGS = ["-std=c++17", "-O3"]  # what the extension's build passes (plus -fopenmp, irrelevant here)
+# What the extension's build passes (plus -fopenmp, irrelevant here).
+CXXFLAGS = ["-std=c++17", "-O3"]
 SPARSITIES = (0.5, 0.7, 0.9)
 ITERATIONS = 200
 
@@ -163,7 +164,7 @@ def gather_chunks(values: int, max_chunks: int) -> int:
 
 def tile_values(sparsity: float) -> int:
     """A uniform random mask's values per 64 x 64 tile, padded to a multiple of 8."""
-    return int(math.ceil(4096 * (1.0 - sparsity) / 8.0)) * 8
+    return math.ceil(4096 * (1.0 - sparsity) / 8.0) * 8
 
 
 def overfull_rows(sparsity: float, chunks: int) -> float:
@@ -230,7 +231,9 @@ def mca(tool: str, cpu: str, body: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown"
+    )
     args = parser.parse_args()
     tool = find_mca()
     if shutil.which(CROSS_CXX) is None or tool is None:
@@ -260,7 +263,9 @@ def main() -> None:
             for s in SPARSITIES:
                 chunks = gather_chunks(tile_values(s), max_chunks[kind])
                 if chunks:
-                    hot = {k: v / 4 for k, v in mca(tool, cpu, found[f"rows {kind} {chunks}"]).items()}
+                    hot = {
+                        k: v / 4 for k, v in mca(tool, cpu, found[f"rows {kind} {chunks}"]).items()
+                    }
                     table = 8 * 256 * entry_cycles / block_rows
                 else:
                     hot, table = rebuild, 0.0

@@ -14,8 +14,12 @@
 //   they hold the next row's values, and an Inf there times a zero x would be NaN.
 // bf16 weights use BFDOT (FEAT_BF16) on bf16 x, fp16 weights FMLAL/FMLAL2 (FEAT_FHM) on fp16 x;
 // without those features both widen to fp32 (SHLL, FCVTL) and use FMLA. The optional
-// instructions are inline assembly, so the file compiles for baseline armv8-a with any compiler
+// instructions are inline assembly, so the file compiles for baseline armv8-a with GCC or clang
 // and runs them only where bitmap_neon_features() found them.
+// On llvm-mca's Neoverse-V1 model both forms issue 2.5-3.5x the cycles of a dense NEON GEMV per
+// row segment (bench/neon_report.py): per mask byte a table load, a store or TBL, and address
+// arithmetic, against one load and one BFDOT per 8 dense weights. What they save is the bytes
+// read, which bound a decode-time GEMV on real machines (not measured on ARM hardware).
 // Loads never go past the values buffer: a row near its end is copied to a zero-padded buffer.
 #if defined(__aarch64__)
 
