@@ -12,6 +12,7 @@ only; "+PTX" adds PTX for newer GPUs). torch is imported only when FLASHSPARSE_C
 """
 
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -49,6 +50,20 @@ def _gencode_flags(arch_list: str) -> list:
     return flags
 
 
+# Same rule as flashsparse.kernels.build.ISA_ARCHS: a kernel source named for an instruction
+# set compiles only on the architectures that have it.
+_ISA_ARCHS = {
+    "avx2": ("x86_64", "amd64", "i386", "i686"),
+    "avx512": ("x86_64", "amd64"),
+    "neon": ("aarch64", "arm64"),
+}
+
+
+def _builds_here(path: Path) -> bool:
+    archs = _ISA_ARCHS.get(path.stem.rsplit("_", 1)[-1])
+    return archs is None or platform.machine().lower() in archs
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -73,7 +88,9 @@ def _cpu_extension() -> dict:
     # The same list as flashsparse.kernels.build.Extension.sources for device "cpu".
     glue = sorted((ROOT / "csrc" / "bindings").glob("*_cpu.cpp"))
     kernels = sorted(
-        p for p in (ROOT / "csrc" / "cpu").glob("*.cpp") if not p.stem.endswith("_emulator")
+        p
+        for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
+        if not p.stem.endswith("_emulator") and _builds_here(p)
     )
     extension = cpp_extension.CppExtension(
         name="flashsparse._C_cpu",

@@ -9,6 +9,7 @@ replaced by checks of the warning / error a user then gets.
 
 from __future__ import annotations
 
+import platform
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def test_every_path_this_machine_should_have_is_there():
         for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16")
     ):
         assert "avx512" in ISAS
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        assert "neon" in ISAS
 
 
 @needs_ext

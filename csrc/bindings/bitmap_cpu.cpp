@@ -2,7 +2,7 @@
 // Python-defined flashsparse ops (hence a FRAGMENT):
 //   flashsparse::_bitmap_spmm_cpu(x, masks, values, tile_offsets, m, k, bias, isa) -> y [N, M]
 //   flashsparse::_bitmap_decode_cpu(masks, values, tile_offsets, m, k, isa) -> W [M, K]
-//   flashsparse::_bitmap_cpu_isa_supported(isa) -> bool   (0 scalar, 1 avx2, 2 avx512)
+//   flashsparse::_bitmap_cpu_isa_supported(isa) -> bool   (0 scalar, 1 avx2, 2 avx512, 3 neon)
 // Threads follow torch.get_num_threads() (at::parallel_for over 64-row tile rows).
 #include <Python.h>
 
@@ -64,16 +64,19 @@ fc::Dtype to_dtype(at::ScalarType t, const char* op) {
 }
 
 fc::SpmmFn spmm_fn(int64_t isa) {
+    if (isa == fc::kNeon) return fc::spmm_neon;
     return isa == fc::kAvx512 ? fc::spmm_avx512 : isa == fc::kAvx2 ? fc::spmm_avx2 : fc::spmm_scalar;
 }
 fc::DecodeFn decode_fn(int64_t isa) {
+    if (isa == fc::kNeon) return fc::decode_neon;
     return isa == fc::kAvx512 ? fc::decode_avx512 : isa == fc::kAvx2 ? fc::decode_avx2 : fc::decode_scalar;
 }
 
 void check_isa(int64_t isa, const char* op) {
-    TORCH_CHECK(isa >= 0 && isa <= 2, op, ": isa must be 0 (scalar), 1 (avx2) or 2 (avx512), got ", isa);
+    TORCH_CHECK(isa >= 0 && isa <= 3, op, ": isa must be 0 (scalar), 1 (avx2), 2 (avx512) or 3 (neon), got ", isa);
+    const char* names[] = {"scalar", "avx2", "avx512", "neon"};
     TORCH_CHECK(fc::bitmap_cpu_isa_supported(static_cast<int>(isa)), op, ": this CPU does not support the ",
-                isa == fc::kAvx512 ? "avx512" : "avx2", " path");
+                names[isa], " path");
 }
 
 struct Checked {
@@ -262,7 +265,7 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
 }
 
 bool isa_supported(int64_t isa) {
-    return isa >= 0 && isa <= 2 && fc::bitmap_cpu_isa_supported(static_cast<int>(isa));
+    return isa >= 0 && isa <= 3 && fc::bitmap_cpu_isa_supported(static_cast<int>(isa));
 }
 
 }  // namespace

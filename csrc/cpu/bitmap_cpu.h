@@ -15,7 +15,7 @@ namespace flashsparse {
 namespace cpu {
 
 enum class Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 
 struct BitmapWeight {
     const uint64_t* masks;    // [#tiles * 64]
@@ -78,8 +78,15 @@ inline int64_t bitmap_rowlanes_scratch_bytes(int64_t n) { return 4 * ((n + 15) /
 inline int64_t bitmap_x_pairs_words(int64_t n, int64_t k) { return ((n + 15) / 16) * ((k + 63) / 64) * 32 * 16; }
 void decode_avx512(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 
+// aarch64 (bitmap_neon.cpp): fp32 x for every dtype (16-bit x is narrowed inside, exactly).
+void spmm_neon(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
+               int64_t, int64_t);
+void decode_neon(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
+
 // Whether this CPU (and OS) runs the path: avx512 needs AVX-512 F/BW/VL/VBMI2/BF16 + F16C,
-// avx2 needs AVX2/FMA/F16C/BMI2/POPCNT; scalar always runs.
+// avx2 needs AVX2/FMA/F16C/BMI2/POPCNT, neon any aarch64 CPU; scalar always runs. Sources of an
+// ISA are compiled only for its architecture (flashsparse/kernels/build.py); the paths of the
+// others are stubs (bitmap_isa_stubs.cpp) that this reports unsupported.
 bool bitmap_cpu_isa_supported(int isa);
 inline bool bitmap_x_is_bf16(int isa, Dtype dtype) { return isa == kAvx512 && dtype == Dtype::BF16; }
 

@@ -1,6 +1,8 @@
 // Portable path: walks the set bits of each row mask. Also the reference for the SIMD paths'
 // tests (FLASHSPARSE_CPU_ISA=scalar) and the path on CPUs without AVX2.
+#if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#endif
 
 #include <cstring>
 
@@ -119,13 +121,16 @@ bool probe_isa(int isa) {
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
                __builtin_cpu_supports("avx512bf16");
 #endif
+#if defined(__aarch64__)
+    if (isa == kNeon) return true;  // Advanced SIMD is part of AArch64; its options are probed per call
+#endif
     return false;
 }
 }  // namespace
 
 bool bitmap_cpu_isa_supported(int isa) {
-    static const bool supported[3] = {probe_isa(kScalar), probe_isa(kAvx2), probe_isa(kAvx512)};
-    return isa >= kScalar && isa <= kAvx512 && supported[isa];
+    static const bool supported[4] = {probe_isa(kScalar), probe_isa(kAvx2), probe_isa(kAvx512), probe_isa(kNeon)};
+    return isa >= kScalar && isa <= kNeon && supported[isa];
 }
 
 }  // namespace cpu

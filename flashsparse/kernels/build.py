@@ -49,6 +49,7 @@ import importlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -196,6 +197,21 @@ def gencode_flags(arch_list: str) -> list[str]:
         if ptx:
             flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
     return flags
+
+
+# Kernel sources named for an instruction set (``<kernel>_<isa>.<ext>``) compile only on the
+# architectures that have it; setup.py applies the same rule to its copy of the list.
+ISA_ARCHS = {
+    "avx2": ("x86_64", "amd64", "i386", "i686"),
+    "avx512": ("x86_64", "amd64"),
+    "neon": ("aarch64", "arm64"),
+}
+
+
+def builds_on(path: Path, machine: str | None = None) -> bool:
+    """Whether the kernel source ``path`` is compiled for ``machine`` (default: this one)."""
+    archs = ISA_ARCHS.get(path.stem.rsplit("_", 1)[-1])
+    return archs is None or (machine or platform.machine()).lower() in archs
 
 
 # --- what goes into the cache key ---------------------------------------------------------------
@@ -653,13 +669,13 @@ class Extension:
             return f"the {self.name} extension"
         return f"the flashsparse {self.device.upper()} extension"
 
-    def sources(self, csrc: Path | None = None) -> list[Path]:
+    def sources(self, csrc: Path | None = None, machine: str | None = None) -> list[Path]:
         csrc = self.csrc if csrc is None else csrc
         glue = sorted((csrc / "bindings").glob(f"*_{self.device}.cpp"))
         kernels = sorted(
             p
             for p in (csrc / self.kernel_dir).glob(f"*{self.kernel_suffix}")
-            if not p.stem.endswith("_emulator")
+            if not p.stem.endswith("_emulator") and builds_on(p, machine)
         )
         return [*glue, *kernels]
 

@@ -13,8 +13,10 @@ used instead when present, unless ``FLASHSPARSE_JIT=1``). Without a compiler
 
 One extension holds every SIMD path (each source file is compiled for its own instruction
 set); the path is chosen per call from the CPU's features, or forced with
-``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2`` (AVX2/FMA/F16C)
-or ``scalar`` (any CPU) -- an unknown value or a path this CPU lacks is an error. Threads
+``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2`` (AVX2/FMA/F16C),
+``neon`` (any aarch64 CPU; BFDOT / FMLAL where it has FEAT_BF16 / FEAT_FHM, see
+docs/backends/bitmap_neon.md) or ``scalar`` (any CPU) -- an unknown value or a path this CPU
+lacks is an error. Threads
 follow ``torch.get_num_threads()``.
 """
 
@@ -36,6 +38,7 @@ ISAS = {
     "scalar": 0,
     "avx2": 1,
     "avx512": 2,
+    "neon": 3,  # aarch64 (never on the same CPU as the two above)
 }  # op argument values, in order of preference (last best)
 
 

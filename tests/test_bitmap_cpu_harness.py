@@ -1,0 +1,123 @@
+"""The torch-free C++ harness (tests/cpu_harness/bitmap_harness.cpp) over every CPU kernel path.
+
+Natively it checks the paths this machine runs (scalar, AVX2, AVX-512 on x86). Where the
+Debian packages g++-aarch64-linux-gnu and qemu-user are installed it is also cross-compiled for
+aarch64 and run under qemu-aarch64 with CPU models that have and lack FEAT_FP16/FHM/BF16, so
+every NEON variant and every branch of the feature detection runs without ARM hardware. The
+harness compiles the same kernel sources the extension does for that architecture
+(flashsparse.kernels.build: sources named for an ISA only on its architecture).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flashsparse.kernels import build
+from flashsparse.kernels.cpu import bitmap as cpu_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "cpu_harness" / "bitmap_harness.cpp"
+CROSS_CXX = "aarch64-linux-gnu-g++"
+QEMU = "qemu-aarch64"
+# qemu 7.2 CPU models, the features the harness must detect under each, and whether the whole
+# harness runs (cortex-a76 runs the same code as cortex-a57: its smaller shapes suffice).
+QEMU_MODELS = {
+    "max": ("fp16=1,fhm=1,bf16=1", True),
+    "cortex-a76": ("fp16=1,fhm=0,bf16=0", False),
+    "cortex-a57": ("fp16=0,fhm=0,bf16=0", True),
+}
+
+
+def _kernel_sources(machine: str) -> list[str]:
+    sources = cpu_kernels.EXTENSION.sources(machine=machine)
+    return [str(p) for p in sources if p.parent.name == "cpu"]  # no torch glue
+
+
+def _compile(cxx: str, machine: str, out: Path, extra: tuple[str, ...] = ()) -> None:
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        f"-I{build.CSRC}",
+        str(HARNESS),
+        *_kernel_sources(machine),
+        *extra,
+        "-o",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}"
+
+
+def _run(cmd: list[str]) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    print(output)
+    assert done.returncode == 0, output
+    last = output.strip().splitlines()[-1]
+    assert last.endswith(" 0 failed") and not last.startswith("0 passed"), last
+    return output
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cpu_harness")
+
+
+@pytest.mark.slow
+def test_native_harness(workdir):
+    cxx = build.find_cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++ or $CXX) to build the harness")
+    exe = workdir / "bitmap_harness_native"
+    _compile(cxx, platform.machine(), exe)
+    output = _run([str(exe)])
+    assert "PASS scalar" in output
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if " avx2 " in flags and " f16c " in flags and " fma " in flags and " bmi2 " in flags:
+            assert "PASS avx2" in output
+        if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512_vbmi2", "avx512_bf16")):
+            assert "PASS avx512" in output
+
+
+@pytest.fixture(scope="module")
+def arm_harness(workdir) -> Path:
+    missing = [
+        f"{tool} (Debian package {pkg})"
+        for tool, pkg in ((CROSS_CXX, "g++-aarch64-linux-gnu"), (QEMU, "qemu-user"))
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        pytest.skip(
+            "the aarch64 harness needs "
+            + " and ".join(missing)
+            + ": apt-get install g++-aarch64-linux-gnu qemu-user"
+        )
+    exe = workdir / "bitmap_harness_aarch64"
+    _compile(CROSS_CXX, "aarch64", exe, ("-static",))
+    return exe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(QEMU_MODELS))
+def test_aarch64_harness_under_qemu(arm_harness, model):
+    features, whole = QEMU_MODELS[model]
+    quick = [] if whole else ["--quick"]
+    output = _run([QEMU, "-cpu", model, str(arm_harness), "--expect", features, *quick])
+    assert "PASS neon " in output and "PASS neon/gather" in output and "PASS neon/rebuild" in output
+    if "bf16=1" in features:
+        assert "PASS neon/gather+bfdot" in output and "PASS neon/rebuild+fmlal" in output
+
+
+def test_sources_follow_the_architecture():
+    x86 = {Path(p).name for p in _kernel_sources("x86_64")}
+    arm = {Path(p).name for p in _kernel_sources("aarch64")}
+    assert {"bitmap_avx2.cpp", "bitmap_avx512.cpp"} <= x86 and "bitmap_neon.cpp" not in x86
+    assert "bitmap_neon.cpp" in arm and not arm & {"bitmap_avx2.cpp", "bitmap_avx512.cpp"}
+    assert {"bitmap_scalar.cpp", "bitmap_isa_stubs.cpp"} <= x86 & arm
