@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import RTOL, reference_linear, rel_err
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+pytest.importorskip("safetensors")
+from safetensors.torch import load_file, save_file
 
 import flashsparse as fs
 from flashsparse import SparseLinear
