@@ -1,6 +1,7 @@
 """The step runner behind ``bench/gpu_check.sh``: what one call on a lent GPU machine does.
 
-    bash bench/gpu_check.sh [--budget | --rerun SUMMARY.json] [--dry-run] [--steps a,b] [OUTDIR]
+    bash bench/gpu_check.sh [--budget | --rerun SUMMARY.json] [--deadline S] [--dry-run]
+                            [--steps a,b] [OUTDIR]
 
 Profiles (docs/gpu_runbook.md says which ``run`` call starts each one and how to read its result):
 
@@ -17,6 +18,9 @@ Profiles (docs/gpu_runbook.md says which ``run`` call starts each one and how to
   machine starts bare), then only what failed, timed out or was skipped in the run whose
   ``summary.json`` is given: the failed (or not yet run) GPU tests by node id, the failed
   sanitizer tools, the sweep chunks that did not finish, the e2e.
+
+``--deadline S`` fits a profile into a call of S seconds (when the session has less device time
+left than the profile assumes): the steps then share ``S - 15`` seconds by the same rules.
 
 Every step runs under its own time limit in its own process group (killed whole when the limit
 is reached) and a failing step does not stop the others. A profile with a deadline gives each
@@ -64,8 +68,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FULL_STEPS = ("env", "install", "build", "pytest", "sanitize", "sweep", "report", "e2e")
 BUDGET_STEPS = ("env", "install", "build", "pytest", "memcheck", "racecheck", "sweep", "e2e")
-BUDGET_DEADLINE_S = 525.0  # 9 minutes less 15 s for packing up and the call's own margin
-RERUN_DEADLINE_S = 225.0  # 4 minutes less 15 s
+WRAP_UP_S = 15.0  # kept after the last step: the final kill grace, packing the logs, a margin
+BUDGET_DEADLINE_S = 9 * 60 - WRAP_UP_S
+RERUN_DEADLINE_S = 4 * 60 - WRAP_UP_S
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this much later
 PREDICTIONS = "bench/results/gpu_predictions_h200.json"
 ALWAYS_IN_RERUN = ("env", "install", "build")  # a fresh machine is bare
@@ -232,6 +237,7 @@ def budget_steps(py: str, dest: str, logs: str) -> dict[str, Step]:
         "build": Step(
             "build",
             f"FLASHSPARSE_CUDA=1 {py} -m pip install --no-deps --no-build-isolation -v -e . "
+            '&& echo "[build] flashsparse._C compiled and installed in ${SECONDS} s" '
             f"&& FLASHSPARSE_VERBOSE_BUILD=1 {py} bench/gpu_selfcheck.py",
             180,
             floor=60,
@@ -460,12 +466,14 @@ def pytest_outcomes(junit: Path, log: Path) -> dict:
 def _nodeid(classname: str, name: str) -> str:
     """junit ``classname="tests.test_x"`` + ``name`` -> ``tests/test_x.py::name`` (a test in a
     class: ``tests/test_x.py::Class::name``)."""
+    if not classname:  # a module skipped or broken at collection: name is its dotted path
+        classname, name = name, ""
     parts = classname.split(".")
     for cut in range(len(parts), 0, -1):
         path = Path(*parts[:cut]).with_suffix(".py")
         if (ROOT / path).is_file():
-            return "::".join([path.as_posix(), *parts[cut:], name])
-    return f"{classname.replace('.', '/')}.py::{name}"
+            return "::".join([path.as_posix(), *parts[cut:], *([name] if name else [])])
+    return f"{classname.replace('.', '/')}.py" + (f"::{name}" if name else "")
 
 
 def sweep_chunks(dest: Path) -> dict[str, str]:
@@ -531,7 +539,12 @@ class Runner:
             status = "TIMEOUT" if timed_out else "ok" if rc == 0 else "FAILED"
             result = Result(step.name, status, rc, seconds, limit)
             self.results.append(result)
-            self._collect(step.name)
+            try:
+                self._collect(step.name)
+            except Exception as exc:  # a malformed artefact must not cost the rest of the run
+                self.extra.setdefault("collect_errors", []).append(
+                    f"{step.name}: {type(exc).__name__}: {exc}"
+                )
             with open(log, "a") as f:
                 f.write(f"-- {step.name}: {result.label} in {seconds:.0f}s\n")
             self.echo(f"-- {step.name}: {result.label} in {seconds:.0f}s")
@@ -683,6 +696,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument(
         "--rerun", metavar="SUMMARY_JSON", help="at most 4 minutes: what failed there"
     )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds the whole call may take (the profile's deadline becomes this less 15 s)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     ap.add_argument("--steps", default="", help="only these steps (comma-separated), usual order")
     ap.add_argument("outdir", nargs="?", help="output folder (default $OUT, else ./gpu_check_out)")
@@ -723,6 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gpu_check: bad GPU_CHECK_TIME_SCALE / GPU_CHECK_TIMEOUT_*: {exc}", file=sys.stderr)
         return 2
+    if args.deadline is not None:
+        if args.deadline <= WRAP_UP_S:
+            print(f"gpu_check: --deadline must exceed {WRAP_UP_S:.0f} s", file=sys.stderr)
+            return 2
+        profile = replace(profile, deadline=args.deadline - WRAP_UP_S)
     profile = scaled(profile, scale, overrides)
     if args.dry_run:
         print(dry_run(profile, dest))

@@ -139,12 +139,29 @@ def test_budget_dry_run_plans_nine_minutes_most_important_first(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_dry_run_in_process_lists_the_budget_plan(capsys, monkeypatch):
+def _previous_summary(tmp_path: Path) -> Path:
+    path = tmp_path / "summary.json"
+    steps = [{"name": n, "status": "ok"} for n in BUDGET if n != "sweep"]
+    path.write_text(
+        json.dumps({"profile": "budget", "steps": [*steps, {"name": "sweep", "status": "FAILED"}]})
+    )
+    return path
+
+
+def test_dry_run_in_process_lists_the_budget_plan(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("GPU_CHECK_TIME_SCALE", raising=False)
     assert gc.main(["--budget", "--dry-run", "/nowhere"]) == 0
     out = capsys.readouterr().out
     assert [s[1] for s in _listed(out)] == list(BUDGET)
     assert "expected total" in out and not Path("/nowhere").exists()
+    # A session with less device time left: the same steps share a shorter deadline.
+    assert (
+        gc.main(["--rerun", str(_previous_summary(tmp_path)), "--deadline", "200", "--dry-run"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "deadline 185 s" in out
+    assert gc.main(["--budget", "--deadline", "10", "--dry-run"]) == 2
 
 
 def test_budget_profile_fits_its_deadline_and_the_device_limits():
@@ -430,6 +447,21 @@ def test_rerun_after_a_pytest_timeout_deselects_what_passed():
     cmd = profile.steps[3].command
     assert "--deselect 'tests/a.py::t[x-1]'" in cmd and "tests/b.py::u" not in cmd
     assert profile.deadline == gc.RERUN_DEADLINE_S
+
+
+def test_pytest_outcomes_from_junit_with_collection_problems(tmp_path):
+    xml = tmp_path / "pytest.xml"
+    xml.write_text(
+        '<testsuites><testsuite><testcase classname="" name="tests.test_compressed_tensors">'
+        '<skipped message="collection skipped"/></testcase>'
+        '<testcase classname="" name="tests.test_moe"><error message="ImportError"/></testcase>'
+        '<testcase classname="tests.test_tiled_csl_cuda" name="test_gpu_opcheck"/>'
+        "</testsuite></testsuites>"
+    )
+    got = gc.pytest_outcomes(xml, tmp_path / "pytest.log")
+    # A module that failed to import is rerun whole (its path is a valid pytest argument).
+    assert got["errors"] == ["tests/test_moe.py"] and got["skipped"] == 1
+    assert got["passed"] == ["tests/test_tiled_csl_cuda.py::test_gpu_opcheck"] and got["complete"]
 
 
 def test_pytest_outcomes_from_the_log_when_no_xml(tmp_path):
