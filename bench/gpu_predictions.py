@@ -38,6 +38,8 @@ SOURCE_GLOBS = (
     "flashsparse/kernels/cuda.py",
     "flashsparse/kernels/cuda/*.py",
     "bench/kernel_specs/*.py",
+    "bench/sass_report/*.py",
+    "bench/sass_report/specs/*.py",
 )
 KERNEL_KEYS = (
     "kernel",

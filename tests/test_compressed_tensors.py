@@ -10,13 +10,10 @@ import pytest
 import torch
 from conftest import RTOL, rel_err
 from helpers import random_weight
+from safetensors.torch import save_file
 from torch import nn
 
-pytest.importorskip("safetensors")
-from safetensors.torch import save_file
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("transformers")
 import transformers
 
 # Absent (as on the lent GPU machine): skip. Present but too new: fail, as the test extra pins it.

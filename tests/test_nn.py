@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import RTOL, reference_linear, rel_err
-from torch import nn
-
-pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import flashsparse as fs
 from flashsparse import SparseLinear

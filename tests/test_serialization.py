@@ -8,14 +8,11 @@ import os
 
 import pytest
 import torch
-from torch import nn
-
-pytest.importorskip("safetensors")
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("transformers")
 import transformers
 
 import flashsparse as fs
