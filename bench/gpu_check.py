@@ -236,15 +236,18 @@ def budget_steps(py: str, dest: str, logs: str) -> dict[str, Step]:
         ),
         "build": Step(
             "build",
-            f"FLASHSPARSE_CUDA=1 {py} -m pip install --no-deps --no-build-isolation -v -e . "
-            '&& echo "[build] flashsparse._C compiled and installed in ${SECONDS} s" '
-            f"&& FLASHSPARSE_VERBOSE_BUILD=1 {py} bench/gpu_selfcheck.py",
+            # The self-check runs even when pip fails: it then JIT-builds the same sources and
+            # shows the compiler's error again, and checks the Triton kernel all the same.
+            f"FLASHSPARSE_CUDA=1 {py} -m pip install --no-deps --no-build-isolation -v -e .; b=$?; "
+            'echo "[build] flashsparse._C (sm_90a): pip exit $b after ${SECONDS} s"; '
+            f"FLASHSPARSE_VERBOSE_BUILD=1 {py} bench/gpu_selfcheck.py; s=$?; exit $(( b ? b : s ))",
             180,
             floor=60,
-            expected=40,
-            why="8 translation units for sm_90a in parallel on 16 cores: the slowest takes 10 s "
-            "(the torch glue), all 8 take 38 s one after another; link + pip ~10 s; then "
-            "import + load + self-check of each GPU kernel ~10 s",
+            expected=50,
+            why="8 translation units for sm_90a, all at once on 16 cores: the slowest takes 10 s "
+            "(torch glue), the 8 take 38 s one after another (2-core CPU machine); setuptools "
+            "(imports torch twice), link and install ~15 s; then each GPU kernel's load + "
+            "self-check + two odd shapes per dtype, ~8 Triton compiles at ~2 s: ~20 s",
         ),
         "pytest": Step(
             "pytest",
