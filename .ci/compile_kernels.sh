@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile every torch-free CUDA source in csrc/kernels/ with plain nvcc for sm_80 and sm_90a,
+# Compile every torch-free CUDA source in csrc/kernels/ with plain nvcc for sm_80, sm_86 and sm_90a,
 # failing on any error or warning (host, device or ptxas) and on any register spill; print the
 # ptxas resource report (registers, spills, static shared memory) per kernel and arch, and the
 # dynamic shared memory of each block-tile configuration.
@@ -9,7 +9,7 @@
 #   summary.txt and the nvcc logs.
 # A passing result is cached per hash of (this script, csrc/kernels/*, nvcc version, archs), so
 # running it again (the test suite runs it too) costs nothing; failures are never cached.
-# Env: NVCC (default nvcc), FLASHSPARSE_CI_ARCHS (default "80 90a"), JOBS (default nproc),
+# Env: NVCC (default nvcc), FLASHSPARSE_CI_ARCHS (default "80 86 90a"), JOBS (default nproc),
 #      FLASHSPARSE_KERNEL_CACHE (cache root), FLASHSPARSE_NO_KERNEL_CACHE=1 (always compile).
 # Exit: 0 ok (or nvcc absent: skipped with a message), 1 compile error, warning or spill.
 set -euo pipefail
@@ -20,7 +20,7 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
     echo "compile_kernels: nvcc not found; skipping the CUDA kernel compile check"
     exit 0
 fi
-ARCHS=${FLASHSPARSE_CI_ARCHS:-"80 90a"}
+ARCHS=${FLASHSPARSE_CI_ARCHS:-"80 86 90a"}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 DEST=${1:-}
 

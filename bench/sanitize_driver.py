@@ -9,9 +9,11 @@ Every tensor gets its own cudaMalloc (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set be
 imported), so memcheck sees a read one element past ``words``, ``tile_offsets``, ``x`` or
 ``bias`` instead of it landing inside a larger cached block. Cases: a 100 %-dense tile, an empty
 tile, a dense column, N = 1 and N = 300, K % 8 != 0 and an unaligned x pointer, forced split-K,
-every block-tile width, fp16 and bf16, and one call through ``flashsparse.linear``; the bitmap
-kernel runs BITMAP_CASES (the same kinds of shapes; split-K twice in a row, so the reused
-counters are exercised) and one ``flashsparse.linear`` call.
+every block-tile width, fp16 and bf16, malformed TileOffsets and word locations (wrong data,
+never an out-of-bounds access), and one call through ``flashsparse.linear``; the bitmap kernel
+runs BITMAP_CASES (the same kinds of shapes; split-K twice in a row, so the reused counters are
+exercised; a tile width this GPU's shared memory does not take runs the widest one it does) and
+one ``flashsparse.linear`` call.
 
 Exit status: 0 all cases match the float64 reference, 1 a mismatch, 2 the CUDA backend is
 unavailable (the reason is printed).
@@ -71,12 +73,18 @@ def _bitmap(g: torch.Generator) -> int:
             x = _x(n, k, unaligned, dtype, g)
             bias = torch.randn(m, generator=g).to(device="cuda", dtype=dtype)
             masks, values, offsets = fs.encode(w, "bitmap").tensors
-            tn = tile_n or bitmap.bitmap_tile_n(n)
+            # the case's width if this GPU's shared memory takes it, else the widest that fits
+            fits = bitmap._occupancy(x.device.index, dtype == torch.bfloat16)
+            tn = (
+                tile_n
+                if tile_n and fits[tile_n]
+                else bitmap._plan(x.device.index, dtype == torch.bfloat16, n, m, k)[1]
+            )
             split = launch.effective_split(-(-k // 64), split_k)
             counters, partials = bitmap.bitmap_workspace(x.device, m, n, tn, split)
             ref = x.double() @ w.double().T + bias.double()
             for _ in range(2):
-                y = op(x, masks, values, offsets, m, k, bias, split_k, tile_n, counters, partials)
+                y = op(x, masks, values, offsets, m, k, bias, split_k, tn, counters, partials)
                 err = float((y.double() - ref).norm() / ref.norm())
                 ok = err < RTOL[dtype]
                 failures += not ok
@@ -126,6 +134,11 @@ def _tiled_csl_workspace_and_malformed_offsets(g: torch.Generator) -> int:
         print(f"{'ok ' if ok else 'BAD'} reused split-K workspace: rel err {err:.2e}")
     op(x, words, offsets + 5, 257, 1000, None, 3, 8)
     op(x, words, offsets.flip(0).contiguous(), 257, 1000, None, 1, 8)
+    # Word locations past the tile (masked to it in the kernel): memcheck must stay clean.
+    bad = words.clone()
+    bad[::3] |= 0x7FFF0000
+    for split_k, tile_n in ((1, 8), (3, 64)):
+        op(x, bad, offsets, 257, 1000, None, split_k, tile_n)
     return failures
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -155,7 +156,16 @@ def test_ptxas_and_res_usage_parsing():
     }
 
 
-def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> analyse.KernelResult:
+def _fake_result(
+    kernel: str,
+    n_tile: int,
+    ctas: int = 2,
+    ipe: float = 4.0,
+    *,
+    arch: str = "sm_90a",
+    registers: int = 128,
+    smem: int = 40000,
+) -> analyse.KernelResult:
     keys = [str(s) for s in model.SPARSITIES]
     detail = {
         "integer_per_element": dict.fromkeys(keys, 1.0),
@@ -163,7 +173,7 @@ def _fake_result(kernel: str, n_tile: int, ctas: int = 2, ipe: float = 4.0) -> a
         "smem_bytes_per_element": dict.fromkeys(keys, 0.5),
     }
     return analyse.KernelResult(
-        kernel, "sm_90a", "fp16", n_tile, 128, 0, 40000, ctas, dict.fromkeys(keys, ipe), detail
+        kernel, arch, "fp16", n_tile, registers, 0, smem, ctas, dict.fromkeys(keys, ipe), detail
     )
 
 
@@ -196,12 +206,19 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
             "instr_per_element",
         }
         assert set(e["instr_per_element"]) == {"0.5", "0.7", "0.9"}
-    plan_keys = {"kernel", "m", "k", "n", "sparsity", "ctas", "split_k", "persistent"}
+    plan_keys = {"kernel", "arch", "gpu", "m", "k", "n", "sparsity", "ctas", "split_k"}
+    plan_keys |= {"persistent", "smem_bytes", "smem_limit"}
     per_kernel = len(model.SHAPES) * len(model.NS) * len(model.SPARSITIES)
     for name in ("tiled_csl_cuda", "bitmap_triton"):
-        rows = [p for p in report["plans"] if p["kernel"] == name]
-        assert len(rows) == per_kernel
-        assert all(set(p) >= plan_keys for p in rows)
+        for arch, gpu in (("sm_90a", "H100 SXM"), ("sm_86", "A10"), ("sm_80", "A100 SXM")):
+            rows = [p for p in report["plans"] if p["kernel"] == name and p["arch"] == arch]
+            assert len(rows) == per_kernel
+            assert all(set(p) >= plan_keys and p["gpu"] == gpu for p in rows)
+    # smem_bytes: the launched instance's (counted for sm_90a here), else unknown
+    tcsl_rows = [p for p in report["plans"] if p["kernel"] == "tiled_csl_cuda"]
+    assert {p["smem_bytes"] for p in tcsl_rows if p["arch"] == "sm_90a"} == {40000}
+    assert {p["smem_bytes"] for p in tcsl_rows if p["arch"] != "sm_90a"} == {None}
+    assert {p["smem_limit"] for p in tcsl_rows if p["arch"] == "sm_86"} == {101_376}
     # The Triton plan is choose_config's: CTAs = M blocks x N blocks x split.
     from flashsparse.kernels.triton.bitmap_spmm import choose_config
 
@@ -223,13 +240,15 @@ def test_report_schema_plans_and_missing_spec(monkeypatch, tmp_path):
     tile_m, _ = tiled_csl.tile_config(8)
     assert row["ctas"] == -(-28672 // tile_m) * row["split_k"]
     preds = report["predictions"]
-    # One prediction per plan row (a kernel whose spec is missing still has its plan, predicted
-    # from bytes alone).
-    assert len(preds) == len(report["plans"]) and all(p["speedup"] > 0 for p in preds)
+    # One prediction per sm_90 plan row (a kernel whose spec is missing still has its plan,
+    # predicted from bytes alone).
+    sm90 = [p for p in report["plans"] if p["arch"].startswith("sm_90")]
+    assert len(preds) == len(sm90) and all(p["speedup"] > 0 for p in preds)
     text = render.format_report(report)
     assert "ERROR bitmap_cuda" in text
+    assert "tiled_csl_cuda  sm_86   A10" in text  # the per-arch plan summary
     # Red flag on plans under two CTAs per SM.
-    small = [p for p in report["plans"] if p["ctas"] < 264]
+    small = [p for p in sm90 if p["ctas"] < 264]
     assert small and "!" in text
     out = tmp_path / "r.json"
     out.write_text(json.dumps(report))
@@ -258,6 +277,7 @@ def test_cli_rejects_unknown_kernel():
         sass_report.main(["--kernels", "nope"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("nvcc") is None or tools.find_tool("cuobjdump") is None,
     reason="needs nvcc and cuobjdump",
@@ -285,22 +305,81 @@ def test_without_nvcc_the_cuda_kernels_are_skipped(monkeypatch):
     assert all(not p["counted"] for p in report["predictions"])
 
 
-def test_plan_functions_get_the_counted_occupancy(monkeypatch):
+def test_plan_functions_get_the_device_and_the_counted_occupancy(monkeypatch):
     from flashsparse.kernels.cuda import bitmap
 
     calls = []
 
-    def bitmap_launch_plan(m, k, n, *, num_sms=132, ctas_per_sm=None, tile_n=None):
-        calls.append((m, k, n, num_sms, ctas_per_sm))
+    def bitmap_launch_plan(m, k, n, *, device, ctas_per_sm=None):
+        calls.append((m, k, n, device, ctas_per_sm))
         return {"ctas": 300, "split_k": 2, "persistent": False, "tile_m": 64, "tile_n": 16}
 
     monkeypatch.setattr(bitmap, "bitmap_launch_plan", bitmap_launch_plan)
-    results = [_fake_result("bitmap_cuda", 16, ctas=3)]
+    results = [_fake_result("bitmap_cuda", n, ctas=3) for n in (8, 16, 32)]
     plan = plans.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results)
     assert plan["ctas"] == 300 and plan["split_k"] == 2 and plan["workspace"] is True
-    # First call: the planner's own occupancy; second: the counted instance's (no weight_bytes,
-    # which this signature does not take).
-    assert calls == [(4096, 4096, 8, 132, None), (4096, 4096, 8, 132, 3)]
+    assert plan["smem_bytes"] == 40000  # the 16-wide instance's static + dynamic bytes
+    (_, _, _, device, per_sm), *_ = calls
+    # the H100's limits, and CTAs per SM from the counted instances (128 registers: 4 CTAs)
+    assert (device.sms, device.smem_per_block_optin) == (132, 227 * 1024)
+    assert per_sm == {8: 4, 16: 4, 32: 4}
+    # sm_86: an A10's limits; no sm_86 instance was counted, so the planner's own model
+    calls.clear()
+    plan = plans.plan_for("bitmap_cuda", 4096, 4096, 8, 0.7, results, arch="86")
+    (_, _, _, device, per_sm), *_ = calls
+    assert (device.sms, device.smem_per_block_optin, per_sm) == (72, 99 * 1024, None)
+    assert plan["smem_bytes"] is None
+
+
+def _bitmap_results(arch: str, static_smem: int) -> list[analyse.KernelResult]:
+    """Counted bitmap instances as ptxas reports them for ``arch`` (registers, static smem)."""
+    from sass_report.specs import bitmap_cuda as spec
+
+    regs = {8: 79, 16: 106, 32: 157}
+    out = []
+    for tn in (8, 16, 32):
+        r = _fake_result(
+            "bitmap_cuda", tn, arch=arch, registers=regs[tn], smem=spec.smem_bytes(tn) + static_smem
+        )
+        r.ctas_per_sm = model.ctas_per_sm(r.registers, r.smem_bytes, 128, model.gpu_for_arch(arch))
+        out.append(r)
+    return out
+
+
+def test_sm86_plans_never_exceed_its_shared_memory(monkeypatch):
+    """With the real per-CTA footprint (4,112 B static + dynamic), every sm_86 plan launches a
+    tile width whose CTA fits 101,376 bytes: N > 16 runs 16-wide tiles."""
+    results = _bitmap_results("sm_86", 4112) + _bitmap_results("sm_80", 4112)
+    monkeypatch.setattr(analyse, "load_spec", lambda name: CudaSpec(name, (), lambda n: None))
+    monkeypatch.setattr(analyse, "report_cuda", lambda spec, log, jobs=2: results)
+    report, log = sass_report.build_report(["bitmap_cuda"], plans=True)
+    assert not [line for line in log if line.startswith("ERROR")], log
+    rows = [p for p in report["plans"] if p["arch"] == "sm_86"]
+    assert rows and all(p["smem_bytes"] <= 101_376 == p["smem_limit"] for p in rows)
+    assert {p["tile_n"] for p in rows if p["n"] == 32} == {16}
+    a100 = [p for p in report["plans"] if p["arch"] == "sm_80"]
+    assert {p["tile_n"] for p in a100 if p["n"] == 32} == {32}
+    assert all(p["smem_bytes"] <= p["smem_limit"] for p in a100)
+    kernels = {(e["arch"], e["n_tile"]): e for e in report["kernels"]}
+    assert kernels[("sm_86", 32)]["ctas_per_sm"] == 0 and kernels[("sm_86", 16)]["ctas_per_sm"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or tools.find_tool("cuobjdump") is None,
+    reason="needs nvcc and cuobjdump",
+)
+def test_real_compile_sm86_plans_fit(monkeypatch):
+    """The compiled sm_86 cubins' own static shared memory: no sm_86 plan over 101,376 B."""
+    spec = analyse.load_spec("bitmap_cuda")
+    monkeypatch.setattr(analyse, "load_spec", lambda name: dataclasses.replace(spec, archs=("86",)))
+    report, log = sass_report.build_report(["bitmap_cuda"], plans=True)
+    assert not [line for line in log if line.startswith("ERROR")], log
+    rows = report["plans"]
+    assert len(rows) == len(model.SHAPES) * len(model.NS) * len(model.SPARSITIES)
+    assert all(p["arch"] == "sm_86" and p["smem_bytes"] <= 101_376 for p in rows)
+    wide = [e for e in report["kernels"] if e["n_tile"] == 32]
+    assert wide and all(e["smem_bytes"] > 101_376 and e["ctas_per_sm"] == 0 for e in wide)
 
 
 def test_non_primary_variants_are_reported_but_not_planned():
@@ -309,4 +388,4 @@ def test_non_primary_variants_are_reported_but_not_planned():
     variant = _fake_result("bitmap_cuda", 16, ctas=1, ipe=99.0)
     variant.instance = Instance("fp16", 16, 128, 4096, params={"x_aligned": False}, primary=False)
     assert plans.pick_instance([variant, primary], "bitmap_cuda", 16) is primary
-    assert plans._cta_slots([variant, primary], "bitmap_cuda", 16) == 3
+    assert plans._arch_instances([variant, primary], "bitmap_cuda", "90a") == {16: primary}

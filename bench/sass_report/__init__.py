@@ -2,16 +2,18 @@
 
     python bench/kernel_report.py [--json PATH] [--kernels a,b] [--no-plans]
 
-For every kernel with a spec in ``bench/sass_report/specs/`` (``bitmap_cuda``, ``tiled_csl_cuda``,
-``bitmap_triton``) it compiles each instantiation to a cubin (CUDA: ``nvcc -cubin`` for sm_90a
-and sm_80 with the flags of ``.ci/compile_kernels.sh``; Triton: ``triton.compile`` with a
-``GPUTarget("cuda", 90, 32)``), disassembles it (``cuobjdump -sass``; CUDA's or the one the
-triton wheel ships) and reports
+For every kernel with a spec in ``bench/sass_report/specs/`` (``bitmap_cuda``,
+``tiled_csl_cuda``, ``bitmap_triton``) it compiles each instantiation to a cubin (CUDA:
+``nvcc -cubin`` for sm_90a, sm_86 and sm_80 with the flags of ``.ci/compile_kernels.sh``;
+Triton: ``triton.compile`` with a ``GPUTarget("cuda", 90, 32)``), disassembles it
+(``cuobjdump -sass``; CUDA's or the one the triton wheel ships) and reports
 
 * registers, spill bytes (ptxas spill stores + loads; Triton: the local-memory frame), shared
-  memory (static + dynamic) and the CTAs an H100 SM holds (limits: 64 warps, 32 CTAs,
-  65536 registers allocated per warp in units of 256, 228 KiB shared memory with 1 KiB
-  reserved per CTA);
+  memory per CTA (static from ptxas + dynamic from the spec) and the CTAs an SM holds, on an
+  H100 (``ctas_per_sm_h100``; limits: 64 warps, 32 CTAs, 65536 registers allocated per warp in
+  units of 256, 228 KiB shared memory with 1 KiB reserved per CTA, 227 KiB per CTA) and on the
+  GPU its arch's plans target (``ctas_per_sm``: an A100 for sm_80, an A10 -- 99 KiB per CTA,
+  like every sm_86/89/120 part -- for sm_86; 0 when the CTA does not fit);
 * ``instr_per_element`` at sparsity 0.5 / 0.7 / 0.9: SASS instructions a thread issues in one
   main-loop iteration x threads per CTA / dense weight elements that iteration consumes.
   Every instruction counts once per warp (predicated-off lanes issue too). The main loop is
@@ -23,9 +25,11 @@ triton wheel ships) and reports
   integer, conversion, MMA, barrier, branch, other) and shared-memory bytes per element;
 
 and, for the benchmark shapes (Llama-3-8B, OPT-66B; N = 1, 8, 16, 32; sparsity 0.5, 0.7, 0.9),
-the launch plan of each kernel (CTAs, split-K, persistent) with a red flag under two CTAs per
-SM (264 on an H100), and a predicted speed-up over dense from this model (H100, fp16;
-``--gpu h200``: the same with 4.8 TB/s):
+the launch plan of each kernel for each compiled arch on that arch's GPU (CTAs, split-K, tile
+width, and ``smem_bytes``: the launched instance's shared memory per CTA, next to the GPU's
+per-CTA limit), with a red flag under two CTAs per SM (264 on an H100), and for the sm_90 plans
+a predicted speed-up over dense from this model (H100, fp16; ``--gpu h200``: the same with
+4.8 TB/s):
 
     time  = max(bytes / 3.35 TB/s,
                 max(instr, 2 x int-pipe instr) x elements x N-blocks / (29 T thread-instr/s x util),

@@ -4,6 +4,7 @@ count instructions per weight element at each sparsity."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -15,7 +16,7 @@ from typing import Any
 
 from . import compile as tools
 from .cfg import block_frequencies, count_loop, find_main_loop
-from .model import H100, SPARSITIES, Gpu, ctas_per_sm
+from .model import H100, SPARSITIES, Gpu, ctas_per_sm, gpu_for_arch
 from .parse import Instr, parse_ptxas, parse_res_usage, parse_sass
 from .specs import CudaSpec, Instance, TritonSpec
 
@@ -30,12 +31,14 @@ class KernelResult:
     n_tile: int
     registers: int
     spill_bytes: int
-    smem_bytes: int
+    smem_bytes: int  # static (from ptxas) + dynamic (from the spec) per CTA
     ctas_per_sm_h100: int
     instr_per_element: dict[str, float]
     detail: dict[str, Any]
     function: str = ""
     instance: Instance | None = None
+    # On the arch's own plan target (gpu_for_arch): 0 = does not fit it.
+    ctas_per_sm: int | None = None
 
     def entry(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,8 @@ class KernelResult:
             "spill_bytes": self.spill_bytes,
             "smem_bytes": self.smem_bytes,
             "ctas_per_sm_h100": self.ctas_per_sm_h100,
+            "ctas_per_sm": self.ctas_per_sm_h100 if self.ctas_per_sm is None else self.ctas_per_sm,
+            "ctas_per_sm_gpu": gpu_for_arch(self.arch).name,
             "instr_per_element": self.instr_per_element,
             "detail": self.detail,
         }
@@ -107,6 +112,7 @@ def analyse(
         detail,
         name,
         inst,
+        ctas_per_sm(registers, smem, inst.threads, gpu_for_arch(arch, gpu)),
     )
 
 
@@ -126,6 +132,7 @@ def report_cuda(spec: CudaSpec, log: list[str], jobs: int = 2) -> list[KernelRes
             inst = spec.match(fname)
             if inst is None:
                 continue
+            inst = dataclasses.replace(inst, arch=arch)
             r = res.get(fname, {"registers": 0, "spill_bytes": 0, "static_smem": 0})
             results.append(
                 analyse(

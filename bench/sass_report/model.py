@@ -1,5 +1,10 @@
-"""The GPU model behind the predictions: occupancy limits, the benchmark shapes, and a
-time/speed-up estimate from bytes, issued instructions and shared-memory traffic."""
+"""The GPU model behind the predictions: occupancy limits per architecture, the benchmark
+shapes, and a time/speed-up estimate from bytes, issued instructions and shared-memory traffic.
+
+Predictions use the H100 (or H200) model. Launch plans are also made for one named GPU per
+other compiled architecture (:data:`ARCH_GPUS`: sm_80 an A100, sm_86 an A10 -- the 99 KiB of
+shared memory per block that sm_86, sm_89 and sm_120 share), so the report shows that every
+plan fits its architecture's limits."""
 
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ SHAPES: tuple[tuple[str, int, int], ...] = (
     ("opt-66b", 36864, 9216),
     ("opt-66b", 9216, 36864),
 )
-# The flags of .ci/compile_kernels.sh (what torch's extension build adds), minus -c / warnings.
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,41 @@ H100 = Gpu()
 # Same SMs, clocks and occupancy limits as the H100; more bandwidth (the lent GPU is often one).
 H200 = Gpu(name="H200", bandwidth=4.8e12)
 GPUS = {"h100": H100, "h200": H200}
+# Launch-plan targets of the other architectures (limits from the CUDA programming guide).
+A100 = Gpu(
+    name="A100 SXM",
+    sms=108,
+    clock_hz=1.41e9,
+    bandwidth=2.04e12,
+    smem=164 * 1024,
+    max_smem_per_cta=163 * 1024,
+)
+A10 = Gpu(
+    name="A10",
+    sms=72,
+    clock_hz=1.695e9,
+    bandwidth=0.6e12,
+    max_warps=48,
+    max_ctas=16,
+    smem=100 * 1024,
+    max_smem_per_cta=99 * 1024,
+)
+ARCH_GPUS = {"80": A100, "86": A10, "90": H100, "90a": H100}
+
+
+def gpu_for_arch(arch: str, model: Gpu = H100) -> Gpu:
+    """The GPU plans for ``arch`` (``"86"`` or ``"sm_86"``) target: ``model`` for sm_90."""
+    arch = arch.removeprefix("sm_")
+    if arch.startswith("90"):
+        return model
+    if arch not in ARCH_GPUS:
+        raise ValueError(f"no GPU model for arch sm_{arch}; known: {sorted(ARCH_GPUS)}")
+    return ARCH_GPUS[arch]
 
 
 def ctas_per_sm(registers: int, smem_bytes: int, threads: int, gpu: Gpu = H100) -> int:
-    """Resident CTAs per SM (the CUDA occupancy calculator's limits for sm_90)."""
+    """Resident CTAs per SM (the CUDA occupancy calculator's limits); 0 when ``smem_bytes``
+    (static + dynamic per CTA) exceeds what one CTA may have on ``gpu``."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     warps = -(-threads // 32)

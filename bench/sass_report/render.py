@@ -25,6 +25,7 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
             f"{ipe['0.5']:6.2f} {ipe['0.7']:6.2f} {ipe['0.9']:6.2f}   ({e['detail']['int_pipe_per_element']['0.7']:.2f})"
             + ("" if e["detail"].get("primary", True) else "  variant (not planned)")
         )
+    model_plans = [p for p in report["plans"] if p.get("arch", "sm_90").startswith("sm_90")]
     if report["plans"]:
         floor = 2 * gpu.sms
         lines.append("")
@@ -39,7 +40,7 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
         preds = {
             (p["kernel"], p["m"], p["k"], p["n"], p["sparsity"]): p for p in report["predictions"]
         }
-        for p in report["plans"]:
+        for p in model_plans:
             q = preds.get((p["kernel"], p["m"], p["k"], p["n"], p["sparsity"]), {})
             flag = "!" if p["ctas"] < floor and not p["persistent"] else " "
             lines.append(
@@ -64,10 +65,10 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
                     )
             flagged = sum(
                 1
-                for p in report["plans"]
+                for p in model_plans
                 if p["kernel"] == kernel and p["ctas"] < floor and not p["persistent"]
             )
-            total = sum(1 for p in report["plans"] if p["kernel"] == kernel)
+            total = sum(1 for p in model_plans if p["kernel"] == kernel)
             uncounted = any(
                 not p["counted"] for p in report["predictions"] if p["kernel"] == kernel
             )
@@ -76,6 +77,25 @@ def format_report(report: Mapping[str, Any], gpu: Gpu = H100) -> str:
                 f"  {kernel:15} "
                 + ", ".join(parts)
                 + f"; plans under {floor} CTAs: {flagged}/{total}{note}"
+            )
+    if report["plans"]:
+        lines.append("")
+        lines.append(
+            "Launch plans per arch (the GPU each targets; shared memory per CTA = static + "
+            "dynamic of the launched instance, against the GPU's per-block limit):"
+        )
+        groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+        for p in report["plans"]:
+            groups.setdefault((p["kernel"], p.get("arch", "sm_90")), []).append(p)
+        for (kernel, arch), rows in groups.items():
+            smem = [p["smem_bytes"] for p in rows if p.get("smem_bytes") is not None]
+            limit = rows[0].get("smem_limit")
+            tiles = sorted({p["tile_n"] for p in rows if p.get("tile_n") is not None})
+            worst = f"max {max(smem)} B" if smem else "not compiled"
+            over = sum(1 for v in smem if limit is not None and v > limit)
+            lines.append(
+                f"  {kernel:15} {arch:7} {rows[0].get('gpu', ''):10} {len(rows):>3} plans, "
+                f"tile_n {tiles}, smem {worst} (limit {limit} B, over it: {over})"
             )
     for msg in report["meta"]["log"]:
         lines.append(msg)

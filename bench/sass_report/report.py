@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import analyse
-from .model import GPUS, H100, NS, SHAPES, SPARSITIES, Gpu, predict
+from .model import ARCH_GPUS, GPUS, H100, NS, SHAPES, SPARSITIES, Gpu, gpu_for_arch, predict
 from .plans import pick_instance, plan_for
 from .render import format_report
 from .specs import KERNEL_NAMES, CudaSpec
@@ -20,16 +20,24 @@ from .specs import KERNEL_NAMES, CudaSpec
 def build_report(
     kernels: Iterable[str] = KERNEL_NAMES, plans: bool = True, jobs: int = 2, gpu: Gpu = H100
 ) -> tuple[dict[str, Any], list[str]]:
-    """(JSON-ready report, log lines: skips and errors)."""
+    """(JSON-ready report, log lines: skips and errors).
+
+    ``plans``: one row per kernel, compiled arch, benchmark shape, N and sparsity (``arch``,
+    ``gpu``: the GPU the plan targets, ``smem_bytes``: static + dynamic shared memory per CTA
+    of the instance it launches); ``predictions``: one per plan row of the sm_90 arch, on the
+    ``gpu`` model."""
     log: list[str] = []
     results: list[analyse.KernelResult] = []
     names = list(kernels)
+    archs: dict[str, tuple[str, ...]] = {}
     for name in names:
+        archs[name] = ("90",) if name.endswith("_triton") else ("90a",)
         try:
             spec = analyse.load_spec(name)
         except ImportError as e:
             log.append(f"ERROR {name}: no spec (bench/sass_report/specs/{name}.py): {e}")
             continue
+        archs[name] = tuple(spec.archs) if isinstance(spec, CudaSpec) else (str(spec.arch),)
         try:
             results += (
                 analyse.report_cuda(spec, log, jobs)
@@ -42,50 +50,56 @@ def build_report(
     predictions: list[dict[str, Any]] = []
     if plans:
         for name in names:
-            failed = False
-            for _, m, k in SHAPES:
-                for n in NS:
-                    for s in SPARSITIES:
-                        try:
-                            plan = plan_for(name, m, k, n, s, results, gpu)
-                        except Exception as e:
-                            if not failed:
-                                log.append(f"ERROR {name}: no launch plan: {type(e).__name__}: {e}")
-                            failed = True
-                            break
-                        plan_rows.append(
-                            {
-                                "kernel": name,
-                                "m": m,
-                                "k": k,
-                                "n": n,
-                                "sparsity": s,
-                                "ctas": int(plan["ctas"]),
-                                "split_k": int(plan["split_k"]),
-                                "persistent": bool(plan["persistent"]),
-                                "tile_m": plan.get("tile_m"),
-                                "tile_n": plan.get("tile_n"),
-                            }
-                        )
-                        inst = pick_instance(results, name, plan.get("tile_n"))
-                        pred = predict(name, m, k, n, s, plan, inst, gpu)
-                        predictions.append(
-                            {
-                                "kernel": name,
-                                "m": m,
-                                "k": k,
-                                "n": n,
-                                "sparsity": s,
-                                "gpu": gpu.name,
-                                "dtype": "fp16",
-                                "counted": inst is not None,
-                                **pred,
-                            }
-                        )
-                    if failed:
-                        break
-                if failed:
-                    break
+            for arch in archs[name]:
+                target = gpu_for_arch(arch, gpu)
+                try:
+                    rows = [
+                        (m, k, n, s, plan_for(name, m, k, n, s, results, gpu, arch))
+                        for _, m, k in SHAPES
+                        for n in NS
+                        for s in SPARSITIES
+                    ]
+                except Exception as e:
+                    log.append(
+                        f"ERROR {name}: no launch plan for sm_{arch}: {type(e).__name__}: {e}"
+                    )
+                    continue
+                for m, k, n, s, plan in rows:
+                    plan_rows.append(
+                        {
+                            "kernel": name,
+                            "arch": f"sm_{arch}",
+                            "gpu": target.name,
+                            "m": m,
+                            "k": k,
+                            "n": n,
+                            "sparsity": s,
+                            "ctas": int(plan["ctas"]),
+                            "split_k": int(plan["split_k"]),
+                            "persistent": bool(plan["persistent"]),
+                            "tile_m": plan.get("tile_m"),
+                            "tile_n": plan.get("tile_n"),
+                            "smem_bytes": plan.get("smem_bytes"),
+                            "smem_limit": target.max_smem_per_cta,
+                        }
+                    )
+                    if not arch.startswith("90"):
+                        continue
+                    inst = pick_instance(results, name, plan.get("tile_n"), arch)
+                    pred = predict(name, m, k, n, s, plan, inst, gpu)
+                    predictions.append(
+                        {
+                            "kernel": name,
+                            "m": m,
+                            "k": k,
+                            "n": n,
+                            "sparsity": s,
+                            "gpu": gpu.name,
+                            "dtype": "fp16",
+                            "counted": inst is not None,
+                            **pred,
+                        }
+                    )
     try:
         import triton
 
@@ -99,6 +113,7 @@ def build_report(
         "meta": {
             "triton": triton_version,
             "gpu_model": gpu.__dict__,
+            "plan_gpus": {f"sm_{a}": gpu_for_arch(a, gpu).__dict__ for a in ARCH_GPUS},
             "log": log,
             "sparsities": list(SPARSITIES),
         },
@@ -122,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gpu",
         choices=sorted(GPUS),
         default="h100",
-        help="GPU of the speed-up model (h200: same SMs, 4.8 TB/s); occupancy is always H100's",
+        help="GPU of the speed-up model and of the sm_90 plans (h200: same SMs, 4.8 TB/s)",
     )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.kernels.split(",") if n.strip()]

@@ -5,7 +5,11 @@
 // for a bitmap (layout 2) weight with 16-bit values. When the effective split is > 1 the kernel
 // needs `counters` (int32, >= one per output tile, all zero; it leaves them zero, so they are
 // reused without a memset) and `partials` (fp32, >= split * N * M), both from
-// flashsparse.kernels.cuda.bitmap.bitmap_workspace.
+// flashsparse.kernels.cuda.bitmap.bitmap_workspace. tile_n 0 picks the widest tile for N that
+// fits the GPU's shared memory per block (32 does not fit the 99 KiB of sm_86/89/120).
+//   flashsparse::_bitmap_cuda_occupancy(tile_n, bf16) -> resident blocks per SM on the current
+// device, 0 if that tile width does not fit it (for the launch plan in
+// flashsparse/kernels/cuda/bitmap.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "kernels/bitmap_api.cuh"
 
@@ -45,26 +50,14 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                 "_bitmap_spmm_cuda: x must be float16 or bfloat16, got ", x.scalar_type());
     TORCH_CHECK(x.dim() == 2, "_bitmap_spmm_cuda: x must be 2-D [N, K], got shape ", x.sizes());
-    TORCH_CHECK(m >= 1 && k >= 1 && m <= kIntMax && k <= kIntMax, "_bitmap_spmm_cuda: m and k must be in [1, 2^31), got m=",
-                m, ", k=", k);
-    TORCH_CHECK(x.size(1) == k, "_bitmap_spmm_cuda: x must have k=", k, " columns, got shape ", x.sizes());
-    TORCH_CHECK(x.size(0) <= kIntMax, "_bitmap_spmm_cuda: x has too many rows (", x.size(0), ")");
     check_1d(masks, "masks", at::kLong, x);
     check_1d(values, "values", x.scalar_type(), x);
     check_1d(tile_offsets, "tile_offsets", at::kInt, x);
-    const int64_t tiles = ((m + 63) / 64) * ((k + 63) / 64);
-    TORCH_CHECK(masks.numel() == tiles * 64, "_bitmap_spmm_cuda: masks must have ", tiles * 64, " entries (64 per tile) for a ",
-                m, "x", k, " weight, got ", masks.numel());
-    TORCH_CHECK(tile_offsets.numel() == tiles + 1, "_bitmap_spmm_cuda: tile_offsets must have ", tiles + 1,
-                " entries for a ", m, "x", k, " weight, got ", tile_offsets.numel());
-    TORCH_CHECK(values.numel() % 8 == 0 && values.numel() / 8 <= kIntMax,
-                "_bitmap_spmm_cuda: values must hold whole 8-value units (tile_offsets * 8), got ", values.numel(),
-                " values");
-    TORCH_CHECK((m + 63) / 64 <= flashsparse::bmp::kMaxGridY, "_bitmap_spmm_cuda: m=", m,
-                " exceeds the kernel's grid (at most 65535 blocks of 64 rows)");
-    TORCH_CHECK(split_k >= 1, "_bitmap_spmm_cuda: split_k must be >= 1, got ", split_k);
-    TORCH_CHECK(tile_n == 0 || tile_n == 8 || tile_n == 16 || tile_n == 32,
-                "_bitmap_spmm_cuda: tile_n must be 0 (by N), 8, 16 or 32, got ", tile_n);
+    // Sizes only: the offsets' values would need a device sync (the kernel clamps them).
+    const std::string error = flashsparse::bmp::problem_size_error(
+        m, k, x.size(0), masks.numel(), tile_offsets.numel(), values.numel(), split_k, tile_n);
+    TORCH_CHECK(error.empty(), "_bitmap_spmm_cuda: ", error);
+    TORCH_CHECK(x.size(1) == k, "_bitmap_spmm_cuda: x must have k=", k, " columns, got shape ", x.sizes());
     if (bias.has_value()) {
         check_1d(*bias, "bias", x.scalar_type(), x);
         TORCH_CHECK(bias->numel() == m, "_bitmap_spmm_cuda: bias must have m=", m, " elements, got ", bias->numel());
@@ -75,7 +68,13 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     at::Tensor y = at::empty({x.size(0), m}, x.options());
     if (n == 0) return y;
 
-    const int tn = tile_n == 0 ? flashsparse::bitmap_default_tile_n(n) : static_cast<int>(tile_n);
+    const auto type = x.scalar_type() == at::kBFloat16 ? flashsparse::BitmapElem::kBFloat16
+                                                       : flashsparse::BitmapElem::kFloat16;
+    int tn = static_cast<int>(tile_n);
+    if (tn == 0) {  // by N: the widest tile that fits this GPU's shared memory per block
+        const cudaError_t err = flashsparse::bitmap_choose_tile_n(type, n, &tn);
+        TORCH_CHECK(err == cudaSuccess, "_bitmap_spmm_cuda: choosing the tile width failed: ", cudaGetErrorString(err));
+    }
     const int split = flashsparse::bitmap_effective_split(static_cast<int>(k),
                                                           static_cast<int>(std::min<int64_t>(split_k, kIntMax)));
     const size_t tiles_out = flashsparse::bitmap_output_tiles(static_cast<int>(m), n, tn);
@@ -117,12 +116,26 @@ at::Tensor bitmap_spmm_cuda(const at::Tensor& x, const at::Tensor& masks, const 
     pr.value_chunks = static_cast<int>(values.numel() / 8);
     pr.split_k = split;
     pr.tile_n = tn;
-    const auto type = x.scalar_type() == at::kBFloat16 ? flashsparse::BitmapElem::kBFloat16
-                                                       : flashsparse::BitmapElem::kFloat16;
     const cudaError_t err =
         flashsparse::bitmap_spmm(type, pr, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    if (err == cudaErrorInvalidConfiguration) {
+        int need = 0, limit = 0;
+        flashsparse::bitmap_block_smem(type, tn, &need, &limit);
+        TORCH_CHECK(false, "_bitmap_spmm_cuda: tile_n=", tn, " needs ", need,
+                    " bytes of shared memory per block (static + dynamic); this GPU allows ", limit,
+                    " (cudaDevAttrMaxSharedMemoryPerBlockOptin). Pass a narrower tile_n, or 0 to choose one");
+    }
     TORCH_CHECK(err == cudaSuccess, "_bitmap_spmm_cuda: kernel launch failed: ", cudaGetErrorString(err));
     return y;
+}
+
+int64_t bitmap_cuda_occupancy(int64_t tile_n, bool bf16) {
+    int blocks = 0;
+    const cudaError_t err = flashsparse::bitmap_max_active_blocks(
+        bf16 ? flashsparse::BitmapElem::kBFloat16 : flashsparse::BitmapElem::kFloat16, static_cast<int>(tile_n),
+        &blocks);
+    TORCH_CHECK(err == cudaSuccess, "_bitmap_cuda_occupancy(tile_n=", tile_n, "): ", cudaGetErrorString(err));
+    return blocks;
 }
 
 }  // namespace
@@ -131,6 +144,7 @@ TORCH_LIBRARY_FRAGMENT(flashsparse, m) {
     m.def(
         "_bitmap_spmm_cuda(Tensor x, Tensor masks, Tensor values, Tensor tile_offsets, int m, int k, "
         "Tensor? bias=None, int split_k=1, int tile_n=0, Tensor? counters=None, Tensor? partials=None) -> Tensor");
+    m.def("_bitmap_cuda_occupancy(int tile_n, bool bf16) -> int", &bitmap_cuda_occupancy);
 }
 
 TORCH_LIBRARY_IMPL(flashsparse, CUDA, m) { m.impl("_bitmap_spmm_cuda", &bitmap_spmm_cuda); }

@@ -4,12 +4,14 @@
 //   flashsparse::_tiled_csl_spmm_cuda(x, words, tile_offsets, m, k, bias, split_k, tile_n,
 //                                     workspace)
 //       y[N, M] = x[N, K] @ W^T (+ bias) for a Tiled-CSL weight with 16-bit values (CUDA).
-//       workspace (split_k > 1): int32, zero-initialised once, reused across calls on one stream
-//       (the kernel leaves its counters at zero); without it a zeroed one is allocated.
-//       Every tensor is checked (dtype, shape, device, contiguity, alignment); TileOffsets
-//       values are clamped to the words inside the kernel (checking them here needs a sync).
+//       workspace (split_k > 1): int32, its counters zero before the call (the kernel leaves
+//       them at zero, so one workspace serves every call on a stream); without it a zeroed one
+//       is allocated. Every tensor is checked (dtype, shape, device, contiguity, alignment,
+//       sizes: tcsl::problem_size_error); TileOffsets values are clamped to the words and word
+//       locations masked to their tile inside the kernel (checking them here needs a sync).
 //   flashsparse::_tiled_csl_cuda_occupancy(tile_n, bf16) -> resident blocks per SM on the
-//       current device (for the split-K heuristic in flashsparse/kernels/cuda/tiled_csl.py).
+//       current device, 0 if the block tile does not fit it (for the launch plan in
+//       flashsparse/kernels/cuda/tiled_csl.py).
 // The output comes from the caching allocator on the current stream, so the op can be captured
 // in a CUDA graph.
 #include <Python.h>
@@ -24,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "kernels/tiled_csl_api.cuh"
 
@@ -64,11 +67,6 @@ at::Tensor tiled_csl_spmm_cuda(const at::Tensor& x, const at::Tensor& words,
                 "_tiled_csl_spmm_cuda: x must be float16 or bfloat16 (the kernel reads 16-bit "
                 "Tiled-CSL words), got ", x.scalar_type());
     TORCH_CHECK(x.dim() == 2, "_tiled_csl_spmm_cuda: x must be 2-D [N, K], got shape ", x.sizes());
-    TORCH_CHECK(m >= 1 && k >= 1 && m <= kIntMax && k <= kIntMax,
-                "_tiled_csl_spmm_cuda: m and k must be in [1, 2^31), got m=", m, ", k=", k);
-    TORCH_CHECK(x.size(1) == k, "_tiled_csl_spmm_cuda: x must have k=", k, " columns, got shape ",
-                x.sizes());
-    TORCH_CHECK(x.size(0) <= kIntMax, "_tiled_csl_spmm_cuda: x has too many rows (", x.size(0), ")");
     // fp32 weights encode to int64 words (value in the low 32 bits): a different layout.
     TORCH_CHECK(words.scalar_type() != at::kLong,
                 "_tiled_csl_spmm_cuda: words are int64, the Tiled-CSL encoding of a float32 weight; "
@@ -76,20 +74,16 @@ at::Tensor tiled_csl_spmm_cuda(const at::Tensor& x, const at::Tensor& words,
                 x.scalar_type(), ")");
     check_1d(words, "words", at::kInt, x);
     check_1d(tile_offsets, "tile_offsets", at::kInt, x);
-    TORCH_CHECK(words.numel() % 4 == 0 && words.numel() / 4 <= kIntMax,
-                "_tiled_csl_spmm_cuda: words must hold whole 4-word vectors (at most 2^31 of them), "
-                "got ", words.numel(), " words");
+    // Sizes only (reading the words' locations would need a device sync; the kernel masks each
+    // location to its own tile, so a malformed word gives wrong data, never a stray write).
+    const std::string error = flashsparse::tcsl::problem_size_error(m, k, x.size(0), words.numel(),
+                                                                     tile_offsets.numel(), split_k, tile_n);
+    TORCH_CHECK(error.empty(), "_tiled_csl_spmm_cuda: ", error);
+    TORCH_CHECK(x.size(1) == k, "_tiled_csl_spmm_cuda: x must have k=", k, " columns, got shape ",
+                x.sizes());
     TORCH_CHECK(reinterpret_cast<uintptr_t>(words.data_ptr()) % 16 == 0,
                 "_tiled_csl_spmm_cuda: words must start 16 bytes aligned (the kernel loads 16-byte "
                 "vectors); pass words.clone() instead of an offset view");
-    const int64_t tiles = ((m + 127) / 128) * ((k + 63) / 64);
-    TORCH_CHECK(tile_offsets.numel() == tiles + 2, "_tiled_csl_spmm_cuda: tile_offsets must have ",
-                tiles + 2, " entries for a ", m, "x", k, " weight, got ", tile_offsets.numel());
-    TORCH_CHECK((m + 127) / 128 <= 65535, "_tiled_csl_spmm_cuda: m=", m,
-                " exceeds the kernel's grid (at most 65535 blocks of 128 rows)");
-    TORCH_CHECK(split_k >= 1, "_tiled_csl_spmm_cuda: split_k must be >= 1, got ", split_k);
-    TORCH_CHECK(tile_n == 0 || tile_n == 8 || tile_n == 16 || tile_n == 32 || tile_n == 64 || tile_n == 128,
-                "_tiled_csl_spmm_cuda: tile_n must be 0 (by N), 8, 16, 32, 64 or 128, got ", tile_n);
     if (bias.has_value()) {
         TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "_tiled_csl_spmm_cuda: bias must be ",
                     x.scalar_type(), " like x, got ", bias->scalar_type());
@@ -147,6 +141,9 @@ at::Tensor tiled_csl_spmm_cuda(const at::Tensor& x, const at::Tensor& words,
     const ElemType type = x.scalar_type() == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat16;
     const cudaError_t err =
         flashsparse::tiled_csl_spmm(type, pr, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err != cudaErrorInvalidConfiguration, "_tiled_csl_spmm_cuda: tile_n=", tn, " needs ",
+                flashsparse::tiled_csl_smem_bytes(tn),
+                " bytes of dynamic shared memory per block, more than this GPU allows");
     TORCH_CHECK(err == cudaSuccess, "_tiled_csl_spmm_cuda: kernel launch failed: ", cudaGetErrorString(err));
     return y;
 }

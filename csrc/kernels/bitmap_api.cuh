@@ -51,19 +51,32 @@ inline size_t bitmap_partial_floats(int m, int n, int split) {
     return split <= 1 ? 0 : static_cast<size_t>(split) * n * m;
 }
 
-// Launches the kernel on `stream`. cudaErrorInvalidValue for a malformed problem (the caller
-// checks inputs with messages).
+// Launches the kernel on `stream`. tile_n 0 takes the widest tile for N that fits the device
+// (bitmap_choose_tile_n). cudaErrorInvalidValue for a malformed problem (the caller checks
+// inputs with messages: bmp::problem_size_error); cudaErrorInvalidConfiguration when the tile
+// width's shared memory does not fit the device (bitmap_block_smem says by how much).
 cudaError_t bitmap_spmm(BitmapElem type, const BitmapProblem& problem, cudaStream_t stream);
-// Resident blocks per SM of the kernel for a tile width on the current device.
+// The widest tile width <= bitmap_default_tile_n(n) whose shared memory fits the current device
+// (8 fits every sm_80+ GPU; 32 does not fit the 99 KiB per block of sm_86/89/120).
+cudaError_t bitmap_choose_tile_n(BitmapElem type, int n, int* tile_n);
+// Resident blocks per SM of the kernel for a tile width on the current device (0: it does not
+// fit the device's shared memory per block).
 cudaError_t bitmap_max_active_blocks(BitmapElem type, int tile_n, int* blocks_per_sm);
+// Shared memory one block of a tile width needs (static + dynamic) and the current device's
+// per-block limit, for messages.
+cudaError_t bitmap_block_smem(BitmapElem type, int tile_n, int* need_bytes, int* limit_bytes);
 
 namespace detail {
 cudaError_t bitmap_spmm_f16(const BitmapProblem& problem, cudaStream_t stream);
 cudaError_t bitmap_spmm_bf16(const BitmapProblem& problem, cudaStream_t stream);
-cudaError_t bitmap_prepare_f16();  // kernel attributes (dynamic smem) on the current device
-cudaError_t bitmap_prepare_bf16();
+// cudaSuccess if the tile width fits the current device (opted in), else
+// cudaErrorInvalidConfiguration.
+cudaError_t bitmap_fits_f16(int tile_n);
+cudaError_t bitmap_fits_bf16(int tile_n);
 cudaError_t bitmap_occupancy_f16(int tile_n, int* blocks_per_sm);
 cudaError_t bitmap_occupancy_bf16(int tile_n, int* blocks_per_sm);
+cudaError_t bitmap_footprint_f16(int tile_n, int* need_bytes, int* limit_bytes);
+cudaError_t bitmap_footprint_bf16(int tile_n, int* need_bytes, int* limit_bytes);
 }  // namespace detail
 
 }  // namespace flashsparse

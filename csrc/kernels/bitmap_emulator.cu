@@ -3,9 +3,10 @@
 // Plain C++ (build: g++ -std=c++17 -O2 -x c++ bitmap_emulator.cu). It replays every CTA of the
 // launch -- per pipeline stage the 128 threads' copies (masks of the stage's 4 k tiles or zeros
 // past the split, the stage's clamped value chunks in the kernel's per-warp copy order, x with
-// zero stores past K or the scalar path), then per warp its tile's row-start scan, the per-thread
-// chunk scan and nibble decode, the B loads, mma.m16n8k16, and at the end the cross-warp
-// reduction in warp order and the split-K epilogue with its arrival counters -- calling the
+// zero stores past the split's columns and K, or the scalar path), then per warp its tile's
+// row-start scan, the per-thread chunk scan and nibble decode, the B loads, mma.m16n8k16, and
+// at the end the cross-warp reduction in warp order and the split-K epilogue with its arrival
+// counters -- calling the
 // kernel's own functions from bitmap_layout.cuh. The mma fragment layouts are modelled from the
 // PTX ISA (written here, independently of the layout helpers):
 //   A (row): lane = 4g + t; reg0 = (row g, k 2t, 2t+1), reg1 = (g+8, 2t..), reg2 = (g, 2t+8..),
@@ -22,7 +23,8 @@
 //
 // Usage: bitmap_emulator --plan N K SPLIT   (prints "tile_n effective_split tiles_per_split")
 //        bitmap_emulator PROBLEM...  (PROBLEM.out: float32 y[n][m], the kernel's fp32 value
-//        before the final rounding). Exit 0 ok, 2 on a failed check. Format: read_problem().
+//        before the final rounding). Exit 0 ok, 2 on a failed check, 3 when the glue's size
+//        checks (problem_size_error) reject the problem. Format: read_problem().
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -89,6 +91,13 @@ Problem read_problem(const char* path) {
     p.bf16 = h[7], p.has_bias = h[8], p.tiles = h[9];
     const int n_offsets = h[10];
     p.value_chunks = h[11];
+    // The torch glue's size checks, before any array is read (a test feeds malformed sizes).
+    const std::string error = problem_size_error(p.m, p.k, p.n, static_cast<int64_t>(p.tiles) * kTile, n_offsets,
+                                                 static_cast<int64_t>(p.value_chunks) * 8, p.split_k, p.tile_n);
+    if (!error.empty()) {
+        std::fprintf(stderr, "invalid problem: %s\n", error.c_str());
+        std::exit(3);
+    }
     auto read = [&](void* dst, size_t size, size_t count) {
         if (count && std::fread(dst, size, count, f) != count) fail("%s: truncated", path);
     };
@@ -196,10 +205,12 @@ struct Emulator {
                 }
         }
         const int x_aligned = (p.k % 8 == 0) && !p.misaligned_x;
-        // StageLoader: a stage whose 256 columns are all inside K copies without checks, and a row
-        // past N reads x row 0 (its columns of y are never written); otherwise zeros past N and K.
+        // StageLoader: a stage whose 256 columns all belong to the split copies without checks, and
+        // a row past N reads x row 0 (its columns of y are never written); otherwise zeros past N
+        // and past the split's columns (split_k_end), which end at a multiple of 64 or at K.
         const int col0 = (kt0 + s * kTilesPerStage) * kTile;
-        const bool full = x_aligned && p.k - col0 >= kXCols;
+        const int k_end = split_k_end(p.k, kt0, num);
+        const bool full = x_aligned && k_end - col0 >= kXCols;
         for (int tid = 0; tid < kThreads; ++tid) {
             const int r = x_chunk_row(tn, tid), nn = n0 + r;
             for (int u = 0; u < x_chunks_per_thread(tn); ++u) {
@@ -211,8 +222,8 @@ struct Emulator {
                         chunk[e] = p.x[static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk + e];
                         continue;
                     }
-                    const bool valid = x_aligned ? (nn < p.n && kk < p.k) : (nn < p.n && kk + e < p.k);
-                    if (x_aligned && valid && kk + e >= p.k) fail("x chunk straddles K on the aligned path");
+                    const bool valid = x_aligned ? (nn < p.n && kk < k_end) : (nn < p.n && kk + e < k_end);
+                    if (x_aligned && valid && kk + e >= k_end) fail("x chunk straddles the split's end on the aligned path");
                     chunk[e] = valid ? p.x[static_cast<size_t>(nn) * p.k + kk + e] : 0;
                 }
                 write16(st, stage_x_byte() + 2 * static_cast<size_t>(x_elem_offset(r, c)),

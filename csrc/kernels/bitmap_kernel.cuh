@@ -8,10 +8,13 @@
 // tiles' row masks (2 KiB) and packed values (contiguous in memory: tile_offsets[4s] ..
 // tile_offsets[4s + 4]), copied on sm_90 by ONE thread as two cp.async.bulk on the buffer's
 // mbarrier and before sm_90 by all threads with cp.async, and the x tile [tile_n][256]
-// (cp.async by all threads; zeros past K, masks of tiles past the split's end zeroed). The
-// main loop runs two stages per trip so buffers and barriers are compile-time constants.
+// (cp.async by all threads; zeros past the split's columns and K: the next split's x must not
+// meet this split's all-zero masks of absent tiles, since 0 x Inf = NaN), masks of tiles past
+// the split's end zeroed. The main loop runs two stages per trip so buffers and barriers are
+// compile-time constants.
 // Shared memory: 76-101 KiB dynamic (opt-in above 48 KiB) + 4 KiB static decode tables: two
-// CTAs (8 warps) per H100 SM. Per stage, each warp
+// CTAs (8 warps) per H100 SM; on a GPU with 99 KiB per block (sm_86/89/120) the 32-wide tile
+// does not fit and the host picks 16 (bitmap_choose_tile_n). Per stage, each warp
 //   1. scans its tile's 64 row popcounts (lane l: rows 2l, 2l+1) -> packed row starts;
 //   2. per thread (g, t): rows 8g .. 8g+7, chunk t (columns 16t..16t+15) of each mask, the row
 //      starts of lane 4g + b (one in-group shuffle per row pair) and the chunks' ranks (a 4-lane
@@ -35,6 +38,7 @@
 #include "bitmap_api.cuh"
 #include "bitmap_layout.cuh"
 #include "ptx.cuh"
+#include "smem_opt_in.cuh"
 
 namespace flashsparse {
 namespace bmp {
@@ -128,8 +132,8 @@ struct StageLoader {
     int tiles_left;             // k tiles of the split from the next stage on
     int warp;
     const uint16_t* x_src;      // x row of this thread's chunks, first chunk column, next stage
-    int x_room;                 // x columns left from that chunk (<= 0: row past N)
-    int cols_left;              // x columns inside K from the next stage's first column
+    int x_room;                 // split columns left from that chunk (<= 0: row past N)
+    int cols_left;              // split columns from the next stage's first column
     uint32_t x_dst;             // shared byte offset of the first chunk in a stage
 
     __device__ __forceinline__ void init(const Params& p, int mt, int kt0, int num_tiles, int n0, int tid) {
@@ -145,8 +149,10 @@ struct StageLoader {
         const int row = x_chunk_row(TN, tid);
         const int nn = n0 + row;
         const int kk = kt0 * kTile + x_chunk_col(TN, tid, 0);
-        x_room = nn < p.n ? p.k - kk : 0;
-        cols_left = p.k - kt0 * kTile;
+        // x is staged up to the end of this split's columns, not up to K (split_k_end).
+        const int k_end = split_k_end(p.k, kt0, num_tiles);
+        x_room = nn < p.n ? k_end - kk : 0;
+        cols_left = k_end - kt0 * kTile;
         x_src = p.x + static_cast<size_t>(nn < p.n ? nn : 0) * p.k + kk;
         x_dst = stage_x_byte() + 2 * x_elem_offset(row, x_chunk_col(TN, tid, 0));
         pin(value_src);
@@ -161,7 +167,7 @@ struct StageLoader {
     __device__ __forceinline__ int load(uint32_t stage, const Params& p, int tid, uint32_t bar) {
         // The 4 tiles' masks are 2 KiB of contiguous bytes: one copy per thread (tile = warp). A
         // tile past the split's end gets all-zero masks: its warp decodes zeros instead of
-        // branching around the warp-collective scan.
+        // branching around the warp-collective scan (x past the split's end is zero too).
         const bool mask_valid = warp < tiles_left;
         if (!mask_valid) st_shared_zero16(stage + tid * 16);
 #if !FS_BMP_BULK
@@ -203,9 +209,10 @@ struct StageLoader {
         // kind of memory instruction with filler instructions.)
         uint32_t x_stage = stage + x_dst;
         pin(x_stage);  // one address, the chunks at immediate offsets
-        // Every stage but one whose 256 columns reach past K (the same for the whole CTA) copies
-        // x without predicates or zero stores; columns past the split's end are real x, which the
-        // all-zero masks of its absent tiles multiply by zero.
+        // A stage whose 256 columns all belong to the split (the same for the whole CTA) copies x
+        // without predicates or zero stores. One that reaches past the split's end (or past K)
+        // zeroes those columns: the next split's x would meet this split's all-zero masks of
+        // absent tiles, and 0 x Inf = NaN where F.linear has no such product.
         const bool full = kXAligned && cols_left >= kXCols;
         if (full) {
             // A row past N reads x row 0 (x_src points there): its columns of y are never written.
@@ -213,7 +220,8 @@ struct StageLoader {
             for (int u = 0; u < kXIters; ++u)
                 cp_async_16(x_stage + 2 * u * x_chunk_stride(TN), x_src + u * x_chunk_stride(TN));
         } else if constexpr (kXAligned) {
-            // k % 8 == 0: an x chunk is wholly inside or wholly past K (rows past N: x_room 0).
+            // k % 8 == 0 (and a split ends at a multiple of 64): an x chunk is wholly inside or
+            // wholly past the split's columns (rows past N: x_room 0).
 #pragma unroll
             for (int u = 0; u < kXIters; ++u)
                 if (x_room <= u * x_chunk_stride(TN)) st_shared_zero16(x_stage + 2 * u * x_chunk_stride(TN));
@@ -558,10 +566,12 @@ __global__ void __launch_bounds__(kThreads) bitmap_spmm_kernel(const Params p) {
 }
 
 // --- host side -----------------------------------------------------------------------------
+// Dynamic shared memory above 48 KiB: each instantiation opts in once per device at its first
+// use there, after checking that it fits the device (smem_opt_in.cuh).
 template <bool kBF16, int NT, bool kXAligned>
-cudaError_t opt_in_smem() {
-    return cudaFuncSetAttribute(bitmap_spmm_kernel<kBF16, NT, kXAligned>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                smem_bytes(NT * 8));
+cudaError_t opt_in() {
+    static SmemOptIn state;
+    return state.ensure(bitmap_spmm_kernel<kBF16, NT, kXAligned>, smem_bytes(NT * 8));
 }
 
 template <bool kBF16, int NT>
@@ -573,6 +583,9 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     const int grid_y = ceil_div(pr.m, kTileM);
     if (grid_y > kMaxGridY || split > kMaxSplitK) return cudaErrorInvalidValue;
     if (split > 1 && (pr.counters == nullptr || pr.partials == nullptr)) return cudaErrorInvalidValue;
+    const bool x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
+    const cudaError_t ready = x_aligned ? opt_in<kBF16, NT, true>() : opt_in<kBF16, NT, false>();
+    if (ready != cudaSuccess) return ready;
     Params p;
     p.x = static_cast<const uint16_t*>(pr.x);
     p.masks = reinterpret_cast<const uint8_t*>(pr.masks);
@@ -589,10 +602,7 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
     p.tiles_per_split = tiles_per_split(k_tiles, split);
     p.split = split;
     p.value_chunks = pr.value_chunks;
-    const bool x_aligned = (pr.k % 8 == 0) && (reinterpret_cast<uintptr_t>(pr.x) % 16 == 0);
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y), static_cast<unsigned>(split));
-    // More than the default 48 KiB of dynamic shared memory: bitmap_spmm opted in once per device
-    // (TypedOps::prepare) before the first launch.
     if (x_aligned)
         bitmap_spmm_kernel<kBF16, NT, true><<<grid, kThreads, smem_bytes(TN), stream>>>(p);
     else
@@ -602,25 +612,41 @@ cudaError_t launch(const BitmapProblem& pr, cudaStream_t stream) {
 
 template <bool kBF16>
 struct TypedOps {
+    // tile_n must be 8, 16 or 32 (bitmap_spmm resolves 0 first).
     static cudaError_t run(const BitmapProblem& pr, cudaStream_t stream) {
-        switch (pr.tile_n == 0 ? default_tile_n(pr.n) : pr.tile_n) {
+        switch (pr.tile_n) {
             case 8: return launch<kBF16, 1>(pr, stream);
             case 16: return launch<kBF16, 2>(pr, stream);
             case 32: return launch<kBF16, 4>(pr, stream);
             default: return cudaErrorInvalidValue;
         }
     }
-    // Opts every instantiation into its dynamic shared memory on the current device.
-    static cudaError_t prepare() {
-        const cudaError_t errs[] = {opt_in_smem<kBF16, 1, true>(), opt_in_smem<kBF16, 1, false>(),
-                                    opt_in_smem<kBF16, 2, true>(), opt_in_smem<kBF16, 2, false>(),
-                                    opt_in_smem<kBF16, 4, true>(), opt_in_smem<kBF16, 4, false>()};
-        for (cudaError_t e : errs)
-            if (e != cudaSuccess) return e;
-        return cudaSuccess;
+    // cudaSuccess if the tile width's kernel fits the current device (and is opted in),
+    // cudaErrorInvalidConfiguration if its shared memory does not fit.
+    static cudaError_t fits(int tile_n) {
+        switch (tile_n) {
+            case 8: return opt_in<kBF16, 1, true>();
+            case 16: return opt_in<kBF16, 2, true>();
+            case 32: return opt_in<kBF16, 4, true>();
+            default: return cudaErrorInvalidValue;
+        }
+    }
+    static cudaError_t footprint(int tile_n, int* need, int* limit) {
+        switch (tile_n) {
+            case 8: return SmemOptIn::footprint(bitmap_spmm_kernel<kBF16, 1, true>, smem_bytes(8), need, limit);
+            case 16: return SmemOptIn::footprint(bitmap_spmm_kernel<kBF16, 2, true>, smem_bytes(16), need, limit);
+            case 32: return SmemOptIn::footprint(bitmap_spmm_kernel<kBF16, 4, true>, smem_bytes(32), need, limit);
+            default: return cudaErrorInvalidValue;
+        }
     }
     template <int NT>
     static cudaError_t occupancy_of(int* blocks) {
+        const cudaError_t ready = opt_in<kBF16, NT, true>();
+        if (ready == cudaErrorInvalidConfiguration) {
+            *blocks = 0;  // does not fit this device
+            return cudaSuccess;
+        }
+        if (ready != cudaSuccess) return ready;
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, bitmap_spmm_kernel<kBF16, NT, true>, kThreads,
                                                              smem_bytes(NT * 8));
     }

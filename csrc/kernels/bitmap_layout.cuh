@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define FS_BHD __host__ __device__ __forceinline__
@@ -46,9 +47,12 @@ constexpr int kXCols = kTilesPerStage * kTile;        // 256 x columns per stage
 constexpr int kXStride = kXCols + 8;  // halfwords per staged x row (528 B: 16-byte aligned)
 constexpr int kMaxGridY = 65535;
 constexpr int kMaxSplitK = 65535;
-constexpr int kMaxN = 1 << 24;        // grid.x * tile_n bound used by the host checks
+// Largest N and K the host accepts (checked by bitmap_problem_error): a block's first token or
+// column plus a tile-local offset (< 256), and K rounded up to whole stages, stay below 2^31.
+constexpr int kMaxExtent = 0x7FFFFFFF - 255;
 
-FS_BHD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// a >= 0, b >= 1; never overflows (a + b - 1 would for a near 2^31).
+FS_BHD constexpr int ceil_div(int a, int b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 // --- block tile widths -------------------------------------------------------------------------
 FS_BHD constexpr bool valid_tile_n(int tile_n) { return tile_n == 8 || tile_n == 16 || tile_n == 32; }
@@ -82,6 +86,44 @@ FS_BHD constexpr int effective_split(int k_tiles, int split) {
 }
 // Pipeline stages of a split of `num` k tiles.
 FS_BHD constexpr int stages_of(int num) { return ceil_div(num, kTilesPerStage); }
+// End (exclusive) of the K columns of the split whose first k tile is kt0 and which owns `num`
+// k tiles. The split stages x only up to here: the x of the next split's columns would meet
+// this split's all-zero masks of absent tiles, and 0 x Inf is NaN.
+FS_BHD constexpr int split_k_end(int k, int kt0, int num) {
+    return (kt0 + num) * kTile < k ? (kt0 + num) * kTile : k;
+}
+
+// --- host checks --------------------------------------------------------------------------------
+// Why a problem with these sizes cannot run (empty: it can), from the sizes alone: what the torch
+// glue checks before every launch (no device access), and what the host emulator checks on its
+// input. `masks`, `offsets`, `values`: element counts of the weight's three tensors; n may be 0.
+inline std::string problem_size_error(int64_t m, int64_t k, int64_t n, int64_t masks, int64_t offsets,
+                                      int64_t values, int64_t split_k, int64_t tile_n) {
+    using std::to_string;
+    if (m < 1 || k < 1) return "m and k must be >= 1, got m=" + to_string(m) + ", k=" + to_string(k);
+    if (m > static_cast<int64_t>(kMaxGridY) * kTileM)
+        return "m=" + to_string(m) + " exceeds the kernel's grid (at most 65535 blocks of 64 rows)";
+    if (k > kMaxExtent) return "k=" + to_string(k) + " exceeds " + to_string(kMaxExtent);
+    if (n < 0 || n > kMaxExtent) return "x has " + to_string(n) + " rows; at most " + to_string(kMaxExtent);
+    const int64_t tiles = ((m + kTile - 1) / kTile) * ((k + kTile - 1) / kTile);
+    if (masks != tiles * kTile)
+        return "masks must have " + to_string(tiles * kTile) + " entries (64 per tile) for a " + to_string(m) +
+               "x" + to_string(k) + " weight, got " + to_string(masks);
+    if (offsets != tiles + 1)
+        return "tile_offsets must have " + to_string(tiles + 1) + " entries for a " + to_string(m) + "x" +
+               to_string(k) + " weight, got " + to_string(offsets);
+    if (values % 8 != 0)
+        return "values must hold whole 8-value units (tile_offsets count them), got " + to_string(values) +
+               " values";
+    if (values / 8 > 0x7FFFFFFF) return "values has " + to_string(values) + " entries; at most 2^31 8-value units";
+    if (values > tiles * kTile * kTile)
+        return "values has " + to_string(values) + " entries, more than " + to_string(tiles) +
+               " dense 64x64 tiles hold: not this weight's values";
+    if (split_k < 1) return "split_k must be >= 1, got " + to_string(split_k);
+    if (tile_n != 0 && !valid_tile_n(static_cast<int>(tile_n > 64 ? 0 : tile_n)))
+        return "tile_n must be 0 (by N), 8, 16 or 32, got " + to_string(tile_n);
+    return std::string();
+}
 
 // --- pipeline stage loads -------------------------------------------------------------------------
 // The stage's x tile is tile_n rows x 32 chunks of 16 bytes; thread tid copies

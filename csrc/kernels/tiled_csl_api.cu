@@ -1,22 +1,11 @@
-// Host dispatch of the Tiled-CSL SpMM: problem checks, per-device kernel attributes, element
-// type. Host code only; the kernels live in tiled_csl_f16.cu / tiled_csl_bf16.cu.
-#include "per_device_once.cuh"
+// Host dispatch of the Tiled-CSL SpMM: problem checks, element type. Host code only; the
+// kernels and their per-device shared-memory opt-in live in tiled_csl_f16.cu / tiled_csl_bf16.cu.
 #include "tiled_csl_api.cuh"
 
 namespace flashsparse {
 
 namespace {
-
-PerDeviceOnce g_prepared;
-
-cudaError_t prepare(ElemType type) {
-    return g_prepared.run(static_cast<int>(type), [type] {
-        return type == ElemType::kBFloat16 ? detail::tiled_csl_prepare_bf16() : detail::tiled_csl_prepare_f16();
-    });
-}
-
 bool valid_type(ElemType type) { return type == ElemType::kFloat16 || type == ElemType::kBFloat16; }
-
 }  // namespace
 
 int tiled_csl_smem_bytes(int tile_n) {
@@ -31,23 +20,18 @@ int tiled_csl_smem_bytes(int tile_n) {
 }
 
 cudaError_t tiled_csl_spmm(ElemType type, const TiledCslProblem& pr, cudaStream_t stream) {
-    if (!valid_type(type) || pr.m < 1 || pr.k < 1 || pr.n < 1 || pr.x == nullptr ||
-        pr.words == nullptr || pr.tile_offsets == nullptr || pr.y == nullptr ||
-        (pr.tile_n != 0 && !tcsl::valid_tile_n(pr.tile_n)) ||
+    if (!valid_type(type) || pr.m < 1 || pr.k < 1 || pr.n < 1 || pr.n > tcsl::kMaxExtent ||
+        pr.k > tcsl::kMaxExtent || pr.x == nullptr || pr.words == nullptr || pr.tile_offsets == nullptr ||
+        pr.y == nullptr || (pr.tile_n != 0 && !tcsl::valid_tile_n(pr.tile_n)) ||
         reinterpret_cast<uintptr_t>(pr.words) % 16 != 0) {
         return cudaErrorInvalidValue;
     }
-    cudaError_t err = prepare(type);
-    if (err != cudaSuccess) return err;
     return type == ElemType::kBFloat16 ? detail::tiled_csl_spmm_bf16(pr, stream)
                                        : detail::tiled_csl_spmm_f16(pr, stream);
 }
 
 cudaError_t tiled_csl_max_active_blocks(ElemType type, int tile_n, int* blocks_per_sm) {
-    if (!valid_type(type) || !tcsl::valid_tile_n(tile_n) || blocks_per_sm == nullptr)
-        return cudaErrorInvalidValue;
-    cudaError_t err = prepare(type);
-    if (err != cudaSuccess) return err;
+    if (!valid_type(type) || !tcsl::valid_tile_n(tile_n) || blocks_per_sm == nullptr) return cudaErrorInvalidValue;
     return type == ElemType::kBFloat16 ? detail::tiled_csl_occupancy_bf16(tile_n, blocks_per_sm)
                                        : detail::tiled_csl_occupancy_f16(tile_n, blocks_per_sm);
 }

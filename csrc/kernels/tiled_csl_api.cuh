@@ -44,26 +44,27 @@ inline int tiled_csl_effective_split(int k, int split_k) {
 }
 // Split-K arrival counters a launch needs (one per output tile of the block grid). They must be
 // zero before the first launch; every launch leaves them zero again.
-inline int tiled_csl_counter_count(int m, int n, int tile_n) {
+inline int64_t tiled_csl_counter_count(int m, int n, int tile_n) {
     const int tn = tile_n == 0 ? tcsl::default_tile_n(n) : tile_n;
-    return tcsl::ceil_div(n, tn) * tcsl::ceil_div(m, tcsl::tile_m_for(tn));
+    return static_cast<int64_t>(tcsl::ceil_div(n, tn)) * tcsl::ceil_div(m, tcsl::tile_m_for(tn));
 }
 // Dynamic shared memory of one block for a tile width (0 for an unknown width).
 int tiled_csl_smem_bytes(int tile_n);
 
 // Launches the SpMM (one kernel; split > 1 reduces in the kernel) on `stream`. Returns
-// cudaErrorInvalidValue for a malformed problem (the caller checks inputs with messages).
+// cudaErrorInvalidValue for a malformed problem (the caller checks inputs with messages:
+// tcsl::problem_size_error) and cudaErrorInvalidConfiguration if the block tile's shared memory
+// does not fit the device (every configuration needs at most 74 KiB: it fits any sm_80+ GPU).
 cudaError_t tiled_csl_spmm(ElemType type, const TiledCslProblem& problem, cudaStream_t stream);
 
-// Resident blocks per SM of the kernel for a tile width on the current device.
+// Resident blocks per SM of the kernel for a tile width on the current device (0: it does not
+// fit the device's shared memory per block).
 cudaError_t tiled_csl_max_active_blocks(ElemType type, int tile_n, int* blocks_per_sm);
 
 namespace detail {
 // Per element type, defined in tiled_csl_f16.cu / tiled_csl_bf16.cu.
 cudaError_t tiled_csl_spmm_f16(const TiledCslProblem& problem, cudaStream_t stream);
 cudaError_t tiled_csl_spmm_bf16(const TiledCslProblem& problem, cudaStream_t stream);
-cudaError_t tiled_csl_prepare_f16();  // kernel attributes (dynamic smem) on the current device
-cudaError_t tiled_csl_prepare_bf16();
 cudaError_t tiled_csl_occupancy_f16(int tile_n, int* blocks_per_sm);
 cudaError_t tiled_csl_occupancy_bf16(int tile_n, int* blocks_per_sm);
 }  // namespace detail

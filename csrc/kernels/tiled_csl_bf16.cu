@@ -9,8 +9,6 @@ cudaError_t tiled_csl_spmm_bf16(const TiledCslProblem& problem, cudaStream_t str
     return tcsl::TypedOps<true>::run(problem, stream);
 }
 
-cudaError_t tiled_csl_prepare_bf16() { return tcsl::TypedOps<true>::prepare(); }
-
 cudaError_t tiled_csl_occupancy_bf16(int tile_n, int* blocks_per_sm) {
     return tcsl::TypedOps<true>::occupancy(tile_n, blocks_per_sm);
 }

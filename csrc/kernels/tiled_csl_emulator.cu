@@ -11,13 +11,15 @@
 // cp.async/ldmatrix alignment, shared-memory accesses in bounds, no two threads touching the
 // same shared element between two barriers unless both only read, every output written once,
 // the split-K counters back at zero. It also counts the shared-memory wavefronts of every
-// warp-wide 16-bit scatter store (PROBLEM.stats: "scatter_stores N wavefronts W").
+// warp-wide 16-bit scatter store and the words whose location had to be masked into the tile
+// (PROBLEM.stats: "scatter_stores N wavefronts W bad_locations B").
 //
 // Usage: tiled_csl_emulator --configs
 //        tiled_csl_emulator --plan N K SPLIT   (prints "tile_n tile_m effective_split")
 //        tiled_csl_emulator PROBLEM... (each PROBLEM file gets PROBLEM.out: float32 y[n][m],
 //        the kernel's fp32 value before the final rounding). Exit 0 on success, 2 on a check
-//        failure (message on stderr). File format: see read_problem().
+//        failure (message on stderr), 3 when the glue's size checks (problem_size_error) reject
+//        the problem. File format: see read_problem().
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -202,6 +204,7 @@ struct Slice {  // TileSlice: this thread's first vector (index into the words, 
 
 struct ScatterStats {
     long long stores = 0, wavefronts = 0;
+    long long bad_locations = 0;  // scattered words whose location was past the tile (masked)
 };
 
 template <class Cfg>
@@ -278,8 +281,11 @@ struct BlockEmu {
                         if (i * Cfg::kThreadsPerTile >= rem[tid]) continue;
                         const U4& r = regs[tid][i];
                         const uint32_t w = e == 0 ? r.x : e == 1 ? r.y : e == 2 ? r.z : r.w;
-                        const uint32_t loc = word_location(w);
-                        if (loc >= static_cast<uint32_t>(kStorageTileElems)) fail("word location %u past the storage tile", loc);
+                        // The kernel's address: the masked location (word_byte_offset / 2).
+                        const uint32_t loc = word_byte_offset(w) / 2;
+                        if (loc != word_location(w) || loc >= static_cast<uint32_t>(kStorageTileElems))
+                            fail("word location %u escapes the storage tile", loc);
+                        stats->bad_locations += !word_location_valid(w);
                         const int el = a_base + tile_of_thread<Cfg>(tid) * kStorageTileElems + static_cast<int>(loc);
                         sm.write16(el, word_value(w), tid);
                         const int word32 = el >> 1, bank = word32 & 31;
@@ -593,9 +599,13 @@ Problem read_problem(const std::string& path) {
     Problem p;
     p.m = h[1], p.k = h[2], p.n = h[3], p.tile_n = h[4], p.split_k = h[5];
     p.misaligned_x = h[6], p.bf16 = h[7], p.has_bias = h[8];
-    if (p.m < 1 || p.k < 1 || p.n < 1) fail("%s: sizes must be >= 1", path.c_str());
-    const int mt = ceil_div(p.m, kStorageTileM), kt = k_tiles_of(p.k);
-    if (h[9] != mt * kt + 2) fail("%s: expected %d tile offsets, got %d", path.c_str(), mt * kt + 2, h[9]);
+    // The torch glue's size checks, before any array is read (a test feeds malformed sizes).
+    const std::string error = problem_size_error(p.m, p.k, p.n, h[10], h[9], p.split_k, p.tile_n);
+    if (!error.empty()) {
+        std::fprintf(stderr, "invalid problem: %s\n", error.c_str());
+        std::exit(3);
+    }
+    if (p.n < 1) fail("%s: n must be >= 1", path.c_str());
     p.offsets.resize(h[9]);
     p.words.resize(h[10]);
     p.x.resize(static_cast<size_t>(p.n) * p.k);
@@ -661,7 +671,8 @@ int main(int argc, char** argv) {
         const std::string st = std::string(argv[i]) + ".stats";
         f = std::fopen(st.c_str(), "w");
         if (!f) fail("cannot write %s", st.c_str());
-        std::fprintf(f, "scatter_stores %lld wavefronts %lld\n", stats.stores, stats.wavefronts);
+        std::fprintf(f, "scatter_stores %lld wavefronts %lld bad_locations %lld\n", stats.stores, stats.wavefronts,
+                     stats.bad_locations);
         std::fclose(f);
     }
     return 0;

@@ -9,8 +9,6 @@ cudaError_t tiled_csl_spmm_f16(const TiledCslProblem& problem, cudaStream_t stre
     return tcsl::TypedOps<false>::run(problem, stream);
 }
 
-cudaError_t tiled_csl_prepare_f16() { return tcsl::TypedOps<false>::prepare(); }
-
 cudaError_t tiled_csl_occupancy_f16(int tile_n, int* blocks_per_sm) {
     return tcsl::TypedOps<false>::occupancy(tile_n, blocks_per_sm);
 }

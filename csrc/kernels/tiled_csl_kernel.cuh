@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "ptx.cuh"
+#include "smem_opt_in.cuh"
 #include "tiled_csl_api.cuh"
 #include "tiled_csl_layout.cuh"
 
@@ -88,8 +89,9 @@ __device__ __forceinline__ void load_chunk(uint4 (&r)[Cfg::kVectorsPerThread], c
 }
 
 __device__ __forceinline__ void scatter_word(uint32_t a_base, uint32_t w) {
-    // PRMT + LEA + STS: the location's bytes are extracted, not shifted and masked.
-    ptx::st_shared_u16(a_base + 2u * __byte_perm(w, 0u, 0x4432), w);
+    // LOP3 + LEA.HI + STS: the location is masked to its storage tile (word_byte_offset), so
+    // a malformed word cannot write outside the tile's part of the A buffer.
+    ptx::st_shared_u16(a_base + word_byte_offset(w), w);
 }
 
 template <class Cfg>
@@ -371,14 +373,22 @@ __global__ void __launch_bounds__(kThreads) tiled_csl_spmm_kernel(const KernelPa
 }
 
 // --- host side -----------------------------------------------------------------------------
+// Dynamic shared memory above 48 KiB: each configuration opts in once per device at its first
+// use there, after checking that it fits the device (smem_opt_in.cuh).
 template <class Cfg, bool kBF16>
-cudaError_t set_kernel_attributes() {
-    return cudaFuncSetAttribute(tiled_csl_spmm_kernel<Cfg, kBF16>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+cudaError_t opt_in() {
+    static SmemOptIn state;
+    return state.ensure(tiled_csl_spmm_kernel<Cfg, kBF16>, Cfg::kSmemBytes);
 }
 
 template <class Cfg, bool kBF16>
 cudaError_t max_active_blocks(int* blocks) {
+    const cudaError_t ready = opt_in<Cfg, kBF16>();
+    if (ready == cudaErrorInvalidConfiguration) {
+        *blocks = 0;  // does not fit this device
+        return cudaSuccess;
+    }
+    if (ready != cudaSuccess) return ready;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, tiled_csl_spmm_kernel<Cfg, kBF16>,
                                                          kThreads, Cfg::kSmemBytes);
 }
@@ -390,6 +400,8 @@ cudaError_t launch_spmm(const TiledCslProblem& pr, cudaStream_t stream) {
     const int grid_y = ceil_div(pr.m, Cfg::kTileM);
     if (grid_y > kMaxGridY) return cudaErrorInvalidValue;
     if (split > 1 && (pr.workspace == nullptr || pr.counters == nullptr)) return cudaErrorInvalidValue;
+    const cudaError_t ready = opt_in<Cfg, kBF16>();
+    if (ready != cudaSuccess) return ready;
 
     KernelParams kp;
     kp.x = static_cast<const uint16_t*>(pr.x);
@@ -428,15 +440,6 @@ struct TypedOps {
             case 128: return launch_spmm<Config128x128, kBF16>(pr, stream);
             default: return cudaErrorInvalidValue;
         }
-    }
-    static cudaError_t prepare() {
-        cudaError_t errs[] = {
-            set_kernel_attributes<Config256x8, kBF16>(), set_kernel_attributes<Config256x16, kBF16>(),
-            set_kernel_attributes<Config256x32, kBF16>(), set_kernel_attributes<Config128x64, kBF16>(),
-            set_kernel_attributes<Config128x128, kBF16>()};
-        for (cudaError_t e : errs)
-            if (e != cudaSuccess) return e;
-        return cudaSuccess;
     }
     static cudaError_t occupancy(int tile_n, int* blocks) {
         switch (tile_n) {

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define FS_HD __host__ __device__ __forceinline__
@@ -34,8 +35,12 @@ constexpr int kMaxTileVectors = kStorageTileElems / 4;          // a 100 %-dense
 constexpr int kWarpVectors = 32;
 constexpr int kMaxGridY = 65535;
 constexpr int kMaxSplitK = 65535;
+// Largest N and K the host accepts (problem_size_error): a block's first token or k column plus
+// a tile-local offset (< 128), and K rounded up to whole k tiles, stay below 2^31.
+constexpr int kMaxExtent = 0x7FFFFFFF - 255;
 
-FS_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// a >= 0, b >= 1; never overflows (a + b - 1 would for a near 2^31).
+FS_HD constexpr int ceil_div(int a, int b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 // Block tile configuration: TM x TN outputs per block, warps arranged BR x BC, each warp
 // computing 64 rows (four m16 tiles) x TN/BC columns (n8 tiles). The block's threads are split
@@ -114,9 +119,46 @@ FS_HD constexpr int swizzle(int row, int col) {
 
 // Where a stored word goes in its storage tile's 128 x 64 part of the A tile (a 256-row block's
 // second storage tile starts kStorageTileElems further). The encoder writes locations below
-// 8192, so no mask is needed; the emulator checks the bound.
-FS_HD constexpr uint32_t word_location(uint32_t word) { return word >> 16; }
+// 8192; the mask keeps a malformed or foreign word (location up to 65535) inside its own tile's
+// buffer -- wrong data, never a write into other shared memory. The kernel forms the byte
+// offset 2 * location as (word & kLocationBits) >> 15: one LOP3 folded into the address LEA.
+static_assert((kStorageTileElems & (kStorageTileElems - 1)) == 0, "locations are masked");
+constexpr uint32_t kLocationBits = static_cast<uint32_t>(kStorageTileElems - 1) << 16;
+FS_HD constexpr uint32_t word_location(uint32_t word) { return (word & kLocationBits) >> 16; }
+FS_HD constexpr uint32_t word_byte_offset(uint32_t word) { return (word & kLocationBits) >> 15; }
+// Whether a word's location is inside its storage tile (the encoder's output always is).
+FS_HD constexpr bool word_location_valid(uint32_t word) {
+    return (word >> 16) < static_cast<uint32_t>(kStorageTileElems);
+}
 FS_HD constexpr uint16_t word_value(uint32_t word) { return static_cast<uint16_t>(word & 0xFFFFu); }
+
+// --- host checks ------------------------------------------------------------------------------
+// Why a problem with these sizes cannot run (empty: it can), from the sizes alone: what the torch
+// glue checks before every launch (no device access, so the words' locations themselves are not
+// read: the kernel masks them), and what the host emulator checks on its input. `words`,
+// `offsets`: element counts of the weight's two tensors; n may be 0.
+inline std::string problem_size_error(int64_t m, int64_t k, int64_t n, int64_t words, int64_t offsets,
+                                      int64_t split_k, int64_t tile_n) {
+    using std::to_string;
+    if (m < 1 || k < 1) return "m and k must be >= 1, got m=" + to_string(m) + ", k=" + to_string(k);
+    if (m > static_cast<int64_t>(kMaxGridY) * kStorageTileM)
+        return "m=" + to_string(m) + " exceeds the kernel's grid (at most 65535 blocks of 128 rows)";
+    if (k > kMaxExtent) return "k=" + to_string(k) + " exceeds " + to_string(kMaxExtent);
+    if (n < 0 || n > kMaxExtent) return "x has " + to_string(n) + " rows; at most " + to_string(kMaxExtent);
+    const int64_t tiles = ((m + kStorageTileM - 1) / kStorageTileM) * ((k + kTileK - 1) / kTileK);
+    if (offsets != tiles + 2)
+        return "tile_offsets must have " + to_string(tiles + 2) + " entries for a " + to_string(m) + "x" +
+               to_string(k) + " weight, got " + to_string(offsets);
+    if (words % 4 != 0) return "words must hold whole 4-word vectors, got " + to_string(words) + " words";
+    if (words / 4 > 0x7FFFFFFF) return "words has " + to_string(words) + " entries; at most 2^31 4-word vectors";
+    if (words / 4 > tiles * kMaxTileVectors)
+        return "words has " + to_string(words) + " entries, more than " + to_string(tiles) +
+               " dense 128x64 tiles hold: not this weight's words";
+    if (split_k < 1) return "split_k must be >= 1, got " + to_string(split_k);
+    if (tile_n != 0 && !(tile_n == 8 || tile_n == 16 || tile_n == 32 || tile_n == 64 || tile_n == 128))
+        return "tile_n must be 0 (by N), 8, 16, 32, 64 or 128, got " + to_string(tile_n);
+    return std::string();
+}
 
 // A tile's vector range [start, start + count) from its TileOffsets entries, clamped to the
 // words (num_vectors) and to a dense tile, so malformed offsets never read out of bounds.

@@ -18,7 +18,7 @@ An :class:`Instance` carries what the counter cannot see in the machine code: ``
 ``dynamic_smem`` bytes (static shared memory comes from ptxas), free-form ``params`` (copied
 into the report's ``detail``; name variants there, e.g. ``{"x_aligned": False}``) and
 ``primary`` (False: a variant the benchmark shapes never launch; reported, but not used for
-plans and predictions).
+plans and predictions) and ``arch`` (filled in by the report: the arch of the cubin).
 
 The *main loop* is the natural loop of the SASS control-flow graph holding the most MMA
 instructions (HMMA/HGMMA; ties: the innermost). By default every basic block of its body
@@ -60,6 +60,9 @@ class Instance:
     # False for variants the benchmark shapes do not launch (e.g. an unaligned-x fallback):
     # reported, but not used for launch plans and predictions.
     primary: bool = True
+    # The arch this instance was compiled for ("90a", "86", "80"); set by the report before the
+    # hooks run, so they can follow that arch's launch plans.
+    arch: str = ""
 
 
 TripCounts = Callable[[float, Instance], Sequence[float]]
@@ -71,7 +74,8 @@ class CudaSpec:
     name: str
     sources: Sequence[str]
     match: Callable[[str], Instance | None]
-    archs: Sequence[str] = ("90a", "80")
+    # sm_86 stands for the 99 KiB-per-block parts (sm_86, sm_89, sm_120).
+    archs: Sequence[str] = ("90a", "86", "80")
     trip_counts: TripCounts | None = None
     block_weights: BlockWeights | None = None
 

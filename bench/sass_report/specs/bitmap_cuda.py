@@ -26,12 +26,12 @@ count per iteration, averaged over the CTA's 4 warps):
   mbarrier wait is ``SYNCS.PHASECHK.TRANS64.TRYWAIT`` in line plus an out-of-line retry loop;
   the retry blocks are counted once per stage (a conservative bound: in the steady state the
   stage has landed by the time the barrier is reached and the retry never runs).
-* x copy: a stage whose 256 x columns are all inside K (CTA-uniform) copies with
-  unpredicated cp.async; otherwise a checked path (zero stores, predicated copies) runs. Its
-  blocks -- between the predicated branch to the unpredicated-copy block and that block -- get
-  :func:`checked_stage_fraction`: the largest fraction of (CTA, stage) pairs taking it over the
-  benchmark shapes' launch plans for the tile width (0 for all of them today: every benchmark K
-  is a multiple of 256, and a split's partial last stage still lies inside K).
+* x copy: a stage whose 256 x columns all belong to its split (CTA-uniform) copies with
+  unpredicated cp.async; otherwise (a split's partial last stage, whose other columns are the
+  next split's, or the stage reaching past K) a checked path (zero stores, predicated copies)
+  runs. Its blocks -- between the predicated branch to the unpredicated-copy block and that
+  block -- get :func:`checked_stage_fraction`: the largest fraction of (CTA, stage) pairs taking
+  it over the benchmark shapes' launch plans for the tile width on the arch's GPU.
 
 The stage load guarded by ``i + 1 < stages`` is skipped only in a split's last stage, and the
 second step of a trip only when a split has an odd number of stages; both are counted every
@@ -99,18 +99,21 @@ def value_copy_trips(sparsity: float, tiles: int = 256, seed: int = 0) -> float:
     return float(trips.double().mean())
 
 
-@functools.lru_cache(maxsize=8)
-def checked_stage_fraction(n_tile: int) -> float:
-    """The largest fraction, over the benchmark shapes' launch plans with this tile width, of
-    (CTA, stage) pairs whose 256 x columns reach past K (the checked x-copy path)."""
-    from flashsparse.kernels.cuda import bitmap
+@functools.lru_cache(maxsize=16)
+def checked_stage_fraction(n_tile: int, arch: str = "90a") -> float:
+    """The largest fraction, over the benchmark shapes' launch plans with this tile width on
+    the GPU ``arch``'s plans target (``launch.LIMITS_BY_ARCH``), of (CTA, stage) pairs whose 256
+    x columns reach past the end of their split's columns (the checked x-copy path; a split
+    ends at a multiple of 64 or at K)."""
+    from flashsparse.kernels.cuda import bitmap, launch
 
     from ..model import NS, SHAPES
 
+    device = launch.LIMITS_BY_ARCH.get(arch, launch.H100)
     worst = 0.0
     for _, m, k in SHAPES:
         for n in NS:
-            plan = bitmap.bitmap_launch_plan(m, k, n)
+            plan = bitmap.bitmap_launch_plan(m, k, n, device=device)
             if plan["tile_n"] != n_tile:
                 continue
             k_tiles = -(-k // TILE)
@@ -118,9 +121,10 @@ def checked_stage_fraction(n_tile: int) -> float:
             stages = checked = 0
             for z in range(plan["split_k"]):
                 num = min(per, k_tiles - z * per)
+                end = min(k, TILE * (z * per + num))
                 for s in range(-(-num // TILES_PER_STAGE)):
                     stages += 1
-                    checked += k - TILE * (z * per + TILES_PER_STAGE * s) < TILES_PER_STAGE * TILE
+                    checked += end - TILE * (z * per + TILES_PER_STAGE * s) < TILES_PER_STAGE * TILE
             worst = max(worst, checked / stages)
     return worst
 
@@ -148,7 +152,7 @@ def block_weights(loop, sparsity: float, inst: Instance) -> dict[int, float]:
                 weights[b.addr] = ELECTED_WEIGHT
     # The x copy: a checked path (zero stores + predicated copies) for a stage reaching past K,
     # skipped by a CTA-uniform branch to the unpredicated copies otherwise.
-    tail = checked_stage_fraction(inst.n_tile)
+    tail = checked_stage_fraction(inst.n_tile, inst.arch or "90a")
     for fast in loop.blocks:
         ins = by_addr[fast.addr].instrs
         copies = [i for i in ins if i.opcode.startswith("LDGSTS")]

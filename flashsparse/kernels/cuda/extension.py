@@ -30,6 +30,7 @@ __all__ = [
     "KERNEL_DTYPES",
     "MIN_CAPABILITY",
     "SelfCheckedKernel",
+    "capturing",
     "gencode_flags",
     "jit_options",
     "kernel_sources",
@@ -118,6 +119,14 @@ def unavailable_reason() -> str | None:
     if build.find_ninja() is None:
         return "ninja was not found (pip install ninja); it is needed to JIT-build the CUDA kernels"
     return None
+
+
+def capturing(device_index: int) -> bool:
+    """Whether the current stream of CUDA device ``device_index`` is capturing a CUDA graph."""
+    if device_index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device_index):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def supports_reason(kernel: str, device: torch.device, dtype: torch.dtype, fp32: str) -> str | None:

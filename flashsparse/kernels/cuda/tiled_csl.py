@@ -5,7 +5,10 @@ The launch plan is decided here, in Python (unit-tested on CPU): the block tile 
 (:func:`tile_config`, as in Flash-LLM plus 256x8 for N <= 8) and the split-K factor
 (:func:`tiled_csl_launch_plan`): enough splits that every SM gets at least two blocks, reduced
 inside the kernel in split order (deterministic) through a workspace cached per device and
-stream (:func:`_workspace`; allocated only when it must grow).
+stream for eager calls (:func:`_workspace`; allocated only when it must grow) and owned by the
+graph for calls under CUDA-graph capture. The SM count and resident blocks per SM come from
+the device (``torch.cuda.get_device_properties`` and the occupancy calculator); every block
+tile needs at most 74 KiB of shared memory, so each fits any sm_80+ GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from ... import backends
 from . import extension
-from .launch import TILE_K, effective_split, wave_efficiency
+from .launch import TILE_K, device_limits, effective_split, wave_efficiency
 
 __all__ = [
     "CTAS_PER_SM",
@@ -126,55 +129,59 @@ def tiled_csl_workspace_elems(m: int, n: int, tile_n: int, split: int) -> int:
     return -(-counters // 4) * 4 + split * n * m
 
 
-# (device index, stream, capturing) -> int32 workspace. Eager buffers are zeroed once; the kernel
-# leaves its counters at zero.
-_workspaces: dict[tuple[int, int, bool], torch.Tensor] = {}
+# (device index, stream handle) -> int32 workspace of eager calls. Zeroed once; the kernel leaves
+# its counters at zero.
+_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _workspace(device: torch.device, elems: int, counters: int) -> torch.Tensor:
-    """The split-K workspace of the current stream, grown (not per call) when too small.
+    """The split-K workspace for a launch on ``device``'s current stream.
 
-    Under CUDA-graph capture a separate buffer comes from the graph's private memory pool, and
-    its counters are zeroed by a captured memset before each use: nothing runs during capture,
-    so the buffer is only valid inside the graph, and a buffer shared by several graphs must
-    not depend on which of them ran last.
+    Eager: the cached buffer of (device, stream), grown (not per call) when too small; kernels
+    still using an old buffer ran on this stream, so the caching allocator only reuses its
+    memory after them. Under CUDA-graph capture: a new buffer from the graph's private memory
+    pool with its counters zeroed by a captured memset, owned by that graph alone -- a graph can
+    be replayed at any later time, concurrently with eager calls or other graphs (also graphs
+    captured on the same stream), so it never shares or caches its workspace.
     """
-    stream = torch.cuda.current_stream(device)
-    capturing = torch.cuda.is_current_stream_capturing()
-    key = (device.index, stream.cuda_stream, capturing)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if extension.capturing(index):
+        buf = torch.empty(elems, dtype=torch.int32, device=device)
+        buf[: -(-counters // 4) * 4].zero_()
+        return buf
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < elems:
         size = max(elems, 2 * buf.numel() if buf is not None else 0)
-        # Kernels still using an old buffer ran on this stream: the caching allocator only
-        # reuses its memory after them.
         buf = torch.zeros(size, dtype=torch.int32, device=device)
         _workspaces[key] = buf
-    elif capturing:
-        buf[:counters].zero_()
     return buf
 
 
 @functools.lru_cache(maxsize=64)
-def _slots(device_index: int, tile_n: int, bf16: bool) -> int:
-    props = torch.cuda.get_device_properties(device_index)
+def _occupancy(device_index: int, bf16: bool) -> dict[int, int]:
+    """Resident blocks per SM of every block tile on a device (0: does not fit), from the
+    compiled kernel (this opts each configuration into its shared memory)."""
     with torch.cuda.device(device_index):
-        per_sm = int(torch.ops.flashsparse._tiled_csl_cuda_occupancy(tile_n, bf16))
-    return props.multi_processor_count * max(1, per_sm)
-
-
-@functools.lru_cache(maxsize=64)
-def _device_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+        return {
+            tile_n: int(torch.ops.flashsparse._tiled_csl_cuda_occupancy(tile_n, bf16))
+            for _, tile_n, _ in TILE_CONFIGS
+        }
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(device_index: int, bf16: bool, n: int, m: int, k: int, num_words: int) -> tuple[int, int]:
-    """``(split_k, tile_n)`` for one call shape."""
+    """``(split_k, tile_n)`` for one call shape on one device."""
     _, tile_n = tile_config(n)
-    sms = _device_sms(device_index)
-    per_sm = max(1, _slots(device_index, tile_n, bf16) // sms)
+    limits = device_limits(device_index)
+    per_sm = _occupancy(device_index, bf16)[tile_n]
+    if per_sm < 1:
+        raise ValueError(
+            f"the {KERNEL}'s {tile_n}-wide block tile does not fit {limits.name} "
+            f"({limits.smem_per_block_optin} bytes of shared memory per block)"
+        )
     plan = tiled_csl_launch_plan(
-        m, k, n, num_sms=sms, ctas_per_sm=per_sm, weight_bytes=4 * num_words
+        m, k, n, num_sms=limits.sms, ctas_per_sm=per_sm, weight_bytes=4 * num_words
     )
     return int(plan["split_k"]), tile_n
 
@@ -204,7 +211,17 @@ def _self_check_cases() -> list[tuple[int, int, int, int, int]]:
 def _self_check() -> str | None:
     from ...formats import TiledCSL
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    index = torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    # Occupancy of every block tile and dtype now, outside any capture: it opts each one into
+    # its shared memory, so later plans never call into the driver.
+    for bf16 in (False, True):
+        too_big = [tn for tn, c in _occupancy(index, bf16).items() if c < 1]
+        if too_big:
+            return (
+                f"the {KERNEL}'s block tiles {too_big} do not fit "
+                f"{torch.cuda.get_device_name(device)} (shared memory per block)"
+            )
     g = torch.Generator().manual_seed(0)
     for m, k, n, tile_n, split in _self_check_cases():
         w32 = extension.self_check_weight(m, k, g)
@@ -253,7 +270,8 @@ def tiled_csl_linear(
 ) -> torch.Tensor:
     """``x2d @ W.T + bias`` for a contiguous ``[N, K]`` x in the weight's dtype (fp16/bf16)."""
     n = x2d.shape[0]
-    split_k, tile_n = _plan(x2d.device.index, x2d.dtype == torch.bfloat16, n, m, k, words.numel())
+    index = x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()
+    split_k, tile_n = _plan(index, x2d.dtype == torch.bfloat16, n, m, k, words.numel())
     split_k = effective_split(-(-k // TILE_K), split_k)
     workspace = None
     if split_k > 1:
