@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should do, in one call (DESIGN §7; docs/gpu_runbook.md).
+# Everything a lent GPU machine should do, in one call (docs/gpu_runbook.md).
 #
 #   bash bench/gpu_check.sh --budget [OUTDIR]              # at most 9 minutes, most important first
 #   bash bench/gpu_check.sh --rerun SUMMARY.json [OUTDIR]  # at most 4 minutes: only what failed

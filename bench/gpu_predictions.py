@@ -5,7 +5,7 @@
 ``bench/kernel_report.py`` predicts each kernel's time and speed-up over dense from its compiled
 SASS; it needs nvcc and cuobjdump (the triton wheel's will do) and the Triton version of the
 machine the prediction is for, since Triton 3.6 compiles the same source into other code than
-3.9 (DESIGN §7): run this with the device machine's versions (torch 2.11 cu130, triton 3.6; the
+3.9: run this with the device machine's versions (torch 2.11 cu130, triton 3.6; the
 venv of docs/gpu_runbook.md). The GPU run only reads the file this writes (``gpu_sweep.py``
 joins it to its measurements), so it needs neither tool there.
 
