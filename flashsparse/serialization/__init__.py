@@ -25,6 +25,7 @@ from .file_format import FILE_NAME, FORMAT_NAME, FORMAT_VERSION, load_flashspars
 from .files import checksum, read_header
 from .fingerprint import architecture, structure, unwrap_model
 from .install import target_device
+from .sharded import is_parallel_model
 
 __all__ = [
     "FILE_NAME",
@@ -91,6 +92,7 @@ def _load_sparse(
             path = path / FILE_NAME
         else:
             if is_compressed_tensors_checkpoint(path):
+                _single_device_only(model, path)
                 return load_compressed_tensors(model, path, format=format, device=target)
             raise ValueError(
                 f"{path} holds neither {FILE_NAME} nor a compressed-tensors sparse-bitmask checkpoint"
@@ -101,6 +103,7 @@ def _load_sparse(
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME:
         if has_bitmask_tensors(header):
+            _single_device_only(model, path)
             return load_compressed_tensors(model, path, format=format, device=target)
         raise ValueError(
             f"{path} is not a flashsparse file (no 'format: flashsparse' in its metadata) and "
@@ -108,3 +111,11 @@ def _load_sparse(
         )
     load_flashsparse(model, path, header, target, verify)
     return model
+
+
+def _single_device_only(model: nn.Module, path: Path) -> None:
+    if is_parallel_model(model):
+        raise ValueError(
+            f"{path} is a compressed-tensors checkpoint: a tensor-parallel model loads flashsparse "
+            "files only (convert it on one process with load_sparse, then save_sparse it)"
+        )
