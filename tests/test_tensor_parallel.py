@@ -104,6 +104,7 @@ def prepare(tmp: Path, config) -> None:
     sparsify_both_formats(model)
     (tmp / "single").mkdir()
     fs.save_sparse(model, tmp / "single")
+    model.config.save_pretrained(tmp / "single")  # as `flashsparse sparsify` writes it
     ids = torch.tensor([[3, 17, 5, 60, 9, 2, 44, 8]])
     with torch.no_grad():
         logits = model(ids).logits
@@ -250,6 +251,15 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
     assert "model.embed_tokens.weight" not in whole and "lm_head.weight" not in whole
     _check_shards(loaded, tmp)
     _check_outputs(loaded, ref, "transformers tp_plan + load_sparse", device)
+    # What `flashsparse info --model` says each rank stores is what this rank stores.
+    from flashsparse.serialization.sharded import per_rank_bytes
+
+    predicted = per_rank_bytes(tmp / "single", world, loaded.tp_plan)["ranks"][rank]
+    summary = fs.sparsify_summary(loaded)
+    assert (predicted["sparse_bytes"], predicted["dense_bytes"]) == (
+        summary.linear_nbytes,
+        summary.other_nbytes,
+    )
     for (n1, m1), (n2, m2) in zip(model.named_modules(), loaded.named_modules(), strict=True):
         if isinstance(m1, ShardedSparseLinear):  # the same bytes as sparsify_ made
             assert n1 == n2
@@ -520,3 +530,23 @@ def test_summary_counts_this_ranks_part_of_dtensors(one_rank):
     assert summary.sharded_layers == 1 and summary.layers[0].shard.startswith("colwise")
     assert (summary.rank, summary.world_size) == (0, 1)
     assert summary.as_dict()["sharded_layers"] == 1
+
+
+@pytest.mark.slow
+def test_info_reports_per_rank_bytes(checkpoints, capsys):
+    import json
+
+    from flashsparse.cli import main
+
+    single = checkpoints / "llama" / "single"
+    assert main(["info", "--model", str(single), "--tp-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["tensor_parallel"]
+    ranks = report["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and report["unsupported"] == []
+    for r in ranks:
+        assert 0.45 < (r["sparse_bytes"] + r["dense_bytes"]) / report["one_process_bytes"] < 0.55
+    assert main(["info", "--model", str(single), "--tp-size", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "tensor parallel" in text and "rank 3" in text
+    assert main(["info", "--model", str(checkpoints / "nowhere")]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -359,3 +359,118 @@ def _gathered(model: nn.Module, keep: bool) -> nn.Module | None:
         return new
 
     return visit(model)
+
+
+# -- per-rank sizes of a file (flashsparse info) ------------------------------------------------------
+def _style_dims(style_name: str) -> tuple[int | None, int | None] | None:
+    """``(weight dim, bias dim)`` a transformers tensor-parallel style splits (None: kept
+    whole), or None for a style whose split a single-device file cannot give (packed, unit)."""
+    from transformers.distributed.tensor_parallel import (
+        ALL_PARALLEL_STYLES,
+        ColwiseParallel,
+        EmbeddingParallel,
+        RowwiseParallel,
+    )
+
+    style = ALL_PARALLEL_STYLES[style_name]
+    if type(style) is ColwiseParallel:
+        return 0, 0
+    if type(style) is RowwiseParallel:
+        return 1, None
+    if type(style) is EmbeddingParallel:
+        return style.shard_dim, None
+    if "Packed" in type(style).__name__ or "Unit" in type(style).__name__:
+        return None
+    return None, None
+
+
+def transformers_tp_plan(model_dir: str | os.PathLike) -> dict[str, str]:
+    """The tensor-parallel plan transformers applies with ``tp_plan="auto"`` to the model whose
+    ``config.json`` is in ``model_dir`` (the model is built on the meta device to read it)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return dict(model.tp_plan or {})
+
+
+def per_rank_bytes(path: str | os.PathLike, tp_size: int, plan: dict[str, str]) -> dict:
+    """What each of ``tp_size`` tensor-parallel ranks stores when a flashsparse file is loaded
+    into a model split by ``plan`` (transformers' ``{module pattern: style}``): exact bytes of
+    each rank's shards of the sparse layers (cut from the file as ``load_sparse`` cuts them) and
+    of its parts of the dense tensors; every tensor the plan does not split counts whole on
+    each rank. Reads the file once per rank."""
+    import json
+    import re
+
+    from ..formats import FORMATS
+    from ..nn.parallel import chunk_range
+    from .file_format import _DTYPES, FILE_NAME, FORMAT_VERSION
+    from .files import read_header
+
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE_NAME
+    header = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    layers = json.loads(metadata.get("layers", "{}"))
+    version = int(metadata.get("format_version", FORMAT_VERSION))
+
+    def style_of(name: str) -> str | None:
+        generic = re.sub(r"\.\d+(\.|$)", r".*\1", name)
+        return plan.get(generic)
+
+    sparse = [0] * tp_size
+    dense = [0] * tp_size
+    whole = 0
+    unsupported: list[str] = []
+    components: set[str] = set()
+    with TensorReader({n: path for n in header if n != "__metadata__"}, torch.device("cpu")) as r:
+        for fqn, info in layers.items():
+            cls = FORMATS[info["format"]]
+            shape = (int(info["shape"][0]), int(info["shape"][1]))
+            components.update(join_name(fqn, c) for c in cls.components)
+            style = style_of(fqn)
+            dims = _style_dims(style) if style else (None, None)
+            if dims is None:
+                unsupported.append(f"{fqn} ({style})")
+                dims = (None, None)
+            source = _FileTiles(r, fqn, cls, shape, _DTYPES[info["dtype"]], version, path)
+            for rank in range(tp_size):
+                rows = chunk_range(shape[0], tp_size, rank) if dims[0] == 0 else (0, shape[0])
+                cols = chunk_range(shape[1], tp_size, rank) if dims[0] == 1 else (0, shape[1])
+                if rows[0] < rows[1] and cols[0] < cols[1]:
+                    sparse[rank] += cut(source, rows, cols).nbytes
+            whole += sum(
+                int(header[join_name(fqn, c)]["data_offsets"][1])
+                - int(header[join_name(fqn, c)]["data_offsets"][0])
+                for c in cls.components
+            )
+        for name, entry in header.items():
+            if name == "__metadata__" or name in components:
+                continue
+            module, _, param = name.rpartition(".")
+            style = style_of(module)
+            dims = _style_dims(style) if style else (None, None)
+            dim = None if dims is None else (dims[1] if param == "bias" else dims[0])
+            shape = entry["shape"]
+            nbytes = int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            whole += nbytes
+            for rank in range(tp_size):
+                if dim is None or dim >= len(shape) or shape[dim] == 0:
+                    dense[rank] += nbytes
+                else:
+                    start, stop = chunk_range(shape[dim], tp_size, rank)
+                    dense[rank] += nbytes // shape[dim] * (stop - start)
+    return {
+        "path": str(path),
+        "tp_size": tp_size,
+        "one_process_bytes": whole,
+        "ranks": [
+            {"rank": r, "sparse_bytes": sparse[r], "dense_bytes": dense[r]} for r in range(tp_size)
+        ],
+        "unsupported": unsupported,
+    }
