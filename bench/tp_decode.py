@@ -8,7 +8,8 @@ tokens/s of batch 1 (prompt 16 tokens, then ``--steps`` steps, median of ``--rou
 dense and sparse. tp = 1 runs with one thread and with two (the two cores tp = 2 uses), so the
 cost of the per-layer gloo all-reduces shows: on one two-core machine tp = 2 gains no memory
 bandwidth and pays two all-reduces per layer, so a slowdown is expected. What tp = 2 gives is
-per-rank memory.
+per-rank memory. Every configuration is timed once per round, in turn (rank 0 also runs the
+one-process model while rank 1 waits), so load from other processes hits all of them alike.
 
     python bench/tp_decode.py --out bench/results/tp-decode-<name>
 
@@ -38,6 +39,7 @@ import flashsparse as fs
 
 SPARSITY = 0.7
 PROMPT = 16
+KINDS = ("dense", "sparse")
 
 
 def write_checkpoint(path: Path) -> None:
@@ -66,34 +68,22 @@ def decode_tok_s(model, steps: int) -> float:
         return steps / (time.perf_counter() - start)
 
 
-def measure(model, steps: int, rounds: int, barrier=None) -> dict:
-    """Decode tokens/s (median of rounds, after one warm-up) and the model's sizes."""
-    decode_tok_s(model, 2)
-    speeds = []
-    for _ in range(rounds):
-        if barrier is not None:
-            barrier()
-        speeds.append(decode_tok_s(model, steps))
+def sizes(model) -> dict:
     summary = fs.sparsify_summary(model)
     return {
-        "tok_s": statistics.median(speeds),
-        "tok_s_rounds": speeds,
         "sparse_layer_bytes": summary.linear_nbytes,
         "model_bytes": summary.model_nbytes,
         "sharded_layers": summary.sharded_layers,
     }
 
 
-def one_process(checkpoint: Path, threads: int, steps: int, rounds: int) -> dict:
+def load(checkpoint: str, sparse: bool, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    dense = measure(model, steps, rounds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, **kwargs).eval()
+    if sparse:
         fs.sparsify_(model, format="bitmap")
-    return {"dense": dense, "sparse": measure(model, steps, rounds)}
+    return model
 
 
 def _quiet() -> None:
@@ -106,90 +96,114 @@ def _quiet() -> None:
 def _rank(
     rank: int, world: int, checkpoint: str, rendezvous: str, steps: int, rounds: int, out: str
 ):
+    """Both tp = 2 ranks; rank 0 also runs the one-process model (1 and 2 threads) while rank 1
+    waits, round by round, so load from other processes hits every configuration alike."""
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     _quiet()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(
-                checkpoint, tp_plan="auto", dtype=torch.bfloat16
-            ).eval()
-        dense = measure(model, steps, rounds, dist.barrier)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fs.sparsify_(model, format="bitmap")
-        sparse = measure(model, steps, rounds, dist.barrier)
+        parallel = {kind: load(checkpoint, kind == "sparse", tp_plan="auto") for kind in KINDS}
+        single = {kind: load(checkpoint, kind == "sparse") for kind in KINDS} if rank == 0 else {}
+        runs = {f"tp2_{kind}": [] for kind in KINDS}
+        if rank == 0:
+            runs.update({f"tp1_{t}t_{kind}": [] for kind in KINDS for t in (1, 2)})
+        for model in [*parallel.values(), *single.values()]:
+            decode_tok_s(model, 2)  # warm-up (one rank's single model runs alone: no collective)
+        for _ in range(rounds):
+            for kind in KINDS:
+                dist.barrier()
+                runs[f"tp2_{kind}"].append(decode_tok_s(parallel[kind], steps))
+                if rank == 0:
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        runs[f"tp1_{threads}t_{kind}"].append(decode_tok_s(single[kind], steps))
+                    torch.set_num_threads(1)
+        report = {
+            "rank": rank,
+            "runs": runs,
+            "tp2_sizes": {kind: sizes(parallel[kind]) for kind in KINDS},
+            "tp1_sizes": {kind: sizes(single[kind]) for kind in KINDS} if rank == 0 else None,
+        }
         results = [None] * world
-        dist.all_gather_object(results, {"rank": rank, "dense": dense, "sparse": sparse})
+        dist.all_gather_object(results, report)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
-def tensor_parallel(checkpoint: Path, world: int, steps: int, rounds: int) -> list[dict]:
+def run_all(checkpoint: Path, steps: int, rounds: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
         torch.multiprocessing.spawn(
             _rank,
-            args=(world, str(checkpoint), f"{tmp}/rendezvous", steps, rounds, str(out)),
-            nprocs=world,
+            args=(2, str(checkpoint), f"{tmp}/rendezvous", steps, rounds, str(out)),
+            nprocs=2,
             join=True,
         )
         return json.loads(out.read_text())
 
 
 def markdown(result: dict) -> str:
-    meta, tp1, tp1b, tp2 = result["meta"], result["tp1"], result["tp1_two_threads"], result["tp2"]
-    single = tp1["sparse"]["sparse_layer_bytes"]
-    single_model = tp1["sparse"]["model_bytes"]
+    meta, ranks = result["meta"], result["ranks"]
+    runs = ranks[0]["runs"]
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    one = ranks[0]["tp1_sizes"]["sparse"]
+    mib = 2**20
     lines = [
         f"# Tensor-parallel decode on the CPU ({meta['date']})",
         "",
         f"Device: {meta['device']}; dtype bfloat16; model {meta['model']}, linears pruned to "
         f"{SPARSITY:.0%} and sparsified as bitmap (`fs.sparsify_`), the LM head and embeddings "
-        f"dense; batch 1, prompt {PROMPT}, {meta['steps']} greedy decode steps, median of "
-        f"{meta['rounds']} rounds; tp = 2 is two processes over gloo (transformers "
-        f'`tp_plan="auto"`), one thread each; torch {meta["torch"]}, transformers '
-        f"{meta['transformers']}; started {meta['started']}, {meta['note']}. Regenerate with "
-        "`python bench/tp_decode.py --out bench/results/<name>`.",
+        f"dense; batch 1, prompt {PROMPT}, {meta['steps']} greedy decode steps; median of "
+        f"{meta['rounds']} rounds, every configuration timed once per round, in turn, so load "
+        "from other processes hits all alike; tp = 2 is two processes over gloo "
+        f'(transformers `tp_plan="auto"`), one thread each; torch {meta["torch"]}, '
+        f"transformers {meta['transformers']}; started {meta['started']}, {meta['note']}. "
+        "Regenerate with `python bench/tp_decode.py --out bench/results/<name>`.",
         "",
-        "| run | threads per rank | dense tok/s | sparse tok/s | sparse-layer MiB per rank "
-        "| vs one process | whole model MiB per rank | vs one process |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | threads per rank | dense tok/s | sparse tok/s | sparse / dense |",
+        "|---|---|---|---|---|",
     ]
-    mib = 2**20
-    for label, run, threads in (("tp = 1", tp1, 1), ("tp = 1", tp1b, 2)):
-        s = run["sparse"]
+    for label, key, threads in (
+        ("tp = 1", "tp1_1t", 1),
+        ("tp = 1", "tp1_2t", 2),
+        ("tp = 2", "tp2", 1),
+    ):
+        dense, sparse = med[f"{key}_dense"], med[f"{key}_sparse"]
         lines.append(
-            f"| {label} | {threads} | {run['dense']['tok_s']:.1f} | {s['tok_s']:.1f} | "
-            f"{s['sparse_layer_bytes'] / mib:.1f} | {s['sparse_layer_bytes'] / single:.2f}x | "
-            f"{s['model_bytes'] / mib:.1f} | {s['model_bytes'] / single_model:.2f}x |"
+            f"| {label} | {threads} | {dense:.1f} | {sparse:.1f} | {sparse / dense:.2f}x |"
         )
-    for rank in tp2:
-        s = rank["sparse"]
-        lines.append(
-            f"| tp = 2, rank {rank['rank']} | 1 | {rank['dense']['tok_s']:.1f} | {s['tok_s']:.1f} | "
-            f"{s['sparse_layer_bytes'] / mib:.1f} | {s['sparse_layer_bytes'] / single:.2f}x | "
-            f"{s['model_bytes'] / mib:.1f} | {s['model_bytes'] / single_model:.2f}x |"
-        )
-    worst = max(r["sparse"]["sparse_layer_bytes"] for r in tp2) / single
-    speed = tp2[0]["sparse"]["tok_s"]
     lines += [
         "",
-        f"Per-rank sparse-layer memory at tp = 2: **{worst:.2f}x** of one process (target <= "
-        f"0.55x). Sparse decode at tp = 2: {speed:.1f} tok/s, {speed / tp1['sparse']['tok_s']:.2f}x "
-        f"of tp = 1 with one thread, {speed / tp1b['sparse']['tok_s']:.2f}x of tp = 1 with two "
+        "| process | sparse-layer MiB | vs one process | whole model MiB | vs one process |",
+        "|---|---|---|---|---|",
+        f"| tp = 1 | {one['sparse_layer_bytes'] / mib:.1f} | 1.00x | "
+        f"{one['model_bytes'] / mib:.1f} | 1.00x |",
+    ]
+    for rank in ranks:
+        s = rank["tp2_sizes"]["sparse"]
+        lines.append(
+            f"| tp = 2, rank {rank['rank']} ({s['sharded_layers']} sharded layers) | "
+            f"{s['sparse_layer_bytes'] / mib:.1f} | "
+            f"{s['sparse_layer_bytes'] / one['sparse_layer_bytes']:.2f}x | "
+            f"{s['model_bytes'] / mib:.1f} | {s['model_bytes'] / one['model_bytes']:.2f}x |"
+        )
+    worst = max(r["tp2_sizes"]["sparse"]["sparse_layer_bytes"] for r in ranks)
+    tp2, tp1, tp1b = med["tp2_sparse"], med["tp1_1t_sparse"], med["tp1_2t_sparse"]
+    lines += [
+        "",
+        f"Per-rank sparse-layer memory at tp = 2: **{worst / one['sparse_layer_bytes']:.2f}x** of "
+        f"one process (target <= 0.55x). Sparse decode at tp = 2: {tp2:.1f} tok/s, "
+        f"{tp2 / tp1:.2f}x of tp = 1 with one thread, {tp2 / tp1b:.2f}x of tp = 1 with two "
         "threads"
         + (
             ": each layer's two all-reduces over gloo (two processes on the same two cores) cost "
-            "more than the halved weight reads save here."
-            if speed < tp1b["sparse"]["tok_s"]
+            "more than the halved weight reads per rank save here."
+            if tp2 < tp1b
             else "."
         ),
     ]
@@ -221,13 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "llama"
         write_checkpoint(checkpoint)
-        result = {"meta": meta}
-        result["tp1"] = one_process(checkpoint, 1, args.steps, args.rounds)
-        print(f"tp = 1, 1 thread: {result['tp1']}", flush=True)
-        result["tp1_two_threads"] = one_process(checkpoint, 2, args.steps, args.rounds)
-        print(f"tp = 1, 2 threads: {result['tp1_two_threads']}", flush=True)
-        result["tp2"] = tensor_parallel(checkpoint, 2, args.steps, args.rounds)
-        print(f"tp = 2: {result['tp2']}", flush=True)
+        result = {"meta": meta, "ranks": run_all(checkpoint, args.steps, args.rounds)}
     text = markdown(result)
     print(text)
     if args.out:

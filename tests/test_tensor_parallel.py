@@ -266,14 +266,23 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
             for c, t in m1.shard.sparse_weight.state().items():
                 assert torch.equal(t, m2.shard.sparse_weight.state()[c]), (n1, c)
 
-    # 4. torch's parallelize_module on a model built on the meta device, then load_sparse.
+    # 4. transformers' plan applied to a model built on the meta device: no dense weights at all.
     import transformers
+    from transformers.distributed import DistributedConfig
 
+    config = transformers.AutoConfig.from_pretrained(tmp / "dense")
+    cls = type(model)
+    distributed, _, meshes = cls.prepare_distribute_model(DistributedConfig(tp_plan="auto"))
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    skeleton = cls.maybe_distribute_model(skeleton, distributed, meshes).eval()
+    fs.load_sparse(skeleton, tmp / "single", device=device)
+    _check_outputs(skeleton, ref, "transformers plan on meta + load_sparse", device)
+
+    # 5. torch's parallelize_module on a model built on the meta device, then load_sparse.
     mesh = torch.distributed.init_device_mesh(device.type, (world,))
     with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(tmp / "dense"), dtype=torch.float32
-        ).eval()
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     plan = {}
     for i in range(len(skeleton.model.layers)):
         for proj in (
@@ -293,7 +302,7 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
     _check_shards(skeleton, tmp)
     _check_outputs(skeleton, ref, "parallelize_module + load_sparse", device)
 
-    # 5. torch styles whose outputs stay DTensors, with biases: a reduce-scatter at the end.
+    # 6. torch styles whose outputs stay DTensors, with biases: a reduce-scatter at the end.
     torch.manual_seed(1)
     mlp = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 50)).to(device)
     with torch.no_grad():
