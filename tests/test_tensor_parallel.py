@@ -303,12 +303,15 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
     _check_outputs(skeleton, ref, "parallelize_module + load_sparse", device)
 
     # 6. torch styles whose outputs stay DTensors, with biases: a reduce-scatter at the end.
+    # The first layer's rows 0:65 (rank 0's) are 90 % zeros, rows 65:130 (rank 1's) 30 %: the
+    # layer's 60 % decides min_sparsity=0.55 on both ranks alike.
     torch.manual_seed(1)
     mlp = nn.Sequential(nn.Linear(70, 130), nn.ReLU(), nn.Linear(130, 50)).to(device)
     with torch.no_grad():
-        for p in mlp.parameters():
-            if p.dim() == 2:
-                p.copy_(fs.prune(p, 0.6))
+        first = mlp[0].weight
+        first[:65] = fs.prune(first[:65], 0.9)
+        first[65:] = fs.prune(first[65:], 0.3)
+        mlp[2].weight.copy_(fs.prune(mlp[2].weight, 0.6))
     x = torch.randn(3, 70, device=device)
     with torch.no_grad():
         want = mlp(x)
@@ -322,7 +325,7 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
             "2": RowwiseParallel(output_layouts=Shard(-1), use_local_output=False),
         },
     )
-    fs.sparsify_(mlp)
+    fs.sparsify_(mlp, min_sparsity=0.55)
     assert isinstance(mlp[0], ShardedSparseLinear) and isinstance(mlp[2], ShardedSparseLinear)
     with torch.no_grad():
         got = mlp(x)

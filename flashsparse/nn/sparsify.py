@@ -167,6 +167,14 @@ def sparsify_(
     replacement exists, so peak memory is the model plus one layer's encoding temporaries.
     :func:`sparsify_summary` reports what the model holds afterwards.
 
+    Under ``torch.distributed`` tensor parallelism (linears with DTensor weights, from
+    transformers' ``tp_plan="auto"`` or torch's ``parallelize_module``), each split linear becomes
+    a :class:`~flashsparse.nn.parallel.ShardedSparseLinear` holding the encoding of this rank's
+    block only, with the plan's hooks carried over, so the model computes what it computed
+    before (docs/distributed.md); call it on every rank. A layout it cannot keep (a 2-D mesh, a
+    packed placement, experts split by expert parallelism) raises ``ValueError`` naming the
+    layer before any layer is converted.
+
     Warns (:class:`flashsparse.FlashsparseWarning`, once per call each) when layers are left
     dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
     converted layers are no smaller than dense; and once per process per format, device and

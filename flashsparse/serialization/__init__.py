@@ -59,6 +59,12 @@ def load_sparse(
     ``device``: where the tensors go (default: where the model's tensors are, ``cpu`` for a
     meta model). ``verify``: check each tensor's checksum (about 3.5 GB/s on one core).
 
+    Into a tensor-parallel model (DTensor weights, possibly on the ``meta`` device) each rank
+    reads only its block of every layer and builds
+    :class:`~flashsparse.nn.parallel.ShardedSparseLinear` layers (see
+    :mod:`flashsparse.serialization.sharded`; tensors read in part are validated, not
+    checksummed).
+
     Raises ``ValueError`` for a file of another architecture, a newer format version, or a
     corrupt or truncated file -- and then the model is left exactly as it was. Warns once
     (:class:`flashsparse.notices.ReferencePathWarning`) if no kernel runs the loaded layers here.

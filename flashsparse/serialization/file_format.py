@@ -70,7 +70,11 @@ def _file_for_save(path: str | os.PathLike) -> Path:
 def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (with its :class:`SparseLinear` layers compressed) to ``path``, a
     ``.safetensors`` file or a directory (then ``<path>/flashsparse.safetensors``); returns the
-    file written. The file replaces any old one only once it is complete."""
+    file written. The file replaces any old one only once it is complete.
+
+    A tensor-parallel model is gathered layer by layer and written by the process of global
+    rank 0 in the same single-device format; call it on every rank (see
+    :func:`flashsparse.serialization.sharded.save_gathered`)."""
     from safetensors.torch import save_file
 
     from .. import __version__
