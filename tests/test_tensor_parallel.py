@@ -562,3 +562,11 @@ def test_info_reports_per_rank_bytes(checkpoints, capsys):
     assert "tensor parallel" in text and "rank 3" in text
     assert main(["info", "--model", str(checkpoints / "nowhere")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_plain_layers_with_a_replaced_forward_convert_as_before():
+    # e.g. accelerate's offloading hooks replace forward on single-device models: not a plan.
+    mlp = pruned_mlp()
+    mlp[0].forward = lambda x: x
+    fs.sparsify_(mlp)
+    assert isinstance(mlp[0], fs.SparseLinear) and isinstance(mlp[2], fs.SparseLinear)

@@ -214,53 +214,68 @@ def _is_torch_tp_hook(hook: object) -> bool:
     return getattr(hook, "__qualname__", "").startswith("distribute_module.")
 
 
+def _installed_by_transformers(forward: object) -> bool:
+    """Whether ``forward`` is a wrapper a transformers parallel style's ``install_forward`` made
+    (``tp_forward`` for tensor parallelism, ``ep_forward`` for expert parallelism)."""
+    return getattr(forward, "__module__", "").startswith("transformers.") and (
+        ".install_forward.<locals>." in getattr(forward, "__qualname__", "")
+    )
+
+
 def _transformers_parallel_forward(module: nn.Module) -> dict | None:
-    """The closure of a ``forward`` that transformers' ``install_forward`` put on ``module``
-    (``{"self": style, "mesh": ..., "config": ...}``), or None if ``forward`` is not replaced."""
+    """The closure of the ``tp_forward`` that transformers' tensor-parallel ``install_forward``
+    put on ``module`` (``{"self": style, "mesh": ..., "config": ...}``), else None."""
     forward = module.__dict__.get("forward")
-    if forward is None:
-        return None
-    code = getattr(forward, "__code__", None)
     if (
-        code is None
-        or not getattr(forward, "__module__", "").startswith("transformers.")
-        or not forward.__qualname__.endswith(".install_forward.<locals>.tp_forward")
+        not _installed_by_transformers(forward)
+        or not forward.__qualname__.endswith(".tp_forward")
         or not forward.__closure__
     ):
-        return {}
-    return {
+        return None
+    closure = {
         name: cell.cell_contents
-        for name, cell in zip(code.co_freevars, forward.__closure__, strict=True)
+        for name, cell in zip(forward.__code__.co_freevars, forward.__closure__, strict=True)
     }
+    return closure if {"self", "mesh"} <= closure.keys() else None
+
+
+def _foreign_forward(module: nn.Module, fqn: str) -> ValueError:
+    forward = module.__dict__["forward"]
+    return ValueError(
+        f"{fqn or type(module).__name__}: its forward was replaced by "
+        f"{getattr(forward, '__qualname__', forward)!r}, which flashsparse cannot carry over to "
+        "a sparse layer (transformers' tensor-parallel forward and torch's parallel-style hooks "
+        "are supported)"
+    )
 
 
 def parallel_hooks(module: nn.Module, fqn: str) -> Callable[[nn.Module], None] | None:
     """What carries ``module``'s tensor-parallel hooks to a replacement, or None when it has
     none (no torch parallel-style hook, no transformers parallel ``forward``).
 
-    Raises ``ValueError`` naming the layer when its ``forward`` was replaced by something that is
-    not transformers' tensor-parallel wrapper (it cannot be carried over)."""
+    Raises ``ValueError`` naming the layer when a tensor-parallel layer (DTensor weight or
+    parallel hooks) has a ``forward`` replaced by something other than transformers'
+    tensor-parallel wrapper: it cannot be carried over. (A plain layer's replaced ``forward``,
+    e.g. accelerate's offloading hooks, is left to ``sparsify_``'s usual handling.)"""
+    forward = module.__dict__.get("forward")
     closure = _transformers_parallel_forward(module)
     torch_hooks = any(
         _is_torch_tp_hook(hook)
         for name in ("_forward_pre_hooks", "_forward_hooks")
         for hook in getattr(module, name).values()
     )
-    if closure is None and not torch_hooks:
+    sharded = is_dtensor(module._parameters.get("weight"))
+    if closure is None and not torch_hooks and not _installed_by_transformers(forward):
+        if forward is not None and sharded:
+            raise _foreign_forward(module, fqn)
         return None
-    name = fqn or type(module).__name__
-    if closure is not None and not {"self", "mesh"} <= closure.keys():
-        forward = module.__dict__["forward"]
-        raise ValueError(
-            f"{name}: its forward was replaced by {getattr(forward, '__qualname__', forward)!r}, "
-            "which flashsparse cannot carry over to a sparse layer (transformers' tensor-parallel "
-            "forward and torch's parallel-style hooks are supported)"
-        )
+    if closure is None and forward is not None:
+        raise _foreign_forward(module, fqn)
 
     def carry(new: nn.Module) -> None:
         for attr in _HOOK_DICTS:
             getattr(new, attr).update(getattr(module, attr))
-        if closure:
+        if closure is not None:
             closure["self"].install_forward(new, closure["mesh"], config=closure.get("config"))
             new._is_hooked = getattr(module, "_is_hooked", True)
 
@@ -387,7 +402,7 @@ def plan_conversion(module: nn.Module, fqn: str) -> ParallelConversion | None:
 
     if is_fused_experts(module):
         sharded = [n for n, w, _ in expert_projections(module) if is_dtensor(w)]
-        if sharded or _transformers_parallel_forward(module) is not None:
+        if sharded or _installed_by_transformers(module.__dict__.get("forward")):
             raise ValueError(
                 f"{fqn}: fused MoE experts laid out by a parallel plan (DTensor expert weights "
                 f"{sharded} or a replaced forward, e.g. transformers' expert parallelism) are not "
