@@ -179,21 +179,20 @@ def weight_layout(module: nn.Module, fqn: str) -> ShardLayout | None:
         )
     bias = module._parameters.get("bias")
     if bias is not None:
-        expected = 0 if dim == 0 else None
-        got = (
-            _placement_dim(bias.placements[0], 1)
-            if is_dtensor(bias) and bias.device_mesh.ndim == 1
-            else "a plain tensor"
-            if not is_dtensor(bias)
-            else f"{tuple(bias.placements)} over a {bias.device_mesh.ndim}-D mesh"
-        )
-        if is_dtensor(bias) and got != expected:
+        # A colwise bias is split like the output rows; any other is whole on every rank.
+        if not is_dtensor(bias):
+            if dim == 0:
+                raise ValueError(
+                    f"{name}: a colwise weight with a plain-tensor bias is not supported"
+                )
+        elif bias.device_mesh.ndim != 1 or _placement_dim(bias.placements[0], 1) != (
+            0 if dim == 0 else None
+        ):
             raise ValueError(
-                f"{name}: its bias is laid out as {got}; a {layout.kind} weight needs "
-                f"{'Shard(0)' if expected == 0 else 'Replicate()'}"
+                f"{name}: its bias is laid out as {tuple(bias.placements)} over a "
+                f"{bias.device_mesh.ndim}-D mesh; a {layout.kind} weight needs "
+                f"{'Shard(0)' if dim == 0 else 'Replicate()'} over its own 1-D mesh"
             )
-        if not is_dtensor(bias) and dim == 0:
-            raise ValueError(f"{name}: a colwise weight with a bias that is {got} is not supported")
     return layout
 
 
