@@ -332,6 +332,38 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
     assert isinstance(got, DTensor)
     assert rel_err(got.full_tensor(), want) < RTOL_FP32
 
+    # 7. Other transformers styles: the LM head (colwise_gather_output) converted too, an MLP
+    # gathered (colwise_rep) into a split-input rowwise layer or a replicated one.
+    def everything(module, fqn):
+        return True
+
+    whole = transformers.AutoModelForCausalLM.from_pretrained(tmp / "dense", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fs.sparsify_(whole, everything, format="bitmap")
+    with torch.no_grad():
+        want = whole(ref["ids"]).logits
+    for down in ("rowwise_split_input", "replicate"):
+        plan = {
+            "model.layers.*.mlp.gate_proj": "colwise_rep",
+            "model.layers.*.mlp.up_proj": "colwise_rep",
+            "model.layers.*.mlp.down_proj": down,
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            styled = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp / "dense",
+                distributed_config=DistributedConfig(tp_plan=plan),
+                dtype=torch.float32,
+            ).eval()
+            fs.sparsify_(styled, everything, format="bitmap")
+        assert isinstance(styled.lm_head, ShardedSparseLinear)
+        expected = ShardedSparseLinear if down != "replicate" else fs.SparseLinear
+        assert type(styled.model.layers[0].mlp.down_proj) is expected
+        with torch.no_grad():
+            got = styled(ref["ids"].to(device)).logits
+        assert rel_err(got.cpu(), want) < RTOL_FP32, down
+
 
 def moe_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
     import transformers
