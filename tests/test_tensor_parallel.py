@@ -266,6 +266,10 @@ def llama_worker(rank: int, world: int, tmp: Path, backend: str) -> None:
             for c, t in m1.shard.sparse_weight.state().items():
                 assert torch.equal(t, m2.shard.sparse_weight.state()[c]), (n1, c)
 
+    # 3b. Into a model already sparse and split: its ShardedSparseLinear layers are replaced.
+    fs.load_sparse(model, tmp / "single")
+    _check_outputs(model, ref, "sparse tp model + load_sparse", device)
+
     # 4. transformers' plan applied to a model built on the meta device: no dense weights at all.
     import transformers
     from transformers.distributed import DistributedConfig
@@ -602,3 +606,24 @@ def test_plain_layers_with_a_replaced_forward_convert_as_before():
     mlp[0].forward = lambda x: x
     fs.sparsify_(mlp)
     assert isinstance(mlp[0], fs.SparseLinear) and isinstance(mlp[2], fs.SparseLinear)
+
+
+def test_replicated_dtensor_weights_stay_replicated(one_rank):
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    mlp = pruned_mlp()
+    x = torch.randn(5, 70)
+    with torch.no_grad():
+        want = mlp(x)
+    for layer in (mlp[0], mlp[2]):
+        for name in ("weight", "bias"):
+            full = getattr(layer, name).detach()
+            setattr(layer, name, nn.Parameter(distribute_tensor(full, one_rank, [Replicate()])))
+    fs.sparsify_(mlp)
+    assert mlp[0].layout.kind == "replicated" and mlp[0].layout.rows == (0, 130)
+    with torch.no_grad():
+        local = mlp(x)
+        spread = mlp[2](DTensor.from_local(torch.relu(mlp[0](x)), one_rank, [Replicate()]))
+    assert rel_err(local, want) < RTOL_FP32
+    assert isinstance(spread, DTensor) and spread.placements == (Replicate(),)
+    assert rel_err(spread.to_local(), want) < RTOL_FP32
