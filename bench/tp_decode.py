@@ -156,7 +156,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Tensor-parallel decode on the CPU ({meta['date']})",
         "",
-        f"Device: {meta['device']}; dtype bfloat16; model {meta['model']}, linears pruned to "
+        f"Device: {meta['device']}, CPU kernel ISA path `{meta['isa']}`; dtype bfloat16; model {meta['model']}, linears pruned to "
         f"{SPARSITY:.0%} and sparsified as bitmap (`fs.sparsify_`), the LM head and embeddings "
         f"dense; batch 1, prompt {PROMPT}, {meta['steps']} greedy decode steps; median of "
         f"{meta['rounds']} rounds, every configuration timed once per round, in turn, so load "
@@ -220,8 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet()
+    from flashsparse.kernels.cpu import bitmap as cpu_kernels
+
     meta = dict(
         device=cpu_name(),
+        isa={v: k for k, v in cpu_kernels.ISAS.items()}[cpu_kernels.isa()],
         model="llama h2048 i5632 L4 v32000",
         steps=args.steps,
         rounds=args.rounds,
