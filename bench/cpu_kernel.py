@@ -162,6 +162,19 @@ def decode_rows(rounds: int) -> list[dict]:
     return rows
 
 
+# The Llama-shaped model of --e2e (bench/tp_decode.py runs it under tensor parallelism too).
+E2E_LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=4,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
 def e2e_row(steps: int, rounds: int) -> dict:
     import os
     import warnings
@@ -169,16 +182,7 @@ def e2e_row(steps: int, rounds: int) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**E2E_LLAMA)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     with torch.no_grad():

@@ -206,6 +206,7 @@ def collect() -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_tensor_parallel_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,11 +215,17 @@ def run(args: argparse.Namespace) -> int:
     setup; each problem and warning is one line on stderr."""
     report = collect()
     status = 1 if report["problems"] else 0
+    if getattr(args, "model", None) is not None:
+        try:
+            report["tensor_parallel"] = tensor_parallel_report(args)
+        except (ValueError, OSError, KeyError) as exc:
+            print(f"flashsparse info: error: --model {args.model}: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(report, indent=2))
         return status
     for key, value in report.items():
-        if key not in ("backends", "compiled", "problems", "warnings"):
+        if key not in ("backends", "compiled", "problems", "warnings", "tensor_parallel"):
             print(
                 f"{key:>20}: {value!r}"
                 if key == "FLASHSPARSE_BACKEND" and status
@@ -231,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
     for name, info in report["compiled"].items():
         for i, line in enumerate(_compiled_lines(info)):
             print(f"{name if i == 0 else '':>20}  {line}")
+    if "tensor_parallel" in report:
+        print_tensor_parallel(report["tensor_parallel"])
     for warning in report["warnings"]:
         print(f"flashsparse info: warning: {warning}", file=sys.stderr)
     for problem in report["problems"]:
@@ -268,3 +277,56 @@ def _compiled_lines(info: dict) -> list[str]:
     else:
         lines.append("last build error: none")
     return lines
+
+
+# -- per-rank bytes of a saved model under tensor parallelism ----------------------------------------
+def add_tensor_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a saved flashsparse model (directory or .safetensors file): also report the bytes "
+        "each tensor-parallel rank stores (see --tp-size, --tp-plan)",
+    )
+    parser.add_argument(
+        "--tp-size", type=int, default=2, help="tensor-parallel ranks for --model (default 2)"
+    )
+    parser.add_argument(
+        "--tp-plan",
+        default="auto",
+        metavar="auto|FILE",
+        help="the plan for --model: auto (transformers' plan for the config.json next to the "
+        "file) or a JSON file {module pattern: style}",
+    )
+
+
+def tensor_parallel_report(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from ..serialization.sharded import per_rank_bytes, transformers_tp_plan
+
+    model = Path(args.model)
+    if args.tp_plan == "auto":
+        plan = transformers_tp_plan(model if model.is_dir() else model.parent)
+    else:
+        plan = json.loads(Path(args.tp_plan).read_text())
+        if not isinstance(plan, dict):
+            raise ValueError(f"--tp-plan {args.tp_plan} does not hold a JSON object")
+    return per_rank_bytes(model, args.tp_size, plan)
+
+
+def print_tensor_parallel(report: dict) -> None:
+    whole = report["one_process_bytes"]
+    print(f"{'tensor parallel':>20}: {report['path']}, {report['tp_size']} ranks")
+    print(f"{'one process':>20}  {whole / 2**20:,.2f} MiB")
+    for rank in report["ranks"]:
+        total = rank["sparse_bytes"] + rank["dense_bytes"]
+        print(
+            f"{'rank ' + str(rank['rank']):>20}  {total / 2**20:,.2f} MiB "
+            f"({total / whole:.2f}x): sparse layers {rank['sparse_bytes'] / 2**20:,.2f} MiB, "
+            f"other tensors {rank['dense_bytes'] / 2**20:,.2f} MiB"
+        )
+    if report["unsupported"]:
+        print(
+            f"{'':>20}  counted whole (their plan style is not supported for sparse layers): "
+            + ", ".join(report["unsupported"][:5])
+        )

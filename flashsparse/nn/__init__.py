@@ -3,13 +3,15 @@
 * :mod:`.linear`: :class:`SparseLinear`, a drop-in ``nn.Linear`` (also built from a
   transformers ``Conv1D``);
 * :mod:`.experts`: :class:`SparseExperts`, a drop-in for transformers' fused MoE experts;
-* :mod:`.sparsify`: :func:`sparsify_`, :func:`sparsify_summary` and the model-family helpers.
+* :mod:`.sparsify`: :func:`sparsify_`, :func:`sparsify_summary` and the model-family helpers;
+* :mod:`.parallel`: :class:`ShardedSparseLinear`, one rank's block of a tensor-parallel linear.
 """
 
 from __future__ import annotations
 
 from .experts import SparseExperts, is_fused_experts
 from .linear import SparseLinear, is_conv1d, linear_features
+from .parallel import ShardedSparseLinear
 from .sparsify import (
     LayerSummary,
     SparsifySummary,
@@ -23,6 +25,7 @@ from .sparsify import (
 
 __all__ = [
     "LayerSummary",
+    "ShardedSparseLinear",
     "SparseExperts",
     "SparseLinear",
     "SparsifySummary",

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..formats import check_format
 from ..notices import FlashsparseWarning
+from . import parallel
 from .experts import SparseExperts, expert_projections, is_fused_experts
 from .linear import SparseLinear, is_conv1d
 
@@ -166,6 +167,14 @@ def sparsify_(
     replacement exists, so peak memory is the model plus one layer's encoding temporaries.
     :func:`sparsify_summary` reports what the model holds afterwards.
 
+    Under ``torch.distributed`` tensor parallelism (linears with DTensor weights, from
+    transformers' ``tp_plan="auto"`` or torch's ``parallelize_module``), each split linear becomes
+    a :class:`~flashsparse.nn.parallel.ShardedSparseLinear` holding the encoding of this rank's
+    block only, with the plan's hooks carried over, so the model computes what it computed
+    before (docs/distributed.md); call it on every rank. A layout it cannot keep (a 2-D mesh, a
+    packed placement, experts split by expert parallelism) raises ``ValueError`` naming the
+    layer before any layer is converted.
+
     Warns (:class:`flashsparse.FlashsparseWarning`, once per call each) when layers are left
     dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
     converted layers are no smaller than dense; and once per process per format, device and
@@ -192,6 +201,7 @@ def sparsify_(
     linears = 0
     too_dense: list[tuple[str, float]] = []  # (fqn, sparsity) of layers below min_sparsity
     filtered: list[str] = []  # layers filter_fn rejected
+    conversions: dict[str, parallel.ParallelConversion] = {}  # tensor-parallel targets
     for fqn, module in model.named_modules():
         if not (_is_projection(module) or is_fused_experts(module)):
             continue
@@ -201,16 +211,21 @@ def sparsify_(
         if filter_fn is not None and not filter_fn(module, fqn):
             filtered.append(fqn)
             continue
+        # Tensor-parallel layers are checked here, before any layer is converted.
+        conversion = parallel.plan_conversion(module, fqn)
         weights = _projection_weights(module)
-        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights)
-        sparsity = zeros / max(1, sum(w.numel() for w in weights))
+        # A sharded layer's sparsity is the whole layer's (a collective) only when it matters.
+        zeros, elements = parallel.zero_count(weights, whole_layer=min_sparsity > 0)
+        sparsity = zeros / max(1, elements)
         if sparsity < min_sparsity:
             too_dense.append((fqn, sparsity))
             continue
         if fqn == "":
             raise ValueError("model is itself a projection: use SparseLinear.from_linear(model)")
         targets.append(fqn)
-        target_bytes += sum(w.numel() * w.element_size() for w in weights)
+        if conversion is not None:
+            conversions[fqn] = conversion
+        target_bytes += sum(parallel.local_tensor(w).numel() * w.element_size() for w in weights)
     if progress is None:
         isatty = getattr(sys.stderr, "isatty", None)
         progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
@@ -220,8 +235,10 @@ def sparsify_(
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
             dense = getattr(parent, child)
-            if is_fused_experts(dense):
-                sparse: nn.Module = SparseExperts.from_experts(dense, format)
+            if fqn in conversions:
+                sparse: nn.Module = parallel.convert(dense, conversions[fqn], format, fqn)
+            elif is_fused_experts(dense):
+                sparse = SparseExperts.from_experts(dense, format)
             else:
                 sparse = SparseLinear.from_linear(dense, format)
             setattr(parent, child, sparse)
@@ -364,6 +381,9 @@ class LayerSummary:
     sparsity: float
     nbytes: int
     dense_nbytes: int
+    #: For one rank's part of a tensor-parallel layer: which part (``name`` is the layer's,
+    #: ``shape`` and the sizes are this rank's shard's); None for a whole layer.
+    shard: str | None = None
 
 
 @dataclass(frozen=True)
@@ -381,6 +401,15 @@ class SparsifySummary:
     #: Names of the projection-like weights stored dense (see :func:`dense_projections`; the LM
     #: head included); ``dense_linear_layers`` is their number.
     dense_projections: tuple[str, ...] = ()
+    #: Under torch.distributed: this process's rank and the world size. Every size is then
+    #: this rank's (its shards of tensor-parallel layers, its parts of other DTensors).
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def sharded_layers(self) -> int:
+        """Sparse layers of which this rank holds one shard (tensor parallelism)."""
+        return sum(layer.shard is not None for layer in self.layers)
 
     @property
     def sparse_layers(self) -> int:
@@ -428,6 +457,9 @@ class SparsifySummary:
             "other_nbytes": self.other_nbytes,
             "model_nbytes": self.model_nbytes,
             "model_dense_nbytes": self.model_dense_nbytes,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "sharded_layers": self.sharded_layers,
         }
 
     def __str__(self) -> str:
@@ -456,6 +488,14 @@ class SparsifySummary:
                 f"whole model:     {mib(self.model_dense_nbytes)} dense -> "
                 f"{mib(self.model_nbytes)} ({ratio(self.model_nbytes, self.model_dense_nbytes)})",
             ]
+            + (
+                [
+                    f"per rank:        the sizes above are rank {self.rank} of {self.world_size}'s"
+                    f" ({self.sharded_layers} of its sparse layers are tensor-parallel shards)"
+                ]
+                if self.world_size > 1
+                else []
+            )
         )
 
 
@@ -466,20 +506,27 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = []
     component_ids: set[int] = set()
+    shards = {  # tensor-parallel layers: their shard is summarised under the layer's name
+        id(module.shard): (fqn, module.layout.describe())
+        for fqn, module in model.named_modules()
+        if isinstance(module, parallel.ShardedSparseLinear)
+    }
     for fqn, module in model.named_modules():
         if isinstance(module, SparseLinear):
             sw = module.sparse_weight
             component_ids.update(id(t) for t in sw.tensors)
             m, k = sw.shape
+            name, shard = shards.get(id(module), (fqn, None))
             layers.append(
                 LayerSummary(
-                    fqn,
+                    name,
                     sw.format,
                     (m, k),
                     sw.dtype,
                     sw.sparsity,
                     sw.nbytes,
                     m * k * torch.empty((), dtype=sw.dtype).element_size(),
+                    shard,
                 )
             )
     seen: set[int] = set()
@@ -488,6 +535,8 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
         if id(tensor) in component_ids or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        other += tensor.numel() * tensor.element_size()
+        local = parallel.local_tensor(tensor)  # a DTensor: this rank's part
+        other += local.numel() * local.element_size()
     dense = tuple(dense_projections(model))
-    return SparsifySummary(tuple(layers), len(dense), other, dense)
+    rank, world = parallel.rank_and_world()
+    return SparsifySummary(tuple(layers), len(dense), other, dense, rank, world)

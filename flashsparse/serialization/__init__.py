@@ -25,6 +25,7 @@ from .file_format import FILE_NAME, FORMAT_NAME, FORMAT_VERSION, load_flashspars
 from .files import checksum, read_header
 from .fingerprint import architecture, structure, unwrap_model
 from .install import target_device
+from .sharded import is_parallel_model
 
 __all__ = [
     "FILE_NAME",
@@ -57,6 +58,12 @@ def load_sparse(
     its layers are converted to; a flashsparse file keeps the formats it was saved with).
     ``device``: where the tensors go (default: where the model's tensors are, ``cpu`` for a
     meta model). ``verify``: check each tensor's checksum (about 3.5 GB/s on one core).
+
+    Into a tensor-parallel model (DTensor weights, possibly on the ``meta`` device) each rank
+    reads only its block of every layer and builds
+    :class:`~flashsparse.nn.parallel.ShardedSparseLinear` layers (see
+    :mod:`flashsparse.serialization.sharded`; tensors read in part are validated, not
+    checksummed).
 
     Raises ``ValueError`` for a file of another architecture, a newer format version, or a
     corrupt or truncated file -- and then the model is left exactly as it was. Warns once
@@ -91,6 +98,7 @@ def _load_sparse(
             path = path / FILE_NAME
         else:
             if is_compressed_tensors_checkpoint(path):
+                _single_device_only(model, path)
                 return load_compressed_tensors(model, path, format=format, device=target)
             raise ValueError(
                 f"{path} holds neither {FILE_NAME} nor a compressed-tensors sparse-bitmask checkpoint"
@@ -101,6 +109,7 @@ def _load_sparse(
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT_NAME:
         if has_bitmask_tensors(header):
+            _single_device_only(model, path)
             return load_compressed_tensors(model, path, format=format, device=target)
         raise ValueError(
             f"{path} is not a flashsparse file (no 'format: flashsparse' in its metadata) and "
@@ -108,3 +117,11 @@ def _load_sparse(
         )
     load_flashsparse(model, path, header, target, verify)
     return model
+
+
+def _single_device_only(model: nn.Module, path: Path) -> None:
+    if is_parallel_model(model):
+        raise ValueError(
+            f"{path} is a compressed-tensors checkpoint: a tensor-parallel model loads flashsparse "
+            "files only (convert it on one process with load_sparse, then save_sparse it)"
+        )

@@ -42,6 +42,7 @@ from ..nn.experts import SparseExperts, expert_projections
 from .files import TensorReader, checksum
 from .fingerprint import architecture, join_name, unwrap_model
 from .install import expert_slots, linear_modules, prepare_install
+from .sharded import ShardedLoad, is_parallel_model
 
 FORMAT_NAME = "flashsparse"
 # 2: bitmap masks are one 64-bit word per tile row (1: one per 8x8 sub-tile; converted on load).
@@ -69,12 +70,20 @@ def _file_for_save(path: str | os.PathLike) -> Path:
 def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (with its :class:`SparseLinear` layers compressed) to ``path``, a
     ``.safetensors`` file or a directory (then ``<path>/flashsparse.safetensors``); returns the
-    file written. The file replaces any old one only once it is complete."""
+    file written. The file replaces any old one only once it is complete.
+
+    A tensor-parallel model is gathered layer by layer and written by the process of global
+    rank 0 in the same single-device format; call it on every rank (see
+    :func:`flashsparse.serialization.sharded.save_gathered`)."""
     from safetensors.torch import save_file
 
     from .. import __version__
 
     model = unwrap_model(model)
+    from .sharded import save_gathered
+
+    if is_parallel_model(model):  # tensor-parallel: gathered, written by rank 0
+        return save_gathered(model, path)
     path = _file_for_save(path)
     layers: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -229,6 +238,7 @@ def load_flashsparse(
     names = {n: path for n in header if n != "__metadata__"}
     linears = linear_modules(model)
     slots = expert_slots(model)
+    sharded = ShardedLoad(model, linears, layers) if is_parallel_model(model) else None
     experts: dict[str, dict[str, dict[int, SparseLinear]]] = {}
     with TensorReader(names, device, checksums, aliases) as reader:
         new_modules: dict[str, nn.Module] = {}
@@ -247,6 +257,11 @@ def load_flashsparse(
             slot = slots.get(fqn)
             if target is None and slot is None:
                 raise ValueError(f"{path}: sparse layer {fqn} is not a linear layer of the model")
+            if sharded is not None and fqn in sharded.layouts:  # this rank's shard only
+                new_modules[fqn] = sharded.layer(
+                    reader, path, fqn, cls, shape, dtype, has_bias, version, device
+                )
+                continue
             components = {}
             for c in cls.components:
                 tensor = reader.get(join_name(fqn, c))
@@ -285,7 +300,8 @@ def load_flashsparse(
             new_modules[efqn] = SparseExperts.from_layers(
                 dense, {name: [by_proj[name][e] for e in range(n)] for name, n in wanted.items()}
             )
-        commit = prepare_install(model, new_modules, reader.get, str(path), device)
+        fetch = reader.get if sharded is None else sharded.fetch(reader, device)
+        commit = prepare_install(model, new_modules, fetch, str(path), device)
         unused = set(names) - reader.used
     if unused:
         # Unreachable for a file written by save_sparse for this architecture (the fingerprint

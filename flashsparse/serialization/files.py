@@ -104,15 +104,11 @@ class TensorReader:
         if key is None:
             return None
         if key not in self._cache:
-            from safetensors import SafetensorError, safe_open
+            from safetensors import SafetensorError
 
             path = self.files[key]
             try:
-                if path not in self._handles:
-                    self._handles[path] = self._stack.enter_context(
-                        safe_open(str(path), framework="pt")
-                    )
-                tensor = self._handles[path].get_tensor(key)
+                tensor = self._handle(path).get_tensor(key)
             except SafetensorError as exc:
                 raise ValueError(f"{path}: cannot read tensor {key!r}: {exc}") from None
             expected = self.checksums.get(key)
@@ -121,3 +117,20 @@ class TensorReader:
             self._cache[key] = tensor.to(self.device)
         self.used.add(key)
         return self._cache[key]
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path]
+
+    def get_slice(self, name: str):
+        """Tensor ``name`` read lazily: indexing the result (``[a:b]`` on its first dimension)
+        reads only those elements from the file, on the CPU. A part of a tensor cannot be checked
+        against the tensor's checksum; the caller validates what it builds from it."""
+        key = self.key(name)
+        if key is None:
+            return None
+        self.used.add(key)
+        return self._handle(self.files[key]).get_slice(key)

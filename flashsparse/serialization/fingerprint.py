@@ -27,7 +27,9 @@ def _linear_entry(fqn: str, module: nn.Module) -> str:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, SparseLinear)) or is_conv1d(module)
+    from ..nn.parallel import ShardedSparseLinear
+
+    return isinstance(module, (nn.Linear, SparseLinear, ShardedSparseLinear)) or is_conv1d(module)
 
 
 def structure(model: nn.Module) -> list[str]:
@@ -36,9 +38,14 @@ def structure(model: nn.Module) -> list[str]:
     as the per-expert linears its :class:`~flashsparse.nn.SparseExperts` holds) and one per
     other parameter and buffer (name and shape; dtypes and devices do not matter)."""
     entries = []
+    inside: tuple[str, ...] = ()  # a tensor-parallel sparse layer's parts: the layer counts once
     for fqn, module in unwrap_model(model).named_modules():
+        if inside and fqn.startswith(inside):
+            continue
         if is_linear(module):
             entries.append(_linear_entry(fqn, module))
+            if module._modules:
+                inside = (*inside, fqn + ".")
             continue
         expert_params: set[str] = set()
         if is_fused_experts(module):

@@ -52,8 +52,10 @@ def prepare_install(
     new_buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
     replaced: dict[int, torch.Tensor] = {}
     missing: list[str] = []
+    # Modules inside a replaced one (a tensor-parallel sparse layer's shard) go with it.
+    inside = tuple(f"{fqn}." for fqn in swaps)
     for fqn, module in model.named_modules():
-        if fqn in swaps:
+        if fqn in swaps or fqn.startswith(inside):
             continue
         if isinstance(module, SparseLinear):
             weight = fetch(join_name(fqn, "weight"))
@@ -116,7 +118,7 @@ def prepare_install(
     attributes: list[tuple[nn.Module, str, torch.Tensor]] = []
     stranded: list[str] = []
     for fqn, module in model.named_modules():
-        if fqn in swaps:
+        if fqn in swaps or fqn.startswith(inside):
             continue
         for name, value in vars(module).items():
             if not isinstance(value, torch.Tensor):
