@@ -314,6 +314,7 @@ def autocast_inputs(
     if (
         format != "bitmap"
         or not isinstance(x, torch.Tensor)
+        or not torch.amp.is_autocast_available(x.device.type)  # e.g. meta: nothing to cast
         or not torch.is_autocast_enabled(x.device.type)
     ):
         return dtype, x, tensors, bias
