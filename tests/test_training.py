@@ -366,3 +366,26 @@ def test_trainable_fused_experts_are_refused_by_name():
     with pytest.raises(ValueError, match=r"cannot train fused MoE experts yet.*'1'"):
         fs.sparsify_(model, trainable=True)
     assert isinstance(model[0], nn.Linear)  # nothing was converted
+
+
+@pytest.mark.slow
+def test_the_example_recovers_and_keeps_the_sparsity():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "finetune_sparse.py"), "--steps", "10"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if "stored nonzeros before" in x)
+    before, after = (part.split()[0] for part in line.split("fine-tuning ")[1].split("after "))
+    assert before.rstrip(",;") == after.rstrip(",;")
