@@ -6,7 +6,7 @@ import torch
 
 from .formats import SparseWeight
 from .formats.base import SUPPORTED_DTYPES
-from .ops import sparse_linear
+from .ops import autocast_inputs, sparse_linear
 
 
 def check_linear_inputs(
@@ -50,5 +50,6 @@ def linear(x: torch.Tensor, sw: SparseWeight, bias: torch.Tensor | None = None) 
             f"sw must be a flashsparse SparseWeight (from flashsparse.encode), got {type(sw).__name__}"
         )
     m, k = sw.shape
-    check_linear_inputs(x, k, m, sw.dtype, sw.device, bias)
-    return sparse_linear(sw.format, x, sw.tensors, m, k, bias)
+    dtype, x, tensors, bias = autocast_inputs(sw.format, sw.dtype, x, sw.tensors, bias)
+    check_linear_inputs(x, k, m, dtype, sw.device, bias)
+    return sparse_linear(sw.format, x, tensors, m, k, bias)

@@ -8,7 +8,9 @@ in x's dtype (``flashsparse.linear`` checks that the two agree).
 
 The op body picks a kernel per call (``flashsparse.backends.select``); the reference kernels
 below decode to dense and call ``F.linear`` on any device. Autograd gives x and bias
-gradients (the sparse weight is a constant), so adapters can train on top of a sparse model.
+gradients, so adapters can train on top of a sparse model; ``bitmap_linear`` also gives the
+gradient of its packed ``values`` (sparse fine-tuning, mask fixed) through
+``flashsparse::bitmap_sddmm``, the weight gradient sampled at the stored positions.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def _fake(x: torch.Tensor, m: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], m))
 
 
-def _backward_x(ctx, grad: torch.Tensor, cls) -> tuple:
+def _backward_x(ctx, grad: torch.Tensor, cls, tensors: tuple | None = None) -> tuple:
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = backends.decode(cls, ctx.saved_tensors, ctx.m, ctx.k, grad.dtype)
+        tensors = ctx.saved_tensors if tensors is None else tensors
+        w = backends.decode(cls, tensors, ctx.m, ctx.k, grad.dtype)
         grad_x = grad @ w
     if ctx.has_bias and ctx.needs_input_grad[-1]:
         grad_bias = grad.reshape(-1, ctx.m).sum(0)
@@ -98,14 +101,28 @@ def _(x, masks, values, tile_offsets, m, k, bias=None):
 
 
 def _bitmap_setup(ctx, inputs, output):
-    _, masks, values, tile_offsets, m, k, bias = inputs
-    ctx.save_for_backward(masks, values, tile_offsets)
+    x, masks, values, tile_offsets, m, k, bias = inputs
+    # x is kept only when the values are trained: their gradient needs it, nothing else does.
+    train_values = ctx.needs_input_grad[2]
+    ctx.save_for_backward(masks, values, tile_offsets, x if train_values else None)
     ctx.m, ctx.k, ctx.has_bias = m, k, bias is not None
 
 
 def _bitmap_backward(ctx, grad):
-    grad_x, grad_bias = _backward_x(ctx, grad, Bitmap)
-    return grad_x, None, None, None, None, None, grad_bias
+    masks, values, tile_offsets, x = ctx.saved_tensors
+    grad_x, grad_bias = _backward_x(ctx, grad, Bitmap, (masks, values, tile_offsets))
+    grad_values = None
+    if ctx.needs_input_grad[2]:
+        grad_values = bitmap_sddmm(
+            grad.reshape(-1, ctx.m),
+            x.reshape(-1, ctx.k),
+            masks,
+            tile_offsets,
+            ctx.m,
+            ctx.k,
+            values.shape[0],
+        )
+    return grad_x, None, grad_values, None, None, None, grad_bias
 
 
 bitmap_linear.register_autograd(_bitmap_backward, setup_context=_bitmap_setup)
@@ -133,7 +150,11 @@ def sparse_linear(
         and not torch.compiler.is_compiling()
         and not (
             torch.is_grad_enabled()
-            and (x.requires_grad or (bias is not None and bias.requires_grad))
+            and (
+                x.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or any(t.requires_grad for t in tensors)
+            )
         )
         and not torch._C._len_torch_dispatch_stack()
         and not torch._C._is_torch_function_mode_enabled()
@@ -155,6 +176,157 @@ for _name, _cls in (("tiled_csl", TiledCSL), ("bitmap", Bitmap)):
     backends.register_kernel(
         _name, "reference", _reference(_cls), supports=lambda device, dtype: None
     )
+
+
+# --- bitmap weight gradient: dL/dvalues, an SDDMM sampled at the stored positions ---------------
+# The registry key of its kernels (``backends.register_kernel(SDDMM, backend, fn, ...)``, with
+# ``fn(grad2d, x2d, masks, tile_offsets, m, k, num_values) -> [num_values]``), selected per call
+# under FLASHSPARSE_BACKEND like a format's linear kernels.
+SDDMM = "bitmap_sddmm"
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_sddmm(grad, x, masks, tile_offsets, m: int, k: int, num_values: int) -> None:
+    if grad.dim() != 2 or grad.shape[1] != m:
+        raise ValueError(f"grad must be 2-D [N, m={m}], got shape {tuple(grad.shape)}")
+    if x.dim() != 2 or x.shape != (grad.shape[0], k):
+        raise ValueError(
+            f"x must be 2-D [N={grad.shape[0]}, k={k}] (N = grad's rows), got shape {tuple(x.shape)}"
+        )
+    if grad.dtype not in GRAD_DTYPES:
+        raise TypeError(f"grad must be float16, bfloat16 or float32, got {grad.dtype}")
+    if x.dtype != grad.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but grad is {grad.dtype}; they must match")
+    num_tiles = -(-m // 64) * -(-k // 64)
+    if masks.dtype != torch.int64 or masks.shape != (num_tiles * 64,):
+        raise ValueError(
+            f"masks must be int64 of shape ({num_tiles * 64},) for a {m}x{k} weight, "
+            f"got {masks.dtype} {tuple(masks.shape)}"
+        )
+    if tile_offsets.dtype != torch.int32 or tile_offsets.shape != (num_tiles + 1,):
+        raise ValueError(
+            f"tile_offsets must be int32 of shape ({num_tiles + 1},), "
+            f"got {tile_offsets.dtype} {tuple(tile_offsets.shape)}"
+        )
+    if num_values < 0 or num_values % 8:
+        raise ValueError(
+            f"num_values must be a multiple of 8 (whole 16-byte runs), got {num_values}"
+        )
+    for name, t in (("x", x), ("masks", masks), ("tile_offsets", tile_offsets)):
+        if t.device != grad.device:
+            raise ValueError(f"{name} is on {t.device} but grad is on {grad.device}")
+
+
+@torch.library.custom_op("flashsparse::bitmap_sddmm", mutates_args=())
+def bitmap_sddmm(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    num_values: int,
+) -> torch.Tensor:
+    """The gradient of a bitmap weight's packed values: ``(grad.T @ x)`` ``[m, k]`` sampled at
+    the weight's stored positions, in packed order (``[num_values]``, grad's dtype; fp32 sums).
+
+    ``grad`` ``[N, m]`` is dL/dy of ``y = x @ W.T``, ``x`` ``[N, k]`` the layer's input. Slot
+    ``j`` of tile ``t`` holding the weight at ``(r, c)`` gets ``sum_i grad[i, r] * x[i, c]``;
+    padding slots get 0, so an optimizer step never moves them. Only the stored positions are
+    computed (``nnz * N`` products, not ``m * k * N``).
+    """
+    _check_sddmm(grad, x, masks, tile_offsets, m, k, num_values)
+    if grad.shape[0] == 0:
+        return grad.new_zeros(num_values)
+    try:
+        kernel = backends.select(SDDMM, grad)
+    except backends.BackendUnavailableError as exc:
+        raise backends.BackendUnavailableError(
+            f"the weight gradient of a trainable bitmap layer (flashsparse::bitmap_sddmm): {exc}"
+        ) from None
+    return kernel.fn(grad.contiguous(), x.contiguous(), masks, tile_offsets, m, k, num_values)
+
+
+@bitmap_sddmm.register_fake
+def _(grad, x, masks, tile_offsets, m, k, num_values):
+    return grad.new_empty(num_values)
+
+
+def bitmap_gather_stored(
+    dense: torch.Tensor, masks: torch.Tensor, tile_offsets: torch.Tensor, num_values: int
+) -> torch.Tensor:
+    """The inverse of the bitmap decode: ``dense`` ``[m, k]`` at the stored positions, in
+    packed order, zero in the padding slots (``[num_values]``, dense's dtype)."""
+    from .formats.base import pad_to_tiles, tile_grid
+    from .formats.bitmap import ALIGN, TILE, unpack_masks
+
+    m, k = dense.shape
+    mt, kt = tile_grid(m, k, TILE, TILE)
+    num_tiles = mt * kt
+    nonzero = unpack_masks(masks, num_tiles)
+    # Packed order is row-major over (tile, in-tile position), as boolean indexing visits it;
+    # only the padding at the end of each tile's run is skipped (as in Bitmap.decode).
+    starts = tile_offsets.long() * ALIGN
+    owner = torch.repeat_interleave(
+        torch.arange(num_tiles, device=dense.device),
+        starts[1:] - starts[:-1],
+        output_size=num_values,
+    )
+    in_run = torch.arange(num_values, device=dense.device) - starts[owner]
+    stored = in_run < nonzero.sum(1)[owner]
+    out = dense.new_zeros(num_values)
+    out[stored] = pad_to_tiles(dense, TILE, TILE)[nonzero]
+    return out
+
+
+def bitmap_sddmm_reference(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    m: int,
+    k: int,
+    num_values: int,
+) -> torch.Tensor:
+    """Any device: the dense ``grad.T @ x`` in float32, gathered at the stored positions."""
+    dense = grad.float().T @ x.float()
+    return bitmap_gather_stored(dense, masks, tile_offsets, num_values).to(grad.dtype)
+
+
+backends.register_kernel(
+    SDDMM, "reference", bitmap_sddmm_reference, supports=lambda device, dtype: None
+)
+
+
+def autocast_inputs(
+    format: str,
+    dtype: torch.dtype,
+    x: torch.Tensor,
+    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    bias: torch.Tensor | None,
+) -> tuple[torch.dtype, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """Under ``torch.autocast`` on x's device, a bitmap product runs in the autocast dtype as
+    ``F.linear`` does: x, the packed values and the bias are cast (differentiably, so fp32
+    master values get fp32 gradients). Returns ``(dtype, x, tensors, bias)`` to run with.
+    Other formats, and calls outside autocast, are returned as they are (tiled_csl words
+    cannot change dtype without re-encoding)."""
+    tensors = tuple(tensors)
+    if (
+        format != "bitmap"
+        or not isinstance(x, torch.Tensor)
+        or not torch.amp.is_autocast_available(x.device.type)  # e.g. meta: nothing to cast
+        or not torch.is_autocast_enabled(x.device.type)
+    ):
+        return dtype, x, tensors, bias
+    target = torch.get_autocast_dtype(x.device.type)
+    if target not in GRAD_DTYPES:
+        return dtype, x, tensors, bias
+
+    def cast(t):
+        return t.to(target) if isinstance(t, torch.Tensor) and t.dtype in GRAD_DTYPES else t
+
+    masks, values, tile_offsets = tensors
+    return target, cast(x), (masks, cast(values), tile_offsets), cast(bias)
 
 
 # --- grouped: all experts of a MoE layer in one op call ----------------------------------------

@@ -4,6 +4,7 @@
 // paths unsupported and the glue refuses them; if one were called anyway it would still be
 // correct (the scalar kernel).
 #include "bitmap_cpu.h"
+#include "bitmap_sddmm_cpu.h"
 
 namespace flashsparse {
 namespace cpu {
@@ -36,6 +37,12 @@ void spmm_columns_avx512(const BitmapWeight&, const float*, int64_t, const float
                          int64_t) {}
 void spmm_rowlanes_avx512(const BitmapWeight&, const uint32_t*, int64_t, const float*, float*, int64_t, int64_t,
                           int64_t, void*) {}
+bool sddmm_avx2(const SddmmProblem& p, float* out, int64_t tr0, int64_t tr1) {
+    return sddmm_scalar(p, out, tr0, tr1);
+}
+bool sddmm_avx512(const SddmmProblem& p, float* out, int64_t tr0, int64_t tr1) {
+    return sddmm_scalar(p, out, tr0, tr1);
+}
 #endif
 
 #if !defined(__aarch64__)

@@ -254,6 +254,11 @@ class SparseExperts(nn.Module):
 
     @staticmethod
     def _flat(layers: nn.ModuleList) -> list[torch.Tensor]:
+        if any(layer.trainable for layer in layers):
+            raise ValueError(
+                "SparseExperts cannot train its experts' values (the grouped op has no weight "
+                "gradient): call trainable_(False) on the expert layers"
+            )
         return [layer._buffers[c] for layer in layers for c in layer._components]
 
     @staticmethod

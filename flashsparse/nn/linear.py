@@ -8,7 +8,25 @@ from torch import nn
 from ..formats import FORMATS, SparseWeight, encode
 from ..formats.base import SUPPORTED_DTYPES
 from ..functional import check_linear_inputs
-from ..ops import sparse_linear
+from ..ops import autocast_inputs, sparse_linear
+
+# Formats whose packed values can be trained (a component of their own, and a gradient kernel):
+# tiled_csl packs each value with its location in one word.
+TRAINABLE_COMPONENT = {"bitmap": "values"}
+
+
+def check_trainable_format(format: str) -> str:
+    """The format to encode a trainable layer in: ``"auto"`` means bitmap; other formats than
+    bitmap raise a ``ValueError``."""
+    if format == "auto":
+        return "bitmap"
+    if format not in TRAINABLE_COMPONENT:
+        raise ValueError(
+            f"trainable=True needs format='bitmap' (or 'auto'), got format={format!r}: only "
+            "bitmap stores its nonzeros apart from their positions and has a weight-gradient "
+            "kernel (tiled_csl packs each value with its location in one 32-bit word)"
+        )
+    return format
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -36,9 +54,16 @@ class SparseLinear(nn.Module):
     ``nn.Linear``. ``load_state_dict`` accepts component tensors of any length (they depend on
     the nonzero count) and validates them. ``.to(device)`` moves the components; ``.to(dtype)``
     re-encodes the weight in the new dtype.
+
+    ``trainable=True`` (bitmap only; see :meth:`trainable_`) makes the packed nonzero values an
+    ``nn.Parameter`` named ``values`` (the state_dict keys stay the same): ``loss.backward()``
+    fills ``values.grad`` at exactly the stored positions; masks, tile offsets and padding
+    slots never change.
     """
 
-    def __init__(self, weight: SparseWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: SparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False
+    ) -> None:
         super().__init__()
         if not isinstance(weight, SparseWeight):
             raise TypeError(f"weight must be a SparseWeight, got {type(weight).__name__}")
@@ -57,6 +82,8 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
+        if trainable:
+            self.trainable_(True)
 
     def _set_weight(self, weight: SparseWeight) -> None:
         self._dtype = weight.dtype
@@ -68,28 +95,85 @@ class SparseLinear(nn.Module):
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_dense(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "auto"
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        format: str = "auto",
+        *,
+        trainable: bool = False,
     ) -> SparseLinear:
-        """From a dense pruned weight ``[out_features, in_features]`` (encoded on its device)."""
-        return cls(encode(weight.detach(), format), bias)
+        """From a dense pruned weight ``[out_features, in_features]`` (encoded on its device).
+        ``trainable=True``: the nonzeros become a Parameter (format ``"auto"`` or ``"bitmap"``)."""
+        if trainable:
+            format = check_trainable_format(format)
+        return cls(encode(weight.detach(), format), bias, trainable=trainable)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, format: str = "auto") -> SparseLinear:
+    def from_linear(
+        cls, linear: nn.Module, format: str = "auto", *, trainable: bool = False
+    ) -> SparseLinear:
         """From an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2; its weight is stored
-        ``[in, out]``, so it is transposed first)."""
+        ``[in, out]``, so it is transposed first). ``trainable=True``: see :meth:`from_dense`."""
         if is_conv1d(linear):
-            return cls.from_dense(linear.weight.detach().t().contiguous(), linear.bias, format)
+            return cls.from_dense(
+                linear.weight.detach().t().contiguous(), linear.bias, format, trainable=trainable
+            )
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}"
             )
-        return cls.from_dense(linear.weight, linear.bias, format)
+        return cls.from_dense(linear.weight, linear.bias, format, trainable=trainable)
+
+    # -- training the nonzeros --------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        """Whether the packed nonzero values are an ``nn.Parameter`` (see :meth:`trainable_`)."""
+        name = TRAINABLE_COMPONENT.get(self.format)
+        return name is not None and name in self._parameters
+
+    def trainable_(self, mode: bool = True) -> SparseLinear:
+        """Make the packed nonzero values an ``nn.Parameter`` (``mode=True``, requiring grad) or
+        a buffer again (``False``); returns ``self``. Same tensor, same state_dict key.
+
+        The mask is fixed: ``values.grad`` is dL/dW at the stored positions only, and zero in
+        the padding slots, so any ``torch.optim`` optimizer over ``model.parameters()`` keeps
+        the padding at zero and the sparsity exactly as it is. Build the optimizer after this
+        call (it changes ``parameters()``). Only the bitmap format can train its values.
+        """
+        if not isinstance(mode, bool):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        name = TRAINABLE_COMPONENT.get(self.format)
+        if name is None:
+            if not mode:
+                return self
+            raise ValueError(
+                f"this SparseLinear holds a {self.format} weight, which cannot be trained: only "
+                "format='bitmap' stores its nonzeros apart from their positions and has a "
+                "weight-gradient kernel; re-encode it with "
+                "SparseLinear.from_dense(layer.weight.to_dense(), layer.bias, format='bitmap', "
+                "trainable=True)"
+            )
+        if mode == self.trainable:
+            if mode:
+                self._parameters[name].requires_grad_(True)
+            return self
+        if mode:
+            tensor = self._buffers.pop(name)
+            self.register_parameter(name, nn.Parameter(tensor.detach(), requires_grad=True))
+        else:
+            tensor = self._parameters.pop(name)
+            self.register_buffer(name, tensor.detach())
+        return self
+
+    def _component(self, name: str) -> torch.Tensor:
+        tensor = self._parameters.get(name)
+        return tensor if tensor is not None else self._buffers[name]
 
     # -- the weight -------------------------------------------------------------------------------
     @property
     def sparse_weight(self) -> SparseWeight:
         cls = FORMATS[self.format]
-        tensors = {name: self._buffers[name] for name in cls.components}
+        tensors = {name: self._component(name) for name in cls.components}
         return cls(tensors, (self.out_features, self.in_features), self._dtype, self._nnz)
 
     @property
@@ -102,13 +186,10 @@ class SparseLinear(nn.Module):
         return self._dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tensors = [self._buffers[name] for name in self._components]
-        check_linear_inputs(
-            x, self.in_features, self.out_features, self._dtype, tensors[0].device, self.bias
-        )
-        return sparse_linear(
-            self.format, x, tensors, self.out_features, self.in_features, self.bias
-        )
+        tensors = [self._component(name) for name in self._components]
+        dtype, x, tensors, bias = autocast_inputs(self.format, self._dtype, x, tensors, self.bias)
+        check_linear_inputs(x, self.in_features, self.out_features, dtype, tensors[0].device, bias)
+        return sparse_linear(self.format, x, tensors, self.out_features, self.in_features, bias)
 
     def extra_repr(self) -> str:
         sw = self.sparse_weight
@@ -143,7 +224,15 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{prefix or 'SparseLinear'}: {exc}")
                 return
             for c, t in candidate.state().items():
-                self._buffers[c] = torch.empty_like(t)
+                param = self._parameters.get(c)
+                if param is None:
+                    self._buffers[c] = torch.empty_like(t)
+                elif param.shape != t.shape or param.dtype != t.dtype:
+                    # A trained component of another size: a new Parameter (an optimizer built
+                    # before this load holds the old one). Same size: copied in place below.
+                    self._parameters[c] = nn.Parameter(
+                        torch.empty_like(t), requires_grad=param.requires_grad
+                    )
             self._nnz = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -160,6 +249,12 @@ class SparseLinear(nn.Module):
             raise TypeError(
                 f"SparseLinear supports float16, bfloat16 and float32, not {probe.dtype}"
             )
+        if self.trainable:
+            # The mask is fixed while training: cast the values Parameter as nn.Linear casts its
+            # weight (same Parameter object; masks and offsets are integers and stay).
+            super()._apply(fn, recurse)
+            self._dtype = probe.dtype
+            return self
         self._set_weight(sw.to(probe.device, probe.dtype))
         if self.bias is not None:
             self.bias.data = fn(self.bias.data)

@@ -15,7 +15,7 @@ from ..formats import check_format
 from ..notices import FlashsparseWarning
 from . import parallel
 from .experts import SparseExperts, expert_projections, is_fused_experts
-from .linear import SparseLinear, is_conv1d
+from .linear import SparseLinear, check_trainable_format, is_conv1d
 
 
 def _weight_sparsity(weight: torch.Tensor) -> float:
@@ -141,6 +141,7 @@ def sparsify_(
     format: str = "auto",
     min_sparsity: float = 0.0,
     progress: bool | None = None,
+    trainable: bool = False,
 ) -> nn.Module:
     """Replace, in place, every projection of ``model`` for which ``filter_fn(module, fqn)`` is
     true (all if None) and whose weight sparsity is at least ``min_sparsity`` by its sparse
@@ -175,6 +176,11 @@ def sparsify_(
     packed placement, experts split by expert parallelism) raises ``ValueError`` naming the
     layer before any layer is converted.
 
+    ``trainable=True`` (format ``"auto"`` or ``"bitmap"``): every converted layer's packed
+    nonzeros become an ``nn.Parameter`` (:meth:`SparseLinear.trainable_`) for sparse
+    fine-tuning with the mask fixed; fused MoE experts cannot be trained that way yet (a
+    ``ValueError`` names them: leave them out with ``filter_fn``), nor tensor-parallel layers.
+
     Warns (:class:`flashsparse.FlashsparseWarning`, once per call each) when layers are left
     dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
     converted layers are no smaller than dense; and once per process per format, device and
@@ -193,6 +199,10 @@ def sparsify_(
         raise TypeError("filter_fn must be a callable (module, fqn) -> bool or None")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable must be a bool, got {type(trainable).__name__}")
+    if trainable:
+        format = check_trainable_format(format)
     head_and_tied = default_skipped_linears(model)
     skipped = head_and_tied if filter_fn is None else set()
     # Names only: holding the modules would keep every dense weight alive until the end.
@@ -226,6 +236,19 @@ def sparsify_(
         if conversion is not None:
             conversions[fqn] = conversion
         target_bytes += sum(parallel.local_tensor(w).numel() * w.element_size() for w in weights)
+    if trainable and conversions:
+        raise ValueError(
+            "trainable=True cannot train tensor-parallel layers yet: "
+            f"{_names([repr(c) for c in conversions])}"
+        )
+    if trainable:
+        experts = [fqn for fqn in targets if is_fused_experts(model.get_submodule(fqn))]
+        if experts:
+            raise ValueError(
+                "trainable=True cannot train fused MoE experts yet (their grouped op has no "
+                f"weight gradient): {_names([repr(e) for e in experts])}; leave them out, e.g. "
+                "filter_fn=lambda module, fqn: not flashsparse.nn.is_fused_experts(module)"
+            )
     if progress is None:
         isatty = getattr(sys.stderr, "isatty", None)
         progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
@@ -240,7 +263,7 @@ def sparsify_(
             elif is_fused_experts(dense):
                 sparse = SparseExperts.from_experts(dense, format)
             else:
-                sparse = SparseLinear.from_linear(dense, format)
+                sparse = SparseLinear.from_linear(dense, format, trainable=trainable)
             setattr(parent, child, sparse)
             del dense
             bar.update()

@@ -287,6 +287,12 @@ def load_flashsparse(
                 continue
             if bias is not None and target.bias is not None:
                 layer.bias.requires_grad_(target.bias.requires_grad)
+            if (
+                isinstance(target, SparseLinear)
+                and target.trainable
+                and layer.format == target.format
+            ):
+                layer.trainable_(True)  # loading into a model being fine-tuned keeps it trainable
             new_modules[fqn] = layer
         # Fused experts come back as SparseExperts built straight from their sparse layers: the
         # model's dense [E, ...] expert weights (on the meta device, typically) are dropped.

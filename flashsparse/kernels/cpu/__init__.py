@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from . import bitmap
 from .bitmap import unavailable_reason
+from .bitmap_sddmm import bitmap_sddmm as _bitmap_sddmm  # noqa: F401  (registers the weight gradient)
 
 __all__ = ["bitmap", "unavailable_reason"]

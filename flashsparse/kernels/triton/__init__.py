@@ -111,3 +111,5 @@ def _available() -> str | None:
 
 backends.register_kernel("bitmap", "triton", launch, supports=_supports, available=_available)
 backends.register_grouped_kernel("bitmap", "triton", launch_grouped)
+
+from . import bitmap_sddmm  # noqa: E402, F401  (registers the weight gradient of trainable layers)
