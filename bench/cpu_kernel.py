@@ -1,19 +1,29 @@
 """CPU kernel benchmark: ``SparseLinear`` (bitmap, the C++ CPU kernel) against ``nn.Linear``.
 
-Both run in one process, interleaved (dense, sparse, dense, sparse, ...), and the figure is
-the median of the per-round time ratios, so load from other processes on a shared machine
-hits both alike. Also times the bitmap decode (``to_dense``: the C++ decode against the torch
-decode it replaces) and, with ``--e2e``, a Llama-shaped bf16 model's greedy decode tokens/s
-(hidden 2048, intermediate 5632, 4 layers, vocab 32000) dense vs 70 % pruned + sparsified.
+Both run in one process, interleaved (dense, sparse, dense, sparse, ...), each call timed on
+its own after the caches were evicted (a write over twice the last-level cache), as a weight
+streamed from DRAM; the figure is the median of the per-round time ratios, so load from other
+processes on a shared machine hits both alike. Also times the bitmap decode (``to_dense``: the
+C++ decode against the torch decode it replaces) and, with ``--e2e``, a Llama-shaped bf16
+model's greedy decode tokens/s (hidden 2048, intermediate 5632, 4 layers, vocab 32000) dense
+vs 70 % pruned + sparsified.
 
     python bench/cpu_kernel.py                      # full matrix, 2 threads
     python bench/cpu_kernel.py --quick              # one shape, fewer rounds
     python bench/cpu_kernel.py --e2e --out bench/results/cpu-epyc-2core-2026-11-23
+    python bench/cpu_kernel.py --isa avx2 --e2e --out bench/results/cpu-...-avx2
     python bench/cpu_kernel.py --summary runs.md bench/results/cpu-*.json   # several runs
 
-Writes ``<out>.json`` and ``<out>.md`` (device, threads, date, torch version). On a shared
-VM one run's ratios move by 10-30 % from the next; ``--summary`` puts several runs' median,
-minimum and maximum per cell side by side.
+``--isa avx2`` measures the AVX2 path on an AVX-512 machine against an AVX2-only dense
+baseline: the script re-executes itself with ``FLASHSPARSE_CPU_ISA=avx2
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` set before
+torch is imported, checks that torch's capability is then AVX2, and records what the dense
+path ran (torch's capability, oneDNN's ISA and kernels from ``ONEDNN_VERBOSE``, an fp32 GEMM's
+GFLOP/s with and without the variables) in the results.
+
+Writes ``<out>.json`` and ``<out>.md`` (device, ISA path, dense baseline, threads, date, torch
+version). On a shared VM one run's ratios move by 10-30 % from the next; ``--summary`` puts
+several runs' median, minimum and maximum per cell side by side.
 """
 
 from __future__ import annotations
@@ -24,8 +34,24 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+# Before torch is imported: the variables that pin torch, oneDNN and MKL to AVX2 must be in the
+# environment when they load, so --isa avx2 re-executes the script with them (see main).
+ISA_ENV = {
+    "avx2": {
+        "FLASHSPARSE_CPU_ISA": "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    "avx512": {"FLASHSPARSE_CPU_ISA": "avx512"},
+    "scalar": {"FLASHSPARSE_CPU_ISA": "scalar"},
+}
+REEXEC_MARK = "FLASHSPARSE_BENCH_ISA"
 
 import torch
 from torch import nn
@@ -39,13 +65,90 @@ SPARSITIES = (0.5, 0.7, 0.9)
 
 
 def cpu_name() -> str:
+    """Model name, with family/model (a VM may show only "AMD EPYC") and the widest SIMD."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.machine())
+    flags = set(fields.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {simd})"
+
+
+def cache_bytes() -> int:
+    """Last-level cache size (bytes), 32 MiB if unknown."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"), reverse=True):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if size and size[-1] in units:
+            return int(size[:-1]) * units[size[-1]]
+        if size.isdigit():
+            return int(size)
+    return 32 << 20
+
+
+class Evict:
+    """Writes a buffer of twice the last-level cache, so the next call reads its weight from
+    DRAM as a decode step of a model larger than the cache does."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(2 * cache_bytes() // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buf.fill_(1.0)
+
+
+DENSE_PROBE = """
+import time, torch
+torch.set_num_threads({threads})
+a, b = torch.randn(512, 2048), torch.randn(2048, 2048)
+for _ in range(3):
+    a @ b
+t = time.perf_counter()
+for _ in range(10):
+    a @ b
+print("GFLOPS", 10 * 2 * 512 * 2048 * 2048 / (time.perf_counter() - t) / 1e9)
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (1, 16):
+        torch.nn.functional.linear(torch.randn(n, 4096, dtype=dtype), torch.randn(512, 4096, dtype=dtype))
+"""
+
+
+def dense_baseline(threads: int) -> dict:
+    """What torch's dense path runs in this environment: its capability, oneDNN's ISA and the
+    kernels it ran for bf16/fp32 linears (ONEDNN_VERBOSE), and an fp32 GEMM's GFLOP/s here and
+    in a process without the ISA-limiting variables (MKL's path shows in the latter)."""
+    info: dict = {"torch_capability": torch.backends.cpu.get_cpu_capability()}
+    info["env"] = {k: os.environ[k] for k in ISA_ENV["avx2"] if k in os.environ}
+
+    def probe(env: dict) -> tuple[float | None, list[str]]:
+        out = subprocess.run(
+            [sys.executable, "-c", DENSE_PROBE.format(threads=threads)],
+            env={**env, "ONEDNN_VERBOSE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout.splitlines()
+        gflops = next((float(ln.split()[1]) for ln in out if ln.startswith("GFLOPS")), None)
+        return gflops, out
+
+    gflops, lines = probe(dict(os.environ))
+    info["fp32_gemm_gflops"] = gflops
+    isa = [ln.split("isa:", 1)[1] for ln in lines if ",isa:" in ln]
+    info["onednn_isa"] = isa[0] if isa else "oneDNN not used"
+    info["onednn_kernels"] = sorted(
+        {ln.split(",")[5] for ln in lines if ",primitive,exec," in ln and len(ln.split(",")) > 5}
+    )
+    plain = {k: v for k, v in os.environ.items() if k not in ISA_ENV["avx2"]}
+    info["fp32_gemm_gflops_unrestricted"], _ = probe(plain)
+    return info
 
 
 def interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
@@ -62,22 +165,27 @@ def interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, float, float, float]:
-    """(dense s, sparse s, median, p20 and p80 of the per-round dense/sparse ratios)."""
+def ratio_median(
+    fns: dict, rounds: int, evict: Evict
+) -> tuple[float, float, float, float, float]:
+    """(dense s, sparse s, median, p20 and p80 of the per-round dense/sparse ratios); every
+    call is timed alone, after the caches were evicted."""
     dense, sparse = fns["dense"], fns["sparse"]
     dense(), sparse()
+
+    def timed(fn) -> float:
+        evict()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     d_times, s_times, ratios = [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            dense()
-        t1 = time.perf_counter()
-        for _ in range(inner):
-            sparse()
-        t2 = time.perf_counter()
-        d_times.append((t1 - t0) / inner)
-        s_times.append((t2 - t1) / inner)
-        ratios.append((t1 - t0) / (t2 - t1))
+        d = timed(dense)
+        sp = timed(sparse)
+        d_times.append(d)
+        s_times.append(sp)
+        ratios.append(d / sp)
     q = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else ratios  # p20, p40, p60, p80
     return (
         statistics.median(d_times),
@@ -90,6 +198,7 @@ def ratio_median(fns: dict, rounds: int, inner: int) -> tuple[float, float, floa
 
 def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
     rows = []
+    evict = Evict()
     for m, k in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             torch.manual_seed(0)
@@ -101,15 +210,13 @@ def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
                         dense.weight.copy_(w)
                         sparse = fs.SparseLinear.from_linear(dense, format="bitmap")
                         x = torch.randn(n, k, dtype=dtype)
-                        inner = max(1, int(0.02 / (m * k * 2 * 1e-10 * n)) if n else 1)
-                        inner = min(inner, 20)
                         d, sp, r, r20, r80 = ratio_median(
                             {
                                 "dense": lambda d=dense, x=x: d(x),
                                 "sparse": lambda s=sparse, x=x: s(x),
                             },
                             rounds,
-                            inner,
+                            evict,
                         )
                     row = dict(
                         m=m,
@@ -237,6 +344,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--e2e", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument(
+        "--isa",
+        choices=("auto", *ISA_ENV),
+        default="auto",
+        help="CPU kernel path (FLASHSPARSE_CPU_ISA); avx2 also limits the dense baseline to AVX2 "
+        "(torch, oneDNN, MKL), for the AVX2 path on an AVX-512 machine",
+    )
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), action="append", help="only these dtypes"
+    )
+    parser.add_argument(
+        "--sparsity", type=float, action="append", help="only these sparsities (of 0.5 0.7 0.9)"
+    )
+    parser.add_argument(
+        "--m", type=int, action="append", help="only these weight shapes (out features M)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     parser.add_argument(
         "--summary",
@@ -257,15 +380,31 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"wrote {args.summary[0]}")
         return
+    if args.isa != "auto" and os.environ.get(REEXEC_MARK) != args.isa:
+        # torch, oneDNN and MKL read their ISA variables once, when loaded: start over with
+        # them set (torch is imported above, but nothing of it has run yet).
+        env = {**os.environ, **ISA_ENV[args.isa], REEXEC_MARK: args.isa}
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    if args.isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+        raise SystemExit(
+            "ATEN_CPU_CAPABILITY=avx2 did not take effect (torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}): the dense baseline would not be AVX2-only"
+        )
     torch.set_num_threads(args.threads)
     reason = cpu_kernels._available()
     if reason:
         raise SystemExit(f"the CPU kernel is unavailable: {reason}")
     isa = {v: k for k, v in cpu_kernels.ISAS.items()}[cpu_kernels.isa()]
-    cases = {(dt, s): (1,) for dt in (torch.bfloat16, torch.float32) for s in SPARSITIES}
-    for dt in (torch.bfloat16, torch.float32):
-        cases[(dt, 0.7)] = (1, 16)
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else [torch.bfloat16, torch.float32]
+    sparsities = tuple(args.sparsity) if args.sparsity else SPARSITIES
+    cases = {(dt, s): (1,) for dt in dtypes for s in sparsities}
+    for dt in dtypes:
+        if 0.7 in sparsities:
+            cases[(dt, 0.7)] = (1, 16)
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.m:
+        shapes = tuple(s for s in SHAPES if s[0] in args.m)
     rounds = 5 if args.quick else args.rounds
     meta = dict(
         device=cpu_name(),
@@ -274,15 +413,24 @@ def main(argv: list[str] | None = None) -> None:
         torch=torch.__version__,
         date=datetime.date.today().isoformat(),
         started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        note=f"load average {os.getloadavg()[0]:.2f} at the start (other processes on the "
-        "same cores show here); ratios are medians of interleaved rounds in one process",
+        dense_baseline=dense_baseline(args.threads),
+        load_start=os.getloadavg()[0],
+        note="ratios are medians of interleaved rounds in one process, each call after a cache "
+        "eviction; the load average (other processes on the same cores) is in load_start/load_end",
     )
-    print(f"{meta['device']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}")
-    result = dict(meta=meta, linear=linear_rows(shapes, SPARSITIES, cases, rounds))
+    base = meta["dense_baseline"]
+    print(
+        f"{meta['device']}, {args.threads} threads, ISA path {isa}, torch {torch.__version__}; "
+        f"dense baseline: torch {base['torch_capability']}, oneDNN {base['onednn_isa']}, fp32 "
+        f"GEMM {base['fp32_gemm_gflops']:.0f} GFLOP/s (unrestricted "
+        f"{base['fp32_gemm_gflops_unrestricted']:.0f})"
+    )
+    result = dict(meta=meta, linear=linear_rows(shapes, sparsities, cases, rounds))
     if not args.no_decode:
         result["decode"] = decode_rows(5 if args.quick else 7)
     if args.e2e:
         result["e2e"] = e2e_row(16 if args.quick else 32, 3 if args.quick else 5)
+    meta["load_end"] = os.getloadavg()[0]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -298,8 +446,23 @@ def markdown(result: dict) -> str:
         f"Device: {meta['device']}; {meta['threads']} threads; ISA path `{meta['isa']}`; "
         f"started {meta.get('started', meta['date'])}; "
         f"torch {meta['torch']}. {meta['note']}. Regenerate with `python bench/cpu_kernel.py "
-        "--e2e --out bench/results/<name>`.",
+        f"--e2e{' --isa ' + meta['isa'] if meta['isa'] == 'avx2' else ''} "
+        "--out bench/results/<name>`.",
         "",
+    ]
+    if "dense_baseline" in meta:
+        base = meta["dense_baseline"]
+        kernels = ", ".join(base["onednn_kernels"]) or "none"
+        lines += [
+            f"Dense baseline (`nn.Linear`): torch CPU capability {base['torch_capability']}; "
+            f"oneDNN {base['onednn_isa']} (kernels: {kernels}); fp32 GEMM (MKL) "
+            f"{base['fp32_gemm_gflops']:.0f} GFLOP/s here, "
+            f"{base['fp32_gemm_gflops_unrestricted']:.0f} without the ISA variables; "
+            f"variables: {base['env'] or 'none'}. Load average {meta.get('load_start', 0):.2f} at "
+            f"the start, {meta.get('load_end', 0):.2f} at the end.",
+            "",
+        ]
+    lines += [
         "| weight M x K | N | dtype | sparsity | nn.Linear ms | SparseLinear ms | speed-up | "
         "p20-p80 of rounds |",
         "|---|---|---|---|---|---|---|---|",
@@ -350,9 +513,12 @@ def summary(runs: list[dict], names: list[str]) -> str:
     ]
     for name, run in zip(names, runs, strict=True):
         meta = run["meta"]
+        base = meta.get("dense_baseline")
+        dense = f", dense baseline torch {base['torch_capability']}" if base else ""
+        load = f", load {meta['load_start']:.1f}-{meta['load_end']:.1f}" if "load_end" in meta else ""
         lines.append(
             f"- `{name}`: {meta.get('started', meta['date'])}, {meta['device']}, "
-            f"{meta['threads']} threads, ISA `{meta['isa']}`, torch {meta['torch']}"
+            f"{meta['threads']} threads, ISA `{meta['isa']}`{dense}, torch {meta['torch']}{load}"
         )
     lines += [
         "",

@@ -142,7 +142,7 @@ def _self_check() -> str | None:
 
 def _register_fake() -> None:
     @torch.library.register_fake("flashsparse::_bitmap_spmm_cpu")
-    def _(x, masks, values, tile_offsets, m, k, bias=None, isa=0):
+    def _(x, masks, values, tile_offsets, m, k, bias=None, isa=0, form=0):
         return x.new_empty((x.shape[0], m))
 
     @torch.library.register_fake("flashsparse::_bitmap_decode_cpu")
