@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -202,7 +203,8 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
         const at::Tensor bc = bias->contiguous().to(at::kFloat);
         bias32.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + m);
     }
-    std::vector<float> y32(n * m);
+    // NaN until a kernel writes it: a row a kernel misses shows in every test.
+    std::vector<float> y32(n * m, std::numeric_limits<float>::quiet_NaN());
     const fc::SpmmFn fn = spmm_fn(isa);
     const at::ScalarType dtype = x.scalar_type();
     const float* b32 = bias32.empty() ? nullptr : bias32.data();

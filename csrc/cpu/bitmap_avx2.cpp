@@ -515,15 +515,10 @@ void spmm_avx2_forms(const BitmapWeight& w, const float* x, int64_t ldx, const f
 
 void spmm_avx2(const BitmapWeight& w, const void* x, int64_t n, int64_t ldx, const float* bias,
                float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
-    // The SpmmFn contract gives x row-major only: the columns form needs it transposed.
-    const float* xf = static_cast<const float*>(x);
-    if (n == 1) return spmm_avx2_forms(w, xf, ldx, nullptr, 1, bias, y, ldy, tr0, tr1, kFormAuto, nullptr);
-    const int64_t kp = w.k_tiles() * 64;
-    float* xt = static_cast<float*>(_mm_malloc(kp * 8 * sizeof(float), 32));
-    for (int64_t c = 0; c < kp; ++c)
-        for (int64_t i = 0; i < 8; ++i) xt[c * 8 + i] = i < n ? xf[i * ldx + c] : 0.0f;
-    spmm_avx2_forms(w, xf, ldx, xt, n, bias, y, ldy, tr0, tr1, kFormAuto, nullptr);
-    _mm_free(xt);
+    // The SpmmFn contract gives x row-major only, which the columns form cannot take: n >= 2
+    // runs the expand form everywhere.
+    spmm_avx2_forms(w, static_cast<const float*>(x), ldx, nullptr, n, bias, y, ldy, tr0, tr1,
+                    n == 1 ? kFormAuto : kFormExpand, nullptr);
 }
 
 void decode_avx2(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, int64_t tr1) {
