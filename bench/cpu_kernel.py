@@ -109,12 +109,12 @@ DENSE_PROBE = """
 import time, torch
 torch.set_num_threads({threads})
 a, b = torch.randn(512, 2048), torch.randn(2048, 2048)
-for _ in range(3):
+best = float("inf")
+for _ in range(12):  # the best of several: other processes only ever slow a try down
+    t = time.perf_counter()
     a @ b
-t = time.perf_counter()
-for _ in range(10):
-    a @ b
-print("GFLOPS", 10 * 2 * 512 * 2048 * 2048 / (time.perf_counter() - t) / 1e9)
+    best = min(best, time.perf_counter() - t)
+print("GFLOPS", 2 * 512 * 2048 * 2048 / best / 1e9)
 for dtype in (torch.bfloat16, torch.float32):
     for n in (1, 16):
         torch.nn.functional.linear(torch.randn(n, 4096, dtype=dtype), torch.randn(512, 4096, dtype=dtype))

@@ -87,7 +87,9 @@ namespace cpu {
 namespace {
 
 // --- value loaders ----------------------------------------------------------------------
-// A loader turns packed values (Raw, kBytes each) into fp32 lanes in three ways:
+// A loader turns packed values (Raw, kBytes each) into fp32 lanes in three ways (and says, in
+// kExpandIsShuffle, whether expand() is a single byte shuffle, which moves the n = 1 choice
+// between the forms):
 //   expand(p, b): the 8 weights of the 8 columns of mask byte b, from the values at p (reads 8
 //                 values from p);
 //   load8(p):     8 consecutive values (reads 8);
@@ -100,6 +102,7 @@ namespace {
 struct F32Values {
     using Raw = float;
     static constexpr int kBytes = 4;
+    static constexpr bool kExpandIsShuffle = false;
     static __m256 expand(const float* p, size_t b) {
         // Byte offsets from the table's start: GCC then addresses both halves of the line as
         // (table, offset), instead of adding the two first.
@@ -117,6 +120,7 @@ struct F32Values {
 struct BF16Values {
     using Raw = uint16_t;
     static constexpr int kBytes = 2;
+    static constexpr bool kExpandIsShuffle = true;  // expand() is one vpshufb, no conversion
     static __m256 expand(const uint16_t* p, size_t b) {
         const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         const char* line = reinterpret_cast<const char*>(kTables.expand_bf16) + b * 32;
@@ -136,6 +140,7 @@ struct BF16Values {
 struct F16Values {
     using Raw = uint16_t;
     static constexpr int kBytes = 2;
+    static constexpr bool kExpandIsShuffle = false;
     static __m256 expand(const uint16_t* p, size_t b) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         const char* line = reinterpret_cast<const char*>(kTables.expand16) + b * 16;
@@ -329,12 +334,14 @@ __attribute__((noinline)) void tile_columns(const uint64_t* masks, const typenam
 // --- tile loops ----------------------------------------------------------------------------
 
 // Whether a tile of `values` stored values (a multiple of 8) takes the sparse form at n rows
-// of x. Costs per row segment in instructions: expand about 7-8 per mask byte plus n FMAs per
-// byte; slots about 40 per 8 nonzeros; columns about 5 per nonzero (+1 per extra 8 rows of x)
-// plus a mispredicted loop exit per row.
+// of x, from instruction counts per 64-weight row segment (bench/results/cpu-kernel-notes.md):
+// expand about 70 + 19 n whatever the mask; columns about 8 per nonzero plus a mispredicted
+// loop exit per row; slots about 50 per 8 nonzeros, where bf16's cheap expand (one byte
+// shuffle per mask byte) leaves them less room than fp32's and fp16's.
+template <class V>
 inline bool sparse_tile(int64_t values, int64_t n) {
-    if (n == 1) return values <= 64 * 10;
-    return values * 6 <= 64 * (39 + 8 * n);
+    if (n == 1) return values <= 64 * (V::kExpandIsShuffle ? 8 : 10);
+    return values * 8 <= 64 * (19 * n + 10);
 }
 
 template <class V>
@@ -381,7 +388,7 @@ void spmm_small_impl(const BitmapWeight& w, const float* x, int64_t ldx, const f
             if (count == 0) continue;
             const uint64_t* masks = w.masks + t * 64;
             const typename V::Raw* p = tv.get(start, count);
-            const bool sparse = form == kFormSparse || (form == kFormAuto && sparse_tile(count, n));
+            const bool sparse = form == kFormSparse || (form == kFormAuto && sparse_tile<V>(count, n));
             if (n == 1) {
                 const float* xk = kt + 1 < kt_count ? x + kt * 64 : x_last;
                 (sparse ? tile_slots_n1<V> : tile_expand_n1<V>)(masks, p, xk, acc_e, rows);
