@@ -12,9 +12,11 @@
 //   * n = 1 "slots": the row's first 8 nonzeros are one FMA of 8 packed values with x gathered
 //     at their columns (8 scalar loads into one vector: vgatherdps is several times slower on
 //     Zen 2/3). Rows with more than 8 go to a work list that the next pass takes 8 at a time,
-//     so no branch depends on a row's count (a per-row loop exit mispredicts about once a row).
+//     so no branch depends on a row's count (a per-row loop exit mispredicts about once a row,
+//     which costs about as much as the row's work at 90 %).
 //   * n >= 2 "columns": one broadcast value times the 8 (16, 32) x values of its column, x
-//     transposed per tile (xt): one FMA per nonzero and group of 8 rows of x.
+//     transposed per tile (xt): one FMA per nonzero and group of 8 rows of x. Its per-row loop
+//     exit mispredicts too, but that is small next to the row's FMAs from 2 rows of x on.
 // The choice is per tile from its stored value count (tile_offsets), so it costs nothing and
 // does not depend on the thread split; tests force either form (SpmmForm).
 //
@@ -229,9 +231,9 @@ inline uint64_t next_column(uint64_t& m) {
     return c;
 }
 
-// v with lane I replaced by *p: vinsertps from memory (about 0.5 cycle on Zen 3). GCC does not
-// fold the load of _mm_insert_ps(v, _mm_load_ss(p), I << 4) into it, and the vpinsrd it does
-// fold is several times slower on Zen 3/4.
+// v with lane I replaced by *p: vinsertps from memory, one load and one shuffle. GCC does not
+// fold the load of _mm_insert_ps(v, _mm_load_ss(p), I << 4) into it, and the vpinsrd whose
+// load it does fold costs more shuffle-port time on Zen 3/4 (bench/results/cpu-kernel-notes.md).
 template <int I>
 inline __m128 insert_lane(__m128 v, const float* p) {
     __asm__("vinsertps %3, %2, %1, %0" : "=x"(v) : "x"(v), "m"(*p), "i"(I << 4));
@@ -347,9 +349,10 @@ inline bool sparse_tile(int64_t values, int64_t n) {
 template <class V>
 struct TileValues {
     using Raw = typename V::Raw;
+    TileValues(const BitmapWeight& w) : base(static_cast<const Raw*>(w.values)), num_values(w.num_values) {}
     const Raw* base;
     int64_t num_values;
-    alignas(32) Raw tail[64 * 64 + kSlack];
+    alignas(32) Raw tail[64 * 64 + kSlack];  // not initialized: only get() writes and reads it
     // The tile's values, from a padded copy if its loads could run past the buffer.
     const Raw* get(int64_t start, int64_t count) {
         if (start + count + kSlack <= num_values) return base + start;
@@ -370,7 +373,7 @@ void spmm_small_impl(const BitmapWeight& w, const float* x, int64_t ldx, const f
     alignas(32) __m256 acc_c[64];
     alignas(32) float x_last[128];  // the last tile's x, then zeros (slots read x[64])
     alignas(32) float lanes[8];
-    TileValues<V> tv{static_cast<const typename V::Raw*>(w.values), w.num_values, {}};
+    TileValues<V> tv(w);
     if (n == 1) {
         std::memcpy(x_last, x + kp - 64, 64 * sizeof(float));
         std::memset(x_last + 64, 0, 64 * sizeof(float));
@@ -467,7 +470,7 @@ void decode_impl(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, int
     using Raw = typename V::Raw;
     constexpr int64_t kEsize = sizeof(Raw);
     const int64_t kt_count = w.k_tiles();
-    TileValues<V> tv{static_cast<const Raw*>(w.values), w.num_values, {}};
+    TileValues<V> tv(w);
     for (int64_t tr = tr0; tr < tr1; ++tr) {
         const int64_t row0 = tr * 64;
         const int64_t rows = (w.m - row0) < 64 ? (w.m - row0) : 64;

@@ -13,9 +13,10 @@ used instead when present, unless ``FLASHSPARSE_JIT=1``). Without a compiler
 
 One extension holds every SIMD path (each source file is compiled for its own instruction
 set); the path is chosen per call from the CPU's features, or forced with
-``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2`` (AVX2/FMA/F16C)
-or ``scalar`` (any CPU) -- an unknown value or a path this CPU lacks is an error. Threads
-follow ``torch.get_num_threads()``.
+``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2``
+(AVX2/FMA/F16C/BMI2) or ``scalar`` (any CPU) -- an unknown value or a path this CPU lacks is an
+error. Threads follow ``torch.get_num_threads()``. The paths and their per-tile forms are
+described in docs/backends/bitmap_cpu.md.
 """
 
 from __future__ import annotations
