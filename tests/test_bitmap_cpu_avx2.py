@@ -219,5 +219,9 @@ def test_mixed_tiles_under_auto(avx2):
 
 def test_bad_form_is_a_clear_error(avx2):
     sw = fs.encode(random_weight(70, 66, 0.5, seed=1), "bitmap")
-    with pytest.raises(RuntimeError, match=r"form must be 0 \(auto\), 1 \(expand\) or 2 \(sparse\)"):
-        torch.ops.flashsparse._bitmap_spmm_cpu(torch.randn(2, 66), *sw.tensors, 70, 66, None, avx2, 3)
+    with pytest.raises(
+        RuntimeError, match=r"form must be 0 \(auto\), 1 \(expand\) or 2 \(sparse\)"
+    ):
+        torch.ops.flashsparse._bitmap_spmm_cpu(
+            torch.randn(2, 66), *sw.tensors, 70, 66, None, avx2, 3
+        )

@@ -425,9 +425,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         include_reference=args.include_reference,
     )
-    hidden = {
-        report_dtype(d): names for d in dtypes if (names := runner_hidden_formats(cfg, d))
-    }
+    hidden = {report_dtype(d): names for d in dtypes if (names := runner_hidden_formats(cfg, d))}
     if hidden:
         what = "; ".join(f"{', '.join(names)} ({dt})" for dt, names in hidden.items())
         print(

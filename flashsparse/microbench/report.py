@@ -18,7 +18,9 @@ from .runner import ROW_KEYS, geomean
 
 CPU_NOTICE = "CPU numbers: reference path, not representative of GPU kernels"
 CPU_NOTICE_GENERIC = "CPU numbers: not representative of GPU kernels"
-CPU_NOTICE_BASELINES = "CPU numbers: baselines only (no flashsparse kernel ran), not representative of GPU kernels"
+CPU_NOTICE_BASELINES = (
+    "CPU numbers: baselines only (no flashsparse kernel ran), not representative of GPU kernels"
+)
 # Metadata repeated in every CSV row, so a CSV file alone says where its numbers come from.
 CSV_META_KEYS = ("device", "torch", "triton", "flashsparse", "git_commit", "date")
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1)))
