@@ -1,9 +1,10 @@
 """CPU kernel benchmark: ``SparseLinear`` (bitmap, the C++ CPU kernel) against ``nn.Linear``.
 
-Both run in one process, interleaved (dense, sparse, dense, sparse, ...), each call timed on
-its own after the caches were evicted (a write over twice the last-level cache), as a weight
-streamed from DRAM; the figure is the median of the per-round time ratios, so load from other
-processes on a shared machine hits both alike. Also times the bitmap decode (``to_dense``: the
+Both run in one process, interleaved (a round of dense calls, a round of sparse calls, ...),
+each side cycling through copies of its layer that together exceed twice the last-level cache,
+so every call reads its weight from DRAM as a decode step of a large model does (with no
+eviction work between calls to disturb the timing); the figure is the median of the per-round
+time ratios, so load from other processes on a shared machine hits both alike. Also times the bitmap decode (``to_dense``: the
 C++ decode against the torch decode it replaces) and, with ``--e2e``, a Llama-shaped bf16
 model's greedy decode tokens/s (hidden 2048, intermediate 5632, 4 layers, vocab 32000) dense
 vs 70 % pruned + sparsified.
@@ -29,6 +30,7 @@ several runs' median, minimum and maximum per cell side by side.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -96,15 +98,13 @@ def cache_bytes() -> int:
     return 32 << 20
 
 
-class Evict:
-    """Writes a buffer of twice the last-level cache, so the next call reads its weight from
-    DRAM as a decode step of a model larger than the cache does."""
-
-    def __init__(self) -> None:
-        self.buf = torch.empty(2 * cache_bytes() // 4, dtype=torch.float32)
-
-    def __call__(self) -> None:
-        self.buf.fill_(1.0)
+def copies_for(module: nn.Module, cache: int) -> list[nn.Module]:
+    """``module`` and deep copies of it whose weights together exceed twice the last-level
+    cache, so that calling them in turn reads every weight from DRAM (as a decode step of a
+    model larger than the cache does) with no eviction work between the calls."""
+    nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    count = max(2, -(-2 * cache // max(nbytes, 1)) + 1)
+    return [module] + [copy.deepcopy(module) for _ in range(count - 1)]
 
 
 DENSE_PROBE = """
@@ -168,25 +168,28 @@ def interleaved(fns: dict, rounds: int, inner: int) -> dict[str, float]:
 
 
 def ratio_median(
-    fns: dict, rounds: int, evict: Evict
+    dense: list, sparse: list, x: torch.Tensor, rounds: int, round_s: float = 0.02
 ) -> tuple[float, float, float, float, float, float, float]:
     """(dense s, sparse s, median, p20 and p80 of the per-round dense/sparse ratios, fastest
-    dense s, fastest sparse s); every call is timed alone, after the caches were evicted. On a
-    busy machine a call that loses its core for a scheduler slice shows in the medians; the
-    fastest calls are the ones that did not."""
-    dense, sparse = fns["dense"], fns["sparse"]
-    dense(), sparse()
+    dense s, fastest sparse s) per call. A round calls each side's copies in turn (see
+    copies_for) for about ``round_s`` seconds, dense then sparse. A round that loses a core to
+    another process for a scheduler slice shows in the medians; the fastest rounds are the
+    ones that did not."""
 
-    def timed(fn) -> float:
-        evict()
+    def run(mods: list, calls: int) -> float:
         t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        for i in range(calls):
+            mods[i % len(mods)](x)
+        return (time.perf_counter() - t0) / calls
 
+    calls = {}
+    for name, mods in (("dense", dense), ("sparse", sparse)):
+        first = run(mods, len(mods))  # warm-up, and the size of a round
+        calls[name] = max(len(mods), round(round_s / max(first, 1e-6)))
     d_times, s_times, ratios = [], [], []
     for _ in range(rounds):
-        d = timed(dense)
-        sp = timed(sparse)
+        d = run(dense, calls["dense"])
+        sp = run(sparse, calls["sparse"])
         d_times.append(d)
         s_times.append(sp)
         ratios.append(d / sp)
@@ -204,7 +207,7 @@ def ratio_median(
 
 def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
     rows = []
-    evict = Evict()
+    cache = cache_bytes()
     for m, k in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             torch.manual_seed(0)
@@ -216,14 +219,12 @@ def linear_rows(shapes, sparsities, cases, rounds: int) -> list[dict]:
                         dense.weight.copy_(w)
                         sparse = fs.SparseLinear.from_linear(dense, format="bitmap")
                         x = torch.randn(n, k, dtype=dtype)
+                        dense_copies = copies_for(dense, cache)
+                        sparse_copies = copies_for(sparse, cache)
                         d, sp, r, r20, r80, d_best, s_best = ratio_median(
-                            {
-                                "dense": lambda d=dense, x=x: d(x),
-                                "sparse": lambda s=sparse, x=x: s(x),
-                            },
-                            rounds,
-                            evict,
+                            dense_copies, sparse_copies, x, rounds
                         )
+                        del dense_copies[1:], sparse_copies
                     row = dict(
                         m=m,
                         k=k,
@@ -428,8 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         dense_baseline=dense_baseline(args.threads),
         load_start=os.getloadavg()[0],
-        note="ratios are medians of interleaved rounds in one process, each call after a cache "
-        "eviction; the load average (other processes on the same cores) is in load_start/load_end",
+        note="ratios are medians of interleaved rounds in one process, each side cycling through "
+        "copies of its layer that exceed twice the last-level cache (weights read from DRAM)",
     )
     base = meta["dense_baseline"]
     print(
