@@ -51,7 +51,8 @@ void decode_avx2(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 // Which form a kernel with per-tile forms runs on each tile: kFormAuto picks per tile from its
 // value count; the others force one everywhere (tests cover every form that way).
 enum SpmmForm : int { kFormAuto = 0, kFormExpand = 1, kFormSparse = 2 };
-// AVX2, any n (the glue's AVX2 entry; spmm_avx2 is the SpmmFn for n <= kMaxSpmmRows). Per tile
+// AVX2, any n (the glue's AVX2 entry; spmm_avx2, the SpmmFn, runs it on row-major x only: the
+// expand form for n >= 2). Per tile
 // the expand form (x row-major: fp32 [n][ldx], as for SpmmFn; n <= kMaxSpmmRows per pass) or
 // the sparse form (n = 1: x again; n >= 2: xt, x transposed in groups of bitmap_avx2_lanes(n)
 // rows: [groups][k_tiles * 64][lanes] fp32, zero past n and k, 32-byte aligned). For n = 1, or
