@@ -327,36 +327,70 @@ struct RowOrder {
     }
 };
 
+// a += (the value at p) . (x at the column of m's next set bit), L vectors of 8 rows of x.
+template <class V, int L>
+inline void column_fma(uint64_t& m, const typename V::Raw* p, const float* xt, __m256 (&a)[L]) {
+    const float* xc = xt + next_column(m) * 8 * L;
+    const __m256 v = V::broadcast(p);
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) a[l] = _mm256_fmadd_ps(v, _mm256_load_ps(xc + 8 * l), a[l]);
+}
+
+template <int L>
+inline void add_segment(__m256* acc, const __m256 (&a)[L], const __m256 (&b)[L]) {
+#pragma GCC unroll 4
+    for (int l = 0; l < L; ++l) acc[l] = _mm256_add_ps(acc[l], _mm256_add_ps(a[l], b[l]));  // segment
+}
+
 // L vectors of 8 rows of x: acc[r * L + l] (lane j: x row 8 l + j) += row r . x, with xt the
-// tile's x transposed, [64 columns][8 L]. Four sets of accumulators: one FMA chain per set
-// would otherwise bound a row to the FMA latency per nonzero.
+// tile's x transposed, [64 columns][8 L]. Rows go in pairs, consecutive in count order: the
+// two rows' chains of blsr through their masks interleave (one row's chain would bound the
+// loop at its latency per nonzero), and as their counts are close, the loop over the smaller
+// count leaves few nonzeros to the single-row tails. Two accumulator sets per row for the FMA
+// latency.
 template <class V, int L>
 __attribute__((noinline)) void tile_columns(const uint64_t* masks, const RowOrder& order, const typename V::Raw* values,
                                             const float* xt, __m256* acc, int64_t rows) {
-    for (int64_t i = 0; i < rows; ++i) {
+    using Raw = typename V::Raw;
+    int64_t i = 0;
+    for (; i + 2 <= rows; i += 2) {
+        const int64_t r0 = order.row[i], r1 = order.row[i + 1];
+        uint64_t m0 = masks[r0], m1 = masks[r1];
+        const Raw* p0 = values + order.start[r0];
+        const Raw* p1 = values + order.start[r1];
+        __m256 a0[L], b0[L], a1[L], b1[L];
+#pragma GCC unroll 4
+        for (int l = 0; l < L; ++l) a0[l] = b0[l] = a1[l] = b1[l] = _mm256_setzero_ps();
+        for (unsigned j = popcnt64(m0) / 2; j; --j) {  // count(r0) <= count(r1)
+            column_fma<V, L>(m0, p0, xt, a0);
+            column_fma<V, L>(m1, p1, xt, a1);
+            column_fma<V, L>(m0, p0 + 1, xt, b0);
+            column_fma<V, L>(m1, p1 + 1, xt, b1);
+            p0 += 2;
+            p1 += 2;
+        }
+        if (m0) column_fma<V, L>(m0, p0, xt, a0);
+        while (m1) {
+            column_fma<V, L>(m1, p1++, xt, a1);
+            if (!m1) break;
+            column_fma<V, L>(m1, p1++, xt, b1);
+        }
+        add_segment<L>(acc + r0 * L, a0, b0);
+        add_segment<L>(acc + r1 * L, a1, b1);
+    }
+    if (i < rows) {
         const int64_t r = order.row[i];
         uint64_t m = masks[r];
-        if (!m) continue;
-        const typename V::Raw* p = values + order.start[r];
-        __m256 a[4][L];
-#pragma GCC unroll 16
-        for (int s = 0; s < 4 * L; ++s) a[s / L][s % L] = _mm256_setzero_ps();
-        for (;;) {
+        const Raw* p = values + order.start[r];
+        __m256 a[L], b[L];
 #pragma GCC unroll 4
-            for (int s = 0; s < 4; ++s) {
-                const float* xc = xt + next_column(m) * 8 * L;
-                const __m256 v = V::broadcast(p + s);
-#pragma GCC unroll 4
-                for (int l = 0; l < L; ++l) a[s][l] = _mm256_fmadd_ps(v, _mm256_load_ps(xc + 8 * l), a[s][l]);
-                if (!m) goto done;
-            }
-            p += 4;
+        for (int l = 0; l < L; ++l) a[l] = b[l] = _mm256_setzero_ps();
+        while (m) {
+            column_fma<V, L>(m, p++, xt, a);
+            if (!m) break;
+            column_fma<V, L>(m, p++, xt, b);
         }
-    done:
-#pragma GCC unroll 4
-        for (int l = 0; l < L; ++l)  // segment
-            acc[r * L + l] = _mm256_add_ps(
-                acc[r * L + l], _mm256_add_ps(_mm256_add_ps(a[0][l], a[1][l]), _mm256_add_ps(a[2][l], a[3][l])));
+        add_segment<L>(acc + r * L, a, b);
     }
 }
 
