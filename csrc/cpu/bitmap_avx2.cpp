@@ -299,98 +299,37 @@ __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const typena
 
 // --- sparse form, n >= 2: columns --------------------------------------------------------
 
-// Rows of a tile in the order of their nonzero counts (a counting sort), with where each row's
-// values start. The columns form's loop over a row's nonzeros exits at a count that differs
-// from row to row, which the branch predictor cannot follow in mask order (a mispredict per
-// row, about as long as the row's FMAs at 70 %); in count order consecutive rows exit alike.
-struct RowOrder {
-    uint8_t row[64];
-    uint16_t start[64];
-    RowOrder(const uint64_t* masks, int64_t rows) {
-        uint8_t count[64];
-        uint8_t first[65] = {};  // rows of count c, then where count c starts in `row`
-        unsigned run = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-            const unsigned c = popcnt64(masks[r]);
-            count[r] = static_cast<uint8_t>(c);
-            start[r] = static_cast<uint16_t>(run);
-            run += c;
-            ++first[c];
-        }
-        unsigned sum = 0;  // in a register: a chain through memory would cost a load per count
-        for (int c = 0; c < 65; ++c) {
-            const unsigned h = first[c];
-            first[c] = static_cast<uint8_t>(sum);
-            sum += h;
-        }
-        for (int64_t r = 0; r < rows; ++r) row[first[count[r]]++] = static_cast<uint8_t>(r);
-    }
-};
-
-// a += (the value at p) . (x at the column of m's next set bit), L vectors of 8 rows of x.
-template <class V, int L>
-inline void column_fma(uint64_t& m, const typename V::Raw* p, const float* xt, __m256 (&a)[L]) {
-    const float* xc = xt + next_column(m) * 8 * L;
-    const __m256 v = V::broadcast(p);
-#pragma GCC unroll 4
-    for (int l = 0; l < L; ++l) a[l] = _mm256_fmadd_ps(v, _mm256_load_ps(xc + 8 * l), a[l]);
-}
-
-template <int L>
-inline void add_segment(__m256* acc, const __m256 (&a)[L], const __m256 (&b)[L]) {
-#pragma GCC unroll 4
-    for (int l = 0; l < L; ++l) acc[l] = _mm256_add_ps(acc[l], _mm256_add_ps(a[l], b[l]));  // segment
-}
-
 // L vectors of 8 rows of x: acc[r * L + l] (lane j: x row 8 l + j) += row r . x, with xt the
-// tile's x transposed, [64 columns][8 L]. Rows go in pairs, consecutive in count order: the
-// two rows' chains of blsr through their masks interleave (one row's chain would bound the
-// loop at its latency per nonzero), and as their counts are close, the loop over the smaller
-// count leaves few nonzeros to the single-row tails. Two accumulator sets per row for the FMA
-// latency.
+// tile's x transposed, [64 columns][8 L]. Four sets of accumulators: one FMA chain per set
+// would otherwise bound a row to the FMA latency per nonzero.
 template <class V, int L>
-__attribute__((noinline)) void tile_columns(const uint64_t* masks, const RowOrder& order, const typename V::Raw* values,
-                                            const float* xt, __m256* acc, int64_t rows) {
-    using Raw = typename V::Raw;
-    int64_t i = 0;
-    for (; i + 2 <= rows; i += 2) {
-        const int64_t r0 = order.row[i], r1 = order.row[i + 1];
-        uint64_t m0 = masks[r0], m1 = masks[r1];
-        const Raw* p0 = values + order.start[r0];
-        const Raw* p1 = values + order.start[r1];
-        __m256 a0[L], b0[L], a1[L], b1[L];
-#pragma GCC unroll 4
-        for (int l = 0; l < L; ++l) a0[l] = b0[l] = a1[l] = b1[l] = _mm256_setzero_ps();
-        for (unsigned j = popcnt64(m0) / 2; j; --j) {  // count(r0) <= count(r1)
-            column_fma<V, L>(m0, p0, xt, a0);
-            column_fma<V, L>(m1, p1, xt, a1);
-            column_fma<V, L>(m0, p0 + 1, xt, b0);
-            column_fma<V, L>(m1, p1 + 1, xt, b1);
-            p0 += 2;
-            p1 += 2;
-        }
-        if (m0) column_fma<V, L>(m0, p0, xt, a0);
-        while (m1) {
-            column_fma<V, L>(m1, p1++, xt, a1);
-            if (!m1) break;
-            column_fma<V, L>(m1, p1++, xt, b1);
-        }
-        add_segment<L>(acc + r0 * L, a0, b0);
-        add_segment<L>(acc + r1 * L, a1, b1);
-    }
-    if (i < rows) {
-        const int64_t r = order.row[i];
+__attribute__((noinline)) void tile_columns(const uint64_t* masks, const typename V::Raw* p, const float* xt,
+                                            __m256* acc, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
         uint64_t m = masks[r];
-        const Raw* p = values + order.start[r];
-        __m256 a[L], b[L];
+        if (!m) continue;
+        __m256 a[4][L];
+#pragma GCC unroll 16
+        for (int s = 0; s < 4 * L; ++s) a[s / L][s % L] = _mm256_setzero_ps();
+        for (;;) {
 #pragma GCC unroll 4
-        for (int l = 0; l < L; ++l) a[l] = b[l] = _mm256_setzero_ps();
-        while (m) {
-            column_fma<V, L>(m, p++, xt, a);
-            if (!m) break;
-            column_fma<V, L>(m, p++, xt, b);
+            for (int s = 0; s < 4; ++s) {
+                const float* xc = xt + next_column(m) * 8 * L;
+                const __m256 v = V::broadcast(p + s);
+#pragma GCC unroll 4
+                for (int l = 0; l < L; ++l) a[s][l] = _mm256_fmadd_ps(v, _mm256_load_ps(xc + 8 * l), a[s][l]);
+                if (!m) {
+                    p += s + 1;
+                    goto done;
+                }
+            }
+            p += 4;
         }
-        add_segment<L>(acc + r * L, a, b);
+    done:
+#pragma GCC unroll 4
+        for (int l = 0; l < L; ++l)  // segment
+            acc[r * L + l] = _mm256_add_ps(
+                acc[r * L + l], _mm256_add_ps(_mm256_add_ps(a[0][l], a[1][l]), _mm256_add_ps(a[2][l], a[3][l])));
     }
 }
 
@@ -405,21 +344,6 @@ template <class V>
 inline bool sparse_tile(int64_t values, int64_t n) {
     if (n == 1) return values <= 64 * (V::kExpandIsShuffle ? 8 : 10);
     return values * 8 <= 64 * (19 * n + 10);
-}
-
-// Software prefetch of a tile's masks and values, kPrefetchTiles tiles ahead of the one being
-// multiplied: the hardware prefetchers stop at 4 KiB pages, and at high sparsity a page of
-// values holds only a few tiles.
-constexpr int64_t kPrefetchTiles = 2;
-template <class V>
-inline void prefetch_tile(const BitmapWeight& w, int64_t t) {
-    const int64_t tiles = w.m_tiles() * w.k_tiles();
-    if (t >= tiles) return;
-    const char* m = reinterpret_cast<const char*>(w.masks + t * 64);
-    for (int i = 0; i < 512; i += 64) _mm_prefetch(m + i, _MM_HINT_T0);
-    const char* v = static_cast<const char*>(w.values) + static_cast<int64_t>(w.offsets[t]) * 8 * V::kBytes;
-    const char* e = static_cast<const char*>(w.values) + static_cast<int64_t>(w.offsets[t + 1]) * 8 * V::kBytes;
-    for (; v < e; v += 64) _mm_prefetch(v, _MM_HINT_T0);
 }
 
 template <class V>
@@ -467,13 +391,12 @@ void spmm_small_impl(const BitmapWeight& w, const float* x, int64_t ldx, const f
             if (count == 0) continue;
             const uint64_t* masks = w.masks + t * 64;
             const typename V::Raw* p = tv.get(start, count);
-            prefetch_tile<V>(w, t + kPrefetchTiles);
             const bool sparse = form == kFormSparse || (form == kFormAuto && sparse_tile<V>(count, n));
             if (n == 1) {
                 const float* xk = kt + 1 < kt_count ? x + kt * 64 : x_last;
                 (sparse ? tile_slots_n1<V> : tile_expand_n1<V>)(masks, p, xk, acc_e, rows);
             } else if (sparse) {
-                tile_columns<V, 1>(masks, RowOrder(masks, rows), p, xt + kt * 64 * 8, acc_c, rows);
+                tile_columns<V, 1>(masks, p, xt + kt * 64 * 8, acc_c, rows);
                 any_columns = true;
             } else {
                 tile_expand_rows<V>(masks, p, x + kt * 64, ldx, n, acc_e, rows);
@@ -507,12 +430,9 @@ void spmm_columns_impl(const BitmapWeight& w, const float* xt, int64_t n, const 
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
             if (static_cast<int64_t>(w.offsets[t + 1]) * 8 == start) continue;
             const uint64_t* masks = w.masks + t * 64;
-            prefetch_tile<V>(w, t + kPrefetchTiles);
             // Each group re-reads the tile's masks and values from L1.
-            const RowOrder order(masks, rows);
             for (int64_t g = 0; g < groups; ++g)
-                tile_columns<V, L>(masks, order, values + start, xt + (g * kp + kt * 64) * 8 * L, acc + g * 64 * L,
-                                   rows);
+                tile_columns<V, L>(masks, values + start, xt + (g * kp + kt * 64) * 8 * L, acc + g * 64 * L, rows);
         }
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t live = (n - g * 8 * L) < 8 * L ? (n - g * 8 * L) : 8 * L;
