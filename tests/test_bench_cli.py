@@ -107,17 +107,23 @@ def tiny_run(tmp_path_factory):
     return rc, buf_out.getvalue(), paths
 
 
+# By default a CPU run shows what auto runs: bitmap on the C++ kernel; tiled_csl (and bitmap too
+# where the kernel cannot build) would run the reference path, so it is left out with a note.
+SHOWN = ["bitmap"] if CPU_KERNEL else []
+HIDDEN = ["tiled_csl"] if CPU_KERNEL else ["tiled_csl", "bitmap"]
+
+
 def test_tiny_run_succeeds_and_says_cpu_numbers(tiny_run):
     rc, out, _ = tiny_run
     assert rc == 0
-    if CPU_KERNEL:  # the notice names what ran: the C++ kernel (bitmap) and the reference path
-        assert (
-            "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
-            in out
-        )
-        assert "CPU numbers: reference path" not in out
+    hidden = ", ".join(HIDDEN)
+    assert f"not shown: {hidden} (fp32); {hidden} (fp16): no kernel for this device" in out
+    assert "--include-reference shows those rows" in out
+    if CPU_KERNEL:  # the notice names what ran: the C++ kernel only
+        assert "CPU numbers: C++ CPU kernel, not representative of GPU kernels" in out
+        assert "reference path, not" not in out
     else:
-        assert "CPU numbers: reference path, not representative of GPU kernels" in out
+        assert report.CPU_NOTICE_BASELINES in out
     assert "tiny  M=200 K=136  fp32  mask=uniform" in out
     assert "median ms" in out and "vs dense" in out and "ceiling" in out
     assert "skipped: 2:4 (torch-2:4): torch's 2:4 semi-structured kernels need a CUDA GPU" in out
@@ -141,23 +147,22 @@ def test_tiny_run_json(tiny_run):
         assert key in meta, key
     assert meta["torch"] == torch.__version__
     assert meta["device_type"] == "cpu" and meta["device"].startswith("CPU")
+    assert meta["settings"]["include_reference"] is False
+    assert meta["settings"]["not_shown"] == {"fp32": HIDDEN, "fp16": HIDDEN}
     if CPU_KERNEL:
-        assert meta["backends_ran"] == ["cpu", "reference"]
-        assert (
-            meta["notice"]
-            == "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
-        )
+        assert meta["backends_ran"] == ["cpu"]
+        assert meta["notice"] == "CPU numbers: C++ CPU kernel, not representative of GPU kernels"
     else:
-        assert meta["notice"] == report.CPU_NOTICE
-        assert meta["backends_ran"] == ["reference"]
+        assert meta["backends_ran"] == []
     assert dt.datetime.fromisoformat(meta["date"]).tzinfo is not None
     assert meta["copy_bandwidth_gbps"] > 0
     assert meta["settings"]["dtype"] == ["fp32", "fp16"]
     assert meta["settings"]["shapes"] == [["tiny", 200, 136]]
 
-    # fp32 and fp16 x N {1, 8} x (dense, 2:4 skipped, sparsity {0.5, 0.9} x (tiled_csl, bitmap,
+    # fp32 and fp16 x N {1, 8} x (dense, 2:4 skipped, sparsity {0.5, 0.9} x (the formats shown,
     # csr, sliced-out, sliced-in))
-    assert len(rows) == 2 * 2 * (1 + 1 + 2 * 5)
+    assert len(rows) == 2 * 2 * (1 + 1 + 2 * (len(SHOWN) + 3))
+    assert not {r["method"] for r in rows} & set(HIDDEN)
     assert all(set(r) == set(runner.ROW_KEYS) for r in rows)
     by = {(r["dtype"], r["n"], r["sparsity"], r["method"]): r for r in rows}
     for dtype in ("fp32", "fp16"):
@@ -166,11 +171,10 @@ def test_tiny_run_json(tiny_run):
             assert dense["status"] == "ok" and dense["speedup"] == 1.0
             assert by[(dtype, n, 0.5, "2:4")]["status"] == "skipped"
             for sp in (0.5, 0.9):
-                for fmt in ("tiled_csl", "bitmap"):
+                for fmt in SHOWN:
                     r = by[(dtype, n, sp, fmt)]
                     assert r["status"] == "ok", r
-                    ran = "cpu" if CPU_KERNEL and fmt == "bitmap" else "reference"
-                    assert r["backend"] == ran and r["requested_backend"] == "auto"
+                    assert r["backend"] == "cpu" and r["requested_backend"] == "auto"
                     assert math.isclose(r["speedup"], dense["median_ms"] / r["median_ms"])
                     assert abs(r["actual_sparsity"] - sp) < 0.05
     csr16 = by[("fp16", 1, 0.5, "csr")]
@@ -198,9 +202,60 @@ def test_tiny_run_json(tiny_run):
         ceiling = (r["dense_weight_bytes"] + dense_io) / (r["weight_bytes"] + io_bytes)
         assert math.isclose(r["ceiling"], ceiling)
         assert r["rotation"] >= 1
-    # 90 % sparse bitmap is ~3x smaller than the dense fp16 weight here; 50 % Tiled-CSL is not.
-    assert by[("fp16", 1, 0.9, "bitmap")]["ceiling"] > 2.5
-    assert by[("fp16", 1, 0.5, "tiled_csl")]["ceiling"] < 1.05
+    # 90 % sparse bitmap is ~3x smaller than the dense fp16 weight here.
+    if CPU_KERNEL:
+        assert by[("fp16", 1, 0.9, "bitmap")]["ceiling"] > 2.5
+
+
+def test_include_reference_shows_the_reference_rows(capsys, tmp_path):
+    """--include-reference adds the rows auto runs on the reference path (tiled_csl on a CPU),
+    next to the kernel rows, and the notice names both."""
+    path = tmp_path / "r.json"
+    rc, out, _ = run_bench(
+        capsys, "--quick", *FAST, "--dtype", "fp16", "--n", "1", "--sparsity", "0.5",
+        "--baseline", "none", "--include-reference", "--json", str(path),
+    )  # fmt: skip
+    assert rc == 0
+    assert "not shown" not in out
+    data = json.loads(path.read_text())
+    by = {r["method"]: r for r in data["rows"]}
+    assert set(by) == {"dense", "tiled_csl", "bitmap"}
+    ref = by["tiled_csl"]
+    assert ref["status"] == "ok" and ref["backend"] == "reference"
+    assert ref["requested_backend"] == "auto"
+    assert ref["ceiling"] < 1.05  # 50 % Tiled-CSL is not smaller than the dense fp16 weight
+    assert by["bitmap"]["backend"] == ("cpu" if CPU_KERNEL else "reference")
+    assert data["meta"]["settings"]["include_reference"] is True
+    if CPU_KERNEL:
+        assert data["meta"]["backends_ran"] == ["cpu", "reference"]
+        assert (
+            "CPU numbers: C++ CPU kernel and reference path, not representative of GPU kernels"
+            in out
+        )
+
+
+def test_default_rows_leave_out_only_reference_formats():
+    """What the sweep runs by default: per dtype, the (format, backend) pairs whose auto kernel
+    is not the reference path; explicit backends always run."""
+    cfg = runner.BenchConfig(
+        shapes=[PRESETS["tiny"][0]], ns=[1], sparsities=[0.5], dtypes=[torch.float32],
+        formats=["tiled_csl", "bitmap", "auto"], backends=["auto"], baselines=[],
+        mask="uniform", device=torch.device("cpu"), timer=CpuTimer(1, 1), cache=1,
+        bandwidth=None,
+    )  # fmt: skip
+    shown = [f for f in ("tiled_csl", "bitmap", "auto") if f not in HIDDEN + (
+        [] if CPU_KERNEL else ["auto"])]  # fmt: skip
+    assert runner.method_combos(cfg, torch.float32) == [(f, "auto") for f in shown]
+    cfg.include_reference = True
+    assert len(runner.method_combos(cfg, torch.float32)) == 3
+    cfg.include_reference = False
+    cfg.backends = ["reference", "auto"]
+    combos = runner.method_combos(cfg, torch.float32)
+    assert [c for c in combos if c[1] == "reference"] == [
+        ("tiled_csl", "reference"),
+        ("bitmap", "reference"),
+        ("auto", "reference"),
+    ]
 
 
 def test_tiny_run_csv(tiny_run):
@@ -308,7 +363,8 @@ def test_row_skewed_run(capsys, tmp_path):
     path = tmp_path / "r.json"
     rc, _, _ = run_bench(
         capsys, "--shape", "128,256", *FAST, "--n", "3", "--sparsity", "0.7", "--mask",
-        "row-skewed", "--baseline", "none", "--format", "auto,tiled_csl", "--json", str(path),
+        "row-skewed", "--baseline", "none", "--format", "auto,tiled_csl", "--include-reference",
+        "--json", str(path),
     )  # fmt: skip
     assert rc == 0
     rows = json.loads(path.read_text())["rows"]

@@ -218,7 +218,7 @@ def test_a_wrong_sliced_layer_is_marked_and_not_timed(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     rc, out = bench(
         "--quick", *FAST, "--n", "2", "--sparsity", "0.5", "--format", "tiled_csl",
-        "--baseline", "sliced", "--json", str(path),
+        "--include-reference", "--baseline", "sliced", "--json", str(path),
     )  # fmt: skip
     assert rc == 1
     assert "WRONG" in out and "not timed" in out

@@ -397,3 +397,30 @@ def test_benchmark_summary_of_several_runs(tmp_path):
     assert text.count("18:0") == 3
     with pytest.raises(SystemExit):
         bench.main(["--summary", str(out)])
+
+
+def test_benchmark_summary_fastest_calls_column(tmp_path):
+    """Runs that record their fastest calls get a column with the median of those ratios."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cpu_kernel", Path(__file__).parents[1] / "bench" / "cpu_kernel.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = []
+    for i, (med, best) in enumerate([(1.5, 2.5), (1.1, 2.0), (1.3, 3.5)]):
+        meta = dict(device="cpu", threads=2, isa="avx2", torch="x", date="d", started=f"{i}")
+        meta.update(load_start=3.0, load_end=4.5, dense_baseline=dict(torch_capability="AVX2"))
+        row = dict(m=64, k=128, dtype="float32", n=1, sparsity=0.9, speedup=med)
+        row["speedup_best"] = best
+        e2e = dict(speedup=med, speedup_best=best)
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(dict(meta=meta, linear=[row], e2e=e2e)))
+    out = tmp_path / "summary.md"
+    bench.main(["--summary", str(out), *map(str, files)])
+    text = out.read_text()
+    assert "| 64x128 | float32 | 1 | 90% | 1.30x | 1.10x | 1.50x | 2.50x |" in text
+    assert "dense baseline torch AVX2" in text and "load 3.0-4.5" in text
+    assert "Fastest rounds' tokens/s ratio: median 2.50x [2.00-3.50]" in text

@@ -47,7 +47,12 @@ def _op(args, isa):
 
 
 def test_every_path_this_machine_should_have_is_there():
-    assert ISAS[0] == "scalar" and cpu_kernels.ISAS == {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+    assert ISAS[0] == "scalar" and cpu_kernels.ISAS == {
+        "scalar": 0,
+        "avx2": 1,
+        "avx512": 2,
+        "neon": 3,
+    }
 
 
 @pytest.mark.parametrize("isa", ISAS or ["scalar"])

@@ -1,6 +1,8 @@
 // torch glue for the bitmap CPU kernels in csrc/cpu/ (torch-free). Internal ops, next to the
 // Python-defined flashsparse ops (hence a FRAGMENT):
-//   flashsparse::_bitmap_spmm_cpu(x, masks, values, tile_offsets, m, k, bias, isa) -> y [N, M]
+//   flashsparse::_bitmap_spmm_cpu(x, masks, values, tile_offsets, m, k, bias, isa, form) -> y [N, M]
+//     (form: 0 auto, 1 expand, 2 sparse: forces one form on every tile of the AVX2 path, for
+//     tests; the other paths ignore it)
 //   flashsparse::_bitmap_decode_cpu(masks, values, tile_offsets, m, k, isa) -> W [M, K]
 //   flashsparse::_bitmap_cpu_isa_supported(isa) -> bool   (0 scalar, 1 avx2, 2 avx512, 3 neon)
 // Threads follow torch.get_num_threads() (at::parallel_for over 64-row tile rows).
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -26,15 +29,14 @@ namespace {
 
 namespace fc = flashsparse::cpu;
 
-// Up to this many x rows the fused kernel reads the weight once for all of them; above it (on
-// the AVX-512 path) fp32/fp16 weights take the column kernel up to kColumnsMaxRows rows, and
-// otherwise the weight is decoded a block at a time into a cache-sized buffer that a dense
-// micro-kernel reuses across the batch. bf16 weights on the AVX-512 path take the row-lanes
-// kernel from kRowLanesMinRows rows. Other paths run the fused kernel on groups of
+// AVX-512 path: up to this many x rows the fused kernel reads the weight once for all of them;
+// above it fp32/fp16 weights take the column kernel up to kColumnsMaxRows rows, and otherwise
+// the weight is decoded a block at a time into a cache-sized buffer that a dense micro-kernel
+// reuses across the batch. bf16 weights take the row-lanes kernel from kRowLanesMinRows rows
+// (where it overtakes the fused one: bench/results/cpu-kernel-notes.md). The AVX2 path picks
+// its forms per tile itself (spmm_avx2_forms); the scalar path runs on groups of
 // kMaxSpmmRows rows.
 constexpr int64_t kFusedMaxRows = 4;
-// C++ harness, 2 threads, 4096x4096 at 70 %, Zen 4: the row-lanes kernel ties the fused one at
-// 3 rows and wins from 4 (1.2-1.4 against 1.5-1.6 ms).
 constexpr int64_t kRowLanesMinRows = 3;
 
 // x for spmm_rowlanes_avx512: xg[(i / 16) * pairs * 16 + p * 16 + i % 16] = x[i][2p] | x[i][2p + 1] << 16
@@ -159,9 +161,11 @@ bool pack_x(const T* x, int64_t n, int64_t k, int64_t kp, bool keep_bf16, void* 
 
 at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
                            const at::Tensor& offsets, int64_t m, int64_t k,
-                           const std::optional<at::Tensor>& bias, int64_t isa) {
+                           const std::optional<at::Tensor>& bias, int64_t isa, int64_t form) {
     const char* op = "_bitmap_spmm_cpu";
     check_isa(isa, op);
+    TORCH_CHECK(form >= fc::kFormAuto && form <= fc::kFormSparse, op,
+                ": form must be 0 (auto), 1 (expand) or 2 (sparse), got ", form);
     TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, op, ": x must be 2-D [N, k=", k, "], got shape ", x.sizes());
     TORCH_CHECK(x.scalar_type() == values.scalar_type(), op, ": x must have the weight's dtype ",
@@ -180,7 +184,7 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
     // x as the kernels read it (every path): zero-padded to whole tiles, fp32 or bf16.
     const bool keep_bf16 = fc::bitmap_x_is_bf16(static_cast<int>(isa), c.w.dtype);
     // 64-byte aligned (rows too: kp is a multiple of 64 elements): the blocked micro-kernel's x
-    // loads then never split a cache line, about 6 % of a bf16 N=16 layer on Zen 4.
+    // loads then never split a cache line.
     std::vector<float> xpack_store((keep_bf16 ? (n * kp + 1) / 2 : n * kp) + 16);
     float* xpack = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xpack_store.data()) + 63) & ~uintptr_t(63));
     bool finite;
@@ -202,10 +206,12 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
         const at::Tensor bc = bias->contiguous().to(at::kFloat);
         bias32.assign(bc.data_ptr<float>(), bc.data_ptr<float>() + m);
     }
-    std::vector<float> y32(n * m);
+    // NaN until a kernel writes it: a row a kernel misses shows in every test.
+    std::vector<float> y32(n * m, std::numeric_limits<float>::quiet_NaN());
     const fc::SpmmFn fn = spmm_fn(isa);
     const at::ScalarType dtype = x.scalar_type();
     const float* b32 = bias32.empty() ? nullptr : bias32.data();
+    const bool avx2 = isa == fc::kAvx2;
     const bool bf16_avx512 = isa == fc::kAvx512 && c.w.dtype == fc::Dtype::BF16;
     const bool rowlanes = bf16_avx512 && n >= kRowLanesMinRows;
     const bool columns = !bf16_avx512 && n > kFusedMaxRows && n <= fc::kColumnsMaxRows && isa == fc::kAvx512;
@@ -225,9 +231,24 @@ at::Tensor bitmap_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const a
         xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xt_store.data()) + 63) & ~uintptr_t(63));
         for (int64_t i = 0; i < n; ++i)
             for (int64_t col = 0; col < kp; ++col) xt[col * 16 + i] = xpack[i * kp + col];
+    } else if (avx2 && n > 1 && form != fc::kFormExpand) {
+        // x transposed in groups of `lanes` rows: [group][column][lane], zero past n.
+        const int64_t lanes = fc::bitmap_avx2_lanes(n);
+        xt_store.assign(fc::bitmap_avx2_xt_floats(n, k) + 16, 0.0f);
+        xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xt_store.data()) + 63) & ~uintptr_t(63));
+        for (int64_t i = 0; i < n; ++i) {
+            float* dst = xt + (i / lanes) * kp * lanes + i % lanes;
+            const float* src = xpack + i * kp;
+            for (int64_t col = 0; col < kp; ++col) dst[col * lanes] = src[col];
+        }
     }
     at::parallel_for(0, mt, 1, [&](int64_t b, int64_t e) {
-        if (rowlanes) {
+        if (avx2) {
+            thread_local std::vector<char> scratch;
+            scratch.resize(std::max<size_t>(scratch.size(), fc::bitmap_avx2_scratch_bytes(n)));
+            fc::spmm_avx2_forms(c.w, xpack, kp, xt, n, b32, y32.data(), m, b, e, static_cast<int>(form),
+                                scratch.data());
+        } else if (rowlanes) {
             thread_local std::vector<char> scratch;
             scratch.resize(std::max<size_t>(scratch.size(), fc::bitmap_rowlanes_scratch_bytes(n)));
             fc::spmm_rowlanes_avx512(c.w, xg, n, b32, y32.data(), m, b, e, scratch.data());
@@ -272,7 +293,7 @@ bool isa_supported(int64_t isa) {
 
 TORCH_LIBRARY_FRAGMENT(flashsparse, m) {
     m.def("_bitmap_spmm_cpu(Tensor x, Tensor masks, Tensor values, Tensor tile_offsets, int m, int k, "
-          "Tensor? bias=None, int isa=0) -> Tensor");
+          "Tensor? bias=None, int isa=0, int form=0) -> Tensor");
     m.def("_bitmap_decode_cpu(Tensor masks, Tensor values, Tensor tile_offsets, int m, int k, int isa=0) -> Tensor");
     m.def("_bitmap_cpu_isa_supported(int isa) -> bool", &isa_supported);
 }

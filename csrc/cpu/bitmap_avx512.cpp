@@ -21,12 +21,26 @@ namespace {
 inline __mmask32 low_mask32(unsigned count) { return _bzhi_u32(0xffffffffu, count); }
 inline __mmask16 low_mask16(unsigned count) { return static_cast<__mmask16>(_bzhi_u32(0xffffu, count)); }
 
+// Software prefetch of tile t's masks and values (value_bytes each), issued kPrefetchTiles tiles
+// ahead of the one being read. The values are read by masked and expanding loads, which the
+// hardware prefetchers do not follow on every CPU: streaming a weight from DRAM took two to
+// four times as long without this on a Zen 5 (bench/results/cpu-kernel-notes.md).
+// always_inline: as a plain inline function GCC dropped the prefetches.
+constexpr int64_t kPrefetchTiles = 2;
+__attribute__((always_inline)) inline void prefetch_tile(const BitmapWeight& w, int64_t t, int64_t value_bytes) {
+    if (t >= w.m_tiles() * w.k_tiles()) return;
+    const char* m = reinterpret_cast<const char*>(w.masks + t * 64);
+    for (int i = 0; i < 512; i += 64) _mm_prefetch(m + i, _MM_HINT_T0);
+    const char* v = static_cast<const char*>(w.values) + static_cast<int64_t>(w.offsets[t]) * 8 * value_bytes;
+    const char* e = static_cast<const char*>(w.values) + static_cast<int64_t>(w.offsets[t + 1]) * 8 * value_bytes;
+    for (; v < e; v += 64) _mm_prefetch(v, _MM_HINT_T0);
+}
+
 // The 64 16-bit weights of a row as two 32-lane vectors; returns the number of values read.
 // `mask` points at a row mask; its halves are read as two 32-bit words (from a 64-bit load and
 // a shift, GCC routed the high half through mask registers: kmovq + kshiftrq + kmovd). The
 // memory-source expand reads exactly popcount values (no over-read past a row, so the values
-// buffer needs no padding) and was about 10 % faster per row on Zen 4 than a masked load
-// followed by a register expand.
+// buffer needs no padding) and beats a masked load followed by a register expand.
 inline unsigned expand16(const uint64_t* mask, const uint16_t* p, __m512i& lo, __m512i& hi) {
     uint32_t ml, mh;
     std::memcpy(&ml, mask, 4);
@@ -86,20 +100,12 @@ inline __m512 row_dense(const uint64_t* mask, const void* p, const __m512 xr[4],
 //   compress of the column numbers, then two-register permutes of x, which stays in registers.
 //   Lanes past the row's count multiply zero values by a finite x (x is finite by contract).
 //   Denser rows are rebuilt. The compress merges into the column list: zero-masking
-//   vpcompressb was 3x slower on Zen 4.
-// TSC ticks per row segment on Zen 4 (these functions, data in L1/L2), sparse / dense form:
-//   fp32: 5.7 / 11.5 at 90 %, 7.6 / 11.5 at 75 %, 9.2 / 11.4 at 70 %, 11.3 / 11.5 at 60 %,
-//         11.5 / 11.3 at 30 %, 11.3 / 11.2 at 0 %;
-//   bf16: 4.7 / 6.3 at 90 %, 4.4 / 5.6 at 60 %, 5.8 / 6.8 at 50 %, 7.8 / 7.2 at 30 %,
-//         7.1 / 6.6 at 0 %.
-// Streaming a 14336x4096 fp32 weight from DRAM (2 threads) the two forms tie at 60-70 %, and at
-// 75 % (rows around 16 nonzeros: the branch goes either way) the sparse one was 10 % slower in
-// one of two runs; at 80 % it took 25 % less time. Hence the sparse form for tiles of at most 15
-// values per row on average for fp32/fp16, 28 for bf16 (its limit is 32 per row).
-// Functions of their own, not inlined into spmm_impl, where GCC kept the loop state on the stack
-// (the same loop stand-alone ran about 17 % faster in a single-thread C++ harness). Two tiles
-// per pass (half the accumulator traffic) was faster only while the weight fit in L3 and slower
-// on larger ones, so it is one tile.
+//   vpcompressb is much slower on Zen 4.
+// The sparse form pays below about 15 values per row on average for fp32/fp16 and 28 for bf16
+// (its limit is 32 per row); around 16 per row the per-row branch goes either way. The per-form
+// timings behind these limits are in bench/results/cpu-kernel-notes.md.
+// Functions of their own, not inlined into spmm_impl, where GCC kept the loop state on the stack.
+// One tile per pass: two (half the accumulator traffic) paid only while the weight fit in L3.
 template <int D>
 constexpr int64_t kSparseTileMaxValues = D == static_cast<int>(Dtype::BF16) ? 64 * 28 : 64 * 15;
 
@@ -179,6 +185,7 @@ void spmm_impl(const BitmapWeight& w, const void* xv, int64_t n_rt, int64_t ldx,
             const int64_t t = tr * kt_count + kt;
             const uint64_t* masks = w.masks + t * 64;
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
+            prefetch_tile(w, t + kPrefetchTiles, kValueBytes);
             if (NB == 1 && D != static_cast<int>(Dtype::BF16)) {
                 const void* p = static_cast<const char*>(w.values) + start * kValueBytes;
                 const int64_t values = static_cast<int64_t>(w.offsets[t + 1]) * 8 - start;
@@ -237,6 +244,7 @@ void decode_impl(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, int
             const uint64_t* masks = w.masks + t * 64;
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
             const int64_t cols = (w.k - kt * 64) < 64 ? (w.k - kt * 64) : 64;
+            prefetch_tile(w, t + kPrefetchTiles, D == static_cast<int>(Dtype::F32) ? 4 : 2);
             if (D == static_cast<int>(Dtype::F32)) {
                 const float* p = static_cast<const float*>(w.values) + start;
                 __mmask16 store[4];
@@ -288,6 +296,7 @@ void decode_block(const BitmapWeight& w, int64_t tr, int64_t kt0, int64_t kt1, v
         const int64_t t = tr * kt_count + kt;
         const uint64_t* masks = w.masks + t * 64;
         const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
+        prefetch_tile(w, t + kPrefetchTiles, D == static_cast<int>(Dtype::F32) ? 4 : 2);
         if (D == static_cast<int>(Dtype::F32)) {
             const float* p = static_cast<const float*>(w.values) + start;
             for (int r = 0; r < 64; ++r) {
@@ -374,7 +383,7 @@ void spmm_blocked_impl(const BitmapWeight& w, const float* xv, int64_t n, int64_
 // 16 vdpbf16ps per weight vector, each with an embedded broadcast of x from L1.
 // The decode + transpose of the next 16 x 64 step (32 expands, 128 shuffles) is spread over
 // the 32 weight vectors of the current step: done in one piece between steps it was not
-// overlapped with the vdpbf16ps (about 40 % of the step on Zen 4). Stages 1-2 of the transpose
+// overlapped with the vdpbf16ps. Stages 1-2 of the transpose
 // stay in registers per 4 rows, stages 3-4 run per output column; their intermediate values go
 // through an L1 buffer, because 16 accumulators leave only 16 vector registers.
 //
@@ -431,7 +440,7 @@ inline void rowlanes_decode(const uint64_t* mn, const uint16_t*& pn, __m512i* u,
 
 // a[j] += tb[P] . broadcast(x pair P of x row j), for P in [P, 32); with NEXT, piece P of the
 // next step's decode first. vdpbf16ps with an embedded broadcast ({1to16}) from memory: GCC
-// emits a separate vpbroadcastd for _mm512_set1_epi32, about 12 % slower here.
+// emits a separate vpbroadcastd for _mm512_set1_epi32, which is slower.
 template <int P, int NB, bool NEXT>
 __attribute__((always_inline)) inline void rowlanes_step(__m512 (&a)[NB], const __m512i* tb, const uint32_t* xk,
                                                          const uint64_t* mn, const uint16_t*& pn, __m512i* u,
@@ -496,7 +505,10 @@ void spmm_rowlanes_impl(const BitmapWeight& w, const uint32_t* xg, int64_t n, co
             if (s1 < steps) {
                 const int64_t t1 = tbase + (s1 >> 2);
                 // Tiles are contiguous in values, but each starts at a multiple of 8.
-                if ((s1 & 3) == 0) p = vals + static_cast<int64_t>(w.offsets[t1]) * 8;
+                if ((s1 & 3) == 0) {
+                    p = vals + static_cast<int64_t>(w.offsets[t1]) * 8;
+                    prefetch_tile(w, t1 + kPrefetchTiles, 2);
+                }
                 p = rowlanes_group<true>(n < 16 ? n : 16, as, cur, xk, w.masks + t1 * 64 + 16 * (s1 & 3), p, u,
                                          tb[s1 & 1]);
             } else {

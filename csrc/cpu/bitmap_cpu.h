@@ -48,6 +48,26 @@ void decode_scalar(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
 void spmm_avx2(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
                int64_t, int64_t);
 void decode_avx2(const BitmapWeight&, void*, int64_t, int64_t, int64_t);
+// Which form a kernel with per-tile forms runs on each tile: kFormAuto picks per tile from its
+// value count; the others force one everywhere (tests cover every form that way).
+enum SpmmForm : int { kFormAuto = 0, kFormExpand = 1, kFormSparse = 2 };
+// AVX2, any n (the glue's AVX2 entry; spmm_avx2, the SpmmFn, runs it on row-major x only: the
+// expand form for n >= 2). Per tile
+// the expand form (x row-major: fp32 [n][ldx], as for SpmmFn; n <= kMaxSpmmRows per pass) or
+// the sparse form (n = 1: x again; n >= 2: xt, x transposed in groups of bitmap_avx2_lanes(n)
+// rows: [groups][k_tiles * 64][lanes] fp32, zero past n and k, 32-byte aligned). For n = 1, or
+// form == kFormExpand, xt may be null. scratch: bitmap_avx2_scratch_bytes(n) bytes (null for
+// n <= kMaxSpmmRows). Same y/bias contract as SpmmFn.
+void spmm_avx2_forms(const BitmapWeight& w, const float* x, int64_t ldx, const float* xt, int64_t n,
+                     const float* bias, float* y, int64_t ldy, int64_t tr0, int64_t tr1, int form, void* scratch);
+inline int64_t bitmap_avx2_lanes(int64_t n) { return n <= 8 ? 8 : n <= 16 ? 16 : 32; }
+inline int64_t bitmap_avx2_xt_floats(int64_t n, int64_t k) {
+    const int64_t lanes = bitmap_avx2_lanes(n);
+    return (n + lanes - 1) / lanes * lanes * ((k + 63) / 64) * 64;
+}
+inline int64_t bitmap_avx2_scratch_bytes(int64_t n) {
+    return n <= kMaxSpmmRows ? 0 : (n + bitmap_avx2_lanes(n) - 1) / bitmap_avx2_lanes(n) * bitmap_avx2_lanes(n) * 64 * 4 + 32;
+}
 void spmm_avx512(const BitmapWeight&, const void*, int64_t, int64_t, const float*, float*, int64_t,
                  int64_t, int64_t);
 // fp32 and fp16 weights, any n (for larger batches): decodes a 64 x kBlockK block of the weight

@@ -37,6 +37,13 @@ void spmm_columns_avx512(const BitmapWeight&, const float*, int64_t, const float
                          int64_t) {}
 void spmm_rowlanes_avx512(const BitmapWeight&, const uint32_t*, int64_t, const float*, float*, int64_t, int64_t,
                           int64_t, void*) {}
+void spmm_avx2_forms(const BitmapWeight& w, const float* x, int64_t ldx, const float*, int64_t n,
+                     const float* bias, float* y, int64_t ldy, int64_t tr0, int64_t tr1, int, void*) {
+    for (int64_t i = 0; i < n; i += kMaxSpmmRows) {
+        const int64_t rows = n - i < kMaxSpmmRows ? n - i : kMaxSpmmRows;
+        spmm_scalar(w, x + i * ldx, rows, ldx, bias, y + i * ldy, ldy, tr0, tr1);
+    }
+}
 bool sddmm_avx2(const SddmmProblem& p, float* out, int64_t tr0, int64_t tr1) {
     return sddmm_scalar(p, out, tr0, tr1);
 }

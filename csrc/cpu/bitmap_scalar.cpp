@@ -105,8 +105,8 @@ void decode_scalar(const BitmapWeight& w, void* out, int64_t ldo, int64_t tr0, i
 }
 
 namespace {
-// CPUID traps to the hypervisor in a VM (about 10 us per instruction on the Firecracker VMs
-// this was measured on), and every op call asks: probe once.
+// CPUID traps to the hypervisor in a VM (microseconds per instruction), and every op call asks:
+// probe once.
 bool probe_isa(int isa) {
     if (isa == kScalar) return true;
 #if defined(__x86_64__) || defined(__i386__)

@@ -29,9 +29,11 @@ BASELINE_CHOICES = ("csr", "2:4", "sliced", "none")
 
 EPILOG = """\
 defaults: on a GPU, llama3-8b shapes, N 1,8,16,32, sparsity 0.5,0.7,0.9, fp16; on a CPU,
-the small cpu-small shapes, N 1,16, fp32, 1 thread (the C++ CPU kernel for bitmap where it
-builds, else the reference path; seconds). --quick: one
-tiny shape.
+the small cpu-small shapes, N 1,16, fp32, 1 thread (seconds). Rows show what
+FLASHSPARSE_BACKEND=auto runs for each format on this device (on a CPU: bitmap on the C++ CPU
+kernel where it builds); a format auto would only run on the reference path (decode + dense, a
+correctness path) is left out, with a note, unless --include-reference (or --backend
+reference/all) asks for it. --quick: one tiny shape.
 examples:
   flashsparse bench --preset llama3-8b --n 1,8,16,32 --json out.json --plot out.png
   flashsparse bench --shape 4096,11008 --sparsity 0.5,0.6,0.7,0.8,0.9 --dtype fp16,bf16
@@ -179,6 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cuda, or all (each that can run; default auto)",
     )
     what.add_argument(
+        "--include-reference",
+        action="store_true",
+        help="also rows of formats that auto runs on the reference path here (decode + dense "
+        "F.linear: a correctness path, far slower than a kernel); left out by default",
+    )
+    what.add_argument(
         "--baseline",
         type=_choices(BASELINE_CHOICES, "baseline"),
         action="append",
@@ -265,6 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..microbench import report
     from ..microbench.bandwidth import measure_copy_bandwidth
     from ..microbench.runner import BenchConfig, Sweep, backend_env, count_tasks
+    from ..microbench.runner import hidden_formats as runner_hidden_formats
     from ..microbench.shapes import expand_presets
     from ..microbench.timing import cache_bytes, make_timer
     from .common import output_file_problem, parse_device
@@ -414,7 +423,17 @@ def _run(args: argparse.Namespace) -> int:
         cache=cache,
         bandwidth=bandwidth,
         seed=args.seed,
+        include_reference=args.include_reference,
     )
+    hidden = {report_dtype(d): names for d in dtypes if (names := runner_hidden_formats(cfg, d))}
+    if hidden:
+        what = "; ".join(f"{', '.join(names)} ({dt})" for dt, names in hidden.items())
+        print(
+            f"not shown: {what}: no kernel for this device, so FLASHSPARSE_BACKEND=auto runs "
+            "the reference path (decode + dense F.linear), a correctness path, not a kernel; "
+            "--include-reference shows those rows"
+        )
+        print()
     progress = report.Progress(count_tasks(cfg), enabled=False if args.no_progress else None)
 
     def on_block(rows: list[dict]) -> None:
@@ -444,6 +463,8 @@ def _run(args: argparse.Namespace) -> int:
         "format": formats,
         "backend": backend_names,
         "baseline": baselines,
+        "include_reference": args.include_reference,
+        "not_shown": hidden,
         "mask": args.mask,
         "seed": args.seed,
         "warmup_ms": warmup_ms,

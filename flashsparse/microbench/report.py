@@ -18,6 +18,9 @@ from .runner import ROW_KEYS, geomean
 
 CPU_NOTICE = "CPU numbers: reference path, not representative of GPU kernels"
 CPU_NOTICE_GENERIC = "CPU numbers: not representative of GPU kernels"
+CPU_NOTICE_BASELINES = (
+    "CPU numbers: baselines only (no flashsparse kernel ran), not representative of GPU kernels"
+)
 # Metadata repeated in every CSV row, so a CSV file alone says where its numbers come from.
 CSV_META_KEYS = ("device", "torch", "triton", "flashsparse", "git_commit", "date")
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1)))
@@ -103,6 +106,8 @@ def planned_notice(requested_backends: list[str]) -> str:
 def numbers_notice(device_type: str, backends_ran: list[str], device: str) -> str:
     """One plain sentence saying what the numbers were measured on."""
     if device_type != "cuda":
+        if not backends_ran:
+            return CPU_NOTICE_BASELINES
         if set(backends_ran) <= {"reference"}:
             return CPU_NOTICE
         label = {"triton": "Triton interpreter", "cpu": "C++ CPU kernel"}

@@ -90,6 +90,10 @@ class BenchConfig:
     bandwidth: Bandwidth
     seed: int = 0
     skip_reasons: dict[str, str] = field(default_factory=dict)
+    # Rows of a format that FLASHSPARSE_BACKEND=auto would run on the reference path (decode +
+    # dense: a correctness path, not a kernel) only when asked for; explicit --backend values
+    # (reference, all) always run.
+    include_reference: bool = False
 
 
 @contextlib.contextmanager
@@ -115,17 +119,46 @@ def backend_combos(cfg: BenchConfig) -> list[str]:
     return list(KERNEL_BACKENDS) if "all" in cfg.backends else list(cfg.backends)
 
 
+def reference_only(format: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``FLASHSPARSE_BACKEND=auto`` runs ``format`` (for ``"auto"``: every format) on
+    the reference path for ``dtype`` inputs on ``device``, i.e. has no kernel for it there."""
+    probe = torch.zeros(1, 64, dtype=dtype, device=device)
+    names = list(FORMATS) if format == "auto" else [format]
+    with backend_env("auto"):
+        return all(kernel_backend(name, probe) == "reference" for name in names)
+
+
+def hidden_formats(cfg: BenchConfig, dtype: torch.dtype) -> list[str]:
+    """Formats whose ``auto`` rows the sweep leaves out for ``dtype`` (see BenchConfig)."""
+    if cfg.include_reference or "auto" not in backend_combos(cfg):
+        return []
+    return [f for f in cfg.formats if reference_only(f, dtype, cfg.device)]
+
+
+def method_combos(cfg: BenchConfig, dtype: torch.dtype) -> list[tuple[str, str]]:
+    """``(format, requested backend)`` of every flashsparse row the sweep runs for ``dtype``."""
+    hidden = hidden_formats(cfg, dtype)
+    return [
+        (fmt, backend)
+        for fmt in cfg.formats
+        for backend in backend_combos(cfg)
+        if not (backend == "auto" and fmt in hidden)
+    ]
+
+
 def count_tasks(cfg: BenchConfig) -> int:
     """Number of (method, N) measurements the sweep makes, for the progress bar."""
-    per_sparsity = len(cfg.formats) * len(backend_combos(cfg)) + ("csr" in cfg.baselines)
     semi = "2:4" in cfg.baselines and any(s == 0.5 for s in cfg.sparsities)
-    per_shape = len(cfg.ns) * (1 + semi + len(cfg.sparsities) * per_sparsity)
+    per_shape = 0
+    for dtype in cfg.dtypes:
+        per_sparsity = len(method_combos(cfg, dtype)) + ("csr" in cfg.baselines)
+        per_shape += len(cfg.ns) * (1 + semi + len(cfg.sparsities) * per_sparsity)
     sliced = 0
     if "sliced" in cfg.baselines:
         sliced = sum(
             len(sliced_variants(s.m, s.k, sp)) for s in cfg.shapes for sp in cfg.sparsities
         )
-    return len(cfg.shapes) * len(cfg.dtypes) * per_shape + len(cfg.dtypes) * len(cfg.ns) * sliced
+    return len(cfg.shapes) * per_shape + len(cfg.dtypes) * len(cfg.ns) * sliced
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -289,8 +322,7 @@ class Sweep:
         cfg = self.cfg
         out: list[tuple[str, str, Callable[[], Prepared | Skipped]]] = [
             (fmt, backend, functools.partial(prepare_format, w, fmt, backend, probe, cfg.cache))
-            for fmt in cfg.formats
-            for backend in backend_combos(cfg)
+            for fmt, backend in method_combos(cfg, w.dtype)
         ]
         if "csr" in cfg.baselines:
             out.append(("csr", "-", functools.partial(prepare_csr, w, cfg.cache)))
@@ -427,5 +459,8 @@ __all__ = [
     "count_tasks",
     "dense_backend",
     "geomean",
+    "hidden_formats",
     "kernel_backend",
+    "method_combos",
+    "reference_only",
 ]

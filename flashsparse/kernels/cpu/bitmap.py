@@ -13,11 +13,11 @@ used instead when present, unless ``FLASHSPARSE_JIT=1``). Without a compiler
 
 One extension holds every SIMD path (each source file is compiled for its own instruction
 set); the path is chosen per call from the CPU's features, or forced with
-``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2`` (AVX2/FMA/F16C),
-``neon`` (any aarch64 CPU; BFDOT / FMLAL where it has FEAT_BF16 / FEAT_FHM, see
-docs/backends/bitmap_neon.md) or ``scalar`` (any CPU) -- an unknown value or a path this CPU
-lacks is an error. Threads
-follow ``torch.get_num_threads()``.
+``FLASHSPARSE_CPU_ISA`` = ``avx512`` (AVX-512 F/BW/VL/VBMI2/BF16), ``avx2``
+(AVX2/FMA/F16C/BMI2), ``neon`` (any aarch64 CPU; BFDOT / FMLAL where it has FEAT_BF16 /
+FEAT_FHM, see docs/backends/bitmap_neon.md) or ``scalar`` (any CPU) -- an unknown value or a
+path this CPU lacks is an error. Threads follow ``torch.get_num_threads()``. The x86 paths and
+their per-tile forms are described in docs/backends/bitmap_cpu.md.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _self_check() -> str | None:
 
 def _register_fake() -> None:
     @torch.library.register_fake("flashsparse::_bitmap_spmm_cpu")
-    def _(x, masks, values, tile_offsets, m, k, bias=None, isa=0):
+    def _(x, masks, values, tile_offsets, m, k, bias=None, isa=0, form=0):
         return x.new_empty((x.shape[0], m))
 
     @torch.library.register_fake("flashsparse::_bitmap_decode_cpu")
