@@ -51,4 +51,8 @@ def linear(x: torch.Tensor, sw: SparseWeight, bias: torch.Tensor | None = None) 
         )
     m, k = sw.shape
     check_linear_inputs(x, k, m, sw.dtype, sw.device, bias)
+    if sw.quant is not None:
+        from .ops_quant import quant_linear
+
+        return quant_linear(x, sw.tensors, m, k, bias)
     return sparse_linear(sw.format, x, sw.tensors, m, k, bias)
