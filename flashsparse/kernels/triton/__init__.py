@@ -1,4 +1,5 @@
-"""The Triton backend: registers the ``("bitmap", "triton")`` kernel.
+"""The Triton backend: registers the ``("bitmap", "triton")`` kernel (and, from
+:mod:`.bitmap_quant`, ``("bitmap_quant", "triton")`` for int8 / fp8 values).
 
 Imported lazily by :mod:`flashsparse.backends`. It runs on CUDA tensors, and on CPU tensors
 when ``TRITON_INTERPRET=1`` was set before this module was imported (Triton fixes the
@@ -111,3 +112,5 @@ def _available() -> str | None:
 
 backends.register_kernel("bitmap", "triton", launch, supports=_supports, available=_available)
 backends.register_grouped_kernel("bitmap", "triton", launch_grouped)
+
+from . import bitmap_quant  # noqa: E402, F401  (registers the int8 / fp8 bitmap kernel)
