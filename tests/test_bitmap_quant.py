@@ -512,3 +512,28 @@ def test_tiny_llama_logits_stay_close_to_the_unquantized_sparse_model():
     assert errors["int8"] < 0.03, errors
     assert errors["int8-g32"] < errors["int8"], errors
     assert errors["fp8"] < 0.08, errors
+
+
+@pytest.mark.slow
+def test_bench_cli_times_quantized_rows_next_to_the_unquantized(tmp_path, capsys):
+    import json
+
+    from flashsparse.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--quant", "int8,fp8", "--format", "bitmap", "--baseline", "none"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bitmap+int8" in printed and "quantizing added" in printed
+    rows = json.loads(out.read_text())["rows"]
+    quantized = [r for r in rows if r["method"] in ("bitmap+int8", "bitmap+fp8")]
+    plain = [r for r in rows if r["method"] == "bitmap"]
+    assert len(quantized) == 2 * len(plain) > 0
+    for row in quantized:
+        assert row["status"] == "ok" and 0 < row["quant_err"] < 0.05 and row["rel_err"] < 1e-5
+        assert row["weight_bytes"] < next(
+            p["weight_bytes"] for p in plain if p["sparsity"] == row["sparsity"]
+        )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--quant", "int4"])
+    assert exit_info.value.code == 2 and "unknown quant 'int4'" in capsys.readouterr().err

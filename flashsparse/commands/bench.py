@@ -171,6 +171,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tiled_csl, bitmap, auto (what encode picks), all (default: tiled_csl,bitmap)",
     )
     what.add_argument(
+        "--quant",
+        type=_choices(("int8", "fp8"), "quant"),
+        action="append",
+        metavar="Q[,Q]",
+        help="also time bitmap weights with int8 / fp8 values (rows bitmap+int8, bitmap+fp8 "
+        "next to the unquantized ones; each reports the weight error quantizing added)",
+    )
+    what.add_argument(
         "--backend",
         type=_choices(BACKEND_CHOICES, "backend"),
         action="append",
@@ -414,6 +422,7 @@ def _run(args: argparse.Namespace) -> int:
         cache=cache,
         bandwidth=bandwidth,
         seed=args.seed,
+        quants=_flat(args.quant) or [],
     )
     progress = report.Progress(count_tasks(cfg), enabled=False if args.no_progress else None)
 
@@ -444,6 +453,7 @@ def _run(args: argparse.Namespace) -> int:
         "format": formats,
         "backend": backend_names,
         "baseline": baselines,
+        "quant": _flat(args.quant) or [],
         "mask": args.mask,
         "seed": args.seed,
         "warmup_ms": warmup_ms,
