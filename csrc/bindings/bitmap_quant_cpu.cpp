@@ -217,9 +217,20 @@ at::Tensor bitmap_quant_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, c
     std::vector<float> y32(n * m, std::numeric_limits<float>::quiet_NaN());
     const fc::QuantSpmmFn fn = quant_spmm_fn(isa);
     const bool blocked = isa == fc::kAvx512 && n > fc::kQuantMaxRows;
+    // Decode with bf16 activations: the AVX-512 kernel also reads x as bf16 (zero-padded).
+    std::vector<uint16_t> xb_store;
+    const uint16_t* xb = nullptr;
+    if (isa == fc::kAvx512 && n == 1 && x.scalar_type() == at::kBFloat16) {
+        xb_store.assign(kp + 32, 0);
+        uint16_t* dst = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xb_store.data()) + 63) & ~uintptr_t(63));
+        std::memcpy(dst, xc.data_ptr<c10::BFloat16>(), k * 2);
+        xb = dst;
+    }
     const at::ScalarType dtype = x.scalar_type();
     at::parallel_for(0, mt, 1, [&](int64_t b, int64_t e) {
-        if (blocked) {
+        if (xb != nullptr) {
+            fc::quant_spmm_n1_bf16x_avx512(c.w, xpack, xb, b32, y32.data(), b, e);
+        } else if (blocked) {
             thread_local std::vector<char> scratch;
             scratch.resize(std::max<size_t>(scratch.size(), fc::quant_blocked_scratch_bytes(n)));
             fc::quant_spmm_blocked_avx512(c.w, xpack, n, kp, b32, y32.data(), m, b, e, scratch.data());

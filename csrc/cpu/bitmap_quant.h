@@ -59,6 +59,11 @@ void quant_decode_scalar(const QuantBitmapWeight&, float*, int64_t, int64_t, int
 void quant_spmm_avx512(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*,
                        int64_t, int64_t, int64_t);
 void quant_decode_avx512(const QuantBitmapWeight&, float*, int64_t, int64_t, int64_t);
+// n = 1 with bf16 activations: x as fp32 and as the bf16 it came from (both zero-padded to
+// k_tiles * 64 columns); rows of few nonzeros multiply with vdpbf16ps (see the source). Same
+// y/bias contract as QuantSpmmFn (ldy unused: one row of x). Needs AVX512-BF16 as well.
+void quant_spmm_n1_bf16x_avx512(const QuantBitmapWeight&, const float* x, const uint16_t* xb, const float* bias,
+                                float* y, int64_t tr0, int64_t tr1);
 // Any n (the glue uses it above kQuantMaxRows rows): dequantizes a 64 x kQuantBlockK block of
 // the weight at a time into `scratch` (quant_blocked_scratch_bytes(n) bytes) and multiplies it
 // with every row of x. Same y/bias contract as QuantSpmmFn.
