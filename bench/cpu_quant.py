@@ -1,10 +1,11 @@
 """CPU benchmark of quantized sparse weights: ``SparseLinear`` with int8 / fp8 values (and the
 unquantized bf16 bitmap) against bf16 ``nn.Linear``, decode-sized (N = 1).
 
-All variants run in one process, interleaved (dense, bf16 sparse, int8, fp8, dense, ...), each
-call timed alone after a 64 MiB buffer is rewritten (so the weight comes from DRAM, as in a
-model whose other layers push it out of the caches); the figure is the median of the per-round
-time ratios. With ``--e2e``, the Llama-shaped bf16 model of ``bench/cpu_kernel.py --e2e``
+All variants run in one process, interleaved (dense, bf16 sparse, int8, fp8, dense, ...). Each
+variant cycles through enough copies of its weight to span twice the last-level cache, so
+every call reads its weight from DRAM (as in a model whose other layers push it out of the
+caches); a round times a run of calls over the copies per variant, and the figure is the
+median of the per-round time ratios. With ``--e2e``, the Llama-shaped bf16 model of ``bench/cpu_kernel.py --e2e``
 (hidden 2048, intermediate 5632, 4 layers, vocab 32000, 70 % pruned) decodes greedily dense,
 sparse (bf16 values) and sparse with int8 (and fp8) values: tokens/s, and how many of the
 quantized model's greedy tokens equal the unquantized sparse model's.
@@ -39,35 +40,38 @@ VARIANTS = ("dense", "bf16", "int8", "fp8")
 TARGETS = {0.5: 2.5, 0.7: 3.5, 0.9: 6.0}
 
 
-class Evictor:
-    """Reads a buffer twice the size of the last-level cache between timed calls. Reading, not
-    writing: rewriting it left the cache full of dirty lines whose write-back then shared the
-    memory bus with the timed call."""
-
-    def __init__(self, nbytes: int = 64 << 20) -> None:
-        self.buf = torch.ones(nbytes // 4, dtype=torch.float32)
-        self.sink = 0.0
-
-    def __call__(self) -> None:
-        self.sink += float(self.buf.sum())
+# Weight copies of each variant span at least this many bytes (twice a 32 MiB L3).
+ROTATION_BYTES = 64 << 20
 
 
-def timed_rounds(fns: dict, rounds: int, evict: Evictor) -> dict[str, list[float]]:
-    """Seconds of one call of each fn per round, interleaved, caches evicted before each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def copies(layer: nn.Module) -> list[nn.Module]:
+    """``layer`` and deep copies of it spanning at least ROTATION_BYTES (two at least)."""
+    import copy
+
+    count = max(2, -(-ROTATION_BYTES // layer.weight.nbytes))
+    return [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
+
+
+def timed_rounds(
+    variants: dict[str, list[nn.Module]], x: torch.Tensor, rounds: int, calls: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant per round: ``calls`` calls cycling over its copies,
+    the variants interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
+        for layers in variants.values():
+            for layer in layers:
+                layer(x)
         for _ in range(rounds):
-            for name, fn in fns.items():
-                evict()
+            for name, layers in variants.items():
                 t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                for i in range(calls):
+                    layers[i % len(layers)](x)
+                times[name].append((time.perf_counter() - t0) / calls)
     return times
 
 
-def linear_rows(shapes, sparsities, rounds: int, evict: Evictor) -> list[dict]:
+def linear_rows(shapes, sparsities, rounds: int, calls: int) -> list[dict]:
     rows = []
     for m, k in shapes:
         torch.manual_seed(0)
@@ -82,9 +86,9 @@ def linear_rows(shapes, sparsities, rounds: int, evict: Evictor) -> list[dict]:
                 "int8": fs.SparseLinear.from_linear(dense, quant="int8"),
                 "fp8": fs.SparseLinear.from_linear(dense, quant="fp8"),
             }
-            times = timed_rounds(
-                {n: (lambda lyr=lyr, x=x: lyr(x)) for n, lyr in layers.items()}, rounds, evict
-            )
+            rotated = {n: copies(lyr) for n, lyr in layers.items()}
+            times = timed_rounds(rotated, x, rounds, calls)
+            del rotated
             row = dict(m=m, k=k, n=1, sparsity=s)
             for name, layer in layers.items():
                 row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
@@ -144,7 +148,8 @@ def e2e_row(steps: int, rounds: int, sparsity: float = 0.7) -> dict:
 
     def run(model):
         tokens = []
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             out = model(prompt, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
@@ -155,6 +160,8 @@ def e2e_row(steps: int, rounds: int, sparsity: float = 0.7) -> dict:
             return steps / (time.perf_counter() - t0), tokens
 
     tokens = {name: run(model)[1] for name, model in models.items()}
+    with torch.no_grad():
+        prefill = {name: model(prompt).logits.double() for name, model in models.items()}
     tps: dict[str, list[float]] = {name: [] for name in models}
     ratios: dict[str, list[float]] = {name: [] for name in models if name != "dense"}
     for _ in range(rounds):
@@ -183,6 +190,8 @@ def e2e_row(steps: int, rounds: int, sparsity: float = 0.7) -> dict:
         if name != "dense":
             row[f"{name}_speedup"] = statistics.median(ratios[name])
     for name in ("int8", "fp8"):
+        diff = (prefill[name] - prefill["bf16"]).norm() / prefill["bf16"].norm()
+        row[f"{name}_logits_rel_err"] = float(diff)
         row[f"{name}_same_tokens"] = sum(
             a == b for a, b in zip(tokens[name], tokens["bf16"], strict=True)
         )
@@ -193,7 +202,8 @@ def e2e_row(steps: int, rounds: int, sparsity: float = 0.7) -> dict:
         + "; "
         + ", ".join(f"{n} {row[f'{n}_speedup']:.2f}x" for n in ("bf16", "int8", "fp8"))
         + f"; greedy tokens equal to the bf16 sparse model's: int8 {row['int8_same_tokens']}/{steps}"
-        f" (first {row['int8_same_prefix']}), fp8 {row['fp8_same_tokens']}/{steps}",
+        f" (first {row['int8_same_prefix']}), fp8 {row['fp8_same_tokens']}/{steps}; prompt logits "
+        f"relative error: int8 {row['int8_logits_rel_err']:.2%}, fp8 {row['fp8_logits_rel_err']:.2%}",
         flush=True,
     )
     return row
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--calls", type=int, default=40, help="calls per variant and round")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--e2e", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
@@ -233,11 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{meta['device']}, {args.threads} threads, ISA {isa}, torch {torch.__version__}, "
         f"load average {meta['load']:.2f}"
     )
-    evict = Evictor()
     shapes = SHAPES[:1] if args.quick else SHAPES
-    result = dict(
-        meta=meta, linear=linear_rows(shapes, SPARSITIES, 7 if args.quick else args.rounds, evict)
-    )
+    rounds = 7 if args.quick else args.rounds
+    result = dict(meta=meta, linear=linear_rows(shapes, SPARSITIES, rounds, args.calls))
     if args.e2e:
         result["e2e"] = e2e_row(16 if args.quick else 32, 3 if args.quick else 5)
     if args.out:
@@ -254,8 +263,9 @@ def markdown(result: dict) -> str:
         "",
         f"Device: {meta['device']}; {meta['threads']} threads; ISA path `{meta['isa']}`; started "
         f"{meta['started']} (load average {meta['load']:.2f}); torch {meta['torch']}. N = 1, "
-        "each call timed alone with the caches evicted, interleaved; speed-up = median of the "
-        "per-round ratios [p20-p80]. `python bench/cpu_quant.py --e2e --out ...`.",
+        "weights rotated over copies spanning 64 MiB (read from DRAM), variants interleaved; "
+        "speed-up = median of the per-round ratios [p20-p80]. "
+        "`python bench/cpu_quant.py --e2e --out ...`.",
         "",
         "| weight M x K | sparsity | nn.Linear ms | bf16 sparse | int8 | fp8 | fp8 / bf16 sparse | int8 weight error |",
         "|---|---|---|---|---|---|---|---|",
@@ -280,7 +290,9 @@ def markdown(result: dict) -> str:
             f"{r['int8_tok_s']:.1f} (**{r['int8_speedup']:.2f}x**), fp8 {r['fp8_tok_s']:.1f} "
             f"({r['fp8_speedup']:.2f}x). Greedy tokens equal to the unquantized sparse model's: int8 "
             f"{r['int8_same_tokens']}/{r['steps']} (the first {r['int8_same_prefix']} in a row), fp8 "
-            f"{r['fp8_same_tokens']}/{r['steps']}. int8 weight error per layer: median "
+            f"{r['fp8_same_tokens']}/{r['steps']}; the prompt's logits differ from it by "
+            f"{100 * r['int8_logits_rel_err']:.2f} % (int8) and {100 * r['fp8_logits_rel_err']:.2f} % "
+            "(fp8, relative Frobenius norm). int8 weight error per layer: median "
             f"{100 * r['int8_quant_error_median']:.2f} %, largest {100 * r['int8_quant_error_max']:.2f} %.",
         ]
     return "\n".join(lines) + "\n"

@@ -71,6 +71,17 @@ alignas(64) constexpr uint8_t kColumnIota[64] = {
     22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
     44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63};
 
+#ifndef QP_DIST
+#define QP_DIST 512
+#endif
+// Software prefetch of the codes a few rows ahead (and of the next tile's masks): without it a
+// tile streamed from DRAM took about twice as long at 70-90 % sparsity (the hardware prefetchers
+// did not run far enough ahead of the popcount-chained code loads).
+inline void prefetch_ahead(const uint64_t* masks, const uint8_t* p, int64_t r) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + QP_DIST, _MM_HINT_T0);
+    if ((r & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(masks + r + 128), _MM_HINT_T0);
+}
+
 // n = 1, one tile: acc[r] += row r of the tile . x (x: the tile's 64 columns), in two forms.
 // - Dense: each row segment is rebuilt (vpexpandb) and multiplied as 64 weights (4 FMAs).
 // - Sparse, for tiles of few codes: a row with at most 16 nonzeros is one FMA of its codes with
@@ -88,6 +99,7 @@ __attribute__((noinline)) void tile_n1(const uint64_t* masks, const uint8_t* p, 
     const __m512i columns = _mm512_load_si512(kColumnIota);
     const __m512i high_half = _mm512_set1_epi32(32);
     for (int64_t r = 0; r < rows; ++r) {
+        prefetch_ahead(masks, p, r);
         const uint64_t mk = masks[r];
         const unsigned count = static_cast<unsigned>(_mm_popcnt_u64(mk));
         if (SPARSE && count <= 16) {
@@ -135,7 +147,12 @@ constexpr int64_t kSparseTileMaxValues = 64 * 15;
 // data in L1/L2) this took 4.5 / 5.1 / 7.1 cycles per row segment at 90 / 70 / 50 % sparsity,
 // against 5.0 / 9.3 / 9.7 for tile_n1. vdpbf16ps treats bf16 denormals (|x| < 1.2e-38) as zero;
 // their products are below float32's normal range anyway.
-template <int Q, bool ALL_DENSE, bool SAFE>
+// FORM: 0 = every row rebuilt; 1 = rows of at most 32 nonzeros gathered (the 32-code form for
+// all of them); 2 = rows of at most 16 gathered with 16 codes, rows of 17-32 with 32. The tile
+// loop picks the form from the tile's stored count, so that the per-row branches go the same
+// way for nearly every row: a row branch that goes either way half the time cost as much as
+// rebuilding every row when the tile streamed from DRAM.
+template <int Q, int FORM, bool SAFE>
 __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t* p, const float* x,
                                             const uint16_t* xb, __m512* acc, int64_t rows) {
     __m512 xr[4];
@@ -143,15 +160,16 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
     const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 32);
     const __m512i columns = _mm512_load_si512(kColumnIota);
     for (int64_t r = 0; r < rows; ++r) {
+        prefetch_ahead(masks, p, r);
         const uint64_t mk = masks[r];
         const unsigned count = static_cast<unsigned>(_mm_popcnt_u64(mk));
-        if (!ALL_DENSE && count <= 32) {
+        if (FORM != 0 && count <= 32) {
             // Lanes past the row's count keep their own column numbers (the compress merges
             // into the iota) and multiply zero codes by a finite x.
             const __m512i cols = _mm512_mask_compress_epi8(columns, mk, columns);
             const __m512i xg = _mm512_permutex2var_epi16(x0, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(cols)), x1);
             __m512bh wb;
-            if (count <= 16) {
+            if (FORM == 2 && count <= 16) {
                 wb = _mm512_cvtne2ps_pbh(_mm512_setzero_ps(), codes16<Q>(_mm_maskz_loadu_epi8(low_mask16(count), p)));
             } else {
                 const __m256i c = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, count), p);
@@ -170,9 +188,17 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
     }
 }
 
-// Tiles with more stored codes than this (40 a row on average) are rebuilt row by row without
-// the per-row test of tile_n1_bf16 (nearly all their rows have more than 32 nonzeros).
-constexpr int64_t kGatherTileMaxValues = 64 * 40;
+// Forms by the tile's stored codes a row (rows hold Binomial(64, density) nonzeros, a standard
+// deviation of about 4): tuned on Zen 5 with int8 tiles streamed from DRAM (C++ harness): the
+// 16-code form up to 12 a row on average, the 32-code form up to 30, every row rebuilt above.
+#ifndef QP_NARROW
+#define QP_NARROW 12
+#endif
+#ifndef QP_GATHER
+#define QP_GATHER 30
+#endif
+constexpr int64_t kNarrowTileMaxValues = 64 * QP_NARROW;
+constexpr int64_t kGatherTileMaxValues = 64 * QP_GATHER;
 
 template <int Q>
 constexpr float code_unit() {
@@ -198,10 +224,11 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
             const int64_t stored = static_cast<int64_t>(w.offsets[t + 1]) * 8 - start;
             const bool safe = start + stored + 16 > w.num_values;
             if (MODE != kGroup32 && xb != nullptr) {
-                const bool dense = stored > kGatherTileMaxValues;
-                (dense ? (safe ? tile_n1_bf16<Q, true, true> : tile_n1_bf16<Q, true, false>)
-                       : (safe ? tile_n1_bf16<Q, false, true> : tile_n1_bf16<Q, false, false>))(
-                    w.masks + t * 64, w.values + start, x + kt * 64, xb + kt * 64, acc, rows);
+                const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= kGatherTileMaxValues ? 1 : 0;
+                const auto fn = form == 2 ? (safe ? tile_n1_bf16<Q, 2, true> : tile_n1_bf16<Q, 2, false>)
+                                : form == 1 ? (safe ? tile_n1_bf16<Q, 1, true> : tile_n1_bf16<Q, 1, false>)
+                                            : (safe ? tile_n1_bf16<Q, 0, true> : tile_n1_bf16<Q, 0, false>);
+                fn(w.masks + t * 64, w.values + start, x + kt * 64, xb + kt * 64, acc, rows);
             } else {
                 const bool sparse = stored <= kSparseTileMaxValues;
                 (sparse ? (safe ? tile_n1<Q, MODE, true, true> : tile_n1<Q, MODE, true, false>)
@@ -259,6 +286,7 @@ void spmm_fused(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t l
             const bool safe = static_cast<int64_t>(w.offsets[t + 1]) * 8 + 16 > w.num_values;
             const float* xk = x + kt * 64;
             for (int64_t r = 0; r < rows; ++r) {
+                prefetch_ahead(masks, p, r);
                 const uint64_t mk = masks[r];
                 __m512 wv[4];
                 if (safe)

@@ -73,7 +73,9 @@ def _self_check() -> str | None:
                 # n = 1 (fp32 and bf16 x: kernels of their own), the fused and the blocked kernels
                 for xn in (x[:1], x[:1].bfloat16(), x[:3], x):
                     ref = xn.double() @ dense.double().T
-                    y = torch.ops.flashsparse._bitmap_quant_spmm_cpu(xn, *sw.tensors, m, k, None, code)
+                    y = torch.ops.flashsparse._bitmap_quant_spmm_cpu(
+                        xn, *sw.tensors, m, k, None, code
+                    )
                     err = float((y.double() - ref).norm() / ref.norm())
                     n = xn.shape[0]
                     if not err < (1e-2 if xn.dtype == torch.bfloat16 else 1e-5):
