@@ -537,3 +537,44 @@ def test_bench_cli_times_quantized_rows_next_to_the_unquantized(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--quick", "--quant", "int4"])
     assert exit_info.value.code == 2 and "unknown quant 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sparsify_quant_leaves_fused_experts_unquantized_and_says_so():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    from flashsparse.nn.experts import expert_projections, is_fused_experts
+
+    config = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not model.lm_head:
+                module.weight.copy_(fs.prune(module.weight, 0.5))
+            elif is_fused_experts(module):
+                for _, weight, _ in expert_projections(module):
+                    for e in range(weight.shape[0]):
+                        weight[e].copy_(fs.prune(weight[e], 0.5))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.warns(fs.FlashsparseWarning, match="fused MoE experts of 1 module"):
+        fs.sparsify_(model, quant="int8")
+    layers = {fqn: m for fqn, m in model.named_modules() if isinstance(m, fs.SparseLinear)}
+    attention = [m for fqn, m in layers.items() if "self_attn" in fqn]
+    experts = [m for fqn, m in layers.items() if "experts" in fqn]
+    assert attention and all(m.quant == "int8" for m in attention)
+    assert experts and all(m.quant is None for m in experts)
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected.double()) < 0.03
