@@ -213,8 +213,9 @@ def test_group_size_follows_from_the_scale_shape():
             found = group_size_of(k, groups)
             # Equivalent partitions: one group covering all of k is "one scale per row".
             assert (found or k) >= k if groups == 1 else found == group_size
-    with pytest.raises(ValueError, match="match no group size"):
-        group_size_of(100, 3)
+    for k, groups in ((100, 3), (100, 0), (64, 5)):
+        with pytest.raises(ValueError, match="match no group size"):
+            group_size_of(k, groups)
 
 
 def test_to_dtype_keeps_the_codes_and_scales():

@@ -119,7 +119,7 @@ def group_size_of(k: int, groups: int) -> int | None:
     if groups == 1:
         return None
     g = MIN_GROUP_SIZE
-    while -(-k // g) > groups:
+    while groups >= 1 and -(-k // g) > groups:
         g *= 2
     if groups < 1 or -(-k // g) != groups:
         raise ValueError(

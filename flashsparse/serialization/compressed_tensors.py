@@ -219,8 +219,11 @@ def dense_codes_to_quant_bitmap(
         )
     m, k = codes.shape
     scales, group_size = scales_from_checkpoint(weight_scale, m, k, name, block_structure)
-    bits = codes.view(torch.uint8) if codes.dtype != torch.int8 else codes
-    nonzero = (bits.view(torch.uint8) & 0x7F) != 0 if codes.dtype != torch.int8 else codes != 0
+    if codes.dtype == torch.int8:
+        bits, nonzero = codes, codes != 0
+    else:  # fp8: +0.0 and -0.0 (0x00, 0x80) are the zeros
+        bits = codes.view(torch.uint8)
+        nonzero = (bits & 0x7F) != 0
     masks, values, tile_offsets = pack_codes(bits, nonzero)
     sw = QuantBitmap(
         {
