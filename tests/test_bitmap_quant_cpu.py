@@ -280,3 +280,24 @@ def test_compile_fullgraph_with_the_cpu_kernel(cpu_backend):
         explanation = torch._dynamo.explain(model)(x)
         assert explanation.graph_break_count == 0
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+def test_decode_step_with_bf16_x_every_row(isa):
+    """n = 1 with bf16 activations (the vdpbf16ps forms on AVX-512: row pairs of at most 16
+    nonzeros, single rows of up to 32, rebuilt rows) element-wise: very sparse tiles with dense
+    rows and columns mixed in, odd row counts, per-row and whole-tile-group scales."""
+    w = random_weight(131, 700, 0.9, torch.float32, "row_skewed", seed=21)
+    w[3] = torch.randn(700)  # a dense row next to a sparse one (a pair that splits)
+    w[64:70, :40] = torch.randn(6, 40)  # rows of 17-40 nonzeros in one tile
+    x = torch.randn(1, 700).to(torch.bfloat16)
+    for quant in QUANTS:
+        for group_size in (None, 64, 128):
+            sw = fs.encode(w, quant=quant, group_size=group_size)
+            dense = QuantBitmap.decode_reference(*sw.tensors, m=131, k=700, dtype=torch.float64)
+            y = _spmm(x, sw, None, isa).double()
+            ref = x.double() @ dense.T
+            scale = x.double().abs() @ dense.abs().T
+            bad = (y - ref).abs() > 2.0**-8 * ref.abs() + 1e-5 * scale + 1e-30
+            assert not bad.any(), (quant, group_size, bad.nonzero()[:3].tolist())
