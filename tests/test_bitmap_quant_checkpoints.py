@@ -19,6 +19,8 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # every test builds transformers models
+
 import flashsparse as fs  # noqa: E402
 from flashsparse import SparseLinear  # noqa: E402
 from flashsparse.cli import main  # noqa: E402
@@ -198,7 +200,6 @@ def dequantized(state, fqn, m, k, scheme, dtype):
     return (codes.to(scale.dtype) * full).to(dtype)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("legacy", [False, True], ids=["0.9-layout", "0.8-layout"])
 def test_quantized_checkpoints_load_as_compressed_tensors_defines_them(tmp_path, scheme, legacy):
@@ -336,7 +337,6 @@ def test_activation_quantization_is_said_to_be_ignored(tmp_path):
         fs.load_sparse(empty_llama(), tmp_path)
 
 
-@pytest.mark.slow
 def test_cli_sparsify_quant_and_quantized_input(tmp_path, capsys):
     # A dense pruned Hugging Face directory, quantized by the CLI.
     model = pruned_llama()
