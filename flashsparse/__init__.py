@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401  (defines torch.ops.flashsparse.*)
+from . import ops, ops_quant  # noqa: F401  (define torch.ops.flashsparse.*)
 from .backends import BackendUnavailableError, available_backends
-from .formats import Bitmap, SparseWeight, TiledCSL, encode
+from .formats import Bitmap, QuantBitmap, SparseWeight, TiledCSL, encode
 from .functional import linear
 from .nn import SparseExperts, SparseLinear, SparsifySummary, sparsify_, sparsify_summary
 from .notices import FlashsparseWarning, ReferencePathWarning
@@ -17,6 +17,7 @@ __all__ = [
     "BackendUnavailableError",
     "Bitmap",
     "FlashsparseWarning",
+    "QuantBitmap",
     "ReferencePathWarning",
     "SparseExperts",
     "SparseLinear",

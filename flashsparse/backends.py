@@ -102,7 +102,8 @@ def decode(
     device_type = tensors[0].device.type
     if device_type in _PROVIDERS and requested_backend() != "reference":
         _load_provider(device_type)
-        fn = _DECODERS.get((format_cls.format, device_type))
+        # A quantized format's decoders are keyed by its op key (QuantBitmap: "bitmap_quant").
+        fn = _DECODERS.get((getattr(format_cls, "op_format", format_cls.format), device_type))
         dense = fn(*tensors, m, k) if fn is not None else None
         if dense is not None:
             return dense.to(dtype)

@@ -50,6 +50,11 @@ def linear(x: torch.Tensor, sw: SparseWeight, bias: torch.Tensor | None = None) 
             f"sw must be a flashsparse SparseWeight (from flashsparse.encode), got {type(sw).__name__}"
         )
     m, k = sw.shape
+    if sw.quant is not None:
+        check_linear_inputs(x, k, m, sw.dtype, sw.device, bias)
+        from .ops_quant import quant_linear
+
+        return quant_linear(x, sw.tensors, m, k, bias)
     dtype, x, tensors, bias = autocast_inputs(sw.format, sw.dtype, x, sw.tensors, bias)
     check_linear_inputs(x, k, m, dtype, sw.device, bias)
     return sparse_linear(sw.format, x, tensors, m, k, bias)

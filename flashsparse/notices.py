@@ -63,7 +63,7 @@ def reference_path_reason(format: str, device: torch.device, dtype: torch.dtype)
             f"no {format} kernel runs {dtype} weights on this GPU "
             f"(`flashsparse info` says which backends are available and why not)"
         )
-    if torch.device(device).type == "cpu" and format != "bitmap":
+    if torch.device(device).type == "cpu" and format not in ("bitmap", "bitmap_quant"):
         return (
             "on a CPU only the bitmap format has a kernel (the C++ CPU backend): encode "
             "with format='bitmap' or 'auto'"

@@ -1,5 +1,7 @@
-"""Reading compressed-tensors ``sparse-bitmask`` checkpoints, written here by the real
-``compressed-tensors`` package (its BitmaskCompressor and ModelCompressor)."""
+"""Reading compressed-tensors ``sparse-bitmask`` checkpoints, written here by the test writer
+(tests/compressed_tensors_writer.py: the layout compressed-tensors 0.9-0.14 write, step by
+step, without the package, which dropped the sparse formats). Quantized checkpoints:
+test_bitmap_quant_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -15,24 +17,7 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers
-
-# Absent (as on the lent GPU machine): skip. Present but too new: fail, as the test extra pins it.
-pytest.importorskip(
-    "compressed_tensors", reason="compressed-tensors is not installed (the test extra has it)"
-)
-
-try:
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import (
-        BitmaskCompressor,
-        BitmaskTensor,
-    )
-    from compressed_tensors.config import BitmaskConfig
-except ImportError as exc:  # 0.14+ dropped the sparse compressors: the test extra pins < 0.14
-    raise ImportError(
-        "these tests need compressed-tensors with its sparse-bitmask compressor "
-        "(compressed-tensors>=0.9,<0.14, as in the test extra)"
-    ) from exc
+from compressed_tensors_writer import bitmask_compress, compress_state, write_checkpoint
 
 import flashsparse as fs
 from flashsparse import SparseLinear
@@ -52,12 +37,10 @@ SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
 
 
 def compress(w: torch.Tensor) -> list[torch.Tensor]:
-    """``w`` as the real package stores it: [shape, compressed, bitmask, row_offsets]."""
-    state = BitmaskCompressor(config=BitmaskConfig()).compress(
-        {"layer.weight": w}, compression_targets={"layer"}
-    )
-    assert set(state) == {f"layer.{s}" for s in SUFFIXES}
-    return [state[f"layer.{s}"] for s in SUFFIXES]
+    """``w`` as compressed-tensors stores it: [shape, compressed, bitmask, row_offsets]."""
+    state = bitmask_compress(w)
+    assert set(state) == set(SUFFIXES)
+    return [state[s] for s in SUFFIXES]
 
 
 CASES = [
@@ -75,11 +58,9 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("m", "k", "sparsity", "kind"), CASES)
-def test_conversion_matches_the_package(m, k, sparsity, kind, dtype):
+def test_conversion_matches_the_layout(m, k, sparsity, kind, dtype):
     w = random_weight(m, k, sparsity, dtype, kind, seed=m * 1000 + k)
     parts = compress(w)
-    decompressed = BitmaskTensor(*parts).decompress()  # the package's own reader
-    assert torch.equal(decompressed, w)
     assert torch.equal(bitmask_to_dense(*parts), w)
     direct = bitmask_to_bitmap(*parts)
     reference = fs.Bitmap.encode(w)
@@ -93,7 +74,7 @@ def test_conversion_matches_the_package(m, k, sparsity, kind, dtype):
         assert torch.equal(sw.to_dense(), w)
 
 
-def test_nan_and_negative_zero_follow_the_package():
+def test_nan_and_negative_zero_follow_the_layout():
     w = random_weight(40, 90, 0.5, torch.float16, seed=3)
     w[0, 0], w[1, 5], w[2, 7] = float("nan"), -0.0, float("-inf")
     parts = compress(w)
@@ -123,7 +104,16 @@ def test_inconsistent_tensors_are_refused():
         ),
         ((torch.tensor([20, 33]), values, bitmask, offsets), ValueError, r"shape \(20, 5\)"),
         ((torch.tensor([20.0, 30.0]), values, bitmask, offsets), ValueError, "integer tensor"),
-        ((shape, values.to(torch.float8_e4m3fn), bitmask, offsets), TypeError, "not quantized"),
+        (
+            (shape, values.to(torch.float8_e4m3fn), bitmask, offsets),
+            ValueError,
+            "codes but the checkpoint has no weight_scale",
+        ),
+        (
+            (shape, values.to(torch.int32), bitmask, offsets),
+            TypeError,
+            "int8 / float8_e4m3fn codes",
+        ),
         ((shape, values, bitmask, offsets[:-1]), ValueError, r"row_offsets must be .* \(20,\)"),
     ]
     flipped = bitmask.clone()
@@ -151,27 +141,24 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
+def linear_names(model) -> set[str]:
+    return {
+        fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn != "lm_head"
+    }
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A pruned bf16 tiny Llama saved as llm-compressor saves one: the real ModelCompressor's
-    state dict in safetensors, and its compression config in config.json."""
+    """A pruned bf16 tiny Llama saved as llm-compressor saves one: the compressed state dict in
+    safetensors, and the compression config in config.json."""
     model = tiny_llama().to(torch.bfloat16).eval()
     with torch.no_grad():
         for fqn, m in model.named_modules():
             if isinstance(m, nn.Linear) and fqn != "lm_head":
                 m.weight.copy_(fs.prune(m.weight, 0.6))
     directory = tmp_path_factory.mktemp("ct")
-    compressor = ModelCompressor(
-        sparsity_config=BitmaskConfig(targets=["Linear"], ignore=["lm_head"])
-    )
-    state = compressor.compress(model)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(directory / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    model.config.save_pretrained(directory)
-    compressor.update_config(str(directory))
+    state = compress_state(model.state_dict(), linear_names(model))
+    write_checkpoint(directory, model.config.to_dict(), state)
     return model, state, directory
 
 
@@ -294,7 +281,10 @@ def test_bad_checkpoints_leave_the_model_untouched(checkpoint, tmp_path):
             {"sparsity_config": {"format": "sparse-24-bitmask"}},
             "'sparse-24-bitmask' is not supported",
         ),
-        ({"config_groups": {"group_0": {"targets": ["Linear"]}}}, "is quantized"),
+        (
+            {"config_groups": {"group_0": {"targets": ["Linear"]}}, "format": "pack-quantized"},
+            "'pack-quantized' is not supported",
+        ),
     ],
 )
 def test_unsupported_compression_configs(checkpoint, tmp_path, edit, message):

@@ -4,6 +4,7 @@
 // paths unsupported and the glue refuses them; if one were called anyway it would still be
 // correct (the scalar kernel).
 #include "bitmap_cpu.h"
+#include "bitmap_quant.h"
 #include "bitmap_sddmm_cpu.h"
 
 namespace flashsparse {
@@ -44,6 +45,18 @@ void spmm_avx2_forms(const BitmapWeight& w, const float* x, int64_t ldx, const f
         spmm_scalar(w, x + i * ldx, rows, ldx, bias, y + i * ldy, ldy, tr0, tr1);
     }
 }
+void quant_spmm_avx512(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t ldx, const float* bias,
+                       float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
+    quant_spmm_scalar(w, x, n, ldx, bias, y, ldy, tr0, tr1);
+}
+void quant_decode_avx512(const QuantBitmapWeight& w, float* out, int64_t ldo, int64_t tr0, int64_t tr1) {
+    quant_decode_scalar(w, out, ldo, tr0, tr1);
+}
+// Called by the glue only on the AVX-512 path.
+void quant_spmm_n1_bf16x_avx512(const QuantBitmapWeight&, const float*, const uint16_t*, const float*, float*,
+                                int64_t, int64_t) {}
+void quant_spmm_blocked_avx512(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*,
+                               int64_t, int64_t, int64_t, void*) {}
 bool sddmm_avx2(const SddmmProblem& p, float* out, int64_t tr0, int64_t tr1) {
     return sddmm_scalar(p, out, tr0, tr1);
 }

@@ -173,6 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tiled_csl, bitmap, auto (what encode picks), all (default: tiled_csl,bitmap)",
     )
     what.add_argument(
+        "--quant",
+        type=_choices(("int8", "fp8"), "quant"),
+        action="append",
+        metavar="Q[,Q]",
+        help="also time bitmap weights with int8 / fp8 values (rows bitmap+int8, bitmap+fp8 "
+        "next to the unquantized ones; each reports the weight error quantizing added)",
+    )
+    what.add_argument(
         "--backend",
         type=_choices(BACKEND_CHOICES, "backend"),
         action="append",
@@ -424,6 +432,7 @@ def _run(args: argparse.Namespace) -> int:
         bandwidth=bandwidth,
         seed=args.seed,
         include_reference=args.include_reference,
+        quants=_flat(args.quant) or [],
     )
     hidden = {report_dtype(d): names for d in dtypes if (names := runner_hidden_formats(cfg, d))}
     if hidden:
@@ -465,6 +474,7 @@ def _run(args: argparse.Namespace) -> int:
         "baseline": baselines,
         "include_reference": args.include_reference,
         "not_shown": hidden,
+        "quant": _flat(args.quant) or [],
         "mask": args.mask,
         "seed": args.seed,
         "warmup_ms": warmup_ms,

@@ -55,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=FORMAT_NAMES, default="auto", help="sparse weight format"
     )
     parser.add_argument(
+        "--quant",
+        choices=("int8", "fp8"),
+        default=None,
+        help="store the nonzeros as 8-bit codes with float32 scales (weight-only; bitmap "
+        "format): int8 or fp8 (e4m3); default: the weights' own dtype",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="with --quant: one scale per this many input columns (a power of two >= 32, "
+        "e.g. 128) instead of one per output row",
+    )
+    parser.add_argument(
         "--min-sparsity",
         type=float,
         default=0.0,
@@ -104,18 +118,37 @@ def _load_model(model_dir: Path, args: argparse.Namespace):
                 "the checkpoint is already sparse (compressed-tensors sparse-bitmask); "
                 "drop --sparsity"
             )
+        if args.quant is not None and ct.get("config_groups"):
+            raise ValueError(
+                "the checkpoint is already quantized (compressed-tensors config_groups); "
+                "drop --quant"
+            )
         # The output is no longer compressed-tensors: its config must not say so.
         for key in ("quantization_config", "compression_config"):
             if hasattr(config, key):
                 delattr(config, key)
         with empty_weights():
             model = AutoModelForCausalLM.from_config(config)
-        load_compressed_tensors(model, model_dir, format=args.format, device=args.device)
-        return model, "compressed-tensors sparse-bitmask"
+        load_compressed_tensors(
+            model,
+            model_dir,
+            format=args.format,
+            device=args.device,
+            quant=args.quant,
+            group_size=args.group_size,
+        )
+        return model, "compressed-tensors sparse-bitmask" + (
+            " (quantized)" if ct.get("config_groups") else ""
+        )
     if ct is not None:
         from ..serialization.compressed_tensors import _check_compression_config
 
-        _check_compression_config(ct, str(model_dir))
+        if _check_compression_config(ct, str(model_dir))["quantized"]:
+            raise ValueError(
+                "the checkpoint is quantized but not sparse (no compressed-tensors "
+                "sparse-bitmask); flashsparse reads sparse-bitmask checkpoints, with or without "
+                "int8 / fp8 weights"
+            )
     kwargs = {_dtype_keyword(transformers.__version__): "auto", "local_files_only": True}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.to(torch.device(args.device)), "dense"
@@ -146,6 +179,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0.0 <= args.min_sparsity <= 1.0:
         return _fail(f"--min-sparsity must be in [0, 1], got {args.min_sparsity}")
+    if args.group_size is not None and args.quant is None:
+        return _fail("--group-size needs --quant int8 or fp8")
+    if args.quant is not None and args.format == "tiled_csl":
+        return _fail("--quant stores the bitmap format: use --format bitmap or auto")
+    from ..formats.bitmap_quant import check_group_size, check_quant
+
+    try:
+        check_quant(args.quant)
+        check_group_size(args.group_size)
+    except ValueError as exc:
+        return _fail(str(exc).replace("group_size", "--group-size").replace("quant=", "--quant "))
     if out_dir.exists() and not out_dir.is_dir():
         return _fail(f"OUT_DIR {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
@@ -196,7 +240,13 @@ def run(args: argparse.Namespace) -> int:
                             weight[e].copy_(prune(weight[e], args.sparsity, args.method))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FlashsparseWarning)
-        sparsify_(model, format=args.format, min_sparsity=args.min_sparsity)
+        sparsify_(
+            model,
+            format=args.format,
+            min_sparsity=args.min_sparsity,
+            quant=args.quant,
+            group_size=args.group_size,
+        )
     for w in caught:
         # The reference-path notice is about running the model, not storing it: not said here.
         if issubclass(w.category, FlashsparseWarning) and not issubclass(

@@ -6,6 +6,7 @@ import torch
 
 from .base import SparseWeight, check_weight
 from .bitmap import Bitmap
+from .bitmap_quant import QuantBitmap, check_group_size, check_quant
 from .tiled_csl import TiledCSL
 
 FORMATS: dict[str, type[SparseWeight]] = {"tiled_csl": TiledCSL, "bitmap": Bitmap}
@@ -48,13 +49,50 @@ def choose_format(w: torch.Tensor) -> str:
     return min(runnable, key=sizes.__getitem__)
 
 
-def encode(w: torch.Tensor, format: str = "auto") -> SparseWeight:
-    """Encode a dense pruned 2-D weight ``[M, K]`` (fp16, bf16 or fp32) on its own device."""
+def check_quant_format(format: str, quant: str | None, group_size: int | None) -> None:
+    """The format / quant / group_size combination ``encode`` accepts (arguments checked)."""
+    if quant is not None and format == "tiled_csl":
+        raise ValueError(
+            f"quant={quant!r} needs format='bitmap' (or 'auto'): the quantized values live in "
+            "the bitmap layout; tiled_csl stores 16/32-bit words"
+        )
+    if quant is None and group_size is not None:
+        raise ValueError(f"group_size={group_size} needs quant='int8' or 'fp8'")
+
+
+def encode(
+    w: torch.Tensor,
+    format: str = "auto",
+    quant: str | None = None,
+    *,
+    group_size: int | None = None,
+) -> SparseWeight:
+    """Encode a dense pruned 2-D weight ``[M, K]`` (fp16, bf16 or fp32) on its own device.
+
+    ``quant``: None (values in ``w``'s dtype), ``"int8"`` or ``"fp8"`` (e4m3; symmetric, one
+    float32 scale per output row, or per ``group_size`` columns); ``format="auto"`` then picks
+    bitmap (see :mod:`flashsparse.formats.bitmap_quant`).
+    """
     check_format(format)
+    quant = check_quant(quant)
+    group_size = check_group_size(group_size)
+    check_quant_format(format, quant, group_size)
     check_weight(w)
+    if quant is not None:
+        return QuantBitmap.encode(w, quant, group_size)
     if format == "auto":
         format = choose_format(w)
     return FORMATS[format].encode(w)
 
 
-__all__ = ["FORMATS", "Bitmap", "SparseWeight", "TiledCSL", "encode"]
+__all__ = [
+    "FORMATS",
+    "Bitmap",
+    "QuantBitmap",
+    "SparseWeight",
+    "TiledCSL",
+    "check_group_size",
+    "check_quant",
+    "check_quant_format",
+    "encode",
+]

@@ -64,6 +64,10 @@ class SparseWeight:
 
     format: ClassVar[str]
     components: ClassVar[tuple[str, ...]]
+    #: Quantized values ("int8", "fp8") and their scale layout; None for 16/32-bit values.
+    quant: str | None = None
+    group_size: int | None = None
+    quant_error: float | None = None
 
     def __init__(
         self,

@@ -26,6 +26,8 @@ class Prepared:
     reference_weight: torch.Tensor  # y must equal x @ reference_weight.T
     rotation: Rotation
     call: Callable[[torch.Tensor, object], torch.Tensor]  # (x, one weight copy) -> y
+    # Quantized methods: ||W_dequantized - W|| / ||W|| (reference_weight is the dequantized W).
+    quant_error: float | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.call(x, self.rotation.next())

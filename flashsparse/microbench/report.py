@@ -232,6 +232,12 @@ def format_block(rows: list[dict]) -> str:
     for method, text in SLICED_NOTES.items():
         if any(r["method"] == method for r in shown):
             notes[f"  {method}: {text}; speed only, says nothing of accuracy"] = None
+    for r in shown:
+        if r.get("quant_err") is not None:
+            notes[
+                f"  {r['method']} at {r['sparsity']:.2f}: quantizing added {100 * r['quant_err']:.2f} % "
+                "relative weight error (checked against its dequantized weight)"
+            ] = None
     out.extend(notes)
     return "\n".join(out)
 

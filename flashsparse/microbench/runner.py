@@ -71,6 +71,7 @@ ROW_KEYS = (
     "bw_fraction",
     "ceiling",
     "rotation",
+    "quant_err",
 )
 
 
@@ -94,6 +95,8 @@ class BenchConfig:
     # dense: a correctness path, not a kernel) only when asked for; explicit --backend values
     # (reference, all) always run.
     include_reference: bool = False
+    # Quantized bitmap rows ("int8", "fp8"; flashsparse bench --quant), next to the formats.
+    quants: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -151,7 +154,11 @@ def count_tasks(cfg: BenchConfig) -> int:
     semi = "2:4" in cfg.baselines and any(s == 0.5 for s in cfg.sparsities)
     per_shape = 0
     for dtype in cfg.dtypes:
-        per_sparsity = len(method_combos(cfg, dtype)) + ("csr" in cfg.baselines)
+        per_sparsity = (
+            len(method_combos(cfg, dtype))
+            + len(cfg.quants) * len(backend_combos(cfg))
+            + ("csr" in cfg.baselines)
+        )
         per_shape += len(cfg.ns) * (1 + semi + len(cfg.sparsities) * per_sparsity)
     sliced = 0
     if "sliced" in cfg.baselines:
@@ -190,6 +197,39 @@ def prepare_format(
             return linear(x, weight)
 
     return Prepared(method, ran, sw.nbytes, w, Rotation(copies), call)
+
+
+def prepare_quant(
+    w: torch.Tensor, quant: str, backend: str, x: torch.Tensor, cache: int
+) -> Prepared | Skipped:
+    """``w`` quantized to ``quant`` in the bitmap format (method ``bitmap+<quant>``): checked
+    against its dequantized weight; ``quant_error`` is the weight error quantizing added."""
+    from ..formats import QuantBitmap
+
+    method = f"bitmap+{quant}"
+    with backend_env(backend):
+        sw = encode(w, "bitmap", quant)
+        try:
+            ran = kernel_backend(QuantBitmap.op_format, x)
+        except backends.BackendUnavailableError as exc:
+            return Skipped(method, backend, str(exc))
+
+    def copy(sw: QuantBitmap) -> QuantBitmap:
+        return QuantBitmap(
+            {n: t.clone() for n, t in sw.state().items()}, sw.shape, sw.dtype, sw.nnz
+        )
+
+    copies = [sw] + [copy(sw) for _ in range(rotation_count(sw.nbytes, cache) - 1)]
+
+    def call(x: torch.Tensor, weight) -> torch.Tensor:
+        with backend_env(backend):
+            return linear(x, weight)
+
+    m, k = sw.shape
+    dequantized = QuantBitmap.decode(*sw.tensors, m=m, k=k, dtype=torch.float32)
+    prep = Prepared(method, ran, sw.nbytes, dequantized, Rotation(copies), call)
+    prep.quant_error = sw.quant_error
+    return prep
 
 
 class Sweep:
@@ -243,6 +283,7 @@ class Sweep:
             return row
         row.update(method=prep.method, backend=prep.backend, weight_bytes=prep.weight_bytes)
         row["rotation"] = len(prep.rotation)
+        row["quant_err"] = prep.quant_error
         # Sliced rows read a narrower x or write a narrower y than the dense layer: the ceiling
         # compares each method's own traffic with the dense layer's.
         io = row["x_bytes"] + row["y_bytes"]
@@ -323,6 +364,15 @@ class Sweep:
         out: list[tuple[str, str, Callable[[], Prepared | Skipped]]] = [
             (fmt, backend, functools.partial(prepare_format, w, fmt, backend, probe, cfg.cache))
             for fmt, backend in method_combos(cfg, w.dtype)
+        ]
+        out += [
+            (
+                f"bitmap+{q}",
+                backend,
+                functools.partial(prepare_quant, w, q, backend, probe, cfg.cache),
+            )
+            for q in cfg.quants
+            for backend in backend_combos(cfg)
         ]
         if "csr" in cfg.baselines:
             out.append(("csr", "-", functools.partial(prepare_csr, w, cfg.cache)))
@@ -432,7 +482,10 @@ class Sweep:
                         requested_backend=requested,
                         actual_sparsity=actual,
                     )
-                    block.append(self._measure(prep, x, refs[n], row))
+                    ref = refs[n]
+                    if isinstance(prep, Prepared) and prep.reference_weight is not w:
+                        ref = self._refs(prep.reference_weight, {n: x})[n]  # dequantized
+                    block.append(self._measure(prep, x, ref, row))
                     self._step(row, self._label(shape, dtype, n, sparsity, row["method"]))
                 del prep
             del w, refs

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import FORMATS, SparseWeight, encode
+from ..formats import FORMATS, QuantBitmap, SparseWeight, encode
 from ..formats.base import SUPPORTED_DTYPES
 from ..functional import check_linear_inputs
 from ..ops import autocast_inputs, sparse_linear
+from ..ops_quant import quant_linear
 
 # Formats whose packed values can be trained (a component of their own, and a gradient kernel):
 # tiled_csl packs each value with its location in one word.
@@ -88,6 +89,10 @@ class SparseLinear(nn.Module):
     def _set_weight(self, weight: SparseWeight) -> None:
         self._dtype = weight.dtype
         self._nnz = weight._nnz
+        # Quantized values (int8 / fp8 codes + float32 scales): None, or the scale layout.
+        self.quant = weight.quant
+        self.group_size = weight.group_size
+        self.quant_error = weight.quant_error
         for name, tensor in weight.state().items():
             self.register_buffer(name, tensor)
         self._components = type(weight).components
@@ -101,28 +106,46 @@ class SparseLinear(nn.Module):
         format: str = "auto",
         *,
         trainable: bool = False,
+        quant: str | None = None,
+        group_size: int | None = None,
     ) -> SparseLinear:
         """From a dense pruned weight ``[out_features, in_features]`` (encoded on its device).
-        ``trainable=True``: the nonzeros become a Parameter (format ``"auto"`` or ``"bitmap"``)."""
+        ``trainable=True``: the nonzeros become a Parameter (format ``"auto"`` or ``"bitmap"``).
+        ``quant="int8"`` / ``"fp8"`` stores the nonzeros as 8-bit codes with float32 scales
+        (one per output row, or per ``group_size`` columns); see ``flashsparse.encode``."""
+        if trainable and quant is not None:
+            raise ValueError(
+                "trainable=True and quant= cannot be combined: quantized values have no "
+                "weight-gradient kernel; fine-tune first, then quantize"
+            )
         if trainable:
             format = check_trainable_format(format)
-        return cls(encode(weight.detach(), format), bias, trainable=trainable)
+            return cls(encode(weight.detach(), format), bias, trainable=True)
+        return cls(encode(weight.detach(), format, quant, group_size=group_size), bias)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Module, format: str = "auto", *, trainable: bool = False
+        cls,
+        linear: nn.Module,
+        format: str = "auto",
+        *,
+        trainable: bool = False,
+        quant: str | None = None,
+        group_size: int | None = None,
     ) -> SparseLinear:
         """From an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2; its weight is stored
-        ``[in, out]``, so it is transposed first). ``trainable=True``: see :meth:`from_dense`."""
+        ``[in, out]``, so it is transposed first). ``trainable``, ``quant``, ``group_size``: see
+        :meth:`from_dense`."""
+        kw = {"trainable": trainable, "quant": quant, "group_size": group_size}
         if is_conv1d(linear):
             return cls.from_dense(
-                linear.weight.detach().t().contiguous(), linear.bias, format, trainable=trainable
+                linear.weight.detach().t().contiguous(), linear.bias, format, **kw
             )
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}"
             )
-        return cls.from_dense(linear.weight, linear.bias, format, trainable=trainable)
+        return cls.from_dense(linear.weight, linear.bias, format, **kw)
 
     # -- training the nonzeros --------------------------------------------------------------------
     @property
@@ -143,6 +166,12 @@ class SparseLinear(nn.Module):
         if not isinstance(mode, bool):
             raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
         name = TRAINABLE_COMPONENT.get(self.format)
+        if mode and getattr(self, "quant", None) is not None:
+            raise ValueError(
+                f"this SparseLinear holds {self.quant}-quantized values, which cannot be trained "
+                "(no weight-gradient kernel for codes and scales): fine-tune an unquantized "
+                "layer, then quantize it"
+            )
         if name is None:
             if not mode:
                 return self
@@ -172,9 +201,21 @@ class SparseLinear(nn.Module):
     # -- the weight -------------------------------------------------------------------------------
     @property
     def sparse_weight(self) -> SparseWeight:
+        if self.quant is not None:
+            return self._quant_weight({c: self._buffers[c] for c in QuantBitmap.components})
         cls = FORMATS[self.format]
         tensors = {name: self._component(name) for name in cls.components}
         return cls(tensors, (self.out_features, self.in_features), self._dtype, self._nnz)
+
+    def _quant_weight(self, tensors: dict[str, torch.Tensor], nnz: int | None = -1) -> QuantBitmap:
+        return QuantBitmap(
+            tensors,
+            (self.out_features, self.in_features),
+            self._dtype,
+            self._nnz if nnz == -1 else nnz,
+            group_size=self.group_size,
+            quant_error=self.quant_error,
+        )
 
     @property
     def weight(self) -> SparseWeight:
@@ -185,8 +226,18 @@ class SparseLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def kernel_format(self) -> str:
+        """The key its kernels are registered under: the format, or ``"bitmap_quant"``."""
+        return QuantBitmap.op_format if self.quant is not None else self.format
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [self._component(name) for name in self._components]
+        if self.quant is not None:
+            check_linear_inputs(
+                x, self.in_features, self.out_features, self._dtype, tensors[0].device, self.bias
+            )
+            return quant_linear(x, tensors, self.out_features, self.in_features, self.bias)
         dtype, x, tensors, bias = autocast_inputs(self.format, self._dtype, x, tensors, self.bias)
         check_linear_inputs(x, self.in_features, self.out_features, dtype, tensors[0].device, bias)
         return sparse_linear(self.format, x, tensors, self.out_features, self.in_features, bias)
@@ -198,7 +249,9 @@ class SparseLinear(nn.Module):
         )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format}, dtype={self._dtype}, "
+            f"bias={self.bias is not None}, format={self.format}, "
+            + (f"quant={self.quant}, group_size={self.group_size}, " if self.quant else "")
+            + f"dtype={self._dtype}, "
             f"sparsity={sw.sparsity:.1%}, bytes={sw.nbytes} (dense {dense}, "
             f"{sw.nbytes / dense:.2f}x)"
         )
@@ -209,17 +262,22 @@ class SparseLinear(nn.Module):
     ):
         # Component lengths follow the nonzero count: take the incoming sizes once they are
         # shown to form a valid weight of this layer's shape; the generic copy then fits.
-        cls = FORMATS[self.format]
+        cls = QuantBitmap if self.quant is not None else FORMATS[self.format]
         incoming = {c: state_dict.get(prefix + c) for c in cls.components}
         if all(isinstance(t, torch.Tensor) for t in incoming.values()):
             device = getattr(self, cls.components[0]).device
-            candidate = cls(
-                {c: t.to(device) for c, t in incoming.items()},
-                (self.out_features, self.in_features),
-                self._dtype,
+            moved = {c: t.to(device) for c, t in incoming.items()}
+            candidate = (
+                self._quant_weight(moved, None)
+                if self.quant is not None
+                else cls(moved, (self.out_features, self.in_features), self._dtype)
             )
             try:
                 candidate.validate()
+                if candidate.quant != self.quant:
+                    raise ValueError(
+                        f"the state holds {candidate.quant} values but the layer is {self.quant}"
+                    )
             except ValueError as exc:
                 error_msgs.append(f"{prefix or 'SparseLinear'}: {exc}")
                 return
@@ -234,6 +292,7 @@ class SparseLinear(nn.Module):
                         torch.empty_like(t), requires_grad=param.requires_grad
                     )
             self._nnz = None
+            self.quant_error = None  # of the weight this layer held before
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -243,6 +302,17 @@ class SparseLinear(nn.Module):
         # .to(dtype), leaving bits that no longer mean what the dtype says: re-encode instead.
         sw = self.sparse_weight
         probe = fn(torch.empty(0, dtype=self._dtype, device=sw.device))
+        if self.quant is not None:
+            # A float cast must not reach the float32 scales or the fp8 codes: the components
+            # only move, and the new dtype is the activations' (no requantization).
+            if probe.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"SparseLinear supports float16, bfloat16 and float32, not {probe.dtype}"
+                )
+            self._set_weight(sw.to(probe.device, probe.dtype))
+            if self.bias is not None:
+                self.bias.data = fn(self.bias.data)
+            return self
         if probe.dtype == self._dtype:
             return super()._apply(fn, recurse)
         if probe.dtype not in SUPPORTED_DTYPES:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import check_format
+from ..formats import check_format, check_group_size, check_quant, check_quant_format
 from ..notices import FlashsparseWarning
 from . import parallel
 from .experts import SparseExperts, expert_projections, is_fused_experts
@@ -142,6 +142,8 @@ def sparsify_(
     min_sparsity: float = 0.0,
     progress: bool | None = None,
     trainable: bool = False,
+    quant: str | None = None,
+    group_size: int | None = None,
 ) -> nn.Module:
     """Replace, in place, every projection of ``model`` for which ``filter_fn(module, fqn)`` is
     true (all if None) and whose weight sparsity is at least ``min_sparsity`` by its sparse
@@ -185,10 +187,19 @@ def sparsify_(
     dense because of ``min_sparsity`` (naming them), when nothing is converted, and when the
     converted layers are no smaller than dense; and once per process per format, device and
     dtype (:class:`flashsparse.ReferencePathWarning`) when no kernel runs the layers here.
+
+    ``quant="int8"`` / ``"fp8"`` (with an optional ``group_size``) stores the converted linear
+    layers' nonzeros as 8-bit codes with float32 scales (``format`` "bitmap" or "auto"; see
+    :func:`flashsparse.encode`); a layer with a NaN or Inf weight is refused (``ValueError``
+    naming it) before anything is converted. Fused MoE experts stay unquantized (a warning says
+    so). :func:`sparsify_summary` reports the relative weight error quantization added per layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_format(format)
+    quant = check_quant(quant)
+    group_size = check_group_size(group_size)
+    check_quant_format(format, quant, group_size)
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
         raise TypeError(
             f"min_sparsity must be a float in [0, 1], got {type(min_sparsity).__name__}"
@@ -236,9 +247,19 @@ def sparsify_(
         if conversion is not None:
             conversions[fqn] = conversion
         target_bytes += sum(parallel.local_tensor(w).numel() * w.element_size() for w in weights)
+    if trainable and quant is not None:
+        raise ValueError(
+            "trainable=True and quant= cannot be combined: quantized values have no "
+            "weight-gradient kernel; fine-tune first, then quantize"
+        )
     if trainable and conversions:
         raise ValueError(
             "trainable=True cannot train tensor-parallel layers yet: "
+            f"{_names([repr(c) for c in conversions])}"
+        )
+    if quant is not None and conversions:
+        raise ValueError(
+            "quant= is not supported for tensor-parallel layers yet: "
             f"{_names([repr(c) for c in conversions])}"
         )
     if trainable:
@@ -249,10 +270,13 @@ def sparsify_(
                 f"weight gradient): {_names([repr(e) for e in experts])}; leave them out, e.g. "
                 "filter_fn=lambda module, fqn: not flashsparse.nn.is_fused_experts(module)"
             )
+    if quant is not None:
+        _check_finite_targets(model, targets)
     if progress is None:
         isatty = getattr(sys.stderr, "isatty", None)
         progress = target_bytes >= _PROGRESS_AUTO_BYTES and bool(isatty and isatty())
     bar = _Progress(len(targets), progress)
+    unquantized_experts: list[str] = []
     try:
         for fqn in targets:
             parent_name, _, child = fqn.rpartition(".")
@@ -262,17 +286,44 @@ def sparsify_(
                 sparse: nn.Module = parallel.convert(dense, conversions[fqn], format, fqn)
             elif is_fused_experts(dense):
                 sparse = SparseExperts.from_experts(dense, format)
+                if quant is not None:
+                    unquantized_experts.append(fqn)
             else:
-                sparse = SparseLinear.from_linear(dense, format, trainable=trainable)
+                sparse = SparseLinear.from_linear(
+                    dense, format, trainable=trainable, quant=quant, group_size=group_size
+                )
             setattr(parent, child, sparse)
             del dense
             bar.update()
     finally:
         bar.close()
+    if unquantized_experts:
+        warnings.warn(
+            f"sparsify_: quant={quant!r} applies to linear layers; the fused MoE experts of "
+            f"{len(unquantized_experts)} module(s) ({_names(unquantized_experts, 4)}) are stored "
+            "sparse with unquantized values (no grouped quantized kernel yet).",
+            FlashsparseWarning,
+            stacklevel=2,
+        )
     _report_sparsify(
         model, targets, linears, len(skipped), too_dense, filtered, head_and_tied, min_sparsity
     )
     return model
+
+
+def _check_finite_targets(model: nn.Module, targets: list[str]) -> None:
+    """Quantization needs finite weights: name the first layer that has a NaN or Inf."""
+    for fqn in targets:
+        module = model.get_submodule(fqn)
+        if is_fused_experts(module):
+            continue  # stored unquantized: NaN / Inf are kept exactly
+        bad = int((~torch.isfinite(module.weight)).sum())
+        if bad:
+            raise ValueError(
+                f"sparsify_(quant=...): layer {fqn!r} has {bad} non-finite weight(s) (NaN or "
+                "Inf); int8/fp8 quantization needs finite weights. Fix the weights, or leave "
+                "the layer out with filter_fn (nothing was converted)."
+            )
 
 
 def _names(items: list[str], limit: int = 10) -> str:
@@ -388,7 +439,11 @@ def notice_reference_path(model: nn.Module, stacklevel: int = 2) -> None:
     kinds: dict[tuple[str, torch.device, torch.dtype], int] = {}
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            key = (module.format, module._buffers[module._components[0]].device, module.dtype)
+            key = (
+                module.kernel_format,
+                module._buffers[module._components[0]].device,
+                module.dtype,
+            )
             kinds[key] = kinds.get(key, 0) + 1
     warn_reference_path(kinds, stacklevel=stacklevel + 1)
 
@@ -407,6 +462,11 @@ class LayerSummary:
     #: For one rank's part of a tensor-parallel layer: which part (``name`` is the layer's,
     #: ``shape`` and the sizes are this rank's shard's); None for a whole layer.
     shard: str | None = None
+    #: "int8" / "fp8" for quantized values (None otherwise) and the relative Frobenius error
+    #: ``||W_dequantized - W|| / ||W||`` quantizing added (None where unknown, e.g. a layer
+    #: read from a quantized checkpoint).
+    quant: str | None = None
+    quant_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -446,6 +506,11 @@ class SparsifySummary:
         return counts
 
     @property
+    def quant_errors(self) -> dict[str, float | None]:
+        """Relative weight error quantization added, per quantized layer (None: unknown)."""
+        return {layer.name: layer.quant_error for layer in self.layers if layer.quant}
+
+    @property
     def linear_nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 
@@ -483,7 +548,37 @@ class SparsifySummary:
             "rank": self.rank,
             "world_size": self.world_size,
             "sharded_layers": self.sharded_layers,
+            "quant": {
+                layer.name: {"quant": layer.quant, "quant_error": layer.quant_error}
+                for layer in self.layers
+                if layer.quant
+            },
         }
+
+    def _quant_lines(self) -> list[str]:
+        """Lines on the quantized layers: kinds and the weight error quantization added."""
+        quantized = [layer for layer in self.layers if layer.quant]
+        if not quantized:
+            return []
+        kinds: dict[str, int] = {}
+        for layer in quantized:
+            kinds[layer.quant] = kinds.get(layer.quant, 0) + 1
+        known = sorted(
+            (layer for layer in quantized if layer.quant_error is not None),
+            key=lambda layer: layer.quant_error,
+        )
+        kinds_text = ", ".join(f"{q}: {n}" for q, n in sorted(kinds.items()))
+        if not known:
+            return [
+                f"quantized:       {len(quantized)} layer(s) ({kinds_text}); weight error unknown"
+            ]
+        median = known[len(known) // 2].quant_error
+        worst = ", ".join(f"{layer.name} {layer.quant_error:.2%}" for layer in known[::-1][:3])
+        return [
+            f"quantized:       {len(quantized)} layer(s) ({kinds_text}); relative weight error "
+            f"added: median {median:.2%}, largest {worst}"
+            + (f" ({len(quantized) - len(known)} unknown)" if len(known) < len(quantized) else "")
+        ]
 
     def __str__(self) -> str:
         def mib(n: int) -> str:
@@ -510,6 +605,7 @@ class SparsifySummary:
                 f"{self.sparsity:.1%} sparsity",
                 f"whole model:     {mib(self.model_dense_nbytes)} dense -> "
                 f"{mib(self.model_nbytes)} ({ratio(self.model_nbytes, self.model_dense_nbytes)})",
+                *self._quant_lines(),
             ]
             + (
                 [
@@ -550,6 +646,8 @@ def sparsify_summary(model: nn.Module) -> SparsifySummary:
                     sw.nbytes,
                     m * k * torch.empty((), dtype=sw.dtype).element_size(),
                     shard,
+                    sw.quant,
+                    sw.quant_error,
                 )
             )
     seen: set[int] = set()

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from .compressed_tensors import (
+    _check_compression_config,
+    compression_config,
     has_bitmask_tensors,
     is_compressed_tensors_checkpoint,
     load_compressed_tensors,
@@ -100,6 +102,9 @@ def _load_sparse(
             if is_compressed_tensors_checkpoint(path):
                 _single_device_only(model, path)
                 return load_compressed_tensors(model, path, format=format, device=target)
+            config = compression_config(path)
+            if config is not None:  # names a format flashsparse does not read, if it does
+                _check_compression_config(config, str(path))
             raise ValueError(
                 f"{path} holds neither {FILE_NAME} nor a compressed-tensors sparse-bitmask checkpoint"
             )

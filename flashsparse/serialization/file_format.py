@@ -10,7 +10,9 @@ a tied weight once) and, in the safetensors ``__metadata__`` (all values are str
   hash of its module tree (every linear as ``out x in`` with or without bias, whether stored
   dense or sparse; every other parameter and buffer with its shape), so a file only loads
   into a model of the same architecture and size;
-* ``layers``: JSON ``{fqn: {"format", "shape", "dtype", "nnz", "bias"}}`` for the sparse layers;
+* ``layers``: JSON ``{fqn: {"format", "shape", "dtype", "nnz", "bias"}}`` for the sparse layers
+  (a layer with int8 / fp8 values also has ``"quant"``, ``"group_size"`` and ``"quant_error"``,
+  and its components include ``scales``: :mod:`flashsparse.formats.bitmap_quant`);
 * ``aliases``: JSON ``{name: stored name}`` for tied tensors; ``non_persistent``: JSON list of
   the buffers that are not in a state_dict (e.g. rotary ``inv_freq``), stored so that a model
   built on the ``meta`` device comes back whole;
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats import FORMATS
+from ..formats import FORMATS, QuantBitmap
 from ..nn import SparseLinear, linear_features
 from ..nn.experts import SparseExperts, expert_projections
 from .files import TensorReader, checksum
@@ -46,7 +48,11 @@ from .sharded import ShardedLoad, is_parallel_model
 
 FORMAT_NAME = "flashsparse"
 # 2: bitmap masks are one 64-bit word per tile row (1: one per 8x8 sub-tile; converted on load).
-FORMAT_VERSION = 2
+# 3: layers may hold quantized values (int8 / fp8 codes + scales). A file without such layers is
+# still written as version 2, so that older flashsparse reads it; one with them says 3, so that
+# older flashsparse refuses it with "upgrade" rather than misreading the codes.
+FORMAT_VERSION = 3
+_QUANT_VERSION = 3
 FILE_NAME = "flashsparse.safetensors"
 
 _DTYPES = {
@@ -101,6 +107,10 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
                 "nnz": sw.nnz,
                 "bias": module.bias is not None,
             }
+            if sw.quant is not None:
+                layers[fqn].update(
+                    quant=sw.quant, group_size=sw.group_size, quant_error=sw.quant_error
+                )
         for kind, items in (("parameter", module._parameters), ("buffer", module._buffers)):
             for name, tensor in items.items():
                 if tensor is None:
@@ -125,7 +135,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> Path:
                     non_persistent.append(full)
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(
+            _QUANT_VERSION if any("quant" in info for info in layers.values()) else 2
+        ),
         "flashsparse_version": __version__,
         "torch_version": torch.__version__,
         "architecture": json.dumps(architecture(model)),
@@ -153,6 +165,21 @@ def _json_field(metadata: dict, key: str, path: Path, kind: type) -> object:
     if not isinstance(value, kind):
         raise ValueError(f"{path} is corrupt: its metadata entry {key!r} is not a {kind.__name__}")
     return value
+
+
+def _quant_entry(info: dict, version: int) -> dict | None:
+    """The QuantBitmap keywords of a quantized layer entry (None for an unquantized one)."""
+    from ..formats.bitmap_quant import QUANTS, check_group_size
+
+    if "quant" not in info:
+        return None
+    if version < _QUANT_VERSION or info["format"] != "bitmap" or info["quant"] not in QUANTS:
+        raise ValueError(f"bad quant entry {info.get('quant')!r}")
+    error = info.get("quant_error")
+    return {
+        "group_size": check_group_size(info.get("group_size")),
+        "quant_error": None if error is None else float(error),
+    }
 
 
 def _describe_linear(out_features: int, in_features: int, bias: bool) -> str:
@@ -249,6 +276,9 @@ def load_flashsparse(
                 dtype = _DTYPES[info["dtype"]]
                 nnz = int(info["nnz"])
                 has_bias = bool(info["bias"])
+                quant = _quant_entry(info, version)
+                if quant is not None:
+                    cls = QuantBitmap
             except (KeyError, TypeError, ValueError, IndexError):
                 raise ValueError(
                     f"{path} is corrupt: bad layer entry for {fqn}: {info!r}"
@@ -268,10 +298,15 @@ def load_flashsparse(
                 if tensor is None:
                     raise ValueError(f"{path} is corrupt: sparse layer {fqn} has no {c!r} tensor")
                 components[c] = tensor
-            components = cls.upgrade(components, version)
-            sw = cls(components, shape, dtype, nnz)
+            if quant is not None:
+                sw = QuantBitmap(components, shape, dtype, nnz, **quant)
+            else:
+                components = cls.upgrade(components, version)
+                sw = cls(components, shape, dtype, nnz)
             try:
                 sw.validate()
+                if quant is not None and sw.quant != info["quant"]:
+                    raise ValueError(f"it says {info['quant']} but holds {sw.quant} values")
             except ValueError as exc:
                 raise ValueError(f"{path} is corrupt: sparse layer {fqn}: {exc}") from None
             bias = reader.get(join_name(fqn, "bias")) if has_bias else None

@@ -1,4 +1,5 @@
-"""The Triton backend: registers the ``("bitmap", "triton")`` kernel.
+"""The Triton backend: registers the ``("bitmap", "triton")`` kernel (and, from
+:mod:`.bitmap_quant`, ``("bitmap_quant", "triton")`` for int8 / fp8 values).
 
 Imported lazily by :mod:`flashsparse.backends`. It runs on CUDA tensors, and on CPU tensors
 when ``TRITON_INTERPRET=1`` was set before this module was imported (Triton fixes the
@@ -22,6 +23,10 @@ except ImportError as exc:
 import torch
 
 from ... import backends
+from . import (
+    bitmap_quant,  # noqa: F401  (registers the int8 / fp8 bitmap kernel)
+    bitmap_sddmm,  # noqa: F401  (registers the weight gradient of trainable layers)
+)
 from .bitmap_spmm import (
     INTERPRET,
     KERNEL_DTYPES,
@@ -111,5 +116,3 @@ def _available() -> str | None:
 
 backends.register_kernel("bitmap", "triton", launch, supports=_supports, available=_available)
 backends.register_grouped_kernel("bitmap", "triton", launch_grouped)
-
-from . import bitmap_sddmm  # noqa: E402, F401  (registers the weight gradient of trainable layers)
