@@ -52,6 +52,7 @@ def _pruned_mlp(sparsity: float = 0.5) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", FORMATS)
 def test_compile_fullgraph_has_no_graph_breaks(format):
     torch._dynamo.reset()

@@ -115,6 +115,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_training_matches_dense_with_a_mask_hook_and_keeps_the_mask(name):
     """Many steps of each optimizer: the sparse model follows the dense masked one, the mask,
