@@ -4,9 +4,7 @@
 //
 // Codes to fp32 (a code type is a struct of three functions, Int8Codes and Fp8Codes):
 // - expand(p, b): the 8 weights of the 8 columns of mask byte b, from the codes at p (reads 8
-//   bytes). int8: the 8 codes broadcast to both 128-bit halves, one vpshufb puts code s(j) in
-//   the top byte of 32-bit lane j (0x80: zero), an arithmetic shift by 24 sign-extends it,
-//   vcvtdq2ps. fp8: one vpshufb puts code s(j) in the top byte of 16-bit lane j; shifting right
+//   bytes). int8: one vpshufb puts code s(j) in byte j (0x80: zero), vpmovsxbd + vcvtdq2ps. fp8: one vpshufb puts code s(j) in the top byte of 16-bit lane j; shifting right
 //   by 1 (arithmetic) and clearing bit 14 leaves the fp16 of the code's value / 256
 //   (bitmap_quant.h), which vcvtph2ps converts exactly. A lane of a clear bit is +0.0 either way.
 // - load8(p): 8 consecutive codes (reads 8 bytes).
@@ -47,9 +45,10 @@ namespace {
 // Built at compile time: no static initializer runs AVX2 code on a CPU without it. For mask
 // byte b, s(j) = number of set bits of b below bit j (the rank of column j's code).
 struct QuantTables {
-    // int8: vpshufb control for 8 codes broadcast to both halves: byte 4j + 3 = s(j) (in the
-    // half of lane j), the other bytes and clear bits 0x80.
-    alignas(32) uint8_t expand_i8[256][32];
+    // int8: vpshufb control, byte j = s(j), or 0x80 where bit j is clear: 8 bytes a line, read
+    // as 16 (the upper 8 pick bytes nobody reads; one more line pads the end), so that the line
+    // address is base + 8 b, one addressing mode, with no shift of b.
+    alignas(16) uint8_t expand_i8[257][8];
     // fp8: byte 2j + 1 = s(j), byte 2j = 0x80 (0x80 for both where bit j is clear).
     alignas(16) uint8_t expand_f8[256][16];
     // first_lanes[c]: lanes < min(c, 8) all ones (a slot's codes past its row's nonzeros are
@@ -60,10 +59,7 @@ struct QuantTables {
             int s = 0;
             for (int j = 0; j < 8; ++j) {
                 const bool set = (b >> j) & 1;
-                for (int i = 0; i < 4; ++i) expand_i8[b][4 * j + i] = 0x80;
-                // Lane j lies in half j / 4; vpshufb indexes within the half, whose low 8 bytes
-                // hold the codes (broadcast).
-                if (set) expand_i8[b][4 * j + 3] = static_cast<uint8_t>(s);
+                expand_i8[b][j] = set ? static_cast<uint8_t>(s) : 0x80;
                 expand_f8[b][2 * j] = 0x80;
                 expand_f8[b][2 * j + 1] = set ? static_cast<uint8_t>(s) : 0x80;
                 s += set;
@@ -90,19 +86,14 @@ namespace {
 
 enum Mode : int { kRow = 0, kGroup32 = 1, kGroupTiles = 2 };
 
-inline uint64_t load_u64(const uint8_t* p) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
-
 struct Int8Codes {
     static constexpr float kUnit = 1.0f;
+    static constexpr int64_t kSlotsMaxCodesPerRowX2 = 15;  // see slots_tile
     static __m256 expand(const uint8_t* p, size_t b) {
-        const __m256i v = _mm256_set1_epi64x(static_cast<long long>(load_u64(p)));
-        const char* line = reinterpret_cast<const char*>(kQTables.expand_i8) + b * 32;
-        const __m256i w = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(line)));
-        return _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 24));
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        const char* line = reinterpret_cast<const char*>(kQTables.expand_i8) + b * 8;
+        const __m128i w = _mm_shuffle_epi8(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(line)));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
     }
     static __m256 load8(const uint8_t* p) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -111,6 +102,7 @@ struct Int8Codes {
 
 struct Fp8Codes {
     static constexpr float kUnit = kFp8HalfUnit;
+    static constexpr int64_t kSlotsMaxCodesPerRowX2 = 22;
     static __m256 expand(const uint8_t* p, size_t b) {
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
         const char* line = reinterpret_cast<const char*>(kQTables.expand_f8) + b * 16;
@@ -268,15 +260,16 @@ __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const uint8_
 
 // --- tiles -----------------------------------------------------------------------------------
 
-// The slots form for tiles of at most this many stored codes a row on average (from
-// instruction counts per row segment, see quant_spmm_avx2's notes in docs/quantization.md):
-// expand costs the same whatever the mask, slots about one pass per 8 nonzeros of a row.
-constexpr int64_t kSlotsTileMaxCodesPerRow = 10;
-
+// The slots form for tiles of at most this many stored codes (about 64 rows times the crossover
+// of codes a row): expand costs the same whatever the mask (int8 77 and fp8 93 instructions a
+// row segment; fp8's vcvtph2ps makes it about 1.4x int8's time), slots one pass per 8 nonzeros
+// of a row (about 50 instructions at 90 % sparsity). Crossovers timed on Zen 5 (4096x4096,
+// uniform masks, one thread): int8 at about 7.5 codes a row, fp8 at about 11.
+template <class C>
 inline bool slots_tile(int64_t codes, int form) {
     if (form == 1) return false;  // kFormExpand
     if (form == 2) return true;   // kFormSparse
-    return codes <= 64 * kSlotsTileMaxCodesPerRow;
+    return 2 * codes <= 64 * C::kSlotsMaxCodesPerRowX2;
 }
 
 struct TileCodes {
@@ -319,7 +312,7 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const float* bias, floa
                 const uint8_t* p = tc.get(start, count);
                 const float* xk = kt + 1 < kt_count ? x + kt * 64 : x_last;
                 const float* s = srow0 + 2 * kt;  // kGroup32 only
-                (slots_tile(count, form) ? tile_slots_n1<C, MODE> : tile_expand_n1<C, MODE>)(masks, p, xk, acc, rows,
+                (slots_tile<C>(count, form) ? tile_slots_n1<C, MODE> : tile_expand_n1<C, MODE>)(masks, p, xk, acc, rows,
                                                                                           s, w.groups);
             }
             if (MODE == kGroupTiles && ((kt + 1) % tiles_per_group == 0 || kt + 1 == kt_count)) {
