@@ -2,9 +2,10 @@
 // forms of bitmap_avx2.cpp (see there) over int8 / fp8 e4m3 codes, converted to fp32 in
 // registers and multiplied with fp32 x, accumulating in fp32.
 //
-// Codes to fp32 (a code type is a struct of three functions, Int8Codes and Fp8Codes):
+// Codes to fp32 (a code type is a struct, Int8Codes and Fp8Codes):
 // - expand(p, b): the 8 weights of the 8 columns of mask byte b, from the codes at p (reads 8
-//   bytes). int8: one vpshufb puts code s(j) in byte j (0x80: zero), vpmovsxbd + vcvtdq2ps. fp8: one vpshufb puts code s(j) in the top byte of 16-bit lane j; shifting right
+//   bytes). int8: one vpshufb puts code s(j) in byte j (0x80: zero), then vpmovsxbd and
+//   vcvtdq2ps. fp8: one vpshufb puts code s(j) in the top byte of 16-bit lane j; shifting right
 //   by 1 (arithmetic) and clearing bit 14 leaves the fp16 of the code's value / 256
 //   (bitmap_quant.h), which vcvtph2ps converts exactly. A lane of a clear bit is +0.0 either way.
 // - load8(p): 8 consecutive codes (reads 8 bytes).
@@ -12,8 +13,8 @@
 //   scales.
 //
 // Forms at n = 1, per 64x64 tile from its stored code count (no per-row branch on the count):
-// - expand: every mask byte rebuilds its 8 weights (one 16- or 32-byte table line), 8 FMAs per
-//   row segment against x held in registers;
+// - expand: every mask byte rebuilds its 8 weights (one table line), 8 FMAs per row segment
+//   against x held in registers;
 // - slots (tiles of few codes): a row's first 8 nonzeros are one FMA of 8 codes with x gathered
 //   at their columns by scalar loads (vgatherdps is several times slower on Zen 2/3); rows with
 //   more go to a work list that the next pass takes 8 more of.
