@@ -49,7 +49,7 @@ from flashsparse.formats import Bitmap
 from flashsparse.kernels.cpu import bitmap as cpu_kernels
 
 # The variables that pin torch, oneDNN and MKL to AVX2 must be in the environment when those
-# load, so --isa avx2 re-executes the script with them set (see main).
+# load, so --isa avx2 re-executes the script with them set (see use_isa).
 ISA_ENV = {
     "avx2": {
         "FLASHSPARSE_CPU_ISA": "avx2",
@@ -121,6 +121,23 @@ for dtype in (torch.bfloat16, torch.float32):
     for n in (1, 16):
         torch.nn.functional.linear(torch.randn(n, 4096, dtype=dtype), torch.randn(512, 4096, dtype=dtype))
 """
+
+
+def use_isa(isa: str, script: str, argv: list[str] | None) -> None:
+    """Run the rest of ``script`` on the CPU path ``isa`` ("auto": as it is). torch, oneDNN and
+    MKL read their ISA variables once, when loaded, so the first call re-executes ``script``
+    (with ``argv``, or this process's arguments) with ISA_ENV[isa] set; torch is imported by
+    then, but nothing of it has run. With "avx2", exits unless torch's capability is then AVX2
+    (else the dense baseline would not be AVX2-only)."""
+    if isa != "auto" and os.environ.get(REEXEC_MARK) != isa:
+        env = {**os.environ, **ISA_ENV[isa], REEXEC_MARK: isa}
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv], env)
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+        raise SystemExit(
+            "ATEN_CPU_CAPABILITY=avx2 did not take effect (torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}): the dense baseline would not be AVX2-only"
+        )
 
 
 def dense_baseline(threads: int) -> dict:
@@ -396,17 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"wrote {args.summary[0]}")
         return
-    if args.isa != "auto" and os.environ.get(REEXEC_MARK) != args.isa:
-        # torch, oneDNN and MKL read their ISA variables once, when loaded: start over with
-        # them set (torch is imported above, but nothing of it has run yet).
-        env = {**os.environ, **ISA_ENV[args.isa], REEXEC_MARK: args.isa}
-        argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-    if args.isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":
-        raise SystemExit(
-            "ATEN_CPU_CAPABILITY=avx2 did not take effect (torch reports "
-            f"{torch.backends.cpu.get_cpu_capability()}): the dense baseline would not be AVX2-only"
-        )
+    use_isa(args.isa, __file__, argv)
     torch.set_num_threads(args.threads)
     reason = cpu_kernels._available()
     if reason:

@@ -4,7 +4,10 @@
 //       -> y [N, M] in x's dtype (values int8 or float8_e4m3fn, scales float32 [m, G])
 //   flashsparse::_bitmap_quant_decode_cpu(masks, values, tile_offsets, scales, m, k, dtype, isa)
 //       -> the dequantized W [M, K] in dtype
+//   flashsparse::_bitmap_quant_cpu_path(isa) -> the name of the kernels the isa code runs
 // isa: 0 scalar, 1 avx2, 2 avx512 (flashsparse::_bitmap_cpu_isa_supported says which run here).
+// form (spmm): 0 auto, 1 expand, 2 sparse: forces one form on every tile of the AVX2 path at
+// n = 1, for tests (as _bitmap_spmm_cpu's); the other paths ignore it.
 // Threads follow torch.get_num_threads() (at::parallel_for over 64-row tile rows).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu/bitmap_cpu.h"
@@ -28,18 +32,27 @@ namespace {
 
 namespace fc = flashsparse::cpu;
 
-// The kernel for a path. The AVX2 path runs the scalar kernel until it has its own: adding
-// one is a file csrc/cpu/bitmap_quant_avx2.cpp and its line here.
-fc::QuantSpmmFn quant_spmm_fn(int64_t isa) {
+// The kernels of a path and its name: every call goes through this table, and
+// _bitmap_quant_cpu_path reports the name, so tests see which kernels an isa code runs.
+using QuantSpmmFormsFn = void (*)(const fc::QuantBitmapWeight&, const float*, int64_t, int64_t, const float*,
+                                  float*, int64_t, int64_t, int64_t, int);
+using QuantBlockedFn = void (*)(const fc::QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*,
+                                int64_t, int64_t, int64_t, void*);
+struct QuantPath {
+    const char* name;
+    fc::QuantSpmmFn spmm;        // n <= kQuantMaxRows a pass (when `forms` is null)
+    QuantSpmmFormsFn forms;      // the same with a forced form, or null
+    QuantBlockedFn blocked;      // n > kQuantMaxRows, or null (passes of spmm)
+    fc::QuantDecodeFn decode;
+};
+QuantPath quant_path(int64_t isa) {
     switch (isa) {
-        case fc::kAvx512: return fc::quant_spmm_avx512;
-        default: return fc::quant_spmm_scalar;
-    }
-}
-fc::QuantDecodeFn quant_decode_fn(int64_t isa) {
-    switch (isa) {
-        case fc::kAvx512: return fc::quant_decode_avx512;
-        default: return fc::quant_decode_scalar;
+        case fc::kAvx512:
+            return {"avx512", fc::quant_spmm_avx512, nullptr, fc::quant_spmm_blocked_avx512, fc::quant_decode_avx512};
+        case fc::kAvx2:
+            return {"avx2", fc::quant_spmm_avx2, fc::quant_spmm_avx2_forms, fc::quant_spmm_blocked_avx2,
+                    fc::quant_decode_avx2};
+        default: return {"scalar", fc::quant_spmm_scalar, nullptr, nullptr, fc::quant_decode_scalar};
     }
 }
 
@@ -132,7 +145,7 @@ void store_rows(const float* src, int64_t rows, int64_t cols, int64_t lds, at::T
 }
 
 at::Tensor decode_into(const fc::QuantBitmapWeight& w, int64_t isa, at::Tensor out) {
-    const fc::QuantDecodeFn fn = quant_decode_fn(isa);
+    const fc::QuantDecodeFn fn = quant_path(isa).decode;
     at::parallel_for(0, (w.m + 63) / 64, 1, [&](int64_t b, int64_t e) {
         thread_local std::vector<float> rows;
         rows.resize(std::max<size_t>(rows.size(), static_cast<size_t>(64 * w.k)));
@@ -179,9 +192,11 @@ bool pack_x(const T* x, int64_t n, int64_t k, int64_t kp, float* out) {
 
 at::Tensor bitmap_quant_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
                                  const at::Tensor& offsets, const at::Tensor& scales, int64_t m, int64_t k,
-                                 const std::optional<at::Tensor>& bias, int64_t isa) {
+                                 const std::optional<at::Tensor>& bias, int64_t isa, int64_t form) {
     const char* op = "_bitmap_quant_spmm_cpu";
     check_isa(isa, op);
+    TORCH_CHECK(form >= fc::kFormAuto && form <= fc::kFormSparse, op,
+                ": form must be 0 (auto), 1 (expand) or 2 (sparse), got ", form);
     TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, op, ": x must be 2-D [N, k=", k, "], got shape ", x.sizes());
     check_dtype(x.scalar_type(), op, "x");
@@ -217,8 +232,8 @@ at::Tensor bitmap_quant_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, c
     const float* b32 = bias32.empty() ? nullptr : bias32.data();
     // NaN until a kernel writes it: an output the kernel misses shows.
     std::vector<float> y32(n * m, std::numeric_limits<float>::quiet_NaN());
-    const fc::QuantSpmmFn fn = quant_spmm_fn(isa);
-    const bool blocked = isa == fc::kAvx512 && n > fc::kQuantMaxRows;
+    const QuantPath path = quant_path(isa);
+    const bool blocked = path.blocked != nullptr && n > fc::kQuantMaxRows;
     // Decode with bf16 activations: the AVX-512 kernel also reads x as bf16 (zero-padded).
     std::vector<uint16_t> xb_store;
     const uint16_t* xb = nullptr;
@@ -235,10 +250,15 @@ at::Tensor bitmap_quant_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, c
         } else if (blocked) {
             thread_local std::vector<char> scratch;
             scratch.resize(std::max<size_t>(scratch.size(), fc::quant_blocked_scratch_bytes(n)));
-            fc::quant_spmm_blocked_avx512(c.w, xpack, n, kp, b32, y32.data(), m, b, e, scratch.data());
+            path.blocked(c.w, xpack, n, kp, b32, y32.data(), m, b, e, scratch.data());
         } else {
-            for (int64_t i = 0; i < n; i += fc::kQuantMaxRows)
-                fn(c.w, xpack + i * kp, std::min(fc::kQuantMaxRows, n - i), kp, b32, y32.data() + i * m, m, b, e);
+            for (int64_t i = 0; i < n; i += fc::kQuantMaxRows) {
+                const int64_t rows = std::min(fc::kQuantMaxRows, n - i);
+                if (path.forms != nullptr)
+                    path.forms(c.w, xpack + i * kp, rows, kp, b32, y32.data() + i * m, m, b, e, static_cast<int>(form));
+                else
+                    path.spmm(c.w, xpack + i * kp, rows, kp, b32, y32.data() + i * m, m, b, e);
+            }
         }
         const int64_t r0 = b * 64, r1 = std::min(m, e * 64);
         for (int64_t i = 0; i < n; ++i) {
@@ -258,15 +278,21 @@ at::Tensor bitmap_quant_spmm_cpu(const at::Tensor& x, const at::Tensor& masks, c
     return y;
 }
 
+std::string quant_path_name(int64_t isa) {
+    check_isa(isa, "_bitmap_quant_cpu_path");
+    return quant_path(isa).name;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashsparse, m) {
     m.def(
         "_bitmap_quant_spmm_cpu(Tensor x, Tensor masks, Tensor values, Tensor tile_offsets, Tensor scales, "
-        "int m, int k, Tensor? bias=None, int isa=0) -> Tensor");
+        "int m, int k, Tensor? bias=None, int isa=0, int form=0) -> Tensor");
     m.def(
         "_bitmap_quant_decode_cpu(Tensor masks, Tensor values, Tensor tile_offsets, Tensor scales, int m, int k, "
         "ScalarType dtype, int isa=0) -> Tensor");
+    m.def("_bitmap_quant_cpu_path(int isa) -> str", &quant_path_name);
 }
 
 TORCH_LIBRARY_IMPL(flashsparse, CPU, m) {

@@ -3,8 +3,8 @@
 // tile, codes packed row-major from values[tile_offsets[t] * 8]) with int8 or fp8 e4m3 codes,
 // and float32 scales [m, groups] outside the tiles. W[r, c] = code(r, c) * scales[r, c / g].
 //
-// One translation unit per instruction set (bitmap_quant_scalar.cpp, bitmap_quant_avx512.cpp;
-// an AVX2 file adds one more), each compiled for its own ISA with `#pragma GCC target`; the glue
+// One translation unit per instruction set (bitmap_quant_scalar.cpp, bitmap_quant_avx2.cpp,
+// bitmap_quant_avx512.cpp), each compiled for its own ISA with `#pragma GCC target`; the glue
 // (csrc/bindings/bitmap_quant_cpu.cpp) picks one per call. The ISA codes and the CPU probe are
 // the bitmap kernels' (bitmap_cpu.h). As there: ISA files must not instantiate std:: templates or
 // inline functions shared with other translation units.
@@ -71,6 +71,22 @@ constexpr int64_t kQuantBlockK = 2048;
 constexpr int64_t quant_blocked_scratch_bytes(int64_t n) { return 64 * n * 4 + 64 * kQuantBlockK * 4 + 128; }
 void quant_spmm_blocked_avx512(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*,
                                float*, int64_t, int64_t, int64_t, void* scratch);
+
+
+// AVX2 (+ FMA, F16C, BMI1/2, POPCNT): per mask byte, one vpshufb table line rebuilds 8 codes in
+// place before they are converted (int8: sign extension + vcvtdq2ps; fp8: the fp16 bit move
+// above + vcvtph2ps); at n = 1 tiles of few codes take "slots" of 8 nonzeros with x gathered at
+// their columns instead (see the source). The QuantSpmmFn picks the form per tile; the _forms
+// entry takes `form` as the unquantized kernels' SpmmForm (0 auto, 1 expand everywhere, 2 slots
+// everywhere at n = 1; n >= 2 always expands), for tests.
+void quant_spmm_avx2(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                     int64_t, int64_t);
+void quant_spmm_avx2_forms(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*,
+                           int64_t, int64_t, int64_t, int form);
+void quant_decode_avx2(const QuantBitmapWeight&, float*, int64_t, int64_t, int64_t);
+// Any n, as quant_spmm_blocked_avx512 (same scratch size, quant_blocked_scratch_bytes(n)).
+void quant_spmm_blocked_avx2(const QuantBitmapWeight&, const float*, int64_t, int64_t, const float*, float*,
+                             int64_t, int64_t, int64_t, void* scratch);
 
 }  // namespace cpu
 }  // namespace flashsparse

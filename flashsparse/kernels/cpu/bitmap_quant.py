@@ -41,7 +41,7 @@ def _load() -> None:
 
 def _register_fake() -> None:
     @torch.library.register_fake("flashsparse::_bitmap_quant_spmm_cpu")
-    def _(x, masks, values, tile_offsets, scales, m, k, bias=None, isa=0):
+    def _(x, masks, values, tile_offsets, scales, m, k, bias=None, isa=0, form=0):
         return x.new_empty((x.shape[0], m))
 
     @torch.library.register_fake("flashsparse::_bitmap_quant_decode_cpu")
