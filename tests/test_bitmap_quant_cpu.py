@@ -168,7 +168,9 @@ def test_every_fp8_code_including_subnormals_with_denormals_flushed(isa):
     assert torch.equal(sw.tensors[3][:, 0], torch.ones(3))
     torch.testing.assert_close(sw.to_dense(), w, rtol=0, atol=0)
     x = torch.randn(2, 256)
-    old = torch.set_flush_denormal(True)
+    # set_flush_denormal returns whether the CPU supports it, not the previous state: the
+    # default (off) is restored below so later tests see subnormals.
+    assert torch.set_flush_denormal(True)
     try:
         for n in (1, 2):
             y = _spmm(x[:n], sw, None, isa)
@@ -178,7 +180,7 @@ def test_every_fp8_code_including_subnormals_with_denormals_flushed(isa):
         )
         assert torch.equal(ours, w)
     finally:
-        torch.set_flush_denormal(old)
+        torch.set_flush_denormal(False)
 
 
 @needs_ext

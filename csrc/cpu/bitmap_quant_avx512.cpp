@@ -519,35 +519,4 @@ void quant_decode_avx512(const QuantBitmapWeight& w, float* out, int64_t ldo, in
 }  // namespace cpu
 }  // namespace flashsparse
 
-#else  // not x86: never selected (bitmap_cpu_isa_supported says no)
-
-namespace flashsparse {
-namespace cpu {
-void quant_spmm_avx512(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t ldx, const float* bias,
-                       float* y, int64_t ldy, int64_t tr0, int64_t tr1) {
-    quant_spmm_scalar(w, x, n, ldx, bias, y, ldy, tr0, tr1);
-}
-void quant_spmm_n1_bf16x_avx512(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, const float* bias,
-                                float* y, int64_t tr0, int64_t tr1) {
-#define CALL_N1(Q, M) return spmm_n1<Q, M>(w, x, xb, bias, y, tr0, tr1)
-    FLASHSPARSE_QUANT_DISPATCH(w, CALL_N1);
-#undef CALL_N1
-}
-
-void quant_spmm_blocked_avx512(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t ldx, const float* bias,
-                               float* y, int64_t ldy, int64_t tr0, int64_t tr1, void*) {
-    for (int64_t i = 0; i < n; i += kQuantMaxRows)
-        quant_spmm_scalar(w, x + i * ldx, (n - i) < kQuantMaxRows ? (n - i) : kQuantMaxRows, ldx, bias, y + i * ldy,
-                          ldy, tr0, tr1);
-}
-void quant_decode_avx512(const QuantBitmapWeight& w, float* out, int64_t ldo, int64_t tr0, int64_t tr1) {
-    quant_decode_scalar(w, out, ldo, tr0, tr1);
-}
-void quant_spmm_n1_bf16x_avx512(const QuantBitmapWeight& w, const float* x, const uint16_t*, const float* bias,
-                                float* y, int64_t tr0, int64_t tr1) {
-    quant_spmm_scalar(w, x, 1, 0, bias, y, 0, tr0, tr1);
-}
-}  // namespace cpu
-}  // namespace flashsparse
-
-#endif
+#endif  // x86: off x86 the stubs in bitmap_isa_stubs.cpp stand in
