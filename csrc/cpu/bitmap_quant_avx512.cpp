@@ -6,7 +6,9 @@
 // Codes to fp32: int8 by sign extension and vcvtdq2ps; fp8 e4m3 by sign-extending to 16 bits,
 // shifting left by 7 and clearing bit 14 (the fp16 with the code's exponent and mantissa bits,
 // value / 256 for normal and subnormal codes; see bitmap_quant.h) and vcvtph2ps, which converts
-// fp16 subnormals exactly. The factor 256 is folded into the scales.
+// fp16 subnormals exactly. The factor 256 is folded into the scales. With bf16 x at n = 1, fp8
+// codes go straight to bf16 words instead (fp8_to_bf16_256) and multiply with vdpbf16ps, in
+// the gathered and the rebuilt rows alike.
 //
 // Scales: with one scale per row the accumulators sum unscaled products and each row's sum is
 // scaled once at the end. Groups of 64 or more columns (whole tile rows) scale a row's
@@ -70,6 +72,34 @@ alignas(64) constexpr uint8_t kColumnIota[64] = {
     0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
     22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
     44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63};
+
+// fp8 e4m3 subnormal codes (exponent field 0, mantissa m) as bf16 words worth m * 2^-9 / 256,
+// indexed by m (vpermw reads the low 5 bits of the code's magnitude, which is m for them).
+struct Fp8SubnormalBf16 {
+    alignas(64) uint16_t words[32];
+    constexpr Fp8SubnormalBf16() : words{} {
+        for (int m = 1; m < 8; ++m) {
+            const int h = m >= 4 ? 2 : m >= 2 ? 1 : 0;  // highest set bit of m
+            words[m] = static_cast<uint16_t>(((127 + h - 17) << 7) | ((m - (1 << h)) << (7 - h)));
+        }
+    }
+};
+constexpr Fp8SubnormalBf16 kFp8SubnormalBf16{};
+
+// 32 fp8 codes as bf16 words worth value / 256 (the unit the fp8 scales carry), exact: a normal
+// code's exponent and mantissa move up by 4 bits and the exponent is rebased (bf16 bias 127,
+// e4m3 bias 7, the 2^-8 unit: + 112); subnormal codes come from the table, since the same move
+// would give bf16 subnormals, which vdpbf16ps treats as zero.
+inline __m512i fp8_to_bf16_256(__m256i c) {
+    const __m512i w = _mm512_cvtepu8_epi16(c);
+    const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
+    __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
+    const __mmask32 sub = _mm512_testn_epi16_mask(w, _mm512_set1_epi16(0x78));
+    r = _mm512_mask_permutexvar_epi16(r, sub, mag, _mm512_load_si512(kFp8SubnormalBf16.words));
+    // r | (sign << 15): bit-select of the shifted code's bit 15
+    return _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(w, 8), _mm512_set1_epi16(static_cast<short>(0x8000)),
+                                     0xF8);
+}
 
 // Software prefetch of the codes a few rows ahead (and of the next tile's masks): without it a
 // tile streamed from DRAM took about twice as long at 70-90 % sparsity (the hardware prefetchers
@@ -157,8 +187,27 @@ __attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count,
         const __m512i xg = _mm512_permutex2var_epi16(x0, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(cols)), x1);
         const __m256i c = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, count), p);
         const __m512bh wb =
-            _mm512_cvtne2ps_pbh(codes16<Q>(_mm256_extracti128_si256(c, 1)), codes16<Q>(_mm256_castsi256_si128(c)));
+            Q == kFp8 ? reinterpret_cast<__m512bh>(fp8_to_bf16_256(c))
+                      : _mm512_cvtne2ps_pbh(codes16<Q>(_mm256_extracti128_si256(c, 1)),
+                                            codes16<Q>(_mm256_castsi256_si128(c)));
         acc = _mm512_dpbf16_ps(acc, wb, reinterpret_cast<__m512bh>(xg));
+    } else if (Q == kFp8) {
+        // fp8 rebuilt as bf16 (a word expand per 32-column half, then vdpbf16ps with bf16 x):
+        // about half the work of the fp32 rebuild below, whose fp16 bit move and vcvtph2ps per
+        // 16 codes made dense fp8 rows slower than the bf16-valued kernel's.
+        const unsigned lo = static_cast<unsigned>(_mm_popcnt_u64(mk & 0xffffffffull));
+        __m256i c0, c1;
+        if (SAFE) {
+            c0 = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, lo), p);
+            c1 = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, count - lo), p + lo);
+        } else {
+            c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + lo));
+        }
+        const __m512i w0 = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mk), fp8_to_bf16_256(c0));
+        const __m512i w1 = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mk >> 32), fp8_to_bf16_256(c1));
+        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w0), reinterpret_cast<__m512bh>(x0));
+        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w1), reinterpret_cast<__m512bh>(x1));
     } else {
         __m512 w[4];
         rebuild<Q, SAFE>(mk, p, w);
@@ -196,8 +245,12 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
                 const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm512_castsi512_si128(k0))),
                                                        _mm256_cvtepu8_epi16(_mm512_castsi512_si128(k1)), 1);
                 const __m512i xg = _mm512_permutex2var_epi16(x0, idx, x1);
-                const __m512bh wb = _mm512_cvtne2ps_pbh(codes16<Q>(_mm_maskz_loadu_epi8(low_mask16(c1), p + c0)),
-                                                        codes16<Q>(_mm_maskz_loadu_epi8(low_mask16(c0), p)));
+                const __m128i k0c = _mm_maskz_loadu_epi8(low_mask16(c0), p);
+                const __m128i k1c = _mm_maskz_loadu_epi8(low_mask16(c1), p + c0);
+                const __m512bh wb =
+                    Q == kFp8
+                        ? reinterpret_cast<__m512bh>(fp8_to_bf16_256(_mm256_inserti128_si256(_mm256_castsi128_si256(k0c), k1c, 1)))
+                        : _mm512_cvtne2ps_pbh(codes16<Q>(k1c), codes16<Q>(k0c));
                 pacc[r >> 1] = _mm512_dpbf16_ps(pacc[r >> 1], wb, reinterpret_cast<__m512bh>(xg));
             } else {
                 row_bf16<Q, true, SAFE>(m0, c0, p, xr, x0, x1, columns, acc[r]);
@@ -254,7 +307,8 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
             const int64_t t = tr * kt_count + kt;
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
             const int64_t stored = static_cast<int64_t>(w.offsets[t + 1]) * 8 - start;
-            const bool safe = start + stored + 16 > w.num_values;
+            // 32-byte code loads in tile_n1_bf16 (16-byte ones in tile_n1)
+            const bool safe = start + stored + 32 > w.num_values;
             if (MODE != kGroup32 && xb != nullptr) {
                 const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= kGatherTileMaxValues ? 1 : 0;
                 const auto fn = form == 2 ? (safe ? tile_n1_bf16<Q, 2, true> : tile_n1_bf16<Q, 2, false>)
