@@ -693,3 +693,28 @@ def test_sparsify_with_a_corrupt_weight_file_is_one_line(model_dir, tmp_path, ca
         err.startswith(f"flashsparse sparsify: error: cannot load {bad}: ") and err.count("\n") == 1
     )
     assert not out.exists()
+
+
+def test_backend_env_reads_follow_every_change(monkeypatch):
+    # backends.getenv reads os.environ's encoded store (the per-call kernel choice): every way
+    # of changing the environment from Python must show at the next read.
+    from flashsparse import backends
+
+    name = "FLASHSPARSE_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert backends.getenv(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, "avx2")
+    assert backends.getenv(name, "dflt") == "avx2"
+    os.environ[name] = "scalär"  # non-ASCII survives the encode / decode
+    assert backends.getenv(name, "dflt") == "scalär" == os.environ.get(name)
+    os.environ.update({name: "avx512"})
+    assert backends.getenv(name, "dflt") == "avx512"
+    del os.environ[name]
+    assert backends.getenv(name, "dflt") == "dflt"
+    os.environ.setdefault(name, "")
+    assert backends.getenv(name, "dflt") == ""
+    for i in range(100):  # many distinct values: the decoded-value cache stays bounded
+        os.environ[name] = f"v{i}"
+        assert backends.getenv(name, "dflt") == f"v{i}"
+    assert len(backends._env_values) <= 65
+    monkeypatch.delenv(name)

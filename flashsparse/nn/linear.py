@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ..formats import FORMATS, QuantBitmap, SparseWeight, encode
 from ..formats.base import SUPPORTED_DTYPES
 from ..functional import check_linear_inputs
+from ..hugepages import in_huge_pages
 from ..ops import autocast_inputs, sparse_linear
 from ..ops_quant import quant_linear
 
@@ -94,7 +97,7 @@ class SparseLinear(nn.Module):
         self.group_size = weight.group_size
         self.quant_error = weight.quant_error
         for name, tensor in weight.state().items():
-            self.register_buffer(name, tensor)
+            self.register_buffer(name, in_huge_pages(tensor))
         self._components = type(weight).components
 
     # -- construction -----------------------------------------------------------------------------
@@ -257,6 +260,18 @@ class SparseLinear(nn.Module):
         )
 
     # -- state and conversions --------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> SparseLinear:
+        # copy.deepcopy's own steps (a new object, the state deep-copied, __setstate__), then the
+        # copies' components go into huge pages as at construction: tensor deep copies are plain
+        # torch allocations (model copies, the benchmarks' weight rotations).
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        for name in new._components:
+            if name in new._buffers:
+                new._buffers[name] = in_huge_pages(new._buffers[name])
+        return new
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -284,7 +299,7 @@ class SparseLinear(nn.Module):
             for c, t in candidate.state().items():
                 param = self._parameters.get(c)
                 if param is None:
-                    self._buffers[c] = torch.empty_like(t)
+                    self._buffers[c] = in_huge_pages(torch.empty_like(t))
                 elif param.shape != t.shape or param.dtype != t.dtype:
                     # A trained component of another size: a new Parameter (an optimizer built
                     # before this load holds the old one). Same size: copied in place below.

@@ -97,7 +97,7 @@ def available_isas() -> list[str]:
 
 def isa() -> int:
     """The path for this call: ``FLASHSPARSE_CPU_ISA`` if set, else the best this CPU has."""
-    value = os.environ.get(ISA_ENV, "")
+    value = backends.getenv(ISA_ENV, "")
     code = _isa_by_env.get(value)
     if code is None:
         name = value.strip().lower() or "auto"
