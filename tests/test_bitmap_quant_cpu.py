@@ -203,6 +203,63 @@ def test_fp8_subnormal_codes_in_dense_rows_with_bf16_x(isa):
     assert rel_err(y, x.double() @ w.double().T) < 4e-3  # y is bf16
 
 
+def _probe_weight(quant: str) -> tuple[QuantBitmap, torch.Tensor]:
+    """Every code (int8: -128..127; fp8: all but the NaNs) once, each alone in a row of its own
+    ("probe" rows, scale 1) inside tiles whose other rows are dense, so that the kernels rebuild
+    every row of those tiles (AVX-512 at n = 1 with bf16 x: byte lookups before the expand);
+    k = 130 adds a dense second tile column and a 2-column third. Returns the weight and the
+    probe rows' indices."""
+    g = torch.Generator().manual_seed(21)
+    codes = list(range(256)) if quant == "int8" else [c for c in range(256) if c & 0x7F != 0x7F]
+    tile_rows = -(-len(codes) // 32)
+    m, k = 64 * tile_rows, 130
+    w = torch.randn(m, k, generator=g)
+    probe = torch.tensor([64 * (i // 32) + 32 + i % 32 for i in range(len(codes))])
+    cols = torch.randint(0, 64, (len(codes),), generator=g)
+    w[probe] = 0
+    w[probe, cols] = 1.0
+    masks, values, offsets, scales = fs.encode(w, quant=quant).tensors
+    raw = values.view(torch.uint8).clone()
+    scales = scales.clone()
+    # the position of each probe row's one code: its tile's start + the popcounts before it
+    counts = torch.tensor([bin(v & (2**64 - 1)).count("1") for v in masks.tolist()])
+    kt = -(-k // 64)
+    for row, c in zip(probe.tolist(), codes, strict=True):
+        tile = (row // 64) * kt
+        pos = int(offsets[tile]) * 8 + int(counts[tile * 64 : tile * 64 + row % 64].sum())
+        raw[pos] = c
+        scales[row] = 1.0
+    sw = QuantBitmap(
+        {
+            "masks": masks,
+            "values": raw.view(values.dtype),
+            "tile_offsets": offsets,
+            "scales": scales,
+        },
+        (m, k),
+        torch.bfloat16,
+    )
+    sw.validate()
+    return sw, probe
+
+
+@needs_ext
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_code_in_rebuilt_rows_with_bf16_x(quant, isa):
+    """Each probe row's output is one code's value times one x: exact up to the bf16 output's
+    rounding, so a wrong lookup-table entry or a misplaced lane shows in its row."""
+    sw, probe = _probe_weight(quant)
+    k = sw.shape[1]
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    y = _spmm(x, sw, None, isa)
+    ref = _reference(x, sw)
+    assert torch.isfinite(y).all()
+    err = (y.double() - ref).abs()[0, probe]
+    assert (err <= 2**-8 * ref.abs()[0, probe]).all(), err.max()
+    assert rel_err(y, ref) < 1e-2
+
+
 @needs_ext
 def test_values_that_quantize_to_zero_and_int8_minus_128():
     """Stored codes of 0 (weights that round to zero) and -128 (compressed-tensors' range)."""

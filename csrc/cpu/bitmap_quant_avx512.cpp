@@ -6,9 +6,10 @@
 // Codes to fp32: int8 by sign extension and vcvtdq2ps; fp8 e4m3 by sign-extending to 16 bits,
 // shifting left by 7 and clearing bit 14 (the fp16 with the code's exponent and mantissa bits,
 // value / 256 for normal and subnormal codes; see bitmap_quant.h) and vcvtph2ps, which converts
-// fp16 subnormals exactly. The factor 256 is folded into the scales. With bf16 x at n = 1, fp8
-// codes go straight to bf16 words instead (fp8_to_bf16_256) and multiply with vdpbf16ps, in
-// the gathered and the rebuilt rows alike.
+// fp16 subnormals exactly. The factor 256 is folded into the scales. With bf16 x at n = 1, codes
+// become bf16 words instead and multiply with vdpbf16ps: gathered fp8 codes by a bit move
+// (fp8_to_bf16_256), gathered int8 codes through fp32, rebuilt rows of either by byte lookups
+// before a byte expand (expand_codes_to_bf16).
 //
 // Scales: with one scale per row the accumulators sum unscaled products and each row's sum is
 // scaled once at the end. Groups of 64 or more columns (whole tile rows) scale a row's
@@ -101,6 +102,80 @@ inline __m512i fp8_to_bf16_256(__m256i c) {
                                      0xF8);
 }
 
+// Every code's bf16 word (int8: the code; fp8: value / 256, as fp8_to_bf16_256 gives it),
+// split into a low-byte and a high-byte plane of 256 entries each, for byte lookups (vpermi2b
+// reads 128 entries from two registers; the code's bit 7 picks the half).
+struct CodeBf16Bytes {
+    alignas(64) uint8_t lo[256];
+    alignas(64) uint8_t hi[256];
+    constexpr CodeBf16Bytes(int q) : lo{}, hi{} {
+        for (int c = 0; c < 256; ++c) {
+            int word = 0;
+            if (q == kInt8) {
+                const int v = c < 128 ? c : c - 256;
+                const int a = v < 0 ? -v : v;
+                if (a != 0) {
+                    int e = 0;
+                    while ((a >> (e + 1)) != 0) ++e;
+                    word = ((127 + e) << 7) | ((a << (7 - e)) & 0x7f);  // exact: at most 8 bits
+                }
+                if (v < 0) word |= 0x8000;
+            } else {
+                const int mag = c & 0x7f;
+                word = (mag >> 3) != 0 ? (mag << 4) + (112 << 7) : kFp8SubnormalBf16.words[mag];
+                if (c & 0x80) word |= 0x8000;
+            }
+            lo[c] = static_cast<uint8_t>(word & 0xff);
+            hi[c] = static_cast<uint8_t>(word >> 8);
+        }
+    }
+};
+constexpr CodeBf16Bytes kCodeBf16Bytes[2] = {CodeBf16Bytes(kInt8), CodeBf16Bytes(kFp8)};
+
+// The tables of code type Q in registers (lo halves 0-1, hi halves 2-3, each 128 entries).
+struct CodeTables {
+    __m512i t[8];
+};
+// HOISTABLE = false: loaded where called, not hoisted out of the caller's loop (the address
+// goes through an empty asm), for rows that rarely need them.
+template <int Q, bool HOISTABLE = true>
+inline CodeTables load_code_tables() {
+    const CodeBf16Bytes* tables = &kCodeBf16Bytes[Q];
+    if (!HOISTABLE) __asm__ volatile("" : "+r"(tables));
+    CodeTables ct;
+    for (int h = 0; h < 4; ++h) {
+        ct.t[h] = _mm512_load_si512(tables->lo + 64 * h);
+        ct.t[4 + h] = _mm512_load_si512(tables->hi + 64 * h);
+    }
+    return ct;
+}
+
+// The bf16 words of a row's packed codes (one per byte of `packed`) expanded to the row's 64
+// columns under mask mk, in the order of _mm512_unpack{lo,hi}_epi8: w0 holds columns 0-7,
+// 16-23, 32-39, 48-55, w1 columns 8-15, 24-31, 40-47, 56-63 (kXUnpackOrder puts x in the same
+// order). The codes are looked up first and the two byte planes expanded after: a vpexpandb
+// result used as a shuffle control cost about four times as much on Zen 5.
+inline void expand_codes_to_bf16(uint64_t mk, __m512i packed, const CodeTables& ct, __m512i& w0, __m512i& w1) {
+    const __mmask64 upper = _mm512_movepi8_mask(packed);  // codes 128-255
+    const __m512i lo = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(ct.t[0], packed, ct.t[1]),
+                                              _mm512_permutex2var_epi8(ct.t[2], packed, ct.t[3]));
+    const __m512i hi = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(ct.t[4], packed, ct.t[5]),
+                                              _mm512_permutex2var_epi8(ct.t[6], packed, ct.t[7]));
+    const __m512i elo = _mm512_maskz_expand_epi8(mk, lo), ehi = _mm512_maskz_expand_epi8(mk, hi);
+    w0 = _mm512_unpacklo_epi8(elo, ehi);
+    w1 = _mm512_unpackhi_epi8(elo, ehi);
+}
+
+// Word indices into (x0: columns 0-31, x1: columns 32-63) that put x in codes64_to_bf16's order.
+struct XUnpackOrder {
+    alignas(64) uint16_t idx[2][32];
+    constexpr XUnpackOrder() : idx{} {
+        for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 32; ++i) idx[h][i] = static_cast<uint16_t>(16 * (i / 8) + 8 * h + i % 8);
+    }
+};
+constexpr XUnpackOrder kXUnpackOrder{};
+
 // Software prefetch of the codes a few rows ahead (and of the next tile's masks): without it a
 // tile streamed from DRAM took about twice as long at 70-90 % sparsity (the hardware prefetchers
 // did not run far enough ahead of the popcount-chained code loads).
@@ -171,15 +246,17 @@ constexpr int64_t kSparseTileMaxValues = 64 * 15;
 // with at most 32 nonzeros is one vdpbf16ps of its codes (converted to bf16, exact: int8 codes
 // and fp8 values / 256 have at most 8 significant bits) with x gathered at their columns by one
 // word permute of the 64 bf16 x values held in two registers (vpcompressb lists the columns).
-// Denser rows are rebuilt in fp32 as in tile_n1. In a C++ harness on Zen 5 (int8, random masks,
-// data in L1/L2) this took 4.5 / 5.1 / 7.1 cycles per row segment at 90 / 70 / 50 % sparsity,
-// against 5.0 / 9.3 / 9.7 for tile_n1 (before the row pairs of form 2 below).
+// Denser rows are rebuilt (expand_codes_to_bf16). In a C++ harness on Zen 5 (4096 x 4096, random
+// masks, one thread, data in L3) this took 2.8 / 3.7 / 4.1 TSC ticks per row segment for int8
+// and 3.3 / 3.5 / 3.6 for fp8 at 90 / 70 / 50 % sparsity (6.7 and 5.6 at 50 % when rebuilt rows
+// expanded 16 fp32 or 32 bf16 lanes at a time after converting).
 // vdpbf16ps treats bf16 denormals (|x| < 1.2e-38) as zero;
 // their products are below float32's normal range anyway.
 // One row of a tile with bf16 x: gathered (at most 32 nonzeros, GATHER) or rebuilt.
 template <int Q, bool GATHER, bool SAFE>
-__attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count, const uint8_t* p, const __m512 xr[4],
-                                                    __m512i x0, __m512i x1, __m512i columns, __m512& acc) {
+__attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count, const uint8_t* p, __m512i x0,
+                                                    __m512i x1, __m512i xu0, __m512i xu1, const CodeTables* ct,
+                                                    __m512i columns, __m512& acc) {
     if (GATHER && count <= 32) {
         // Lanes past the row's count keep their own column numbers (the compress merges into
         // the iota) and multiply zero codes by a finite x.
@@ -191,29 +268,23 @@ __attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count,
                       : _mm512_cvtne2ps_pbh(codes16<Q>(_mm256_extracti128_si256(c, 1)),
                                             codes16<Q>(_mm256_castsi256_si128(c)));
         acc = _mm512_dpbf16_ps(acc, wb, reinterpret_cast<__m512bh>(xg));
-    } else if (Q == kFp8) {
-        // fp8 rebuilt as bf16 (a word expand per 32-column half, then vdpbf16ps with bf16 x):
-        // about half the work of the fp32 rebuild below, whose fp16 bit move and vcvtph2ps per
-        // 16 codes made dense fp8 rows slower than the bf16-valued kernel's.
-        const unsigned lo = static_cast<unsigned>(_mm_popcnt_u64(mk & 0xffffffffull));
-        __m256i c0, c1;
-        if (SAFE) {
-            c0 = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, lo), p);
-            c1 = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, count - lo), p + lo);
-        } else {
-            c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-            c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + lo));
-        }
-        const __m512i w0 = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mk), fp8_to_bf16_256(c0));
-        const __m512i w1 = _mm512_maskz_expand_epi16(static_cast<__mmask32>(mk >> 32), fp8_to_bf16_256(c1));
-        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w0), reinterpret_cast<__m512bh>(x0));
-        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w1), reinterpret_cast<__m512bh>(x1));
     } else {
-        __m512 w[4];
-        rebuild<Q, SAFE>(mk, p, w);
-        const __m512 a = _mm512_fmadd_ps(w[2], xr[2], _mm512_fmadd_ps(w[0], xr[0], acc));
-        const __m512 b = _mm512_fmadd_ps(w[3], xr[3], _mm512_mul_ps(w[1], xr[1]));
-        acc = _mm512_add_ps(a, b);
+        // Rebuilt in the bf16 domain: the row's codes expanded to its 64 columns as bytes (one
+        // vpexpandb), looked up as bf16 words (codes64_to_bf16), then two vdpbf16ps with x in
+        // the lookup's order. About half the vector work of expanding per 16 or 32 columns after
+        // converting (vpmovsxbd + vcvtdq2ps + vexpandps per 16 int8 codes; a bit move, subnormal
+        // fix and vpexpandw per 32 fp8 codes), which bounded dense rows by computation.
+        const __m512i packed = SAFE ? _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, count), p) : _mm512_loadu_si512(p);
+        __m512i w0, w1;
+        if (GATHER) {
+            // Rare in the gathering forms: the tables stay out of registers there (holding them
+            // made GCC rebuild the gather's constants every row).
+            expand_codes_to_bf16(mk, packed, load_code_tables<Q, false>(), w0, w1);
+        } else {
+            expand_codes_to_bf16(mk, packed, *ct, w0, w1);
+        }
+        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w0), reinterpret_cast<__m512bh>(xu0));
+        acc = _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w1), reinterpret_cast<__m512bh>(xu1));
     }
 }
 
@@ -226,11 +297,14 @@ __attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count,
 // branches go the same way for nearly every row: a row branch that goes either way half the
 // time cost as much as rebuilding every row when the tile streamed from DRAM.
 template <int Q, int FORM, bool SAFE>
-__attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t* p, const float* x,
-                                            const uint16_t* xb, __m512* acc, __m512* pacc, int64_t rows) {
-    __m512 xr[4];
-    for (int q = 0; q < 4; ++q) xr[q] = _mm512_loadu_ps(x + 16 * q);
+__attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t* p, const uint16_t* xb,
+                                            __m512* acc, __m512* pacc, int64_t rows) {
     const __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 32);
+    const __m512i xu0 = _mm512_permutex2var_epi16(x0, _mm512_load_si512(kXUnpackOrder.idx[0]), x1);
+    const __m512i xu1 = _mm512_permutex2var_epi16(x0, _mm512_load_si512(kXUnpackOrder.idx[1]), x1);
+    CodeTables tables;  // in registers for the form that rebuilds every row
+    if (FORM == 0) tables = load_code_tables<Q>();
+    const CodeTables* ct = FORM == 0 ? &tables : nullptr;
     const __m512i columns = _mm512_load_si512(kColumnIota);
     int64_t r = 0;
     if (FORM == 2) {
@@ -253,8 +327,8 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
                         : _mm512_cvtne2ps_pbh(codes16<Q>(k1c), codes16<Q>(k0c));
                 pacc[r >> 1] = _mm512_dpbf16_ps(pacc[r >> 1], wb, reinterpret_cast<__m512bh>(xg));
             } else {
-                row_bf16<Q, true, SAFE>(m0, c0, p, xr, x0, x1, columns, acc[r]);
-                row_bf16<Q, true, SAFE>(m1, c1, p + c0, xr, x0, x1, columns, acc[r + 1]);
+                row_bf16<Q, true, SAFE>(m0, c0, p, x0, x1, xu0, xu1, ct, columns, acc[r]);
+                row_bf16<Q, true, SAFE>(m1, c1, p + c0, x0, x1, xu0, xu1, ct, columns, acc[r + 1]);
             }
             p += c0 + c1;
         }
@@ -263,7 +337,7 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
         prefetch_ahead(masks, p, r);
         const uint64_t mk = masks[r];
         const unsigned count = static_cast<unsigned>(_mm_popcnt_u64(mk));
-        row_bf16<Q, FORM != 0, SAFE>(mk, count, p, xr, x0, x1, columns, acc[r]);
+        row_bf16<Q, FORM != 0, SAFE>(mk, count, p, x0, x1, xu0, xu1, ct, columns, acc[r]);
         p += count;
     }
 }
@@ -278,10 +352,16 @@ inline void fold_pairs(__m512* acc, __m512* pacc, int64_t rows) {
 }
 
 // Forms by the tile's stored codes a row (rows hold Binomial(64, density) nonzeros, a standard
-// deviation of about 4): tuned on Zen 5 with int8 tiles streamed from DRAM (C++ harness): the
-// 16-code form up to 12 a row on average, the 32-code form up to 30, every row rebuilt above.
+// deviation of about 4), tuned on Zen 5 in a C++ harness: the 16-code form up to 12 a row on
+// average; then, for int8, the 32-code form up to 24 (3.7 TSC ticks a row against 3.9 for
+// rebuilding every row at 30-35 % density), every row rebuilt above; fp8 rebuilds every row
+// above 12 (3.5 ticks a row against 3.7-3.9 gathering: its gathered codes cost a bit move and a
+// subnormal fix each).
 constexpr int64_t kNarrowTileMaxValues = 64 * 12;
-constexpr int64_t kGatherTileMaxValues = 64 * 30;
+template <int Q>
+constexpr int64_t gather_tile_max_values() {
+    return Q == kFp8 ? kNarrowTileMaxValues : 64 * 24;
+}
 
 template <int Q>
 constexpr float code_unit() {
@@ -307,14 +387,14 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
             const int64_t t = tr * kt_count + kt;
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
             const int64_t stored = static_cast<int64_t>(w.offsets[t + 1]) * 8 - start;
-            // 32-byte code loads in tile_n1_bf16 (16-byte ones in tile_n1)
-            const bool safe = start + stored + 32 > w.num_values;
+            // 64-byte code loads in tile_n1_bf16's rebuilt rows (16-byte ones in tile_n1)
+            const bool safe = start + stored + 64 > w.num_values;
             if (MODE != kGroup32 && xb != nullptr) {
-                const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= kGatherTileMaxValues ? 1 : 0;
+                const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= gather_tile_max_values<Q>() ? 1 : 0;
                 const auto fn = form == 2 ? (safe ? tile_n1_bf16<Q, 2, true> : tile_n1_bf16<Q, 2, false>)
                                 : form == 1 ? (safe ? tile_n1_bf16<Q, 1, true> : tile_n1_bf16<Q, 1, false>)
                                             : (safe ? tile_n1_bf16<Q, 0, true> : tile_n1_bf16<Q, 0, false>);
-                fn(w.masks + t * 64, w.values + start, x + kt * 64, xb + kt * 64, acc, pacc, rows);
+                fn(w.masks + t * 64, w.values + start, xb + kt * 64, acc, pacc, rows);
             } else {
                 const bool sparse = stored <= kSparseTileMaxValues;
                 (sparse ? (safe ? tile_n1<Q, MODE, true, true> : tile_n1<Q, MODE, true, false>)
