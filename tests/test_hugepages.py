@@ -119,3 +119,26 @@ def test_deepcopy_save_load_and_state_dict_keep_working(tmp_path):
     assert torch.equal(model(x), layer(x))
     for t in _big_components(model[0]):
         assert t.data_ptr() % HUGE == 0
+
+
+def test_never_setting_and_failed_mappings_leave_tensors_alone(tmp_path, monkeypatch):
+    big = torch.randn(HUGE // 4 + 5)
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(hugepages, "_THP_SETTING", str(setting))
+    monkeypatch.setattr(hugepages, "_supported", None)
+    assert not hugepages.enabled() and hugepages.in_huge_pages(big) is big
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(hugepages, "_supported", None)
+    if not hugepages._system_supports():
+        pytest.skip("needs Linux (mmap.MADV_HUGEPAGE)")
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")  # e.g. vm.max_map_count reached
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refuse)
+    assert hugepages.in_huge_pages(big) is big
+    layer = fs.SparseLinear.from_dense(random_weight(2100, 2048, 0.4, seed=7))
+    x = torch.randn(2, 2048)
+    ref = x.double() @ layer.sparse_weight.to_dense().double().T
+    assert ((layer(x).double() - ref).norm() / ref.norm()).item() < 1e-5
