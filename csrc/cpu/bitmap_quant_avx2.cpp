@@ -8,6 +8,9 @@
 //   vcvtdq2ps. fp8: one vpshufb puts code s(j) in the top byte of 16-bit lane j; shifting right
 //   by 1 (arithmetic) and clearing bit 14 leaves the fp16 of the code's value / 256
 //   (bitmap_quant.h), which vcvtph2ps converts exactly. A lane of a clear bit is +0.0 either way.
+//   The expand form at n <= kQuantMaxRows moves those bits once per code instead (a tile's
+//   codes are staged as fp16 before its rows are expanded: Fp8HalfCodes), not once per lane of
+//   every mask byte.
 // - load8(p): 8 consecutive codes (reads 8 bytes).
 // - kUnit: what the converted value is short of the code's value (fp8: 1/256), folded into the
 //   scales.
@@ -54,8 +57,10 @@ struct QuantTables {
     alignas(16) uint8_t expand_f8[256][16];
     // first_lanes[c]: lanes < min(c, 8) all ones (a slot's codes past its row's nonzeros are
     // zeroed: they belong to the next row, and fp8 codes may be NaN).
+    // fp8 codes staged as fp16 (Fp8HalfCodes): byte 2j = 2 s(j), 2j + 1 = 2 s(j) + 1.
+    alignas(16) uint8_t expand16[256][16];
     alignas(32) int32_t first_lanes[65][8];
-    constexpr QuantTables() : expand_i8{}, expand_f8{}, first_lanes{} {
+    constexpr QuantTables() : expand_i8{}, expand_f8{}, expand16{}, first_lanes{} {
         for (int b = 0; b < 256; ++b) {
             int s = 0;
             for (int j = 0; j < 8; ++j) {
@@ -63,6 +68,8 @@ struct QuantTables {
                 expand_i8[b][j] = set ? static_cast<uint8_t>(s) : 0x80;
                 expand_f8[b][2 * j] = 0x80;
                 expand_f8[b][2 * j + 1] = set ? static_cast<uint8_t>(s) : 0x80;
+                expand16[b][2 * j] = set ? static_cast<uint8_t>(2 * s) : 0x80;
+                expand16[b][2 * j + 1] = set ? static_cast<uint8_t>(2 * s + 1) : 0x80;
                 s += set;
             }
         }
@@ -88,6 +95,8 @@ namespace {
 enum Mode : int { kRow = 0, kGroup32 = 1, kGroupTiles = 2 };
 
 struct Int8Codes {
+    using Raw = uint8_t;
+    using Staged = Int8Codes;  // what the expand form (n <= kQuantMaxRows) reads: see stage()
     static constexpr float kUnit = 1.0f;
     static constexpr int64_t kSlotsMaxCodesPerRowX2 = 15;  // see slots_tile
     static __m256 expand(const uint8_t* p, size_t b) {
@@ -99,11 +108,28 @@ struct Int8Codes {
     static __m256 load8(const uint8_t* p) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     }
+    static const uint8_t* stage(const uint8_t* p, int64_t, uint8_t*) { return p; }
+};
+
+// fp8 codes staged as fp16 (the bit move of Fp8Codes, 16 codes at a time over a whole tile):
+// expand() is then one byte shuffle and vcvtph2ps, as for fp16 weights; two vector
+// instructions fewer per mask byte, for three per 16 codes (fp8 at 50-70 % sparsity went from
+// about 1.4x to 1.2x int8's time on Zen 5).
+struct Fp8HalfCodes {
+    using Raw = uint16_t;
+    static constexpr float kUnit = kFp8HalfUnit;
+    static __m256 expand(const uint16_t* p, size_t b) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        const char* line = reinterpret_cast<const char*>(kQTables.expand16) + b * 16;
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(v, _mm_load_si128(reinterpret_cast<const __m128i*>(line))));
+    }
 };
 
 struct Fp8Codes {
+    using Raw = uint8_t;
+    using Staged = Fp8HalfCodes;
     static constexpr float kUnit = kFp8HalfUnit;
-    static constexpr int64_t kSlotsMaxCodesPerRowX2 = 22;
+    static constexpr int64_t kSlotsMaxCodesPerRowX2 = 18;
     static __m256 expand(const uint8_t* p, size_t b) {
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
         const char* line = reinterpret_cast<const char*>(kQTables.expand_f8) + b * 16;
@@ -113,6 +139,24 @@ struct Fp8Codes {
     static __m256 load8(const uint8_t* p) {
         const __m128i h = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 7);
         return _mm256_cvtph_ps(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0xBFFF))));
+    }
+    // out[0, count) = the fp16 of codes p[0, count) (count: a multiple of 8; nothing past it is
+    // read), then kSlack zeros (Fp8HalfCodes::expand reads that far); returns out.
+    static const uint16_t* stage(const uint8_t* p, int64_t count, uint16_t* out) {
+        const __m256i keep = _mm256_set1_epi16(static_cast<short>(0xBFFF));
+        int64_t i = 0;
+#pragma GCC unroll 4
+        for (; i + 16 <= count; i += 16) {
+            const __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_and_si256(_mm256_slli_epi16(h, 7), keep));
+        }
+        if (i < count) {
+            const __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                             _mm_and_si128(_mm_slli_epi16(h, 7), _mm256_castsi256_si128(keep)));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + count), _mm_setzero_si128());
+        return out;
     }
 };
 
@@ -131,7 +175,7 @@ inline float hsum(__m256 v) {
 
 // The 8 vectors of a row segment (unscaled).
 template <class C>
-inline void expand_row(uint64_t m, const uint8_t* p, __m256 w[8]) {
+inline void expand_row(uint64_t m, const typename C::Raw* p, __m256 w[8]) {
     const uint8_t* mb = reinterpret_cast<const uint8_t*>(&m);
 #pragma GCC unroll 8
     for (unsigned q = 0; q < 8; ++q) w[q] = C::expand(p + prefix(m, q), mb[q]);
@@ -143,8 +187,8 @@ inline void expand_row(uint64_t m, const uint8_t* p, __m256 w[8]) {
 // FMA chains; kGroup32 scales each with its own scale (s: the row's two scales of this tile,
 // stride sstride per row), the other modes add both unscaled.
 template <class C, int MODE>
-__attribute__((noinline)) void tile_expand_n1(const uint64_t* masks, const uint8_t* p, const float* x, __m256* acc,
-                                              int64_t rows, const float* s, int64_t sstride) {
+__attribute__((noinline)) void tile_expand_n1(const uint64_t* masks, const typename C::Raw* p, const float* x,
+                                              __m256* acc, int64_t rows, const float* s, int64_t sstride) {
     __m256 xr[8];  // in registers: a memory operand per FMA is one more load per mask byte
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) xr[q] = _mm256_loadu_ps(x + 8 * q);
@@ -262,10 +306,10 @@ __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const uint8_
 // --- tiles -----------------------------------------------------------------------------------
 
 // The slots form for tiles of at most this many stored codes (about 64 rows times the crossover
-// of codes a row): expand costs the same whatever the mask (int8 77 and fp8 93 instructions a
-// row segment; fp8's vcvtph2ps makes it about 1.4x int8's time), slots one pass per 8 nonzeros
-// of a row (about 50 instructions at 90 % sparsity). Crossovers timed on Zen 5 (4096x4096,
-// uniform masks, one thread): int8 at about 7.5 codes a row, fp8 at about 11.
+// of codes a row): expand costs the same whatever the mask (fp8, staged as fp16, about 1.2x
+// int8's time), slots one pass per 8 nonzeros of a row (about 50 instructions at 90 %
+// sparsity). Crossovers timed on Zen 5 (4096x4096, uniform masks, one thread, 2026-12-04): int8
+// at about 7.5 codes a row, fp8 at about 9.
 template <class C>
 inline bool slots_tile(int64_t codes, int form) {
     if (form == 1) return false;  // kFormExpand
@@ -296,6 +340,8 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const float* bias, floa
     alignas(32) __m256 acc[64];
     alignas(32) __m256 tot[64];
     alignas(32) float x_last[128];  // the last tile's x, then zeros (slots read x[64])
+    using Staged = typename C::Staged;
+    alignas(32) typename Staged::Raw staged[64 * 64 + kSlack];  // see C::stage
     std::memcpy(x_last, x + kp - 64, 64 * sizeof(float));
     std::memset(x_last + 64, 0, 64 * sizeof(float));
     TileCodes tc(w);
@@ -313,8 +359,10 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const float* bias, floa
                 const uint8_t* p = tc.get(start, count);
                 const float* xk = kt + 1 < kt_count ? x + kt * 64 : x_last;
                 const float* s = srow0 + 2 * kt;  // kGroup32 only
-                (slots_tile<C>(count, form) ? tile_slots_n1<C, MODE> : tile_expand_n1<C, MODE>)(masks, p, xk, acc, rows,
-                                                                                          s, w.groups);
+                if (slots_tile<C>(count, form))
+                    tile_slots_n1<C, MODE>(masks, p, xk, acc, rows, s, w.groups);
+                else
+                    tile_expand_n1<Staged, MODE>(masks, C::stage(p, count, staged), xk, acc, rows, s, w.groups);
             }
             if (MODE == kGroupTiles && ((kt + 1) % tiles_per_group == 0 || kt + 1 == kt_count)) {
                 const __m256 unit = _mm256_set1_ps(C::kUnit);
@@ -352,7 +400,7 @@ inline void segment_scales(const float* srow, int64_t kt, int64_t group_size, __
 
 // acc[r * n + i] += row r of the tile (scaled) . x row i: each row segment expanded once.
 template <class C, int MODE>
-__attribute__((noinline)) void tile_expand_rows(const uint64_t* masks, const uint8_t* p, const float* x, int64_t ldx,
+__attribute__((noinline)) void tile_expand_rows(const uint64_t* masks, const typename C::Raw* p, const float* x, int64_t ldx,
                                                 int64_t n, __m256* acc, int64_t rows, const float* srow0,
                                                 int64_t groups, int64_t kt, int64_t group_size) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -382,6 +430,8 @@ void spmm_rows(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t ld
                int64_t ldy, int64_t tr0, int64_t tr1) {
     const int64_t kt_count = (w.k + 63) / 64;
     alignas(32) __m256 acc[64 * kQuantMaxRows];
+    using Staged = typename C::Staged;
+    alignas(32) typename Staged::Raw staged[64 * 64 + kSlack];  // see C::stage
     TileCodes tc(w);
     for (int64_t tr = tr0; tr < tr1; ++tr) {
         const int64_t row0 = tr * 64;
@@ -392,8 +442,9 @@ void spmm_rows(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t ld
             const int64_t start = static_cast<int64_t>(w.offsets[t]) * 8;
             const int64_t count = static_cast<int64_t>(w.offsets[t + 1]) * 8 - start;
             if (count == 0) continue;
-            tile_expand_rows<C, MODE>(w.masks + t * 64, tc.get(start, count), x + kt * 64, ldx, n, acc, rows,
-                                      w.scales + row0 * w.groups, w.groups, kt, w.group_size);
+            tile_expand_rows<Staged, MODE>(w.masks + t * 64, C::stage(tc.get(start, count), count, staged),
+                                           x + kt * 64, ldx, n, acc, rows, w.scales + row0 * w.groups, w.groups,
+                                           kt, w.group_size);
         }
         for (int64_t i = 0; i < n; ++i)
             for (int64_t r = 0; r < rows; ++r)
