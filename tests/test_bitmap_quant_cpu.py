@@ -203,10 +203,12 @@ def test_fp8_subnormal_codes_in_dense_rows_with_bf16_x(isa):
     assert rel_err(y, x.double() @ w.double().T) < 4e-3  # y is bf16
 
 
-def _probe_weight(quant: str) -> tuple[QuantBitmap, torch.Tensor]:
+def _probe_weight(quant: str, other: int | None = None) -> tuple[QuantBitmap, torch.Tensor]:
     """Every code (int8: -128..127; fp8: all but the NaNs) once, each alone in a row of its own
-    ("probe" rows, scale 1) inside tiles whose other rows are dense, so that the kernels rebuild
-    every row of those tiles (AVX-512 at n = 1 with bf16 x: byte lookups before the expand);
+    ("probe" rows 32-63 of a tile, scale 1). The tiles' other rows are dense (other=None), so
+    that the kernels rebuild every row of those tiles (AVX-512 at n = 1 with bf16 x: byte
+    lookups before the expand), or hold `other` nonzeros each, so that the tiles take a form that
+    gathers x (AVX-512, bf16 x: 8 -> rows in pairs of at most 16, 30 -> rows of at most 32).
     k = 130 adds a dense second tile column and a 2-column third. Returns the weight and the
     probe rows' indices."""
     g = torch.Generator().manual_seed(21)
@@ -214,6 +216,9 @@ def _probe_weight(quant: str) -> tuple[QuantBitmap, torch.Tensor]:
     tile_rows = -(-len(codes) // 32)
     m, k = 64 * tile_rows, 130
     w = torch.randn(m, k, generator=g)
+    if other is not None:
+        keep = torch.rand(m, 64, generator=g).argsort(dim=1) < other
+        w[:, :64] *= keep
     probe = torch.tensor([64 * (i // 32) + 32 + i % 32 for i in range(len(codes))])
     cols = torch.randint(0, 64, (len(codes),), generator=g)
     w[probe] = 0
@@ -252,6 +257,30 @@ def test_every_code_in_rebuilt_rows_with_bf16_x(quant, isa):
     sw, probe = _probe_weight(quant)
     k = sw.shape[1]
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    y = _spmm(x, sw, None, isa)
+    ref = _reference(x, sw)
+    assert torch.isfinite(y).all()
+    err = (y.double() - ref).abs()[0, probe]
+    assert (err <= 2**-8 * ref.abs()[0, probe]).all(), err.max()
+    assert rel_err(y, ref) < 1e-2
+
+
+@needs_ext
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("other", [8, 30])
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_code_in_gathered_rows_with_bf16_x(quant, other, isa):
+    """As above, in tiles of few nonzeros, whose rows multiply their codes with x gathered at
+    their columns (AVX-512 with bf16 x: fp8 codes become bf16 words by byte lookups)."""
+    sw, probe = _probe_weight(quant, other)
+    masks = sw.tensors[0]
+    counts = torch.tensor([bin(v & (2**64 - 1)).count("1") for v in masks.tolist()]).view(-1, 64)
+    counts = counts[::3].reshape(-1)  # each row's nonzeros in tile column 0 (of 3)
+    is_probe = torch.zeros_like(counts, dtype=torch.bool)
+    is_probe[probe] = True
+    assert (counts[is_probe] == 1).all() and (counts[~is_probe] == other).all()
+    k = sw.shape[1]
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
     y = _spmm(x, sw, None, isa)
     ref = _reference(x, sw)
     assert torch.isfinite(y).all()

@@ -7,9 +7,9 @@
 // shifting left by 7 and clearing bit 14 (the fp16 with the code's exponent and mantissa bits,
 // value / 256 for normal and subnormal codes; see bitmap_quant.h) and vcvtph2ps, which converts
 // fp16 subnormals exactly. The factor 256 is folded into the scales. With bf16 x at n = 1, codes
-// become bf16 words instead and multiply with vdpbf16ps: gathered fp8 codes by a bit move
-// (fp8_to_bf16_256), gathered int8 codes through fp32, rebuilt rows of either by byte lookups
-// before a byte expand (expand_codes_to_bf16).
+// become bf16 words instead and multiply with vdpbf16ps: gathered fp8 codes by byte lookups of
+// their magnitude (fp8_to_bf16_lookup), gathered int8 codes through fp32, rebuilt rows of either
+// by byte lookups before a byte expand (expand_codes_to_bf16).
 //
 // Scales: with one scale per row the accumulators sum unscaled products and each row's sum is
 // scaled once at the end. Groups of 64 or more columns (whole tile rows) scale a row's
@@ -87,22 +87,7 @@ struct Fp8SubnormalBf16 {
 };
 constexpr Fp8SubnormalBf16 kFp8SubnormalBf16{};
 
-// 32 fp8 codes as bf16 words worth value / 256 (the unit the fp8 scales carry), exact: a normal
-// code's exponent and mantissa move up by 4 bits and the exponent is rebased (bf16 bias 127,
-// e4m3 bias 7, the 2^-8 unit: + 112); subnormal codes come from the table, since the same move
-// would give bf16 subnormals, which vdpbf16ps treats as zero.
-inline __m512i fp8_to_bf16_256(__m256i c) {
-    const __m512i w = _mm512_cvtepu8_epi16(c);
-    const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
-    __m512i r = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(112 << 7));
-    const __mmask32 sub = _mm512_testn_epi16_mask(w, _mm512_set1_epi16(0x78));
-    r = _mm512_mask_permutexvar_epi16(r, sub, mag, _mm512_load_si512(kFp8SubnormalBf16.words));
-    // r | (sign << 15): bit-select of the shifted code's bit 15
-    return _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(w, 8), _mm512_set1_epi16(static_cast<short>(0x8000)),
-                                     0xF8);
-}
-
-// Every code's bf16 word (int8: the code; fp8: value / 256, as fp8_to_bf16_256 gives it),
+// Every code's bf16 word (int8: the code; fp8: value / 256, the unit the fp8 scales carry),
 // split into a low-byte and a high-byte plane of 256 entries each, for byte lookups (vpermi2b
 // reads 128 entries from two registers; the code's bit 7 picks the half).
 struct CodeBf16Bytes {
@@ -148,6 +133,33 @@ inline CodeTables load_code_tables() {
         ct.t[4 + h] = _mm512_load_si512(tables->hi + 64 * h);
     }
     return ct;
+}
+
+// fp8 codes to bf16 words by byte lookups (the gathering forms): a code's magnitude (its low
+// 7 bits, which is all vpermi2b reads from an index byte) picks its word's two bytes from the
+// first 128 entries of each kCodeBf16Bytes plane, the sign is or-ed into the high byte and one
+// byte permute interleaves the planes into words. Four vector ops for up to 32 codes, against
+// eight for moving the bits (exponent rebased) with a table for the subnormal codes: about 5 %
+// fewer ticks per row at 90 % sparsity and 7-9 % at 65-80 % (where fp8 rows are now gathered
+// up to 32 nonzeros, as int8's; they were rebuilt above 12 a row), C++ harness on Zen 5.
+struct Fp8Lookup {
+    __m512i lo0, lo1, hi0, hi1, weave;
+};
+alignas(64) constexpr uint8_t kWeaveBytes[64] = {
+    0,  64, 1,  65, 2,  66, 3,  67, 4,  68, 5,  69, 6,  70, 7,  71, 8,  72, 9,  73, 10, 74,
+    11, 75, 12, 76, 13, 77, 14, 78, 15, 79, 16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85,
+    22, 86, 23, 87, 24, 88, 25, 89, 26, 90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95};
+inline Fp8Lookup load_fp8_lookup() {
+    const CodeBf16Bytes& t = kCodeBf16Bytes[kFp8];
+    return {_mm512_load_si512(t.lo), _mm512_load_si512(t.lo + 64), _mm512_load_si512(t.hi),
+            _mm512_load_si512(t.hi + 64), _mm512_load_si512(kWeaveBytes)};
+}
+inline __m512i fp8_to_bf16_lookup(__m256i c, const Fp8Lookup& t) {
+    const __m512i cz = _mm512_castsi256_si512(c);
+    const __m512i lo = _mm512_permutex2var_epi8(t.lo0, cz, t.lo1);
+    __m512i hi = _mm512_permutex2var_epi8(t.hi0, cz, t.hi1);
+    hi = _mm512_ternarylogic_epi32(hi, cz, _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);  // hi | (c & 0x80)
+    return _mm512_permutex2var_epi8(lo, t.weave, hi);
 }
 
 // The bf16 words of a row's packed codes (one per byte of `packed`) expanded to the row's 64
@@ -256,7 +268,7 @@ constexpr int64_t kSparseTileMaxValues = 64 * 15;
 template <int Q, bool GATHER, bool SAFE>
 __attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count, const uint8_t* p, __m512i x0,
                                                     __m512i x1, __m512i xu0, __m512i xu1, const CodeTables* ct,
-                                                    __m512i columns, __m512& acc) {
+                                                    __m512i columns, const Fp8Lookup& f8, __m512& acc) {
     if (GATHER && count <= 32) {
         // Lanes past the row's count keep their own column numbers (the compress merges into
         // the iota) and multiply zero codes by a finite x.
@@ -264,7 +276,7 @@ __attribute__((always_inline)) inline void row_bf16(uint64_t mk, unsigned count,
         const __m512i xg = _mm512_permutex2var_epi16(x0, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(cols)), x1);
         const __m256i c = _mm256_maskz_loadu_epi8(_bzhi_u32(0xffffffffu, count), p);
         const __m512bh wb =
-            Q == kFp8 ? reinterpret_cast<__m512bh>(fp8_to_bf16_256(c))
+            Q == kFp8 ? reinterpret_cast<__m512bh>(fp8_to_bf16_lookup(c, f8))
                       : _mm512_cvtne2ps_pbh(codes16<Q>(_mm256_extracti128_si256(c, 1)),
                                             codes16<Q>(_mm256_castsi256_si128(c)));
         acc = _mm512_dpbf16_ps(acc, wb, reinterpret_cast<__m512bh>(xg));
@@ -306,6 +318,8 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
     if (FORM == 0) tables = load_code_tables<Q>();
     const CodeTables* ct = FORM == 0 ? &tables : nullptr;
     const __m512i columns = _mm512_load_si512(kColumnIota);
+    Fp8Lookup f8{};
+    if (Q == kFp8 && FORM != 0) f8 = load_fp8_lookup();
     int64_t r = 0;
     if (FORM == 2) {
         for (; r + 1 < rows; r += 2) {
@@ -323,12 +337,12 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
                 const __m128i k1c = _mm_maskz_loadu_epi8(low_mask16(c1), p + c0);
                 const __m512bh wb =
                     Q == kFp8
-                        ? reinterpret_cast<__m512bh>(fp8_to_bf16_256(_mm256_inserti128_si256(_mm256_castsi128_si256(k0c), k1c, 1)))
+                        ? reinterpret_cast<__m512bh>(fp8_to_bf16_lookup(_mm256_inserti128_si256(_mm256_castsi128_si256(k0c), k1c, 1), f8))
                         : _mm512_cvtne2ps_pbh(codes16<Q>(k1c), codes16<Q>(k0c));
                 pacc[r >> 1] = _mm512_dpbf16_ps(pacc[r >> 1], wb, reinterpret_cast<__m512bh>(xg));
             } else {
-                row_bf16<Q, true, SAFE>(m0, c0, p, x0, x1, xu0, xu1, ct, columns, acc[r]);
-                row_bf16<Q, true, SAFE>(m1, c1, p + c0, x0, x1, xu0, xu1, ct, columns, acc[r + 1]);
+                row_bf16<Q, true, SAFE>(m0, c0, p, x0, x1, xu0, xu1, ct, columns, f8, acc[r]);
+                row_bf16<Q, true, SAFE>(m1, c1, p + c0, x0, x1, xu0, xu1, ct, columns, f8, acc[r + 1]);
             }
             p += c0 + c1;
         }
@@ -337,7 +351,7 @@ __attribute__((noinline)) void tile_n1_bf16(const uint64_t* masks, const uint8_t
         prefetch_ahead(masks, p, r);
         const uint64_t mk = masks[r];
         const unsigned count = static_cast<unsigned>(_mm_popcnt_u64(mk));
-        row_bf16<Q, FORM != 0, SAFE>(mk, count, p, x0, x1, xu0, xu1, ct, columns, acc[r]);
+        row_bf16<Q, FORM != 0, SAFE>(mk, count, p, x0, x1, xu0, xu1, ct, columns, f8, acc[r]);
         p += count;
     }
 }
@@ -353,15 +367,11 @@ inline void fold_pairs(__m512* acc, __m512* pacc, int64_t rows) {
 
 // Forms by the tile's stored codes a row (rows hold Binomial(64, density) nonzeros, a standard
 // deviation of about 4), tuned on Zen 5 in a C++ harness: the 16-code form up to 12 a row on
-// average; then, for int8, the 32-code form up to 24 (3.7 TSC ticks a row against 3.9 for
-// rebuilding every row at 30-35 % density), every row rebuilt above; fp8 rebuilds every row
-// above 12 (3.5 ticks a row against 3.7-3.9 gathering: its gathered codes cost a bit move and a
-// subnormal fix each).
+// average, the 32-code form up to 24 (int8: 3.7 TSC ticks a row against 3.9 for rebuilding
+// every row at 30-35 % density; fp8: 3.1-3.2 against 3.4-3.5 at 20-35 %), every row rebuilt
+// above (at 25.6 a row the rows over 32 made the 32-code form 1.1x, at 28.8 1.8x, slower).
 constexpr int64_t kNarrowTileMaxValues = 64 * 12;
-template <int Q>
-constexpr int64_t gather_tile_max_values() {
-    return Q == kFp8 ? kNarrowTileMaxValues : 64 * 24;
-}
+constexpr int64_t kGatherTileMaxValues = 64 * 24;
 
 template <int Q>
 constexpr float code_unit() {
@@ -390,7 +400,7 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
             // 64-byte code loads in tile_n1_bf16's rebuilt rows (16-byte ones in tile_n1)
             const bool safe = start + stored + 64 > w.num_values;
             if (MODE != kGroup32 && xb != nullptr) {
-                const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= gather_tile_max_values<Q>() ? 1 : 0;
+                const int form = stored <= kNarrowTileMaxValues ? 2 : stored <= kGatherTileMaxValues ? 1 : 0;
                 const auto fn = form == 2 ? (safe ? tile_n1_bf16<Q, 2, true> : tile_n1_bf16<Q, 2, false>)
                                 : form == 1 ? (safe ? tile_n1_bf16<Q, 1, true> : tile_n1_bf16<Q, 1, false>)
                                             : (safe ? tile_n1_bf16<Q, 0, true> : tile_n1_bf16<Q, 0, false>);
