@@ -55,10 +55,10 @@ struct QuantTables {
     alignas(16) uint8_t expand_i8[257][8];
     // fp8: byte 2j + 1 = s(j), byte 2j = 0x80 (0x80 for both where bit j is clear).
     alignas(16) uint8_t expand_f8[256][16];
-    // first_lanes[c]: lanes < min(c, 8) all ones (a slot's codes past its row's nonzeros are
-    // zeroed: they belong to the next row, and fp8 codes may be NaN).
     // fp8 codes staged as fp16 (Fp8HalfCodes): byte 2j = 2 s(j), 2j + 1 = 2 s(j) + 1.
     alignas(16) uint8_t expand16[256][16];
+    // first_lanes[c]: lanes < min(c, 8) all ones (a slot's codes past its row's nonzeros are
+    // zeroed: they belong to the next row, and fp8 codes may be NaN).
     alignas(32) int32_t first_lanes[65][8];
     constexpr QuantTables() : expand_i8{}, expand_f8{}, expand16{}, first_lanes{} {
         for (int b = 0; b < 256; ++b) {
