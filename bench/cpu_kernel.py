@@ -38,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +132,15 @@ def use_isa(isa: str, script: str, argv: list[str] | None) -> None:
     (else the dense baseline would not be AVX2-only)."""
     if isa != "auto" and os.environ.get(REEXEC_MARK) != isa:
         env = {**os.environ, **ISA_ENV[isa], REEXEC_MARK: isa}
+        if "ATEN_CPU_CAPABILITY" in ISA_ENV[isa] and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            # torch 2.13's inductor does not key its on-disk cache on ATEN_CPU_CAPABILITY: a
+            # kernel compiled under one capability gave wrong results under the other (an MLP,
+            # 2026-12-04), so a pinned run keeps its own cache.
+            user = os.environ.get("USER") or str(os.getuid())
+            env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+                tempfile.gettempdir(),
+                f"torchinductor_{user}_aten_{ISA_ENV[isa]['ATEN_CPU_CAPABILITY']}",
+            )
         argv = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv], env)
     if isa == "avx2" and torch.backends.cpu.get_cpu_capability() != "AVX2":

@@ -9,6 +9,7 @@ replaced by checks of the warning / error a user then gets.
 
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -73,6 +74,68 @@ def test_every_path_this_machine_should_have_is_there():
         assert "avx512" in ISAS
     if platform.machine().lower() in ("aarch64", "arm64"):
         assert "neon" in ISAS
+
+
+# Run under qemu-x86_64 as a CPU without AVX-512: torch, the extension's ISA choice and every
+# kernel the choice leads to (plain and quantized values) as they run on that CPU, against
+# float64 on the decoded weight. Prints "paths ... auto ..." then one "case" line per check.
+_ON_ANOTHER_CPU = """
+import torch, flashsparse as fs
+from flashsparse.kernels.cpu import bitmap as cpu
+assert cpu._available() is None, cpu._available()
+print("torch", torch.backends.cpu.get_cpu_capability())
+print("paths", ",".join(cpu.available_isas()), "auto", [n for n, c in cpu.ISAS.items() if c == cpu.isa()][0])
+torch.manual_seed(0)
+tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+for dtype in tol:
+    for quant in (None, "int8", "fp8"):
+        for m, k, n, s in ((67, 131, 1, 0.7), (130, 260, 3, 0.9), (129, 200, 9, 0.5), (64, 640, 1, 0.95)):
+            w = torch.randn(m, k)
+            w[torch.rand(m, k) < s] = 0
+            w[: m // 3, : k // 2] = torch.randn(m // 3, k // 2)  # a dense corner: both forms
+            layer = fs.SparseLinear.from_dense(w.to(dtype), quant=quant)
+            x = torch.randn(n, k).to(dtype)
+            y = layer(x)
+            ref = x.double() @ layer.weight.to_dense().double().T
+            err = float((y.double() - ref).norm() / ref.norm())
+            print("case", dtype, quant, m, k, n, s, "ok" if err <= tol[dtype] else "FAIL", f"{err:.1e}")
+"""
+
+QEMU_X86_AVX2_ONLY = ("EPYC-Milan", "Haswell-noTSX")  # Zen 3; Intel client / Xeon E5 v3
+
+
+@needs_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("model", QEMU_X86_AVX2_ONLY)
+def test_auto_runs_avx2_on_an_avx2_only_cpu(model, tmp_path):
+    """What a user of an AVX2-only CPU gets: auto picks the AVX2 path (not scalar, not
+    AVX-512) and its results hold, emulated by qemu-x86_64 (TCG has AVX2/FMA/F16C/BMI2, not
+    AVX-512), so that an AVX-512 machine checks it too."""
+    import shutil
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 CPU models: this host is not x86_64")
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("qemu-x86_64 is not installed (Debian package qemu-user)")
+    # Nothing here compiles with inductor, but its on-disk cache is not keyed on the CPU it
+    # compiled for: a cache shared with an emulated CPU corrupts native runs, so keep it apart.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run(
+        ["qemu-x86_64", "-cpu", model, sys.executable, "-c", _ON_ANOTHER_CPU],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr[-3000:]
+    assert "torch AVX2" in out, out
+    assert "paths scalar,avx2 auto avx2" in out, out
+    cases = [ln for ln in out.splitlines() if ln.startswith("case")]
+    assert len(cases) == 3 * 3 * 4, out
+    assert all(ln.split()[-2] == "ok" for ln in cases), out
 
 
 @needs_ext

@@ -3,9 +3,12 @@
 Natively it checks the paths this machine runs (scalar, AVX2, AVX-512 on x86). Where the
 Debian packages g++-aarch64-linux-gnu and qemu-user are installed it is also cross-compiled for
 aarch64 and run under qemu-aarch64 with CPU models that have and lack FEAT_FP16/FHM/BF16, so
-every NEON variant and every branch of the feature detection runs without ARM hardware. The
-harness compiles the same kernel sources the extension does for that architecture
-(flashsparse.kernels.build: sources named for an ISA only on its architecture).
+every NEON variant and every branch of the feature detection runs without ARM hardware. On an
+x86 host, qemu-x86_64 (same package) runs the native harness as x86 CPUs that lack AVX, AVX2
+or AVX-512 (a Westmere to an AVX2-only Zen 3): each path must be found exactly where the CPU
+has it, and no AVX code may run where it does not. The harness compiles the same kernel sources
+the extension does for that architecture (flashsparse.kernels.build: sources named for an ISA
+only on its architecture).
 """
 
 from __future__ import annotations
@@ -59,9 +62,23 @@ def _run(cmd: list[str]) -> str:
     output = done.stdout + done.stderr
     print(output)
     assert done.returncode == 0, output
-    last = output.strip().splitlines()[-1]
+    last = done.stdout.strip().splitlines()[-1]  # stderr may end with qemu's warnings
     assert last.endswith(" 0 failed") and not last.startswith("0 passed"), last
     return output
+
+
+# qemu 7.2 x86 CPU models (TCG runs AVX2, FMA, F16C and BMI2 but no AVX-512) and the paths
+# the harness must find under each.
+QEMU_X86_MODELS = {
+    "Westmere": "avx2=0,avx512=0",  # SSE4.2, no AVX
+    "SandyBridge": "avx2=0,avx512=0",  # AVX without AVX2 / FMA / F16C
+    "Haswell-noTSX": "avx2=1,avx512=0",
+    "EPYC-Milan": "avx2=1,avx512=0",  # Zen 3
+}
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +86,42 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cpu_harness")
 
 
-@pytest.mark.slow
-def test_native_harness(workdir):
+@pytest.fixture(scope="module")
+def native_harness(workdir) -> Path:
     cxx = build.find_cxx()
     if cxx is None:
         pytest.skip("no C++ compiler (c++ or $CXX) to build the harness")
     exe = workdir / "bitmap_harness_native"
     _compile(cxx, platform.machine(), exe)
-    output = _run([str(exe)])
+    return exe
+
+
+@pytest.mark.slow
+def test_native_harness(native_harness):
+    output = _run([str(native_harness)])
     assert "PASS scalar" in output
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if _is_x86():
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         if " avx2 " in flags and " f16c " in flags and " fma " in flags and " bmi2 " in flags:
             assert "PASS avx2" in output
         if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512_vbmi2", "avx512_bf16")):
             assert "PASS avx512" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(QEMU_X86_MODELS))
+def test_x86_harness_under_qemu(native_harness, model):
+    if not _is_x86():
+        pytest.skip("x86 CPU models: this host is not x86_64")
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("qemu-x86_64 is not installed (Debian package qemu-user)")
+    expect = QEMU_X86_MODELS[model]
+    output = _run(
+        ["qemu-x86_64", "-cpu", model, str(native_harness), "--expect", expect, "--quick"]
+    )
+    assert "PASS scalar" in output
+    assert ("PASS avx2" in output) == ("avx2=1" in expect), output
+    assert "avx512 " not in output, output
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 // Torch-free check of every CPU bitmap kernel path this machine runs, against a float64
 // reference: scalar plus AVX2/AVX-512 on x86, scalar plus every NEON variant (rebuild and
 // gather forms, BFDOT/FMLAL where the CPU has them, the convert code always) on aarch64, where it
-// also runs under qemu-user with CPU models that have or lack FEAT_FP16/FHM/BF16. Built and run
-// by tests/test_bitmap_cpu_harness.py from the same sources the extension compiles.
+// also runs under qemu-user with CPU models that have or lack FEAT_FP16/FHM/BF16 (and on x86
+// under qemu-x86_64 with CPU models from before AVX to AVX2-only Zen 3). Built and run by
+// tests/test_bitmap_cpu_harness.py from the same sources the extension compiles.
 //
-//   bitmap_harness [--expect fp16=1,fhm=1,bf16=0] [--quick]
-// --expect: (aarch64) the features the detection must find; --quick: the smaller shapes only.
+//   bitmap_harness [--expect fp16=1,fhm=1,bf16=0 | --expect avx2=1,avx512=0] [--quick]
+// --expect: the features the detection must find (aarch64: NEON extensions; x86: the paths);
+// --quick: the smaller shapes only.
 //
 // Prints one line per path and dtype, then "N passed, N failed"; exits 1 on any failure.
 #include <cmath>
@@ -363,14 +365,19 @@ std::vector<Path> paths(fc::Dtype d) {
 
 int main(int argc, char** argv) {
     int passed = 0, failed = 0;
+    char got[64] = "";
 #if defined(__aarch64__)
     const fc::NeonFeatures f = fc::bitmap_neon_features();
-    std::printf("aarch64 features: fp16=%d fhm=%d bf16=%d\n", f.fp16, f.fhm, f.bf16);
+    std::snprintf(got, sizeof got, "fp16=%d,fhm=%d,bf16=%d", f.fp16, f.fhm, f.bf16);
+    std::printf("aarch64 features: %s\n", got);
+#elif defined(__x86_64__) || defined(__i386__)
+    std::snprintf(got, sizeof got, "avx2=%d,avx512=%d", fc::bitmap_cpu_isa_supported(fc::kAvx2) ? 1 : 0,
+                  fc::bitmap_cpu_isa_supported(fc::kAvx512) ? 1 : 0);
+    std::printf("x86 paths: %s\n", got);
+#endif
     for (int a = 1; a + 1 < argc; ++a) {
         if (std::strcmp(argv[a], "--expect") != 0) continue;
         const std::string want = argv[a + 1];
-        char got[64];
-        std::snprintf(got, sizeof got, "fp16=%d,fhm=%d,bf16=%d", f.fp16, f.fhm, f.bf16);
         if (want == got) {
             ++passed;
         } else {
@@ -378,7 +385,6 @@ int main(int argc, char** argv) {
             ++failed;
         }
     }
-#endif
     struct Shape {
         int64_t m, k, n;
     };
