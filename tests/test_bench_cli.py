@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import time
 
 import pytest
@@ -128,6 +129,23 @@ def test_tiny_run_succeeds_and_says_cpu_numbers(tiny_run):
     assert "median ms" in out and "vs dense" in out and "ceiling" in out
     assert "skipped: 2:4 (torch-2:4): torch's 2:4 semi-structured kernels need a CUDA GPU" in out
     assert "Speed-up vs dense F.linear, geometric mean over 1 shape(s)" in out
+
+
+def test_header_names_the_cpu_kernel_path(tiny_run, monkeypatch, capsys):
+    _, out, _ = tiny_run
+    header = out.splitlines()[0]
+    if not CPU_KERNEL:
+        assert "C++ CPU kernels unavailable: " in header
+        return
+    if os.environ.get(cpu_kernels.ISA_ENV, "auto").strip().lower() in ("", "auto"):
+        best = cpu_kernels.available_isas()[-1]
+        assert f"1 thread; C++ kernel path {best}, auto: the best this CPU runs)" in header
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "scalar")
+    rc, out, _ = run_bench(
+        capsys, "--quick", *FAST, "--dtype", "fp32", "--n", "1", "--sparsity", "0.5"
+    )
+    assert rc == 0
+    assert "C++ kernel path scalar, forced by FLASHSPARSE_CPU_ISA)" in out.splitlines()[0]
 
 
 def test_tiny_run_json(tiny_run):

@@ -535,7 +535,25 @@ def _cpu_name(threads: int) -> str:
             )
     except OSError:
         pass
-    return f"CPU {model} ({threads} thread{'s' * (threads != 1)})"
+    return f"CPU {model} ({threads} thread{'s' * (threads != 1)}; {_cpu_kernel_path()})"
+
+
+def _cpu_kernel_path() -> str:
+    """Which SIMD path the C++ CPU kernels take here, and why (auto or forced), or why they
+    cannot run: the rows' "cpu" backend means that path."""
+    from ..kernels.cpu import bitmap as cpu_kernels
+
+    reason = cpu_kernels._available()
+    if reason is not None:
+        return f"C++ CPU kernels unavailable: {reason}"
+    try:
+        code = cpu_kernels.isa()
+    except ValueError as exc:  # a FLASHSPARSE_CPU_ISA this CPU cannot run: the rows will say so
+        return str(exc)
+    name = next(n for n, c in cpu_kernels.ISAS.items() if c == code)
+    forced = os.environ.get(cpu_kernels.ISA_ENV, "").strip().lower() not in ("", "auto")
+    how = f"forced by {cpu_kernels.ISA_ENV}" if forced else "auto: the best this CPU runs"
+    return f"C++ kernel path {name}, {how}"
 
 
 def _gpu_name(device) -> str:
