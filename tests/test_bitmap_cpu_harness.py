@@ -9,6 +9,11 @@ or AVX-512 (a Westmere to an AVX2-only Zen 3): each path must be found exactly w
 has it, and no AVX code may run where it does not. The harness compiles the same kernel sources
 the extension does for that architecture (flashsparse.kernels.build: sources named for an ISA
 only on its architecture).
+
+Both harnesses also run built with -fsanitize=address (where the compiler has it): the bitmap
+one, and tests/cpu_harness/quant_harness.cpp over every quantized entry point on weights encoded
+here, each input in a heap block of exactly its size, so that a read past one is reported
+where it happens (until 2026-12-04 the group-32 kernels read one scale past each row's).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import pytest
 
 from flashsparse.kernels import build
 from flashsparse.kernels.cpu import bitmap as cpu_kernels
+
+QUANT_HARNESS = Path(__file__).resolve().parent / "cpu_harness" / "quant_harness.cpp"
+ASAN = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "cpu_harness" / "bitmap_harness.cpp"
@@ -122,6 +130,87 @@ def test_x86_harness_under_qemu(native_harness, model):
     assert "PASS scalar" in output
     assert ("PASS avx2" in output) == ("avx2=1" in expect), output
     assert "avx512 " not in output, output
+
+
+def _cxx_with_asan(workdir: Path) -> str:
+    cxx = build.find_cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++ or $CXX) to build the harness")
+    probe = workdir / "asan_probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    done = subprocess.run(
+        [cxx, *ASAN, str(probe), "-o", str(workdir / "asan_probe")], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"{cxx} cannot build with -fsanitize=address (libasan missing?): {done.stderr[-300:]}"
+        )
+    return cxx
+
+
+def _run_sanitized(cmd: list[str]) -> str:
+    output = _run(cmd)
+    assert "AddressSanitizer" not in output, output
+    return output
+
+
+@pytest.mark.slow
+def test_native_harness_under_address_sanitizer(workdir):
+    cxx = _cxx_with_asan(workdir)
+    exe = workdir / "bitmap_harness_asan"
+    _compile(cxx, platform.machine(), exe, ASAN)
+    assert "PASS scalar" in _run_sanitized([str(exe), "--quick"])
+
+
+def _write_quant_cases(folder: Path) -> int:
+    """Weights encoded by flashsparse for quant_harness.cpp: k on both sides of the tile and
+    half-tile edges (k mod 64 = 0, 1, 8, 32, 33), every scale layout, int8 and fp8, skewed masks."""
+    import torch
+    from helpers import random_weight
+
+    from flashsparse.formats.bitmap_quant import QuantBitmap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    shapes = [(70, 200), (1, 1), (65, 33), (130, 96), (64, 64), (3, 129), (129, 2113)]
+    kinds = [("uniform", 0.5), ("row_skewed", 0.85), ("dense_tiles", 0.7), ("empty_tiles", 0.95)]
+    for i, ((m, k), (kind, sparsity)) in enumerate((s, kd) for s in shapes for kd in kinds):
+        w = random_weight(m, k, sparsity, torch.float32, kind, seed=i)
+        for quant in ("int8", "fp8"):
+            for group in (None, 32, 64, 128):
+                if group is not None and group != 32 and group >= k:
+                    continue
+                sw = QuantBitmap.encode(w, quant, group)
+                masks, values, offsets, scales = sw.tensors
+                dense = QuantBitmap.decode_reference(*sw.tensors, m=m, k=k, dtype=torch.float64)
+                name = f"c{len(lines)}"
+                arrays = {
+                    "masks": masks,
+                    "values": values.view(torch.uint8),
+                    "offsets": offsets,
+                    "scales": scales.float(),
+                    "dense": dense,
+                }
+                for ext, t in arrays.items():
+                    (folder / f"{name}.{ext}").write_bytes(t.contiguous().numpy().tobytes())
+                lines.append(f"{name} {m} {k} {scales.shape[1]} {group or k} {int(quant == 'fp8')}")
+    (folder / "manifest.txt").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+@pytest.mark.slow
+def test_quantized_kernels_under_address_sanitizer(workdir):
+    cxx = _cxx_with_asan(workdir)
+    folder = workdir / "quant_cases"
+    cases = _write_quant_cases(folder)
+    exe = workdir / "quant_harness_asan"
+    sources = [str(QUANT_HARNESS), *_kernel_sources(platform.machine())]
+    cmd = [cxx, "-std=c++17", "-O1", *ASAN, f"-I{build.CSRC}", *sources, "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}"
+    output = _run_sanitized([str(exe), str(folder)])
+    passed = int(output.strip().splitlines()[-1].split()[0])
+    assert passed >= cases * 8, output  # every case: >= 7 kernel runs and a decode
 
 
 @pytest.fixture(scope="module")

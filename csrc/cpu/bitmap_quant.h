@@ -35,6 +35,13 @@ struct QuantBitmapWeight {
     QuantType quant;
 };
 
+// Groups of 32: tile kt's columns 0-31 take scale column 2 kt, columns 32-63 column 2 kt + 1,
+// which does not exist when the tile's upper half lies past k (k mod 64 in 1..32): then the
+// upper half, all zeros, takes the lower half's scale. Reading column 2 kt + 1 there read past
+// a row's scales: the next row's, and past the last row's, whatever follows the tensor (a NaN
+// there made the zero products NaN).
+inline int64_t group32_upper(int64_t kt, int64_t groups) { return 2 * kt + 1 < groups ? 1 : 0; }
+
 // Rows of x one spmm pass handles (their accumulators stay in L1); the glue loops over more.
 constexpr int64_t kQuantMaxRows = 8;
 

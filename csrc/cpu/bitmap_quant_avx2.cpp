@@ -184,11 +184,13 @@ inline void expand_row(uint64_t m, const typename C::Raw* p, __m256 w[8]) {
 // --- n = 1, expand form ----------------------------------------------------------------------
 
 // acc[r] += row r of the tile . x (x: the tile's 64 values). Columns 0-31 and 32-63 are two
-// FMA chains; kGroup32 scales each with its own scale (s: the row's two scales of this tile,
-// stride sstride per row), the other modes add both unscaled.
+// FMA chains; kGroup32 scales each with its own scale (s: the row's scales of this tile, stride
+// sstride per row, the upper half's at s[s_hi]: group32_upper), the other modes add both
+// unscaled.
 template <class C, int MODE>
 __attribute__((noinline)) void tile_expand_n1(const uint64_t* masks, const typename C::Raw* p, const float* x,
-                                              __m256* acc, int64_t rows, const float* s, int64_t sstride) {
+                                              __m256* acc, int64_t rows, const float* s, int64_t sstride,
+                                              int64_t s_hi) {
     __m256 xr[8];  // in registers: a memory operand per FMA is one more load per mask byte
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) xr[q] = _mm256_loadu_ps(x + 8 * q);
@@ -206,7 +208,7 @@ __attribute__((noinline)) void tile_expand_n1(const uint64_t* masks, const typen
         }
         if (MODE == kGroup32) {
             const __m256 s0 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride), unit);
-            const __m256 s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + 1), unit);
+            const __m256 s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + s_hi), unit);
             acc[r] = _mm256_fmadd_ps(s1, a1, _mm256_fmadd_ps(s0, a0, acc[r]));
         } else {
             acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(a0, a1));
@@ -264,7 +266,7 @@ inline uint64_t slot(const uint8_t* p, uint64_t m, const float* x, __m256& acc, 
 // appended (branch-free) to a work list that the next pass takes 8 more of, and so on.
 template <class C, int MODE>
 __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const uint8_t* p, const float* x, __m256* acc,
-                                             int64_t rows, const float* s, int64_t sstride) {
+                                             int64_t rows, const float* s, int64_t sstride, int64_t s_hi) {
     int32_t row_of[64];
     const uint8_t* at[64];
     uint64_t left[64];
@@ -275,7 +277,7 @@ __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const uint8_
         const uint64_t m = masks[r];
         if (MODE == kGroup32) {
             s0 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride), unit);
-            s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + 1), unit);
+            s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + s_hi), unit);
         }
         const uint64_t rest = slot<C, MODE>(p, m, x, acc[r], s0, s1);
         row_of[count] = static_cast<int32_t>(r);
@@ -291,7 +293,7 @@ __attribute__((noinline)) void tile_slots_n1(const uint64_t* masks, const uint8_
             const uint8_t* q = at[e];
             if (MODE == kGroup32) {
                 s0 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride), unit);
-                s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + 1), unit);
+                s1 = _mm256_mul_ps(_mm256_broadcast_ss(s + r * sstride + s_hi), unit);
             }
             const uint64_t rest = slot<C, MODE>(q, left[e], x, acc[r], s0, s1);
             row_of[next] = r;
@@ -359,10 +361,12 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const float* bias, floa
                 const uint8_t* p = tc.get(start, count);
                 const float* xk = kt + 1 < kt_count ? x + kt * 64 : x_last;
                 const float* s = srow0 + 2 * kt;  // kGroup32 only
+                const int64_t s_hi = group32_upper(kt, w.groups);
                 if (slots_tile<C>(count, form))
-                    tile_slots_n1<C, MODE>(masks, p, xk, acc, rows, s, w.groups);
+                    tile_slots_n1<C, MODE>(masks, p, xk, acc, rows, s, w.groups, s_hi);
                 else
-                    tile_expand_n1<Staged, MODE>(masks, C::stage(p, count, staged), xk, acc, rows, s, w.groups);
+                    tile_expand_n1<Staged, MODE>(masks, C::stage(p, count, staged), xk, acc, rows, s, w.groups,
+                                                 s_hi);
             }
             if (MODE == kGroupTiles && ((kt + 1) % tiles_per_group == 0 || kt + 1 == kt_count)) {
                 const __m256 unit = _mm256_set1_ps(C::kUnit);
@@ -387,10 +391,11 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const float* bias, floa
 
 // The scale(s) of row r for tile kt, times the code unit: lo for columns 0-31, hi for 32-63.
 template <class C, int MODE>
-inline void segment_scales(const float* srow, int64_t kt, int64_t group_size, __m256& lo, __m256& hi) {
+inline void segment_scales(const float* srow, int64_t kt, int64_t groups, int64_t group_size, __m256& lo,
+                           __m256& hi) {
     if (MODE == kGroup32) {
         lo = _mm256_set1_ps(srow[2 * kt] * C::kUnit);
-        hi = _mm256_set1_ps(srow[2 * kt + 1] * C::kUnit);
+        hi = _mm256_set1_ps(srow[2 * kt + group32_upper(kt, groups)] * C::kUnit);
     } else {
         lo = hi = _mm256_set1_ps(srow[MODE == kRow ? 0 : (kt * 64) / group_size] * C::kUnit);
     }
@@ -410,7 +415,7 @@ __attribute__((noinline)) void tile_expand_rows(const uint64_t* masks, const typ
         expand_row<C>(m, p, wv);
         p += popcnt64(m);
         __m256 lo, hi;
-        segment_scales<C, MODE>(srow0 + r * groups, kt, group_size, lo, hi);
+        segment_scales<C, MODE>(srow0 + r * groups, kt, groups, group_size, lo, hi);
         for (int64_t i = 0; i < n; ++i) {
             const float* xi = x + i * ldx;
             __m256 a0 = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xi));
@@ -473,7 +478,7 @@ void dequant_tiles(const QuantBitmapWeight& w, TileCodes& tc, int64_t tr, int64_
             expand_row<C>(m, p, wv);
             p += popcnt64(m);
             __m256 lo, hi;
-            segment_scales<C, MODE>(w.scales + (tr * 64 + r) * w.groups, kt, w.group_size, lo, hi);
+            segment_scales<C, MODE>(w.scales + (tr * 64 + r) * w.groups, kt, w.groups, w.group_size, lo, hi);
             float* out = dst + r * ldd + (kt - kt0) * 64;
             alignas(32) float row[64];
             float* target = cols == 64 ? out : row;

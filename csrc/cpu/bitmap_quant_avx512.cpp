@@ -203,12 +203,13 @@ inline void prefetch_ahead(const uint64_t* masks, const uint8_t* p, int64_t r) {
 //   x gathered at their columns (vpcompressb of the column numbers, two-register permutes of x,
 //   which stays in registers). Lanes past the row's count multiply zero codes by a finite x.
 //   Denser rows are rebuilt.
-// kGroup32: s points at the row's two scales of this tile (stride sstride per row), applied here;
+// kGroup32: s points at the row's scales of this tile (stride sstride per row; the upper half's
+// at s[s_hi]: group32_upper), applied here;
 // other modes leave the sums unscaled. A function of its own, not inlined into the tile loop (a
 // loop inside a larger function kept its state on the stack, as in bitmap_avx512.cpp).
 template <int Q, int MODE, bool SPARSE, bool SAFE>
 __attribute__((noinline)) void tile_n1(const uint64_t* masks, const uint8_t* p, const float* x, __m512* acc,
-                                       int64_t rows, const float* s, int64_t sstride, float unit) {
+                                       int64_t rows, const float* s, int64_t sstride, int64_t s_hi, float unit) {
     __m512 xr[4];
     for (int q = 0; q < 4; ++q) xr[q] = _mm512_loadu_ps(x + 16 * q);
     const __m512i columns = _mm512_load_si512(kColumnIota);
@@ -227,7 +228,7 @@ __attribute__((noinline)) void tile_n1(const uint64_t* masks, const uint8_t* p, 
             __m512 v = codes16<Q>(_mm_maskz_loadu_epi8(low_mask16(count), p));
             if (MODE == kGroup32) {
                 const __m512 sv = _mm512_mask_blend_ps(upper, _mm512_set1_ps(s[r * sstride] * unit),
-                                                       _mm512_set1_ps(s[r * sstride + 1] * unit));
+                                                       _mm512_set1_ps(s[r * sstride + s_hi] * unit));
                 v = _mm512_mul_ps(v, sv);
             }
             acc[r] = _mm512_fmadd_ps(v, xg, acc[r]);
@@ -237,7 +238,7 @@ __attribute__((noinline)) void tile_n1(const uint64_t* masks, const uint8_t* p, 
             if (MODE == kGroup32) {
                 const __m512 lo = _mm512_fmadd_ps(w[1], xr[1], _mm512_mul_ps(w[0], xr[0]));
                 const __m512 hi = _mm512_fmadd_ps(w[3], xr[3], _mm512_mul_ps(w[2], xr[2]));
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * sstride + 1] * unit), hi,
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * sstride + s_hi] * unit), hi,
                                          _mm512_fmadd_ps(_mm512_set1_ps(s[r * sstride] * unit), lo, acc[r]));
             } else {
                 // Two chains: a row's four FMAs are not one dependency chain.
@@ -409,7 +410,8 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
                 const bool sparse = stored <= kSparseTileMaxValues;
                 (sparse ? (safe ? tile_n1<Q, MODE, true, true> : tile_n1<Q, MODE, true, false>)
                         : (safe ? tile_n1<Q, MODE, false, true> : tile_n1<Q, MODE, false, false>))(
-                    w.masks + t * 64, w.values + start, x + kt * 64, acc, rows, srow0 + 2 * kt, w.groups, unit);
+                    w.masks + t * 64, w.values + start, x + kt * 64, acc, rows, srow0 + 2 * kt, w.groups,
+                    group32_upper(kt, w.groups), unit);
             }
             if (MODE == kGroupTiles && ((kt + 1) % tiles_per_group == 0 || kt + 1 == kt_count)) {
                 if (xb != nullptr) fold_pairs(acc, pacc, rows);
@@ -435,10 +437,11 @@ void spmm_n1(const QuantBitmapWeight& w, const float* x, const uint16_t* xb, con
 
 // The scale(s) of row r for tile kt, times the code unit, as the four vectors of a segment.
 template <int MODE>
-inline void segment_scales(const float* srow, int64_t kt, int64_t group_size, float unit, __m512 sv[4]) {
+inline void segment_scales(const float* srow, int64_t kt, int64_t groups, int64_t group_size, float unit,
+                           __m512 sv[4]) {
     if (MODE == kGroup32) {
         sv[0] = sv[1] = _mm512_set1_ps(srow[2 * kt] * unit);
-        sv[2] = sv[3] = _mm512_set1_ps(srow[2 * kt + 1] * unit);
+        sv[2] = sv[3] = _mm512_set1_ps(srow[2 * kt + group32_upper(kt, groups)] * unit);
     } else {
         sv[0] = sv[1] = sv[2] = sv[3] = _mm512_set1_ps(srow[MODE == kRow ? 0 : (kt * 64) / group_size] * unit);
     }
@@ -473,7 +476,7 @@ void spmm_fused(const QuantBitmapWeight& w, const float* x, int64_t n, int64_t l
                     rebuild<Q, false>(mk, p, wv);
                 p += _mm_popcnt_u64(mk);
                 __m512 sv[4];
-                segment_scales<MODE>(w.scales + (row0 + r) * w.groups, kt, w.group_size, unit, sv);
+                segment_scales<MODE>(w.scales + (row0 + r) * w.groups, kt, w.groups, w.group_size, unit, sv);
                 for (int q = 0; q < 4; ++q) wv[q] = _mm512_mul_ps(wv[q], sv[q]);
                 for (int64_t i = 0; i < n; ++i) {
                     const float* xi = xk + i * ldx;
@@ -510,7 +513,7 @@ void dequant_block(const QuantBitmapWeight& w, int64_t tr, int64_t rows, int64_t
                 rebuild<Q, false>(masks[r], p, wv);
             p += _mm_popcnt_u64(masks[r]);
             __m512 sv[4];
-            segment_scales<MODE>(w.scales + (tr * 64 + r) * w.groups, kt, w.group_size, unit, sv);
+            segment_scales<MODE>(w.scales + (tr * 64 + r) * w.groups, kt, w.groups, w.group_size, unit, sv);
             float* dst = buf + r * ldb + (kt - kt0) * 64;
             for (int q = 0; q < 4; ++q) _mm512_storeu_ps(dst + 16 * q, _mm512_mul_ps(wv[q], sv[q]));
         }
@@ -598,7 +601,7 @@ void decode_impl(const QuantBitmapWeight& w, float* out, int64_t ldo, int64_t tr
                     rebuild<Q, false>(masks[r], p, wv);
                 p += _mm_popcnt_u64(masks[r]);
                 __m512 sv[4];
-                segment_scales<MODE>(w.scales + (row0 + r) * w.groups, kt, w.group_size, unit, sv);
+                segment_scales<MODE>(w.scales + (row0 + r) * w.groups, kt, w.groups, w.group_size, unit, sv);
                 float* dst = out + ((tr - tr0) * 64 + r) * ldo + kt * 64;
                 for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(dst + 16 * q, store[q], _mm512_mul_ps(wv[q], sv[q]));
             }
