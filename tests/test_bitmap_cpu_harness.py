@@ -10,10 +10,11 @@ has it, and no AVX code may run where it does not. The harness compiles the same
 the extension does for that architecture (flashsparse.kernels.build: sources named for an ISA
 only on its architecture).
 
-Both harnesses also run built with -fsanitize=address (where the compiler has it): the bitmap
-one, and tests/cpu_harness/quant_harness.cpp over every quantized entry point on weights encoded
-here, each input in a heap block of exactly its size, so that a read past one is reported
-where it happens (until 2026-12-04 the group-32 kernels read one scale past each row's).
+Built with -fsanitize=address (where the compiler has it) run: the bitmap harness,
+tests/cpu_harness/quant_harness.cpp over every quantized entry point on weights encoded here,
+and tests/cpu_harness/sddmm_harness.cpp over the weight-gradient kernels, each input in a heap
+block of exactly its size, so that a read past one is reported where it happens (until
+2026-12-04 the group-32 quantized kernels read one scale past each row's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flashsparse.kernels import build
 from flashsparse.kernels.cpu import bitmap as cpu_kernels
 
 QUANT_HARNESS = Path(__file__).resolve().parent / "cpu_harness" / "quant_harness.cpp"
+SDDMM_HARNESS = Path(__file__).resolve().parent / "cpu_harness" / "sddmm_harness.cpp"
 ASAN = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,13 +206,26 @@ def test_quantized_kernels_under_address_sanitizer(workdir):
     folder = workdir / "quant_cases"
     cases = _write_quant_cases(folder)
     exe = workdir / "quant_harness_asan"
-    sources = [str(QUANT_HARNESS), *_kernel_sources(platform.machine())]
-    cmd = [cxx, "-std=c++17", "-O1", *ASAN, f"-I{build.CSRC}", *sources, "-o", str(exe)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}"
+    _build_sanitized(cxx, QUANT_HARNESS, exe)
     output = _run_sanitized([str(exe), str(folder)])
     passed = int(output.strip().splitlines()[-1].split()[0])
     assert passed >= cases * 8, output  # every case: >= 7 kernel runs and a decode
+
+
+def _build_sanitized(cxx: str, harness: Path, exe: Path) -> None:
+    sources = [str(harness), *_kernel_sources(platform.machine())]
+    cmd = [cxx, "-std=c++17", "-O1", *ASAN, f"-I{build.CSRC}", *sources, "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}{done.stderr}"
+
+
+@pytest.mark.slow
+def test_sddmm_kernels_under_address_sanitizer(workdir):
+    cxx = _cxx_with_asan(workdir)
+    exe = workdir / "sddmm_harness_asan"
+    _build_sanitized(cxx, SDDMM_HARNESS, exe)
+    output = _run_sanitized([str(exe)])
+    assert int(output.strip().splitlines()[-1].split()[0]) >= 3 * 5 * 5 * 3, output
 
 
 @pytest.fixture(scope="module")
