@@ -400,7 +400,9 @@ def _run(args: argparse.Namespace) -> int:
         parser.error(f"argument --timer: {exc}")
 
     info = collect()
-    device_name = _gpu_name(device) if gpu else _cpu_name(torch.get_num_threads())
+    # the CPU kernel's path only where a row may run it (finding it loads, or builds, the extension)
+    cpu_kernel_rows = bool({"bitmap", "auto"} & set(formats)) or bool(args.quant)
+    device_name = _gpu_name(device) if gpu else _cpu_name(torch.get_num_threads(), cpu_kernel_rows)
     info["device"] = device_name
     cache = cache_bytes(device)
     print(
@@ -524,7 +526,7 @@ def report_dtype(dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
-def _cpu_name(threads: int) -> str:
+def _cpu_name(threads: int, kernel_path: bool = True) -> str:
     import platform
 
     model = platform.processor() or platform.machine()
@@ -535,7 +537,8 @@ def _cpu_name(threads: int) -> str:
             )
     except OSError:
         pass
-    return f"CPU {model} ({threads} thread{'s' * (threads != 1)}; {_cpu_kernel_path()})"
+    path = f"; {_cpu_kernel_path()}" if kernel_path else ""
+    return f"CPU {model} ({threads} thread{'s' * (threads != 1)}{path})"
 
 
 def _cpu_kernel_path() -> str:
