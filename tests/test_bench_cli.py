@@ -146,6 +146,13 @@ def test_header_names_the_cpu_kernel_path(tiny_run, monkeypatch, capsys):
     )
     assert rc == 0
     assert "C++ kernel path scalar, forced by FLASHSPARSE_CPU_ISA)" in out.splitlines()[0]
+    # no row can run the kernel: the header does not load (or build) the extension to say
+    args = ("--format", "tiled_csl", "--include-reference", "--baseline", "none")
+    rc, out, _ = run_bench(
+        capsys, "--quick", *FAST, "--dtype", "fp32", "--n", "1", "--sparsity", "0.5", *args
+    )
+    assert rc == 0
+    assert "kernel path" not in out.splitlines()[0] and "(1 thread)" in out.splitlines()[0]
 
 
 def test_tiny_run_json(tiny_run):
