@@ -12,8 +12,8 @@ only on its architecture).
 
 Built with -fsanitize=address (where the compiler has it) run: the bitmap harness,
 tests/cpu_harness/quant_harness.cpp over every quantized entry point on weights encoded here,
-and tests/cpu_harness/sddmm_harness.cpp over the weight-gradient kernels, each input in a heap
-block of exactly its size, so that a read past one is reported where it happens (until
+and tests/cpu_harness/sddmm_harness.cpp over the weight-gradient kernels (and the bitmap one
+cross-built for aarch64, under qemu), each input in a heap block of exactly its size, so that a read past one is reported where it happens (until
 2026-12-04 the group-32 quantized kernels read one scale past each row's).
 """
 
@@ -263,6 +263,37 @@ def test_sources_follow_the_architecture():
     assert {"bitmap_avx2.cpp", "bitmap_avx512.cpp"} <= x86 and "bitmap_neon.cpp" not in x86
     assert "bitmap_neon.cpp" in arm and not arm & {"bitmap_avx2.cpp", "bitmap_avx512.cpp"}
     assert {"bitmap_scalar.cpp", "bitmap_isa_stubs.cpp"} <= x86 & arm
+
+
+@pytest.mark.slow
+def test_aarch64_harness_under_address_sanitizer(workdir):
+    """The NEON kernels under AddressSanitizer, cross-built and run under qemu-aarch64 (ASan
+    cannot link statically: the Debian cross sysroot provides the libraries)."""
+    sysroot = Path("/usr/aarch64-linux-gnu")
+    if shutil.which(CROSS_CXX) is None or shutil.which(QEMU) is None or not sysroot.is_dir():
+        pytest.skip(f"needs {CROSS_CXX}, {QEMU} and the cross sysroot {sysroot}")
+    exe = workdir / "bitmap_harness_aarch64_asan"
+    try:
+        _compile(CROSS_CXX, "aarch64", exe, ASAN)
+    except AssertionError as exc:
+        if "asan" in str(exc).lower():
+            pytest.skip(
+                f"{CROSS_CXX} cannot build with -fsanitize=address (libasan for arm64 missing)"
+            )
+        raise
+    # LeakSanitizer needs ptrace, which qemu-user does not offer
+    cmd = [
+        "env",
+        "ASAN_OPTIONS=detect_leaks=0",
+        QEMU,
+        "-L",
+        str(sysroot),
+        "-cpu",
+        "max",
+        str(exe),
+        "--quick",
+    ]
+    assert "PASS neon/gather+bfdot" in _run_sanitized(cmd)
 
 
 @pytest.mark.slow
